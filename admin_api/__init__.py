@@ -1,0 +1,1 @@
+"""comet1m admin_api."""

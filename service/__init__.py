@@ -1,0 +1,1 @@
+"""comet1m service."""

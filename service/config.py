@@ -1,0 +1,215 @@
+"""One typed configuration for the supervisor and its workers.
+
+Every option comes from a CLI flag or a ``COMET_<NAME>`` environment variable (flag wins), with the
+default shown by ``--help``. Workers receive the supervisor's resolved config as JSON, so both sides
+always agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ScreenMode = Literal["auto", "on", "off"]
+
+# Sockets a worker keeps for itself (listener, control pipe, logs, /proc reads, ...) on top of the
+# connections it holds. The capacity formula in DESIGN.md subtracts this from RLIMIT_NOFILE.
+DEFAULT_FD_RESERVE = 500
+
+
+def nofile_limit() -> int:
+    """The soft RLIMIT_NOFILE of this process (what a worker can actually hold)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return int(soft) if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+    return nofile_limit()
+
+
+@dataclass
+class Config:
+    # Listener
+    host: str = "0.0.0.0"
+    port: int = 8888
+    backlog: int = 65535
+
+    # Process model
+    workers: str = "auto"  # "auto" or a positive integer, see worker_count()
+    target_connections: int = 1_000_000
+    fd_reserve: int = DEFAULT_FD_RESERVE
+    limit_connections: int = 0  # per worker; 0 = RLIMIT_NOFILE - fd_reserve
+
+    # Streams
+    ping_interval: float = 20.0
+    ping_slice: int = 2000  # connections written per loop iteration by the ping sweep
+    fanout_slice: int = 1000  # connections written per loop iteration by a broadcast
+    limit_write_buffer: int = 256 * 1024  # unsent bytes before a slow subscriber is dropped
+    sse_retry_ms: int = 3000
+    history_size: int = 1000  # messages kept per channel for SSE resume / long-poll
+    history_max_age: float = 300.0  # seconds a message stays resumable
+    limit_message_bytes: int = 1024 * 1024
+
+    # Request limits
+    timeout_header: float = 10.0  # absolute deadline for the whole request head
+    limit_request_line: int = 8192
+    limit_headers_bytes: int = 16384
+    limit_headers_count: int = 100
+    timeout_poll_default: float = 30.0
+    timeout_poll_max: float = 120.0
+    timeout_keepalive: float = 15.0  # idle keep-alive between long-poll requests
+
+    # Supervisor
+    control_socket: str = "/run/comet/control.sock"
+    log_dir: str = "logs"
+    log_max_bytes: int = 50 * 1024 * 1024
+    log_backups: int = 5
+    grace: float = 30.0
+    screen: ScreenMode = "auto"
+    log_level: str = "info"
+
+    # Scale-out
+    bus: str = "local"  # "local" or a redis:// URL
+    node_id: str = field(default_factory=lambda: os.uname().nodename)
+    node_ttl: float = 5.0
+
+    # ---- derived values ----------------------------------------------------------------------
+    def connection_cap(self, nofile: int | None = None) -> int:
+        """Connections one worker accepts before answering 503."""
+        if self.limit_connections > 0:
+            return self.limit_connections
+        limit = nofile if nofile is not None else nofile_limit()
+        return max(1, limit - self.fd_reserve)
+
+    def worker_count(self, nofile: int | None = None, cpus: int | None = None) -> int:
+        """DESIGN.md: max(cpu_count, ceil(target / (nofile - reserve))) for ``auto``."""
+        if self.workers != "auto":
+            return int(self.workers)
+        limit = nofile if nofile is not None else nofile_limit()
+        ncpu = cpus if cpus is not None else (os.cpu_count() or 1)
+        per_worker = max(1, limit - self.fd_reserve)
+        return max(ncpu, math.ceil(self.target_connections / per_worker))
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        if self.workers != "auto":
+            try:
+                n = int(self.workers)
+            except ValueError:
+                raise ValueError(f"workers: expected 'auto' or a positive integer, got {self.workers!r}") from None
+            if n < 1:
+                raise ValueError(f"workers: must be at least 1, got {n}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be 0..65535, got {self.port}")
+        positive = ("ping_interval", "ping_slice", "fanout_slice", "limit_write_buffer", "history_size",
+                    "timeout_header", "limit_request_line", "limit_headers_bytes", "limit_headers_count",
+                    "grace", "backlog", "target_connections")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.screen not in ("auto", "on", "off"):
+            raise ValueError(f"screen: expected auto|on|off, got {self.screen!r}")
+        if self.bus != "local" and not self.bus.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"bus: expected 'local' or a redis:// URL, got {self.bus!r}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls(**json.loads(text))
+
+
+_HELP = {
+    "host": "address to listen on",
+    "port": "subscriber port (shared by all workers with SO_REUSEPORT)",
+    "backlog": "listen backlog (the kernel caps it at net.core.somaxconn)",
+    "workers": "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))) or a number",
+    "target_connections": "connections the host should hold; sizes --workers auto",
+    "fd_reserve": "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
+    "limit_connections": "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",
+    "ping_interval": "seconds between pings on every stream",
+    "ping_slice": "connections pinged per event-loop iteration",
+    "fanout_slice": "connections written per event-loop iteration during a broadcast",
+    "limit_write_buffer": "unsent bytes after which a slow subscriber is dropped",
+    "sse_retry_ms": "SSE reconnect hint (retry:) in milliseconds",
+    "history_size": "messages kept per channel for SSE resume and long-poll",
+    "history_max_age": "seconds a message stays in the history ring",
+    "limit_message_bytes": "largest broadcast payload accepted",
+    "timeout_header": "absolute deadline in seconds for the request head (408)",
+    "limit_request_line": "longest request line in bytes (414)",
+    "limit_headers_bytes": "largest total header size in bytes (431)",
+    "limit_headers_count": "most header fields (431)",
+    "timeout_poll_default": "long-poll wait when ?timeout= is absent",
+    "timeout_poll_max": "longest long-poll wait a client may ask for",
+    "timeout_keepalive": "seconds an idle keep-alive connection is kept between long-polls",
+    "control_socket": "Unix control socket for the admin sidecar (mode 0660)",
+    "log_dir": "directory of the per-second CSV log",
+    "log_max_bytes": "CSV log size before rotation",
+    "log_backups": "rotated CSV logs kept",
+    "grace": "seconds to drain on SIGTERM/SIGINT before exiting",
+    "screen": "live top-like screen: auto (when stdout is a terminal), on, off",
+    "log_level": "logging level: debug, info, warning, error",
+    "bus": "broadcast bus: 'local' or a redis:// URL for multi-node",
+    "node_id": "this node's name in a multi-node cluster",
+    "node_ttl": "seconds a node's published frame lives in the cluster view",
+}
+
+
+def build_parser(prog: str = "comet-service") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "comet1m Comet service: a supervisor and uvloop workers holding HTTP streaming "
+            "connections on one port. Every option can also be set as COMET_<OPTION> in the "
+            "environment (e.g. COMET_PING_INTERVAL=5); a flag wins over the environment."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(default)
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, f.name))
+    return parser
+
+
+def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        env = "COMET_" + action.dest.upper()
+        if env in environ:
+            raw = environ[env]
+            try:
+                value: Any = action.type(raw) if callable(action.type) else raw
+            except ValueError:
+                parser.error(f"{env}={raw!r}: not a valid {getattr(action.type, '__name__', 'value')}")
+            action.default = value
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    """CLI flags over COMET_* environment over defaults; exits with a clear message on bad input."""
+    parser = build_parser()
+    _env_defaults(parser, dict(os.environ if environ is None else environ))
+    ns = parser.parse_args(argv)
+    config = Config(**vars(ns))
+    try:
+        config.validate()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config
