@@ -1,12 +1,23 @@
-"""``python -m service`` / ``comet-service``: placeholder until the supervisor lands."""
+"""``python -m service`` / ``comet-service``: the supervisor and its workers."""
 
 from __future__ import annotations
 
+import logging
+import sys
+
+from service.config import parse_args
+
 
 def main(argv: list[str] | None = None) -> None:
-    from service.worker import main as worker_main
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from service.supervisor import run
 
-    worker_main(argv)
+    sys.exit(run(config))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,232 @@
+"""The control socket of docs/architecture.md: JSON lines over a Unix socket for the sidecar.
+
+Each request line gets exactly one answer line, in order. A bad line (not JSON, unknown op,
+missing field, over 1 MiB) is answered with ``{"ok": false, "error": ...}`` and the connection
+stays usable: an oversized line is skipped up to its newline rather than cutting the stream.
+A ``watch`` makes the connection also receive every new frame until it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import stat
+from typing import Any, Protocol
+
+log = logging.getLogger("comet.control")
+
+LIMIT_LINE = 1024 * 1024
+# A watcher that stops reading is dropped once this much is queued for it.
+LIMIT_WATCH_BUFFER = 4 * 1024 * 1024
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+class RequestError(Exception):
+    """A request the server understood to be wrong; the message goes back to the client."""
+
+
+class Backend(Protocol):
+    """What the control socket asks of the supervisor."""
+
+    def latest_frame(self) -> dict[str, Any] | None: ...
+
+    async def broadcast(
+        self, data: str, channel: str | None, event: str | None
+    ) -> dict[str, Any]: ...
+
+    async def channels(self) -> dict[str, int]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+class ControlServer:
+    def __init__(self, path: str, backend: Backend, limit_message_bytes: int) -> None:
+        self.path = path
+        self.backend = backend
+        self.limit_message_bytes = limit_message_bytes
+        self._server: asyncio.AbstractServer | None = None
+        self._watchers: set[asyncio.StreamWriter] = set()
+        self._conns: set[asyncio.Task[None]] = set()
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Create the file 0660 from the start instead of chmod-ing a briefly wider socket.
+        old = os.umask(0o117)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o660)
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=sock, limit=LIMIT_LINE + 64 * 1024
+        )
+        log.info("control socket %s (mode 0660)", self.path)
+
+    def _remove_stale(self) -> None:
+        """Replace a socket left by a dead supervisor; refuse to steal a live one."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise RuntimeError(f"control socket path {self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            log.warning("removing stale control socket %s", self.path)
+            os.unlink(self.path)
+            return
+        except OSError as exc:
+            log.warning("removing unusable control socket %s (%s)", self.path, exc)
+            os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise RuntimeError(f"another supervisor is serving {self.path}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._watchers):
+            w.close()
+        for task in list(self._conns):
+            task.cancel()
+        for task in list(self._conns):
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # ---- frames ---------------------------------------------------------------------------------
+    def publish_frame(self, frame: dict[str, Any]) -> None:
+        """Send one frame to every watcher (serialised once)."""
+        if not self._watchers:
+            return
+        line = _dump({"ok": True, "frame": frame})
+        for w in list(self._watchers):
+            if w.is_closing():
+                self._watchers.discard(w)
+                continue
+            if w.transport.get_write_buffer_size() > LIMIT_WATCH_BUFFER:
+                log.warning("dropping a control watcher that stopped reading")
+                self._watchers.discard(w)
+                w.close()
+                continue
+            w.write(line)
+
+    # ---- connections ----------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        try:
+            await self._serve_lines(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._conns.discard(task)
+            self._watchers.discard(writer)
+            writer.close()
+
+    async def _serve_lines(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        buf = bytearray()
+        skipping = False  # inside an oversized line, dropping bytes until its newline
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            buf += chunk
+            while True:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    if len(buf) > LIMIT_LINE:
+                        if not skipping:
+                            skipping = True
+                        buf.clear()
+                    break
+                line = bytes(buf[:nl])
+                del buf[: nl + 1]
+                if skipping or len(line) > LIMIT_LINE:
+                    skipping = False
+                    writer.write(_dump({"ok": False, "error": "request line over 1 MiB"}))
+                    continue
+                if not line.strip():
+                    continue
+                answer = await self._answer(line, writer)
+                writer.write(_dump(answer))
+            await writer.drain()
+
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any]:
+        try:
+            try:
+                req = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                raise RequestError("request is not valid JSON") from None
+            if not isinstance(req, dict):
+                raise RequestError("request must be a JSON object")
+            op = req.get("op")
+            if op is None:
+                raise RequestError("missing field 'op'")
+            if op == "stats":
+                frame = self.backend.latest_frame()
+                if frame is None:
+                    raise RequestError("no frame yet, try again in a second")
+                return {"ok": True, "frame": frame}
+            if op == "watch":
+                self._watchers.add(writer)
+                frame = self.backend.latest_frame()
+                if frame is None:
+                    # The first frame arrives with the next tick; answer so the client knows.
+                    return {"ok": True, "watching": True}
+                return {"ok": True, "frame": frame}
+            if op == "broadcast":
+                data, channel, event = self._broadcast_args(req)
+                result = await self.backend.broadcast(data, channel, event)
+                return {"ok": True, **result}
+            if op == "channels":
+                return {"ok": True, "channels": await self.backend.channels()}
+            if op == "health":
+                return {"ok": True, **self.backend.health()}
+            raise RequestError(
+                f"unknown op {op!r}; expected stats, watch, broadcast, channels, health"
+            )
+        except RequestError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # never a traceback to the client; the log keeps it
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+
+    def _broadcast_args(self, req: dict[str, Any]) -> tuple[str, str | None, str | None]:
+        if "data" not in req:
+            raise RequestError("missing field 'data'")
+        data = req["data"]
+        if not isinstance(data, str):
+            raise RequestError("field 'data' must be a string")
+        if len(data.encode()) > self.limit_message_bytes:
+            raise RequestError(f"field 'data' is over {self.limit_message_bytes} bytes")
+        channel = req.get("channel")
+        if channel is not None and (
+            not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel)
+        ):
+            raise RequestError("field 'channel' must be null or match [A-Za-z0-9_.:-]{1,64}")
+        event = req.get("event")
+        if event is not None and (not isinstance(event, str) or not CHANNEL_RE.fullmatch(event)):
+            raise RequestError("field 'event' must be null or match [A-Za-z0-9_.:-]{1,64}")
+        return data, channel, event

@@ -1,0 +1,250 @@
+"""The 1 Hz FRAME of docs/architecture.md: worker numbers plus process and host numbers.
+
+Everything here reads /proc or psutil and is cheap enough to run once a second with dozens of
+workers; ``frame_ms`` in the frame says how long it actually took.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "max": 0.0}
+
+# Counters a worker reports as running totals; the supervisor keeps what dead workers had counted
+# so the node's totals never go backwards when a worker is replaced.
+TOTAL_KEYS = (
+    "accepted_total",
+    "closed_total",
+    "rejected_total",
+    "slow_dropped_total",
+    "msgs_sent_total",
+    "bytes_sent_total",
+)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _read_int(path: str) -> int | None:
+    text = _read(path)
+    try:
+        return int(text.split()[0]) if text else None
+    except ValueError:
+        return None
+
+
+def read_sockstat(path: str = "/proc/net/sockstat") -> dict[str, dict[str, int]]:
+    """``TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 1`` → ``{"TCP": {"inuse": 5, ...}, ...}``."""
+    out: dict[str, dict[str, int]] = {}
+    for line in (_read(path) or "").splitlines():
+        name, _, rest = line.partition(":")
+        words = rest.split()
+        values: dict[str, int] = {}
+        for key, value in zip(words[::2], words[1::2], strict=False):
+            try:
+                values[key] = int(value)
+            except ValueError:
+                continue
+        out[name.strip()] = values
+    return out
+
+
+def read_limits() -> dict[str, Any]:
+    """Host limits that decide whether the target can be carried (None where not readable)."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    port_text = _read("/proc/sys/net/ipv4/ip_local_port_range")
+    port_range = [int(x) for x in port_text.split()] if port_text else None
+    tcp_mem_text = _read("/proc/sys/net/ipv4/tcp_mem")
+    tcp_mem = [int(x) for x in tcp_mem_text.split()] if tcp_mem_text else None
+    return {
+        "nofile": int(soft) if soft != resource.RLIM_INFINITY else None,
+        "file_max": _read_int("/proc/sys/fs/file-max"),
+        "conntrack_max": _read_int("/proc/sys/net/netfilter/nf_conntrack_max"),
+        "port_range": port_range,
+        "somaxconn": _read_int("/proc/sys/net/core/somaxconn"),
+        "tcp_mem": tcp_mem,
+    }
+
+
+@dataclass
+class WorkerView:
+    """What the frame builder needs to know about one worker slot."""
+
+    index: int
+    pid: int | None
+    state: str  # "starting", "up", "down", "draining"
+    stats: dict[str, Any] | None  # the latest WSTATS, None before the first answer
+    restarts: int = 0
+
+
+@dataclass
+class FrameBuilder:
+    """Turns worker stats and /proc readings into one FRAME per call."""
+
+    target_connections: int
+    node_id: str
+    started: float = field(default_factory=time.time)
+    step: int = 0
+    _procs: dict[int, psutil.Process] = field(default_factory=dict)
+    _retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTAL_KEYS, 0))
+    _last_limits: dict[str, Any] = field(default_factory=dict)
+    _limits_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        # The first cpu_percent reading of any psutil object is meaningless; prime them now.
+        psutil.cpu_times_percent(interval=None)
+        self._self = psutil.Process()
+        self._self.cpu_percent(None)
+
+    def retire(self, stats: dict[str, Any] | None) -> None:
+        """A worker died: keep its running totals in the node's totals."""
+        if not stats:
+            return
+        for key in TOTAL_KEYS:
+            self._retired[key] += int(stats.get(key, 0) or 0)
+
+    def _proc(self, pid: int) -> psutil.Process | None:
+        proc = self._procs.get(pid)
+        if proc is None:
+            try:
+                proc = psutil.Process(pid)
+                proc.cpu_percent(None)
+            except psutil.Error:
+                return None
+            self._procs[pid] = proc
+        return proc
+
+    def _limits(self, now: float) -> dict[str, Any]:
+        # Sysctls change rarely; rereading six files every 10 s is plenty.
+        if now - self._limits_at > 10.0 or not self._last_limits:
+            self._last_limits = read_limits()
+            self._limits_at = now
+        return self._last_limits
+
+    def build(self, workers: list[WorkerView], bus_status: dict[str, Any] | None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        now = time.time()
+        self.step += 1
+        live_pids = {w.pid for w in workers if w.pid is not None}
+        for pid in list(self._procs):
+            if pid not in live_pids:
+                del self._procs[pid]
+
+        totals: dict[str, Any] = {"conns": 0, **self._retired}
+        rss_total = 0
+        cpu_total = 0.0
+        fds_open = 0
+        fds_limit = 0
+        lag_avgs: list[float] = []
+        lag_p90 = 0.0
+        lag_max = 0.0
+        rows: list[dict[str, Any]] = []
+        for w in workers:
+            stats = w.stats or {}
+            rss = 0
+            cpu = 0.0
+            proc = self._proc(w.pid) if w.pid is not None else None
+            if proc is not None:
+                try:
+                    with proc.oneshot():
+                        rss = int(proc.memory_info().rss)
+                        cpu = float(proc.cpu_percent(None))
+                        fds_open += proc.num_fds()
+                        fds_limit += int(proc.rlimit(psutil.RLIMIT_NOFILE)[0])
+                except psutil.Error:
+                    pass
+            rss_total += rss
+            cpu_total += cpu
+            conns = int(stats.get("conns", 0) or 0)
+            totals["conns"] += conns
+            for key in TOTAL_KEYS:
+                totals[key] += int(stats.get(key, 0) or 0)
+            lag = stats.get("lag_ms") or LAG_ZERO
+            if w.stats is not None:
+                lag_avgs.append(float(lag.get("avg", 0.0)))
+                lag_p90 = max(lag_p90, float(lag.get("p90", 0.0)))
+                lag_max = max(lag_max, float(lag.get("max", 0.0)))
+            rows.append(
+                {
+                    "pid": w.pid,
+                    "index": w.index,
+                    "state": w.state,
+                    "restarts": w.restarts,
+                    "conns": conns,
+                    "rss_bytes": rss,
+                    "cpu_percent": round(cpu, 1),
+                    "lag_ms": {k: round(float(lag.get(k, 0.0)), 2) for k in ("avg", "p90", "max")},
+                    "msgs_sent_total": int(stats.get("msgs_sent_total", 0) or 0),
+                }
+            )
+        totals["rss_bytes"] = rss_total
+        totals["cpu_percent"] = round(cpu_total, 1)
+        # avg: mean of the workers' averages; p90 and max: the worst worker's, since one slow loop
+        # is what a client on it feels.
+        totals["lag_ms"] = {
+            "avg": round(sum(lag_avgs) / len(lag_avgs), 2) if lag_avgs else 0.0,
+            "p90": round(lag_p90, 2),
+            "max": round(lag_max, 2),
+        }
+
+        try:
+            with self._self.oneshot():
+                fds_open += self._self.num_fds()
+                fds_limit += int(self._self.rlimit(psutil.RLIMIT_NOFILE)[0])
+        except psutil.Error:
+            pass
+        cpu_pct: dict[str, float] = psutil.cpu_times_percent(interval=None)._asdict()
+        vm = psutil.virtual_memory()
+        system = {
+            "cpu": {k: round(float(v), 1) for k, v in cpu_pct.items() if k != "system"}
+            | {"sys": round(float(cpu_pct.get("system", 0.0)), 1)},
+            "mem": {
+                "total": int(vm.total),
+                "used": int(vm.used),
+                "cached": int(getattr(vm, "cached", 0)),
+                "available": int(vm.available),
+            },
+            "sockstat": read_sockstat(),
+            # open/limit: descriptors of this service's processes against the sum of their
+            # RLIMIT_NOFILE; system_open: every allocated file handle on the host (vs file_max).
+            "fds": {
+                "open": fds_open,
+                "limit": fds_limit,
+                "system_open": _read_int("/proc/sys/fs/file-nr"),
+            },
+            "limits": self._limits(now),
+        }
+        frame: dict[str, Any] = {
+            "t": round(now, 3),
+            "step": self.step,
+            "uptime_s": round(now - self.started, 1),
+            "target_connections": self.target_connections,
+            "node_id": self.node_id,
+            "frame_ms": 0.0,
+            "supervisor": {"pid": os.getpid(), "cpu_percent": self._cpu_self()},
+            "totals": totals,
+            "system": system,
+            "workers": rows,
+        }
+        if bus_status is not None:
+            frame["bus"] = bus_status
+        frame["frame_ms"] = round((time.perf_counter() - t0) * 1000.0, 3)
+        return frame
+
+    def _cpu_self(self) -> float:
+        try:
+            return round(float(self._self.cpu_percent(None)), 1)
+        except psutil.Error:
+            return 0.0

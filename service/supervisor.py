@@ -1,0 +1,541 @@
+"""The supervisor: sizes and starts the workers, keeps them alive, and speaks for them.
+
+Theory of operation. Each worker is a ``python -m service.worker`` process with one end of a
+socketpair; both sides speak JSON lines (docs/architecture.md, "Supervisor ⇄ worker"). A
+``WorkerSlot`` owns one index for the supervisor's whole life; the process in it may change. When a
+process dies (its pipe reaches EOF) the slot retires its counters into the frame builder and starts
+a new process after a backoff that doubles on quick successive deaths. A new process first gets
+``init`` with the bus's last id and history, so a client that lands on it can still resume.
+
+Once a second the supervisor asks every live worker for ``stats`` (all at once, short timeout),
+builds the FRAME, hands it to the control socket's watchers, the CSV log and the screen.
+A broadcast gets its id and ``ts`` from the bus, goes to every live worker, and the answer sums
+their recipients. SIGTERM/SIGINT sends ``drain`` to every worker and waits for them, at most the
+grace period, then kills stragglers and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from service.bus import Bus, Msg, make_bus
+from service.config import Config, raise_nofile_limit
+from service.control import ControlServer
+from service.csvlog import CsvLog
+from service.metrics import FrameBuilder, WorkerView, read_limits
+
+log = logging.getLogger("comet.supervisor")
+
+READY_TIMEOUT = 20.0  # a worker that is not listening by then is killed and replaced
+STATS_TIMEOUT = 0.8  # stats answers later than this miss the frame (the worker is busy)
+BROADCAST_TIMEOUT = 120.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's backoff
+PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy worker)
+
+
+class WorkerGone(Exception):
+    """The worker's pipe closed before it answered."""
+
+
+# ---- capacity planning ---------------------------------------------------------------------------
+def plan_line(config: Config, nofile: int, workers: int) -> str:
+    how = "auto" if config.workers == "auto" else "fixed"
+    return (
+        f"nofile {nofile}/process → {workers} workers for {config.target_connections:,} target "
+        f"({how}; up to {config.connection_cap(nofile):,} connections per worker)"
+    )
+
+
+def host_warnings(config: Config, workers: int, limits: dict[str, Any]) -> list[str]:
+    """Say, naming the sysctl, which host limits cannot carry the target."""
+    target = config.target_connections
+    out: list[str] = []
+    file_max = limits.get("file_max")
+    need_files = target + workers * config.fd_reserve
+    if file_max is not None and file_max < need_files:
+        out.append(
+            f"fs.file-max={file_max} is below the {need_files:,} file handles the target needs "
+            f"(sysctl -w fs.file-max={max(need_files * 2, 2_097_152)})"
+        )
+    conntrack = limits.get("conntrack_max")
+    if conntrack is not None and conntrack < target:
+        out.append(
+            f"net.netfilter.nf_conntrack_max={conntrack} is below the target of {target:,} "
+            f"tracked connections (sysctl -w net.netfilter.nf_conntrack_max={target * 2})"
+        )
+    ports = limits.get("port_range")
+    if ports and len(ports) == 2:
+        span = ports[1] - ports[0] + 1
+        if span < target:
+            need = math.ceil(target / span)
+            out.append(
+                f"net.ipv4.ip_local_port_range={ports[0]}-{ports[1]} gives {span:,} ports per "
+                f"source address; clients need {need} source addresses for {target:,} connections "
+                f"to one port (or sysctl -w net.ipv4.ip_local_port_range='1024 65535')"
+            )
+    tcp_mem = limits.get("tcp_mem")
+    if tcp_mem and len(tcp_mem) == 3 and tcp_mem[2] < target:
+        # A connection that ever queues data holds at least one page; below one page per
+        # connection a broadcast to all of them pushes TCP into memory pressure.
+        out.append(
+            f"net.ipv4.tcp_mem max={tcp_mem[2]} pages is below one page per connection for "
+            f"{target:,} connections "
+            f"(sysctl -w net.ipv4.tcp_mem='{target} {target * 2} {target * 3}')"
+        )
+    somaxconn = limits.get("somaxconn")
+    if somaxconn is not None and somaxconn < min(config.backlog, 65535):
+        out.append(
+            f"net.core.somaxconn={somaxconn} caps the listen backlog of {config.backlog}; "
+            f"connection bursts may be refused (sysctl -w net.core.somaxconn=65535)"
+        )
+    return out
+
+
+def reserve_port(host: str) -> socket.socket:
+    """For ``--port 0``: hold a free port in the workers' SO_REUSEPORT group for our lifetime."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
+
+
+# ---- one worker slot -----------------------------------------------------------------------------
+class WorkerSlot:
+    """One worker index and the process currently filling it."""
+
+    def __init__(self, sup: Supervisor, index: int) -> None:
+        self.sup = sup
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        self.state = "down"
+        self.stats: dict[str, Any] | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+        self._fails = 0
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._rids = itertools.count(1)
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._exited = asyncio.Event()
+
+    def view(self) -> WorkerView:
+        return WorkerView(self.index, self.pid, self.state, self.stats, self.restarts)
+
+    @property
+    def usable(self) -> bool:
+        return self.state == "up" and self._writer is not None and not self._writer.is_closing()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"worker-{self.index}")
+
+    async def _run(self) -> None:
+        """Keep a process in this slot until the supervisor drains."""
+        delay = 0.0
+        while not self.sup.stopping:
+            if delay:
+                await self.sup.sleep_unless_stopping(delay)
+                if self.sup.stopping:
+                    break
+            lived = await self._one_life()
+            if self.sup.stopping:
+                break
+            self._fails = 0 if lived >= STABLE_AFTER else self._fails + 1
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * (2 ** max(0, self._fails - 1)))
+            self.restarts += 1
+            log.warning(
+                "worker %d: restarting in %.1f s (restart #%d)", self.index, delay, self.restarts
+            )
+        self._exited.set()
+
+    async def _one_life(self) -> float:
+        """Start one process, serve its pipe until it closes; return how long it lived."""
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ)
+        env["COMET_WORKER_CONFIG"] = self.sup.worker_config.to_json()
+        env["COMET_WORKER_INDEX"] = str(self.index)
+        self.state = "starting"
+        self.stats = None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
+                pass_fds=[child.fileno()],
+                env=env,
+                # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
+                # drains the workers in order instead of racing them.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            log.error("worker %d: cannot start: %s", self.index, exc)
+            parent.close()
+            child.close()
+            self.state = "down"
+            return 0.0
+        finally:
+            child.close()
+        self.proc = proc
+        self.pid = proc.pid
+        self.started_at = time.monotonic()
+        self._ready = asyncio.get_running_loop().create_future()
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=PIPE_LIMIT)
+        self._writer = writer
+        read_task = asyncio.create_task(self._read(reader))
+        try:
+            await self._handshake()
+            await read_task
+        except (WorkerGone, TimeoutError, ConnectionError) as exc:
+            if not self.sup.stopping:
+                log.error("worker %d (pid %d): %s", self.index, proc.pid, exc or type(exc).__name__)
+        finally:
+            read_task.cancel()
+            with contextlib.suppress(BaseException):
+                await read_task
+            writer.close()
+            self._writer = None
+            self._fail_pending()
+            code = await self._reap(proc)
+            lived = time.monotonic() - self.started_at
+            if not self.sup.stopping:
+                log.warning(
+                    "worker %d (pid %d) exited with %s after %.1f s",
+                    self.index,
+                    proc.pid,
+                    _describe_exit(code),
+                    lived,
+                )
+            self.sup.frames.retire(self.stats)
+            self.stats = None
+            self.state = "down"
+            self.pid = None
+        return lived
+
+    async def _handshake(self) -> None:
+        assert self._ready is not None
+        ready = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
+        if ready.get("pid") not in (None, self.pid):
+            log.info(
+                "worker %d reports pid %s (started %s)", self.index, ready.get("pid"), self.pid
+            )
+        bus = self.sup.bus
+        await self.request({"op": "init", "last_id": bus.last_id, "history": bus.history()}, 30.0)
+        self.state = "up"
+        log.info("worker %d up (pid %d)", self.index, self.pid)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            await self._read_lines(reader)
+        finally:
+            # Wake everyone waiting on this process (the handshake too) at once.
+            self._fail_pending()
+
+    async def _read_lines(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                raise WorkerGone("answer line over the pipe limit") from None
+            if not line:
+                raise WorkerGone("control pipe closed")
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.error("worker %d: not JSON on the pipe: %.200r", self.index, line)
+                continue
+            if not isinstance(msg, dict):
+                continue
+            rid = msg.get("rid")
+            if rid is not None:
+                fut = self._pending.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif msg.get("op") == "ready":
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result(msg)
+            else:
+                log.debug("worker %d: unsolicited %.200r", self.index, line)
+
+    def _fail_pending(self) -> None:
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerGone("control pipe closed"))
+                # Callers may have timed out already; don't let asyncio log it as unretrieved.
+                fut.exception()
+        self._pending.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(WorkerGone("exited before it was ready"))
+            self._ready.exception()
+
+    async def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
+        """The pipe is closed; the process should be gone or going. Make sure it is."""
+        deadline = time.monotonic() + (self.sup.config.grace if self.sup.stopping else 2.0)
+        while proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if proc.poll() is None:
+            log.warning("worker %d (pid %d) still running; killing it", self.index, proc.pid)
+            proc.kill()
+            while proc.poll() is None:
+                await asyncio.sleep(0.02)
+        return proc.returncode
+
+    async def request(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request, wait for its answer; raise WorkerGone / TimeoutError."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise WorkerGone("not running")
+        rid = next(self._rids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        writer.write(json.dumps({"rid": rid, **body}, separators=(",", ":")).encode() + b"\n")
+        try:
+            await writer.drain()
+            answer = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if not answer.get("ok", False):
+            raise RuntimeError(f"worker {self.index}: {answer.get('error', 'request failed')}")
+        return answer
+
+    async def drain(self, grace: float) -> None:
+        if self._writer is None or self._writer.is_closing():
+            return
+        self.state = "draining"
+        with contextlib.suppress(WorkerGone, TimeoutError, RuntimeError, ConnectionError):
+            await self.request({"op": "drain", "grace": grace}, grace + 1.0)
+
+    async def wait_exited(self) -> None:
+        await self._exited.wait()
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+# ---- the supervisor ------------------------------------------------------------------------------
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.worker_config = config
+        self.bus: Bus = make_bus(config.bus, config.history_size, config.history_max_age)
+        self.frames = FrameBuilder(config.target_connections, config.node_id)
+        self.slots: list[WorkerSlot] = []
+        self.control = ControlServer(config.control_socket, self, config.limit_message_bytes)
+        self.csv: CsvLog | None = None
+        self.screen: Any = None
+        self.stopping = False
+        self.started = time.time()
+        self._frame: dict[str, Any] | None = None
+        self._stop = asyncio.Event()
+        self._port_sock: socket.socket | None = None
+        self.nofile = 0
+
+    # ---- Backend for the control socket --------------------------------------------------------
+    def latest_frame(self) -> dict[str, Any] | None:
+        return self._frame
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "workers": sum(1 for s in self.slots if s.state == "up"),
+            "uptime_s": round(time.time() - self.started, 1),
+            "port": self.worker_config.port,
+            "pids": [s.pid for s in self.slots],
+            "node_id": self.config.node_id,
+        }
+
+    async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
+        msg = await self.bus.publish(data, channel, event)
+        recipients = await self.fan_out(msg)
+        return {"id": msg["id"], "recipients": recipients}
+
+    async def fan_out(self, msg: Msg) -> int:
+        """Hand a numbered message to every live worker; the sum of their recipients."""
+        slots = [s for s in self.slots if s.usable]
+        answers = await asyncio.gather(
+            *(s.request({"op": "broadcast", "msg": msg}, BROADCAST_TIMEOUT) for s in slots),
+            return_exceptions=True,
+        )
+        total = 0
+        for slot, ans in zip(slots, answers, strict=True):
+            if isinstance(ans, BaseException):
+                log.warning("worker %d: broadcast %d failed: %r", slot.index, msg["id"], ans)
+                continue
+            total += int(ans.get("recipients", 0))
+        return total
+
+    async def channels(self) -> dict[str, int]:
+        slots = [s for s in self.slots if s.usable]
+        answers = await asyncio.gather(
+            *(s.request({"op": "channels"}, 10.0) for s in slots), return_exceptions=True
+        )
+        merged: dict[str, int] = {}
+        for ans in answers:
+            if isinstance(ans, BaseException):
+                continue
+            for name, n in (ans.get("channels") or {}).items():
+                merged[name] = merged.get(name, 0) + int(n)
+        return merged
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def request_stop(self, signame: str = "") -> None:
+        if not self.stopping:
+            log.info(
+                "%s: draining %d workers (grace %.0f s)",
+                signame or "stop",
+                len(self.slots),
+                self.config.grace,
+            )
+            self.stopping = True
+            self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, sig.name)
+
+        self.nofile = raise_nofile_limit()
+        count = self.config.worker_count(self.nofile)
+        log.info("plan: %s", plan_line(self.config, self.nofile, count))
+        for warning in host_warnings(self.config, count, read_limits()):
+            log.warning("host limit: %s", warning)
+
+        if self.config.port == 0:
+            self._port_sock = reserve_port(self.config.host)
+            port = self._port_sock.getsockname()[1]
+            self.worker_config = Config.from_json(self.config.to_json())
+            self.worker_config.port = port
+            log.info("--port 0: workers listen on port %d", port)
+
+        await self.bus.start(self._remote_message)
+        await self.control.start()
+        self.csv = CsvLog(self.config.log_dir, self.config.log_max_bytes, self.config.log_backups)
+        log.info("CSV log %s", self.csv.path)
+        self.screen = _make_screen(self.config)
+
+        self.slots = [WorkerSlot(self, i) for i in range(count)]
+        for slot in self.slots:
+            slot.start()
+
+        ticker = asyncio.create_task(self._tick_forever())
+        try:
+            await self._stop.wait()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(BaseException):
+                await ticker
+            await self._shutdown()
+        return 0
+
+    async def _remote_message(self, msg: Msg) -> None:
+        """A message another node published (multi-node bus): deliver it here too."""
+        await self.fan_out(msg)
+
+    async def _shutdown(self) -> None:
+        grace = self.config.grace
+        deadline = time.monotonic() + grace
+        # Workers get a little less than the grace so the supervisor can still reap and exit
+        # inside it.
+        worker_grace = max(0.5, grace - 1.5)
+        await asyncio.gather(*(s.drain(worker_grace) for s in self.slots))
+        left = max(0.1, deadline - time.monotonic())
+        waiting = [asyncio.create_task(s.wait_exited()) for s in self.slots]
+        if waiting:
+            _done, pending = await asyncio.wait(waiting, timeout=left)
+            for t in pending:
+                t.cancel()
+        for s in self.slots:
+            if s.proc is not None and s.proc.poll() is None:
+                log.warning(
+                    "worker %d (pid %d) did not drain in time; killing", s.index, s.proc.pid
+                )
+                s.proc.kill()
+        await self.control.close()
+        await self.bus.close()
+        if self.screen is not None:
+            self.screen.close()
+        if self.csv is not None:
+            self.csv.close()
+        if self._port_sock is not None:
+            self._port_sock.close()
+        log.info("stopped")
+
+    async def _tick_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + 1.0
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += 1.0
+            if next_at < loop.time():  # fell behind (suspended, overloaded): don't burst
+                next_at = loop.time() + 1.0
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("frame failed")
+
+    async def _tick(self) -> None:
+        slots = [s for s in self.slots if s.usable]
+        answers = await asyncio.gather(
+            *(s.request({"op": "stats"}, STATS_TIMEOUT) for s in slots), return_exceptions=True
+        )
+        for slot, ans in zip(slots, answers, strict=True):
+            if isinstance(ans, BaseException):
+                log.debug("worker %d: stats missed (%r)", slot.index, ans)
+                continue
+            stats = ans.get("stats")
+            if isinstance(stats, dict):
+                slot.stats = stats
+        frame = self.frames.build([s.view() for s in self.slots], self.bus.status())
+        self._frame = frame
+        self.control.publish_frame(frame)
+        if self.csv is not None:
+            self.csv.write(frame)
+        if self.screen is not None:
+            self.screen.update(frame)
+
+
+def _make_screen(config: Config) -> Any:
+    from service.screen import make_screen
+
+    return make_screen(config.screen)
+
+
+def run(config: Config) -> int:
+    """Run the supervisor until SIGTERM/SIGINT; the exit code."""
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        runner = asyncio.run
+    sup = Supervisor(config)
+    try:
+        return int(runner(sup.run()))
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
