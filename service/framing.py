@@ -1,0 +1,136 @@
+"""Bytes on the wire: response heads, stream frames, long-poll and error responses (sans-IO).
+
+A stream connection has one of four formats, an index into every frame tuple::
+
+    PLAIN_CHUNKED = 0   text/plain, HTTP/1.1 chunked
+    PLAIN_RAW     = 1   text/plain, HTTP/1.0 close-delimited
+    SSE_CHUNKED   = 2   text/event-stream, HTTP/1.1 chunked
+    SSE_RAW       = 3   text/event-stream, HTTP/1.0 close-delimited
+
+A broadcast is framed once per format (:func:`frame_message`) and the same bytes object is written
+to every subscriber of that format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW = 0, 1, 2, 3
+Frames = tuple[bytes, bytes, bytes, bytes]
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def fmt_index(sse: bool, http11: bool) -> int:
+    return (2 if sse else 0) | (0 if http11 else 1)
+
+
+def chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk (an empty payload would end the body, so callers never pass one)."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _both(plain: bytes, sse: bytes) -> Frames:
+    return (chunk(plain), plain, chunk(sse), sse)
+
+
+def stream_head(fmt: int) -> bytes:
+    sse = fmt >= SSE_CHUNKED
+    ctype = b"text/event-stream" if sse else b"text/plain; charset=utf-8"
+    if fmt in (PLAIN_CHUNKED, SSE_CHUNKED):
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nTransfer-Encoding: chunked\r\n"
+            b"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
+        )
+    return (
+        b"HTTP/1.0 200 OK\r\nContent-Type: " + ctype + b"\r\nCache-Control: no-cache\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+
+
+def welcome(fmt: int, retry_ms: int) -> bytes:
+    """Response head plus the first body bytes of a new stream."""
+    if fmt >= SSE_CHUNKED:
+        body = b"retry: %d\n\nevent: welcome\ndata: Welcome!\n\n" % retry_ms
+    else:
+        body = b"Welcome!\n"
+    return stream_head(fmt) + (chunk(body) if fmt in (PLAIN_CHUNKED, SSE_CHUNKED) else body)
+
+
+PING: Frames = _both(b"ping\n", b": ping\n\n")
+END_CHUNKED = b"0\r\n\r\n"
+
+
+def sse_event(data: str, event: str | None = None, id_: int | None = None) -> bytes:
+    """One SSE event; multi-line data becomes several ``data:`` lines (any of CR, LF, CRLF)."""
+    out = []
+    if id_ is not None:
+        out.append(f"id: {id_}\n")
+    if event:
+        out.append(f"event: {_one_line(event)}\n")
+    for line in _LINE_BREAK.split(data):
+        out.append(f"data: {line}\n")
+    out.append("\n")
+    return "".join(out).encode("utf-8")
+
+
+def _one_line(text: str) -> str:
+    return _LINE_BREAK.sub(" ", text)
+
+
+def frame_message(msg: Mapping[str, Any]) -> Frames:
+    """A message as bytes for each of the four formats."""
+    data = str(msg["data"])
+    plain = (data + "\n").encode("utf-8")
+    sse = sse_event(data, msg.get("event"), int(msg["id"]))
+    return _both(plain, sse)
+
+
+def reset_frames(last_event_id: int, oldest_id: int | None) -> Frames:
+    payload = json.dumps({"last_event_id": last_event_id, "oldest_id": oldest_id})
+    sse = sse_event(payload, "reset")
+    return _both(sse, sse)  # only SSE streams resume, the plain slots are never used
+
+
+def reconnect(fmt: int, retry_ms: int) -> bytes:
+    """The last bytes of a stream when the worker drains; chunked streams also end the body."""
+    if fmt >= SSE_CHUNKED:
+        body = b"retry: %d\nevent: reconnect\ndata: reconnect\n\n" % retry_ms
+    else:
+        body = b"reconnect\n"
+    if fmt in (PLAIN_CHUNKED, SSE_CHUNKED):
+        return chunk(body) + END_CHUNKED
+    return body
+
+
+def error_response(status: int, reason: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete plain-text error response that ends with the connection closing."""
+    body = (reason + "\n").encode("utf-8")
+    phrase = HTTPStatus(status).phrase
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
+    lines.extend(f"{k}: {v}" for k, v in extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def poll_response(payload: Mapping[str, Any], http11: bool, keep_alive: bool) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
+    version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
+    conn = b"keep-alive" if keep_alive else b"close"
+    return (
+        version + b" 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
+        b"Content-Length: %d\r\nConnection: %s\r\n\r\n" % (len(body), conn)
+    ) + body
+
+
+def poll_head_only(http11: bool) -> bytes:
+    version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
+    return version + b" 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"

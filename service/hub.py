@@ -1,0 +1,361 @@
+"""The hub: who listens to what, what was said, and writing it to everyone without stalling.
+
+Theory of operation
+-------------------
+A worker holds up to ~20,000 (tuned host: ~1M) connections on one event loop, so nothing here
+may cost per-connection objects beyond the protocol instance itself:
+
+* ``streams`` maps a channel name to a ``set`` of stream connections; each connection keeps a
+  reference to *its* set, so unsubscribing is ``set.discard`` and no name is stored per connection.
+  ``pollers`` is the same for long-poll requests that are waiting.
+* History: one ring for messages sent to every channel (``channel: null``) and one per channel.
+  The rings are merged by id on replay, so a channel created after a global broadcast still
+  replays it. Each ring remembers the highest id it ever evicted (by size or age): a resume
+  from an id below that has a gap, and the client is told so with a ``reset`` event.
+* A broadcast is split into a synchronous part and a paced part. Synchronously it is recorded
+  in history, framed once per wire format, and the list of recipients is snapshotted. Doing the
+  three at the same instant is what makes SSE resume exact: a client that subscribes later is
+  either in the snapshot (gets it live) or not (finds it in history), never both, never neither.
+  The paced part writes the frames to ``fanout_slice`` connections per loop iteration
+  (``call_soon`` chain, no Task); jobs run strictly one after the other so every subscriber sees
+  messages in id order.
+* Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
+  them per loop iteration. Pings are independent of message order so they run in their own lane.
+* Deadlines (request-head 408, keep-alive idle, long-poll timeout) live in one heap with one
+  armed timer. An entry carries the connection's current ``buf`` object as a token; when the
+  connection moves on, its ``buf`` changes and the stale entry is ignored when it falls due.
+* After each write the transport's unsent bytes are checked; past ``limit_write_buffer`` the
+  connection is aborted and counted as a slow-consumer drop, so a client that never reads costs
+  at most that much memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from service import framing
+from service.framing import Frames
+
+if TYPE_CHECKING:
+    from service.config import Config
+    from service.protocol import Conn
+
+
+class Counters:
+    __slots__ = (
+        "conns",
+        "accepted_total",
+        "closed_total",
+        "rejected_total",
+        "slow_dropped_total",
+        "msgs_sent_total",
+        "bytes_sent_total",
+    )
+
+    def __init__(self) -> None:
+        self.conns = 0
+        self.accepted_total = 0
+        self.closed_total = 0
+        self.rejected_total = 0
+        self.slow_dropped_total = 0
+        self.msgs_sent_total = 0
+        self.bytes_sent_total = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Entry(NamedTuple):
+    id: int
+    at: float  # local time.time() when recorded; ages are measured from here
+    msg: dict[str, Any]
+    frames: Frames
+
+
+class Ring:
+    """Bounded history of one channel (or of the global stream)."""
+
+    __slots__ = ("items", "evicted_max")
+
+    def __init__(self, size: int) -> None:
+        self.items: deque[Entry] = deque(maxlen=size)
+        self.evicted_max = 0
+
+    def append(self, entry: Entry) -> None:
+        items = self.items
+        if items.maxlen is not None and len(items) == items.maxlen:
+            self.evicted_max = max(self.evicted_max, items[0].id)
+        items.append(entry)
+
+    def trim(self, oldest_at: float) -> None:
+        items = self.items
+        while items and items[0].at < oldest_at:
+            self.evicted_max = max(self.evicted_max, items.popleft().id)
+
+
+class _Job:
+    """One paced write over a snapshot of connections (a broadcast or the drain)."""
+
+    __slots__ = ("conns", "frames", "pos", "sent", "is_msg", "done", "t0", "each")
+
+    def __init__(
+        self,
+        conns: list[Conn],
+        frames: Frames,
+        done: asyncio.Future[int] | None,
+        is_msg: bool,
+        each: Callable[[Conn], None] | None = None,
+    ) -> None:
+        self.conns = conns
+        self.frames = frames
+        self.pos = 0
+        self.sent = 0
+        self.is_msg = is_msg
+        self.done = done
+        self.t0 = time.perf_counter()
+        self.each = each
+
+
+class Hub:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        self.counters = Counters()
+        self.streams: dict[str, set[Conn]] = {}
+        self.pollers: dict[str, set[Conn]] = {}
+        self.global_ring = Ring(config.history_size)
+        self.rings: dict[str, Ring] = {}
+        self.last_id = 0
+        self.draining = False
+        self.on_empty: asyncio.Future[None] | None = None  # set while draining
+        self._jobs: deque[_Job] = deque()
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._ping_conns: list[Conn] = []
+        self._ping_pos = 0
+        self._deadlines: list[tuple[float, int, Conn, object]] = []
+        self._deadline_seq = itertools.count()
+        self._deadline_handle: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0
+        self.cap = config.connection_cap()
+
+    # -- subscriptions -------------------------------------------------------------------------
+    def stream_set(self, channel: str) -> set[Conn]:
+        s = self.streams.get(channel)
+        if s is None:
+            s = self.streams[channel] = set()
+        return s
+
+    def poll_set(self, channel: str) -> set[Conn]:
+        s = self.pollers.get(channel)
+        if s is None:
+            s = self.pollers[channel] = set()
+        return s
+
+    def channels(self) -> dict[str, int]:
+        """Stream subscribers per channel (empty channels are pruned here)."""
+        out: dict[str, int] = {}
+        for name in list(self.streams):
+            n = len(self.streams[name])
+            if n:
+                out[name] = n
+            else:
+                del self.streams[name]
+        return out
+
+    def all_streams(self) -> list[Conn]:
+        return [c for s in self.streams.values() for c in s]
+
+    # -- history -------------------------------------------------------------------------------
+    def record(self, msg: Mapping[str, Any]) -> Entry:
+        m = dict(msg)
+        entry = Entry(int(m["id"]), time.time(), m, framing.frame_message(m))
+        channel = m.get("channel")
+        if channel is None:
+            self.global_ring.append(entry)
+        else:
+            ring = self.rings.get(channel)
+            if ring is None:
+                ring = self.rings[channel] = Ring(self.config.history_size)
+            ring.append(entry)
+        if entry.id > self.last_id:
+            self.last_id = entry.id
+        return entry
+
+    def history_since(self, channel: str, after: int) -> tuple[list[Entry], bool, int | None]:
+        """(entries of ``channel`` with id > after in id order, gap?, oldest id still held)."""
+        oldest_at = time.time() - self.config.history_max_age
+        rings = [self.global_ring]
+        ring = self.rings.get(channel)
+        if ring is not None:
+            rings.append(ring)
+        entries: list[Entry] = []
+        evicted = 0
+        oldest: int | None = None
+        for r in rings:
+            r.trim(oldest_at)
+            evicted = max(evicted, r.evicted_max)
+            if r.items:
+                first = r.items[0].id
+                oldest = first if oldest is None else min(oldest, first)
+                if r.items[-1].id > after:
+                    entries.extend(e for e in r.items if e.id > after)
+        if len(rings) > 1:
+            entries.sort(key=lambda e: e.id)
+        return entries, after < evicted, oldest
+
+    # -- broadcast -----------------------------------------------------------------------------
+    def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:
+        """Record, frame and snapshot now; write in slices; the future gets the recipient count."""
+        entry = self.record(msg)
+        channel = entry.msg.get("channel")
+        if channel is None:
+            conns = self.all_streams()
+            waiting = [c for s in self.pollers.values() for c in s]
+        else:
+            conns = list(self.streams.get(channel, ()))
+            waiting = list(self.pollers.get(channel, ()))
+        done: asyncio.Future[int] = self.loop.create_future()
+        for c in waiting:
+            c.answer_poll()
+        job = _Job(conns, entry.frames, done, True)
+        job.sent = len(waiting)
+        self._enqueue(job)
+        return done
+
+    def _enqueue(self, job: _Job) -> None:
+        self._jobs.append(job)
+        if len(self._jobs) == 1:
+            self.loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        if not self._jobs:
+            return
+        job = self._jobs[0]
+        n = self.config.fanout_slice
+        end = min(job.pos + n, len(job.conns))
+        if job.each is not None:
+            for c in job.conns[job.pos : end]:
+                job.each(c)
+        else:
+            job.sent += self._write_many(job.conns, job.pos, end, job.frames, job.is_msg)
+        job.pos = end
+        if end >= len(job.conns):
+            self._jobs.popleft()
+            job.conns = []
+            if job.done is not None and not job.done.done():
+                job.done.set_result(job.sent)
+        if self._jobs:
+            self.loop.call_soon(self._pump)
+
+    def _write_many(
+        self, conns: list[Conn], start: int, end: int, frames: Frames, msg: bool
+    ) -> int:
+        limit = self.config.limit_write_buffer
+        sent = 0
+        nbytes = 0
+        for i in range(start, end):
+            c = conns[i]
+            fmt = c.state
+            if fmt > 3:  # closed, or not a stream any more
+                continue
+            t = c.transport
+            data = frames[fmt]
+            t.write(data)
+            nbytes += len(data)
+            sent += 1
+            if t.get_write_buffer_size() > limit:
+                c.drop_slow()
+        ctr = self.counters
+        ctr.bytes_sent_total += nbytes
+        if msg:
+            ctr.msgs_sent_total += sent
+        return sent
+
+    # -- ping sweep ----------------------------------------------------------------------------
+    def start_pings(self) -> None:
+        self._ping_handle = self.loop.call_later(self.config.ping_interval, self._ping_start)
+
+    def _ping_start(self) -> None:
+        self._ping_handle = self.loop.call_later(self.config.ping_interval, self._ping_start)
+        if self._ping_pos < len(self._ping_conns):
+            return  # the previous sweep is still running (enormous worker); let it finish
+        self._ping_conns = self.all_streams()
+        self._ping_pos = 0
+        self._ping_slice()
+
+    def _ping_slice(self) -> None:
+        conns = self._ping_conns
+        start = self._ping_pos
+        end = min(start + self.config.ping_slice, len(conns))
+        self._write_many(conns, start, end, framing.PING, False)
+        self._ping_pos = end
+        if end < len(conns):
+            self.loop.call_soon(self._ping_slice)
+        else:
+            self._ping_conns = []
+            self._ping_pos = 0
+
+    def stop_pings(self) -> None:
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+            self._ping_handle = None
+        self._ping_conns = []
+        self._ping_pos = 0
+
+    # -- deadlines -----------------------------------------------------------------------------
+    def add_deadline(self, conn: Conn, token: object, delay: float) -> None:
+        when = self.loop.time() + delay
+        heapq.heappush(self._deadlines, (when, next(self._deadline_seq), conn, token))
+        if self._deadline_handle is None or when < self._deadline_at:
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+        self._deadline_at = when
+        self._deadline_handle = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline_handle = None
+        heap = self._deadlines
+        now = self.loop.time()
+        while heap and heap[0][0] <= now:
+            _, _, conn, token = heapq.heappop(heap)
+            if conn.buf is token:
+                conn.on_deadline(token)
+        if heap:
+            self._arm(heap[0][0])
+
+    def stop_deadlines(self) -> None:
+        if self._deadline_handle is not None:
+            self._deadline_handle.cancel()
+            self._deadline_handle = None
+        self._deadlines.clear()
+
+    # -- drain ---------------------------------------------------------------------------------
+    def drain_streams(self, conns: Iterable[Conn]) -> asyncio.Future[int]:
+        """Send each stream its reconnect hint and close it, in slices, after queued broadcasts."""
+        retry = self.config.sse_retry_ms
+        # A few precomputed jitter variants: reconnects spread over [retry, 2*retry) without
+        # framing per connection.
+        variants = [
+            tuple(framing.reconnect(fmt, retry + retry * k // 8) for fmt in range(4))
+            for k in range(8)
+        ]
+        choice = random.choice
+
+        def each(c: Conn) -> None:
+            if c.state <= 3:
+                c.transport.write(choice(variants)[c.state])
+            c.close()
+
+        done: asyncio.Future[int] = self.loop.create_future()
+        self._enqueue(_Job(list(conns), framing.PING, done, False, each))
+        return done

@@ -1,0 +1,243 @@
+"""One ``asyncio.Protocol`` object per connection, kept as small as Python allows.
+
+A held stream costs: the uvloop transport (~1.2 KB, fixed by uvloop), this object (five slots,
+~80 bytes with the GC header) and its entry in one hub set. No Task, no timer, no dict, no
+parser per connection: the request head is parsed with :func:`service.http.parse_head` from a
+bytearray that is dropped once the head is in, and every timeout lives in the hub's heap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar, cast
+
+from service import framing
+from service.http import HttpError, Limits, Request, Route, parse_head, route
+from service.hub import Hub
+
+# Connection states. 0..3 are stream formats (indices into every framing.Frames tuple), so the
+# fan-out loop reads the state and uses it as the frame index directly.
+HEAD = 4  # reading a request head
+POLL = 5  # a long-poll waiting for a message
+DONE = 6  # closing or closed
+REJECTED = 7  # refused at accept time (over the cap or draining); never counted as held
+
+_KEEPALIVE = ()  # marks a connection that already served a long-poll (idle close is silent)
+
+
+class Conn(asyncio.Protocol):
+    __slots__ = ("transport", "state", "subs", "buf", "poll")
+
+    # Shared server state, bound per worker by Worker (a subclass per worker, no per-conn cost).
+    hub: ClassVar[Hub]
+    limits: ClassVar[Limits]
+    reject_bytes: ClassVar[bytes]
+
+    transport: asyncio.Transport
+    state: int
+    subs: set[Conn] | None  # the hub set this connection is in (stream or poll waiters)
+    buf: bytearray | None  # request bytes while reading a head / waiting on a poll
+    poll: tuple[int, str, bool, bool] | tuple[()] | None  # (since, channel, http11, keep_alive)
+
+    # -- Protocol interface ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Called by the transport when a connection is accepted."""
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.subs = None
+        self.poll = None
+        hub = self.hub
+        ctr = hub.counters
+        if ctr.conns >= hub.cap or hub.draining:
+            # Over the cap: answer before reading anything, so a flood costs no parsing.
+            self.state = REJECTED
+            self.buf = None
+            ctr.rejected_total += 1
+            transport.write(self.reject_bytes)
+            transport.close()
+            return
+        ctr.conns += 1
+        ctr.accepted_total += 1
+        self.state = HEAD
+        buf = self.buf = bytearray()
+        hub.add_deadline(self, buf, hub.config.timeout_header)
+
+    def data_received(self, data: bytes) -> None:
+        """Called by the transport with bytes from the client."""
+        state = self.state
+        if state == HEAD:
+            assert self.buf is not None
+            self.buf += data
+            self._on_head_bytes()
+        elif state <= 3:
+            # A stream client must only listen; anything it sends ends the stream.
+            self.close()
+        elif state == POLL:
+            assert self.buf is not None
+            self.buf += data  # a pipelined next request; parsed after the answer
+            lim = self.limits
+            if len(self.buf) > lim.request_line + lim.headers_bytes + 4:
+                self.fail(HttpError(431, "request headers too large"))
+
+    def eof_received(self) -> bool:
+        """Called when the client half-closes: nothing more can come, so close our side too."""
+        if self.state == HEAD:
+            self.close()
+        # A half-closed stream (e.g. `curl < /dev/null`) keeps receiving until the client goes.
+        return self.state <= 3
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Called by the transport when the connection is closed."""
+        if self.state == REJECTED:
+            return
+        self.state = DONE
+        self.buf = None
+        if self.subs is not None:
+            self.subs.discard(self)
+            self.subs = None
+        hub = self.hub
+        hub.counters.conns -= 1
+        hub.counters.closed_total += 1
+        if hub.on_empty is not None and hub.counters.conns == 0 and not hub.on_empty.done():
+            hub.on_empty.set_result(None)
+
+    # -- request handling ------------------------------------------------------------------------
+    def _on_head_bytes(self) -> None:
+        buf = self.buf
+        assert buf is not None
+        result = parse_head(buf, self.limits)
+        if result is None:
+            return
+        if isinstance(result, HttpError):
+            self.fail(result)
+            return
+        r = route(result, self.limits)
+        if isinstance(r, HttpError):
+            self.fail(r)
+            return
+        rest = buf[result.head_len :]
+        self.buf = None  # frees the head bytes and invalidates its deadline
+        if r.kind == "stream":
+            self._start_stream(result, r, rest)
+        else:
+            self._start_poll(result, r, rest)
+
+    def _start_stream(self, req: Request, r: Route, rest: bytearray) -> None:
+        hub = self.hub
+        fmt = framing.fmt_index(r.sse, req.http11)
+        t = self.transport
+        if req.method == "HEAD":
+            t.write(framing.stream_head(fmt))
+            self.close()
+            return
+        if rest:
+            self.close()  # bytes after a subscribe request
+            return
+        t.write(framing.welcome(fmt, hub.config.sse_retry_ms))
+        if r.sse and r.last_event_id is not None:
+            entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
+            if gap:
+                t.write(framing.reset_frames(r.last_event_id, oldest)[fmt])
+            for e in entries:
+                t.write(e.frames[fmt])
+            hub.counters.msgs_sent_total += len(entries)
+        self.state = fmt
+        subs = self.subs = hub.stream_set(r.channel)
+        subs.add(self)
+        if t.get_write_buffer_size() > hub.config.limit_write_buffer:
+            self.drop_slow()
+
+    def _start_poll(self, req: Request, r: Route, rest: bytearray) -> None:
+        hub = self.hub
+        if req.method == "HEAD":
+            self.transport.write(framing.poll_head_only(req.http11))
+            self.close()
+            return
+        since = hub.last_id if r.since is None else r.since
+        self.poll = (since, r.channel, req.http11, req.keep_alive)
+        self.buf = rest
+        self.state = POLL
+        entries, _, _ = hub.history_since(r.channel, since)
+        if entries or r.timeout <= 0 or hub.draining:
+            self.answer_poll()
+            return
+        subs = self.subs = hub.poll_set(r.channel)
+        subs.add(self)
+        hub.add_deadline(self, rest, r.timeout)
+
+    def answer_poll(self) -> None:
+        """Send the long-poll answer (messages newer than ``since``, maybe none) and go on."""
+        if self.state != POLL or not self.poll:
+            return
+        hub = self.hub
+        since, channel, http11, keep_alive = self.poll
+        if self.subs is not None:
+            self.subs.discard(self)
+            self.subs = None
+        entries, gap, _ = hub.history_since(channel, since)
+        msgs = [
+            {
+                "id": e.id,
+                "channel": e.msg.get("channel"),
+                "event": e.msg.get("event"),
+                "data": e.msg.get("data"),
+                "ts": e.msg.get("ts"),
+            }
+            for e in entries
+        ]
+        payload = {"messages": msgs, "last_id": entries[-1].id if entries else since, "reset": gap}
+        keep = keep_alive and not hub.draining
+        data = framing.poll_response(payload, http11, keep)
+        self.transport.write(data)
+        hub.counters.bytes_sent_total += len(data)
+        hub.counters.msgs_sent_total += len(msgs)
+        if not keep:
+            self.close()
+            return
+        # Back to reading the next request on the same connection.
+        rest = self.buf if self.buf is not None else bytearray()
+        self.buf = bytearray(rest)  # a new object: the poll deadline entry goes stale
+        self.poll = _KEEPALIVE
+        self.state = HEAD
+        hub.add_deadline(self, self.buf, hub.config.timeout_keepalive)
+        if self.buf:
+            self._on_head_bytes()
+
+    def on_deadline(self, token: object) -> None:
+        """The hub's deadline heap says this connection's current phase ran out of time."""
+        if self.state == HEAD:
+            if self.poll is _KEEPALIVE and not self.buf:
+                self.close()  # idle keep-alive: close quietly
+            else:
+                self.fail(HttpError(408, "request head not received in time"))
+        elif self.state == POLL:
+            self.answer_poll()
+
+    # -- closing ---------------------------------------------------------------------------------
+    def fail(self, err: HttpError) -> None:
+        extra: list[tuple[str, str]] = []
+        if err.status == 405:
+            extra.append(("Allow", "GET, HEAD"))
+        self.transport.write(framing.error_response(err.status, err.reason, extra))
+        self.close()
+
+    def close(self) -> None:
+        if self.state >= DONE:
+            return
+        self.state = DONE
+        self.buf = None
+        if self.subs is not None:
+            self.subs.discard(self)
+            self.subs = None
+        self.transport.close()
+
+    def drop_slow(self) -> None:
+        """Unsent data passed the cap: the client is not reading; abort, do not buffer more."""
+        if self.state >= DONE:
+            return
+        self.hub.counters.slow_dropped_total += 1
+        self.state = DONE
+        if self.subs is not None:
+            self.subs.discard(self)
+            self.subs = None
+        self.transport.abort()

@@ -1,0 +1,339 @@
+"""The comet1m worker: one uvloop event loop holding HTTP streaming connections.
+
+Started by the supervisor as ``python -m service.worker --control-fd N`` (config as JSON in
+``COMET_WORKER_CONFIG``, index in ``COMET_WORKER_INDEX``; the internal protocol is in
+docs/architecture.md, "Supervisor ⇄ worker"), or standalone with the normal service flags
+(``python -m service.worker --port 8888 ...``), in which case it numbers messages itself.
+
+In-process API (used by the supervisor's tests and ours)::
+
+    w = Worker(config, loop, index=0)
+    await w.start()                          # binds; w.port is the bound port
+    n = await w.broadcast({"data": "hi"})    # id/ts/channel/event filled in when missing
+    w.stats(); w.channels()
+    await w.drain(grace)                     # reconnect hints, close everything, stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import uvloop
+
+from service import framing
+from service.config import Config, parse_args, raise_nofile_limit
+from service.http import Limits
+from service.hub import Hub
+from service.lag import LagSampler
+from service.protocol import Conn
+
+log = logging.getLogger("comet.worker")
+
+CONTROL_LINE_LIMIT = 256 * 1024 * 1024  # an init message carries the whole history
+
+
+def effective_backlog(requested: int) -> int:
+    """The kernel silently caps listen(2)'s backlog at net.core.somaxconn."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return min(requested, int(f.read().strip()))
+    except (OSError, ValueError):
+        return requested
+
+
+def make_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Every worker binds its own listener on the same port; the kernel spreads accepts.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.setblocking(False)
+    return sock
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop | None = None,
+        index: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = loop or asyncio.get_event_loop()
+        self.index = index
+        self.hub = Hub(config, self.loop)
+        self.lag = LagSampler(self.loop)
+        self.port = config.port
+        self.backlog = effective_backlog(config.backlog)
+        self._sock = sock
+        self._server: asyncio.AbstractServer | None = None
+        limits = Limits(
+            request_line=config.limit_request_line,
+            headers_bytes=config.limit_headers_bytes,
+            headers_count=config.limit_headers_count,
+            poll_default=config.timeout_poll_default,
+            poll_max=config.timeout_poll_max,
+        )
+        reject = framing.error_response(
+            503, "over the connection cap, retry later", [("Retry-After", "5")]
+        )
+        # A protocol class per worker carries the shared state as class attributes, so each
+        # connection object holds only its own five slots.
+        self.protocol_class: type[Conn] = type(
+            "WorkerConn",
+            (Conn,),
+            {"__slots__": (), "hub": self.hub, "limits": limits, "reject_bytes": reject},
+        )
+        self.stopped = self.loop.create_future()
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        sock = self._sock or make_listener(self.config.host, self.config.port)
+        self._server = await self.loop.create_server(
+            self.protocol_class, sock=sock, backlog=self.backlog
+        )
+        self.port = sock.getsockname()[1]
+        self.hub.start_pings()
+        self.lag.start()
+        log.info(
+            "worker %d (pid %d) listening on %s:%d, backlog %d (asked %d, somaxconn caps it), "
+            "connection cap %d",
+            self.index,
+            os.getpid(),
+            self.config.host,
+            self.port,
+            self.backlog,
+            self.config.backlog,
+            self.hub.cap,
+        )
+
+    def init(self, last_id: int, history: list[Mapping[str, Any]]) -> None:
+        """Take the supervisor's id sequence and history (sent once, before any broadcast)."""
+        for msg in sorted(history, key=lambda m: int(m["id"])):
+            self.hub.record(msg)
+        self.hub.last_id = max(self.hub.last_id, int(last_id))
+
+    def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:
+        """Write a message to its channel (``channel`` None = everyone); resolves to recipients.
+
+        Missing fields are filled in: ``id`` = last id + 1 (standalone numbering), ``ts`` = now,
+        ``channel``/``event`` = None.
+        """
+        m = dict(msg)
+        if m.get("id") is None:
+            m["id"] = self.hub.last_id + 1
+        m.setdefault("ts", time.time())
+        m.setdefault("channel", None)
+        m.setdefault("event", None)
+        m["data"] = str(m.get("data", ""))
+        return self.hub.broadcast(m)
+
+    def stats(self) -> dict[str, Any]:
+        """WSTATS; ``lag_ms`` covers the time since the previous call."""
+        out: dict[str, Any] = {"pid": os.getpid(), "index": self.index}
+        out.update(self.hub.counters.as_dict())
+        out["lag_ms"] = self.lag.read()
+        return out
+
+    def channels(self) -> dict[str, int]:
+        return self.hub.channels()
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, send reconnect hints, close every connection; abort stragglers."""
+        if self._drain_task is None:
+            self._drain_task = self.loop.create_task(self._drain(grace))
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self, grace: float | None) -> None:
+        grace = self.config.grace if grace is None else grace
+        hub = self.hub
+        deadline = self.loop.time() + grace
+        hub.draining = True
+        if self._server is not None:
+            self._server.close()
+        hub.stop_pings()
+        hub.on_empty = self.loop.create_future()
+        if hub.counters.conns == 0:
+            hub.on_empty.set_result(None)
+        # Pollers get their (empty) answer with Connection: close; heads are cut short.
+        for s in list(hub.pollers.values()):
+            for c in list(s):
+                c.answer_poll()
+        streams = hub.all_streams()
+        log.info("worker %d draining %d streams (grace %.1fs)", self.index, len(streams), grace)
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(hub.drain_streams(streams)), max(0.0, deadline - self.loop.time())
+            )
+        except TimeoutError:
+            pass
+        # Anything else still open (heads in progress, keep-alive idles, late arrivals).
+        for c in list(_open_conns(hub)):
+            c.close()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(hub.on_empty), max(0.01, deadline - self.loop.time())
+            )
+        except TimeoutError:
+            log.warning(
+                "worker %d: grace over with %d open; aborting", self.index, hub.counters.conns
+            )
+        hub.stop_deadlines()
+        self.lag.stop()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+
+def _open_conns(hub: Hub) -> list[Conn]:
+    # Connections not in any set are only reachable through the deadline heap (heads, idles).
+    seen = {id(c): c for _, _, c, _ in hub._deadlines}
+    for c in hub.all_streams():
+        seen[id(c)] = c
+    for s in hub.pollers.values():
+        for c in s:
+            seen[id(c)] = c
+    return [c for c in seen.values() if c.state < 6]
+
+
+# -- supervisor ⇄ worker control pipe ----------------------------------------------------------
+class ControlChannel:
+    """JSON lines over the inherited socketpair end; one task per request so a long broadcast
+    never blocks a stats read."""
+
+    def __init__(self, worker: Worker, fd: int) -> None:
+        self.worker = worker
+        self.fd = fd
+        self.writer: asyncio.StreamWriter | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        sock = socket.socket(fileno=self.fd)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
+        self.writer = writer
+        self.send({"op": "ready", "pid": os.getpid(), "index": self.worker.index})
+        while True:
+            try:
+                line = await reader.readline()
+            except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
+                log.error("control pipe: %s", exc)
+                break
+            if not line:
+                break
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                self.send({"rid": None, "ok": False, "error": f"bad JSON line: {exc}"})
+                continue
+            task = asyncio.get_running_loop().create_task(self.handle(req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not self.worker.hub.draining:
+            log.info("worker %d: control pipe closed, draining", self.worker.index)
+        await self.worker.drain()
+
+    def send(self, obj: Mapping[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+    async def handle(self, req: dict[str, Any]) -> None:
+        rid = req.get("rid")
+        op = req.get("op")
+        w = self.worker
+        try:
+            if op == "init":
+                w.init(int(req.get("last_id", 0)), list(req.get("history") or []))
+                self.send({"rid": rid, "ok": True})
+            elif op == "stats":
+                self.send({"rid": rid, "ok": True, "stats": w.stats()})
+            elif op == "broadcast":
+                msg = req.get("msg")
+                if not isinstance(msg, dict) or "data" not in msg:
+                    raise ValueError("broadcast needs msg with data")
+                t0 = time.perf_counter()
+                n = await w.broadcast(msg)
+                ms = round((time.perf_counter() - t0) * 1000, 3)
+                self.send({"rid": rid, "ok": True, "recipients": n, "elapsed_ms": ms})
+            elif op == "channels":
+                self.send({"rid": rid, "ok": True, "channels": w.channels()})
+            elif op == "drain":
+                grace = req.get("grace")
+                await w.drain(None if grace is None else float(grace))
+                self.send({"rid": rid, "ok": True})
+                if self.writer is not None:
+                    await self.writer.drain()
+            else:
+                self.send({"rid": rid, "ok": False, "error": f"unknown op {op!r}"})
+        except (ValueError, TypeError, KeyError) as exc:
+            self.send({"rid": rid, "ok": False, "error": f"{op}: {exc}"})
+
+
+# -- process entry -----------------------------------------------------------------------------
+async def serve(config: Config, index: int = 0, control_fd: int | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    worker = Worker(config, loop, index)
+    await worker.start()
+
+    def on_signal() -> None:
+        loop.create_task(worker.drain())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    if control_fd is not None:
+        control = ControlChannel(worker, control_fd)
+        control_task = loop.create_task(control.run())
+        await worker.stopped
+        # Let the drain answer reach the supervisor before the process ends.
+        await asyncio.sleep(0.05)
+        if control.writer is not None:
+            control.writer.close()
+        control_task.cancel()
+    else:
+        print(
+            f"comet worker listening on http://{config.host}:{worker.port}/ "
+            f"(curl -N http://127.0.0.1:{worker.port}/)",
+            flush=True,
+        )
+        await worker.stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--control-fd", type=int, default=None)
+    ns, rest = pre.parse_known_args(argv)
+    if ns.control_fd is not None:
+        raw = os.environ.get("COMET_WORKER_CONFIG")
+        config = Config.from_json(raw) if raw else parse_args(rest)
+        index = int(os.environ.get("COMET_WORKER_INDEX", "0"))
+    else:
+        config = parse_args(rest)
+        index = 0
+        if config.workers not in ("1", "auto"):
+            print("note: standalone worker mode runs a single worker", file=sys.stderr)
+    logging.basicConfig(
+        level=getattr(logging, config.log_level.upper(), logging.INFO),
+        format=f"%(asctime)s worker{index} %(levelname)s %(message)s",
+    )
+    raise_nofile_limit()
+    uvloop.run(serve(config, index, ns.control_fd))
+
+
+if __name__ == "__main__":
+    main()
