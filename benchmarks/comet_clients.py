@@ -1,0 +1,195 @@
+"""Hold N Comet subscriber connections from one process; report counts on request.
+
+A small client for the supervisor's tests and benchmark (independent of loadgen/). Run one per
+~15,000 connections (a process cannot hold more than its RLIMIT_NOFILE of sockets) and spread
+them over 127.0.0.x source addresses with IP_BIND_ADDRESS_NO_PORT, so the 64k ports of one
+source address never run out.
+
+    python benchmarks/comet_clients.py --port 8888 --n 10000 --sources 127.0.0.2,127.0.0.3
+
+Reads commands on stdin, one per line, and answers each with one JSON line on stdout:
+``stats`` → counts; ``quit`` (or end of input) → close everything and exit.
+Counted in the stream: ``Welcome!``, the marker (default ``BCAST``, one per broadcast that
+carries it), ``reconnect\\n`` (a drain hint, plain and SSE) and ``retry:`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import socket
+import sys
+import time
+
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+class Counts:
+    __slots__ = (
+        "connected",
+        "welcomed",
+        "closed",
+        "errors",
+        "msgs",
+        "first_msg_t",
+        "last_msg_t",
+        "reconnects",
+        "retries",
+        "ramp_done_t",
+        "start_t",
+        "bytes",
+    )
+
+    def __init__(self) -> None:
+        self.connected = self.welcomed = self.closed = self.errors = 0
+        self.msgs = self.reconnects = self.retries = self.bytes = 0
+        self.first_msg_t = self.last_msg_t = 0.0
+        self.ramp_done_t = 0.0
+        self.start_t = time.time()
+
+
+class Client(asyncio.Protocol):
+    __slots__ = ("counts", "marker", "tail", "welcomed", "transport")
+
+    def __init__(self, counts: Counts, marker: bytes) -> None:
+        self.counts = counts
+        self.marker = marker
+        self.tail = b""
+        self.welcomed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.counts.connected += 1
+
+    def data_received(self, data: bytes) -> None:
+        c = self.counts
+        c.bytes += len(data)
+        # Keep a few bytes of the previous chunk so a pattern split across reads still counts.
+        buf = self.tail + data
+        head = len(self.tail)
+        self.tail = buf[-16:]
+        if not self.welcomed and b"Welcome!" in buf:
+            self.welcomed = True
+            c.welcomed += 1
+        n = buf.count(self.marker) - _count_in_head(buf, self.marker, head)
+        if n:
+            now = time.time()
+            c.msgs += n
+            if not c.first_msg_t:
+                c.first_msg_t = now
+            c.last_msg_t = max(c.last_msg_t, now)
+        c.reconnects += buf.count(b"reconnect\n") - _count_in_head(buf, b"reconnect\n", head)
+        c.retries += buf.count(b"retry:") - _count_in_head(buf, b"retry:", head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.counts.closed += 1
+
+
+def _count_in_head(buf: bytes, pat: bytes, head: int) -> int:
+    """Occurrences lying wholly inside the carried-over tail (already counted last time)."""
+    return buf[:head].count(pat) if head >= len(pat) else 0
+
+
+async def connect_all(
+    args: argparse.Namespace, counts: Counts, keep: list[asyncio.Transport]
+) -> None:
+    loop = asyncio.get_running_loop()
+    sources = args.sources.split(",")
+    headers = f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+    if args.sse:
+        headers += "Accept: text/event-stream\r\n"
+    request = (headers + "\r\n").encode()
+    marker = args.marker.encode()
+    sem = asyncio.Semaphore(args.concurrency)
+
+    async def one(i: int) -> None:
+        async with sem:
+            for attempt in range(3):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((sources[i % len(sources)], 0))
+                    await loop.sock_connect(sock, (args.host, args.port))
+                    transport, _ = await loop.create_connection(
+                        lambda: Client(counts, marker), sock=sock
+                    )
+                except OSError:
+                    sock.close()
+                    if attempt == 2:
+                        counts.errors += 1
+                        return
+                    await asyncio.sleep(0.2 * (attempt + 1))
+                    continue
+                transport.write(request)
+                keep.append(transport)  # type: ignore[arg-type]
+                return
+
+    await asyncio.gather(*(one(i) for i in range(args.n)))
+    counts.ramp_done_t = time.time()
+
+
+def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "n": args.n,
+        "connected": counts.connected,
+        "welcomed": counts.welcomed,
+        "open": counts.connected - counts.closed,
+        "closed": counts.closed,
+        "errors": counts.errors,
+        "msgs": counts.msgs,
+        "first_msg_t": counts.first_msg_t,
+        "last_msg_t": counts.last_msg_t,
+        "reconnects": counts.reconnects,
+        "retries": counts.retries,
+        "bytes": counts.bytes,
+        "start_t": counts.start_t,
+        "ramp_done_t": counts.ramp_done_t,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    counts = Counts()
+    keep: list[asyncio.Transport] = []
+    ramp = asyncio.create_task(connect_all(args, counts, keep))
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        cmd = line.decode().strip()
+        if not line or cmd == "quit":
+            break
+        if cmd == "stats":
+            sys.stdout.write(json.dumps(stats(counts, args)) + "\n")
+            sys.stdout.flush()
+    ramp.cancel()
+    for t in keep:
+        t.abort()
+    await asyncio.sleep(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--sources", default="127.0.0.1", help="comma-separated source addresses")
+    p.add_argument("--sse", action="store_true", help="ask for text/event-stream")
+    p.add_argument("--concurrency", type=int, default=200, help="connects in flight at once")
+    p.add_argument("--marker", default="BCAST", help="bytes counted as one received message")
+    args = p.parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        import uvloop
+
+        uvloop.run(main_async(args))
+    except ImportError:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The control socket over a real Unix socket, against a real supervisor with one worker."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from service.csvlog import COLUMNS
+from tests.service.supervisor_helpers import ROOT, Service, free_port, wait_for
+
+FRAME_KEYS = {
+    "t",
+    "step",
+    "uptime_s",
+    "target_connections",
+    "node_id",
+    "frame_ms",
+    "totals",
+    "system",
+    "workers",
+}
+TOTALS_KEYS = {
+    "conns",
+    "accepted_total",
+    "closed_total",
+    "rejected_total",
+    "slow_dropped_total",
+    "msgs_sent_total",
+    "bytes_sent_total",
+    "rss_bytes",
+    "cpu_percent",
+    "lag_ms",
+}
+SYSTEM_KEYS = {"cpu", "mem", "sockstat", "fds", "limits"}
+WORKER_KEYS = {"pid", "index", "conns", "rss_bytes", "cpu_percent", "lag_ms", "msgs_sent_total"}
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    service = Service(
+        tmp_path_factory.mktemp("control"), "--workers", "1", "--limit-message-bytes", "65536"
+    )
+    try:
+        service.wait_up(1)
+        yield service
+    finally:
+        assert service.stop() == 0, service.log()
+
+
+def check_frame(frame):
+    assert FRAME_KEYS <= frame.keys()
+    assert TOTALS_KEYS <= frame["totals"].keys()
+    assert {"avg", "p90", "max"} <= frame["totals"]["lag_ms"].keys()
+    assert SYSTEM_KEYS <= frame["system"].keys()
+    assert {"user", "sys", "idle"} <= frame["system"]["cpu"].keys()
+    assert {"total", "used", "cached"} <= frame["system"]["mem"].keys()
+    assert "TCP" in frame["system"]["sockstat"]
+    assert {"open", "limit"} <= frame["system"]["fds"].keys()
+    assert frame["system"]["fds"]["open"] > 0
+    assert {"nofile", "file_max", "conntrack_max", "port_range"} <= frame["system"]["limits"].keys()
+    assert len(frame["system"]["limits"]["port_range"]) == 2
+    assert frame["workers"], "no worker rows"
+    for w in frame["workers"]:
+        assert WORKER_KEYS <= w.keys()
+        assert w["rss_bytes"] > 0
+
+
+def test_watch_yields_frames_every_second(svc):
+    c = svc.control()
+    try:
+        first = c.ask({"op": "watch"})
+        assert first["ok"] is True
+        frames = [c.read()["frame"] for _ in range(3)]
+    finally:
+        c.close()
+    for f in frames:
+        check_frame(f)
+    steps = [f["step"] for f in frames]
+    assert steps == sorted(steps) and len(set(steps)) == 3
+    gaps = [b["t"] - a["t"] for a, b in zip(frames, frames[1:], strict=False)]
+    assert all(0.5 < g < 2.0 for g in gaps), gaps
+
+
+def test_stats_health_channels(svc):
+    c = svc.control()
+    try:
+        stats = c.ask({"op": "stats"})
+        assert stats["ok"] is True
+        check_frame(stats["frame"])
+        health = c.ask({"op": "health"})
+        assert health["ok"] is True and health["workers"] == 1 and health["uptime_s"] >= 0
+        assert c.ask({"op": "channels"}) == {"ok": True, "channels": {}}
+        b = c.ask({"op": "broadcast", "data": "x", "channel": "news", "event": "update"})
+        assert b["ok"] is True and b["recipients"] == 0 and b["id"] >= 1
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"this is not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"op": "launch"}', "unknown op"),
+        (b'{"data": "x"}', "missing field 'op'"),
+        (b'{"op": "broadcast"}', "missing field 'data'"),
+        (b'{"op": "broadcast", "data": 5}', "'data' must be a string"),
+        (b'{"op": "broadcast", "data": "x", "channel": "bad channel!"}', "'channel'"),
+        (b'{"op": "broadcast", "data": "x", "event": "a\\nb"}', "'event'"),
+        (b"\xff\xfe not utf-8", "not valid JSON"),
+    ],
+)
+def test_bad_requests_get_clean_errors_and_the_connection_stays_usable(svc, raw, error):
+    c = svc.control()
+    try:
+        answer = c.ask(raw)
+        assert answer["ok"] is False
+        assert error in answer["error"]
+        assert "Traceback" not in answer["error"]
+        assert c.ask({"op": "health"})["ok"] is True
+    finally:
+        c.close()
+
+
+def test_oversized_line_is_refused_and_the_next_request_works(svc):
+    c = svc.control()
+    try:
+        c.send_raw(b'{"op":"broadcast","data":"' + b"x" * (2 * 1024 * 1024) + b'"}\n')
+        answer = c.read()
+        assert answer == {"ok": False, "error": "request line over 1 MiB"}
+        assert c.ask({"op": "health"})["ok"] is True
+    finally:
+        c.close()
+
+
+def test_data_over_the_message_cap_is_refused(svc):
+    c = svc.control()
+    try:
+        answer = c.ask({"op": "broadcast", "data": "x" * 70_000})
+        assert answer == {"ok": False, "error": "field 'data' is over 65536 bytes"}
+        assert c.ask({"op": "health"})["ok"] is True
+    finally:
+        c.close()
+
+
+def test_socket_mode_is_0660(svc):
+    mode = stat.S_IMODE(os.stat(svc.control_path).st_mode)
+    assert mode == 0o660
+
+
+def test_csv_has_header_and_one_row_per_second(svc):
+    logs = list(svc.log_dir.glob("comet-*.csv"))
+    assert len(logs) == 1
+    time.sleep(3.2)
+    with open(logs[0], newline="") as f:
+        rows = list(csv.reader(f))
+    assert tuple(rows[0]) == COLUMNS
+    body = rows[1:]
+    assert len(body) >= 3
+    ts = [float(r[COLUMNS.index("t")]) for r in body]
+    uptime = ts[-1] - ts[0]
+    # One row per second: as many rows as seconds covered, give or take one.
+    assert abs((len(body) - 1) - uptime) <= 1.0, (len(body), uptime)
+    steps = [int(r[0]) for r in body]
+    assert steps == list(range(steps[0], steps[0] + len(steps)))
+    gaps = [b - a for a, b in zip(ts, ts[1:], strict=False)]
+    assert all(0.5 < g < 2.0 for g in gaps), gaps
+    assert all(float(r[COLUMNS.index("elapsed_ms")]) < 2000 for r in body[1:])
+
+
+def test_stale_socket_file_is_replaced_and_a_live_one_is_not_stolen(tmp_path):
+    path = tmp_path / "run" / "control.sock"
+    path.parent.mkdir()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # the file stays: what a killed supervisor leaves behind
+    assert path.exists()
+    svc = Service(tmp_path, "--workers", "1")
+    try:
+        svc.wait_up(1)
+        assert "removing stale control socket" in svc.log()
+        # A second supervisor on the same socket refuses to start instead of stealing it.
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--workers",
+                "1",
+                "--port",
+                str(free_port()),
+                "--control-socket",
+                str(path),
+                "--log-dir",
+                str(tmp_path / "logs2"),
+                "--screen",
+                "off",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode != 0
+        assert "another supervisor is serving" in second.stderr
+        assert svc.health()["workers"] == 1
+    finally:
+        assert svc.stop() == 0, svc.log()
+    wait_for(lambda: not path.exists(), 5, "the socket file removed at exit")
