@@ -1,0 +1,116 @@
+"""``comet-admin`` / ``python -m admin_api``: run the sidecar with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from .main import create_app
+from .settings import AdminSettings
+from .token import TokenError, is_loopback, resolve_token, token_configured
+
+log = logging.getLogger("comet.admin")
+
+DESCRIPTION = """\
+comet1m admin sidecar: live stats, an SSE stream of frames, Prometheus /metrics, a dashboard at /
+and authenticated broadcasts, talking to comet-service over its Unix control socket.
+
+Every option is also an environment variable COMET_ADMIN_<OPTION> (a flag wins). The bearer token
+is never a flag (flags show in `ps`): set COMET_ADMIN_TOKEN, or put it in the token file. With
+neither, a random token is generated at start, written to the token file with mode 0600, and its
+path (never the token) is logged. Binding an address other than loopback needs a token you
+configured (COMET_ADMIN_TOKEN or an existing token file); a freshly generated one is refused.
+
+Routes: GET /healthz (no auth); with 'Authorization: Bearer <token>': GET /api/stats,
+GET /api/stats/stream (SSE), GET /api/channels, POST /api/broadcast {"data","channel","event"},
+GET /metrics. GET / serves the dashboard, which asks for the token.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comet-admin",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fields = AdminSettings.model_fields
+    for name, kind in (
+        ("host", str),
+        ("port", int),
+        ("control_socket", Path),
+        ("token_file", Path),
+        ("max_message_bytes", int),
+        ("control_timeout", float),
+        ("broadcast_timeout", float),
+        ("log_level", str),
+    ):
+        info = fields[name]
+        env = "COMET_ADMIN_" + name.upper()
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{info.description} (env {env}, default {info.default})",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = AdminSettings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"comet-admin: {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    level = settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if not is_loopback(settings.host) and not token_configured(settings):
+        print(
+            f"comet-admin: refusing to listen on {settings.host} (not loopback) without a "
+            "configured token: set COMET_ADMIN_TOKEN or create the token file "
+            f"{settings.token_file} (mode 0600)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        resolved = resolve_token(settings)
+    except TokenError as exc:
+        print(f"comet-admin: {exc}", file=sys.stderr)
+        return 2
+    if resolved.source == "generated":
+        log.info("generated an admin token and wrote it to %s (mode 0600)", resolved.path)
+    elif resolved.source == "file":
+        log.info("admin token read from %s", resolved.path)
+    else:
+        log.info("admin token taken from COMET_ADMIN_TOKEN")
+    settings = settings.model_copy(update={"token": resolved.token})
+    log.info(
+        "dashboard on http://%s:%d/ ; service control socket %s",
+        settings.host,
+        settings.port,
+        settings.control_socket,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        server_header=False,
+        # Open SSE streams never end on their own; do not let them hold a shutdown for long.
+        timeout_graceful_shutdown=2,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

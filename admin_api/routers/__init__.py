@@ -1,0 +1,1 @@
+"""One APIRouter per concern; ``main.create_app`` includes them."""

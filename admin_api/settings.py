@@ -1,0 +1,55 @@
+"""Sidecar settings: ``COMET_ADMIN_*`` environment variables (pydantic-settings).
+
+The token is deliberately not a CLI flag: a flag shows up in ``ps`` for every user of the host, an
+environment variable or a 0600 file does not.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The service's channel-name rule (docs/architecture.md, subscriber contract); event names share it
+# because they end up on an SSE ``event:`` line, where a newline would forge a second field.
+NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class AdminSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COMET_ADMIN_", extra="ignore")
+
+    host: str = Field(default="127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(default=8080, ge=0, le=65535, description="HTTP port")
+    token: SecretStr | None = Field(
+        default=None,
+        description="bearer token; when unset it is read from (or generated into) token_file",
+    )
+    token_file: Path = Field(
+        default=Path("/run/comet/admin-token"),
+        description="file holding the bearer token (mode 0600)",
+    )
+    control_socket: Path = Field(
+        default=Path("/run/comet/control.sock"), description="the supervisor's Unix control socket"
+    )
+    max_message_bytes: int = Field(
+        default=64 * 1024,
+        gt=0,
+        description="largest broadcast payload (UTF-8 bytes) accepted, else 413",
+    )
+    control_timeout: float = Field(
+        default=5.0, gt=0, description="seconds to wait for a stats/channels/health answer"
+    )
+    broadcast_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds to wait for a broadcast to be written to every subscriber",
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error")
+
+
+@lru_cache
+def get_settings() -> AdminSettings:
+    """The process-wide settings, read once from the environment (tests override it)."""
+    return AdminSettings()
