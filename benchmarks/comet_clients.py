@@ -10,7 +10,8 @@ source address never run out.
 Reads commands on stdin, one per line, and answers each with one JSON line on stdout:
 ``stats`` → counts; ``quit`` (or end of input) → close everything and exit.
 Counted in the stream: ``Welcome!``, the marker (default ``BCAST``, one per broadcast that
-carries it), ``reconnect\\n`` (a drain hint, plain and SSE) and ``retry:`` lines.
+carries it), the drain hint (SSE ``event: reconnect``, plain ``reconnect`` line) and ``retry:``
+lines.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import resource
 import socket
 import sys
 import time
 
 IP_BIND_ADDRESS_NO_PORT = 24
+RETRY_RE = re.compile(rb"retry: ?(\d+)\n")
 
 
 class Counts:
@@ -40,6 +43,7 @@ class Counts:
         "ramp_done_t",
         "start_t",
         "bytes",
+        "retry_values",
     )
 
     def __init__(self) -> None:
@@ -47,15 +51,17 @@ class Counts:
         self.msgs = self.reconnects = self.retries = self.bytes = 0
         self.first_msg_t = self.last_msg_t = 0.0
         self.ramp_done_t = 0.0
+        self.retry_values: set[int] = set()  # distinct `retry:` hints seen (jitter check)
         self.start_t = time.time()
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("counts", "marker", "tail", "welcomed", "transport")
+    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport")
 
-    def __init__(self, counts: Counts, marker: bytes) -> None:
+    def __init__(self, counts: Counts, marker: bytes, hint: bytes) -> None:
         self.counts = counts
         self.marker = marker
+        self.hint = hint
         self.tail = b""
         self.welcomed = False
 
@@ -79,8 +85,13 @@ class Client(asyncio.Protocol):
             if not c.first_msg_t:
                 c.first_msg_t = now
             c.last_msg_t = max(c.last_msg_t, now)
-        c.reconnects += buf.count(b"reconnect\n") - _count_in_head(buf, b"reconnect\n", head)
-        c.retries += buf.count(b"retry:") - _count_in_head(buf, b"retry:", head)
+        c.reconnects += buf.count(self.hint) - _count_in_head(buf, self.hint, head)
+        retries = buf.count(b"retry:") - _count_in_head(buf, b"retry:", head)
+        if retries:
+            c.retries += retries
+            if len(c.retry_values) < 1000:
+                for m in RETRY_RE.finditer(buf):
+                    c.retry_values.add(int(m.group(1)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.counts.closed += 1
@@ -101,6 +112,8 @@ async def connect_all(
         headers += "Accept: text/event-stream\r\n"
     request = (headers + "\r\n").encode()
     marker = args.marker.encode()
+    # The drain hint: an SSE `reconnect` event, or the plain stream's final `reconnect` line.
+    hint = b"event: reconnect\n" if args.sse else b"reconnect\n"
     sem = asyncio.Semaphore(args.concurrency)
 
     async def one(i: int) -> None:
@@ -113,7 +126,7 @@ async def connect_all(
                     sock.bind((sources[i % len(sources)], 0))
                     await loop.sock_connect(sock, (args.host, args.port))
                     transport, _ = await loop.create_connection(
-                        lambda: Client(counts, marker), sock=sock
+                        lambda: Client(counts, marker, hint), sock=sock
                     )
                 except OSError:
                     sock.close()
@@ -143,6 +156,7 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
         "last_msg_t": counts.last_msg_t,
         "reconnects": counts.reconnects,
         "retries": counts.retries,
+        "retry_values": sorted(counts.retry_values),
         "bytes": counts.bytes,
         "start_t": counts.start_t,
         "ramp_done_t": counts.ramp_done_t,

@@ -45,8 +45,6 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's backoff
 PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy worker)
-# Development hook: run another module that speaks the worker protocol (never set in production).
-WORKER_MODULE = os.environ.get("COMET_DEV_WORKER_MODULE", "service.worker")
 
 
 class WorkerGone(Exception):
@@ -177,7 +175,7 @@ class WorkerSlot:
         self.stats = None
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, "--control-fd", str(child.fileno())],
+                [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
                 pass_fds=[child.fileno()],
                 env=env,
                 # Own session: a terminal's Ctrl-C reaches only the supervisor, which then

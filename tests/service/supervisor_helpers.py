@@ -206,7 +206,9 @@ class Clients:
             p.stdin.flush()
             one = json.loads(p.stdout.readline())
             for k, v in one.items():
-                if k.endswith("_t"):
+                if isinstance(v, list):
+                    total[k] = sorted(set(total.get(k, [])) | set(v))
+                elif k.endswith("_t"):
                     total[k] = max(total.get(k, 0.0), v)
                 else:
                     total[k] = total.get(k, 0) + v

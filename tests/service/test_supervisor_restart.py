@@ -49,7 +49,7 @@ def test_killed_worker_is_replaced_within_2s_and_visible_in_frames(tmp_path):
         assert h["pids"][0] == new_pid
         assert time.monotonic() - killed_at < 2.0 + 1.0, "replacement took over 2 s (+1 s frame)"
         svc.pids_seen.add(new_pid)
-        assert "worker 0 (pid %d) exited with signal SIGKILL" % victim in svc.log()
+        assert f"worker 0 (pid {victim}) exited with signal SIGKILL" in svc.log()
         assert "restarting in" in svc.log()
 
         # The killed worker's clients lost their connections (they would reconnect to others);
