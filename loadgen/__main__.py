@@ -27,47 +27,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comet-loadgen",
         description="comet1m load generator: an agent that holds HTTP streaming connections, "
-                    "and a fleet command that drives many agents over their control API.")
+        "and a fleet command that drives many agents over their control API.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{agent,fleet}")
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     agent = sub.add_parser(
-        "agent", formatter_class=fmt, help="hold n connections, controlled over HTTP (port 8889)",
+        "agent",
+        formatter_class=fmt,
+        help="hold n connections, controlled over HTTP (port 8889)",
         description="Hold n streaming connections to host:port/path and serve the control API: "
-                    "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=, "
-                    "GET /restart. The API has no authentication: bind it to a lab network only.")
+        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=, "
+        "GET /restart. The API has no authentication: bind it to a lab network only.",
+    )
     agent.add_argument("--n", type=int, default=0, help="connections to hold from the start")
     agent.add_argument("--host", default="127.0.0.1", help="server to connect to")
     agent.add_argument("--port", type=int, default=8888, help="server port")
     agent.add_argument("--path", default="/", help="stream path (e.g. / or /sub/news)")
-    agent.add_argument("--concurrency", type=int, default=100,
-                       help="most connections in progress (connecting + awaiting headers) at once")
+    agent.add_argument(
+        "--concurrency",
+        type=int,
+        default=100,
+        help="most connections in progress (connecting + awaiting headers) at once",
+    )
     agent.add_argument("--control-port", type=int, default=8889, help="control API port (0 = any)")
     agent.add_argument("--bind", default="0.0.0.0", help="control API address")
-    agent.add_argument("--procs", type=_procs, default="auto",
-                       help="engine processes: auto = ceil(n / (RLIMIT_NOFILE - 200)), growing "
-                            "when n rises; 0 = in the agent process itself; or a fixed number")
-    agent.add_argument("--source-ips", default="auto",
-                       help="source addresses to spread over: a,b,c or a range "
-                            "127.0.0.2-127.0.0.41; auto = that range for a loopback target, "
-                            "else none; none = let the kernel choose")
+    agent.add_argument(
+        "--procs",
+        type=_procs,
+        default="auto",
+        help="engine processes: auto = ceil(n / (RLIMIT_NOFILE - 200)), growing "
+        "when n rises; 0 = in the agent process itself; or a fixed number",
+    )
+    agent.add_argument(
+        "--source-ips",
+        default="auto",
+        help="source addresses to spread over: a,b,c or a range "
+        "127.0.0.2-127.0.0.41; auto = that range for a loopback target, "
+        "else none; none = let the kernel choose",
+    )
 
     fl = sub.add_parser(
-        "fleet", formatter_class=fmt, help="status / set / restart many agents",
-        description="Drive agents listed with --agents or taken from an Ansible inventory group.")
+        "fleet",
+        formatter_class=fmt,
+        help="status / set / restart many agents",
+        description="Drive agents listed with --agents or taken from an Ansible inventory group.",
+    )
     src = fl.add_mutually_exclusive_group(required=True)
     src.add_argument("--agents", help="host[:port],... (port defaults to --port)")
     src.add_argument("--inventory", help="Ansible inventory file (YAML or INI)")
     fl.add_argument("--group", default="loadgen", help="inventory group holding the agents")
-    fl.add_argument("--port", type=int, default=fleet.DEFAULT_PORT,
-                    help="agent control port when not given (inventory var loadgen_control_port)")
+    fl.add_argument(
+        "--port",
+        type=int,
+        default=fleet.DEFAULT_PORT,
+        help="agent control port when not given (inventory var loadgen_control_port)",
+    )
     fsub = fl.add_subparsers(dest="action", required=True, metavar="{status,set,restart}")
-    st = fsub.add_parser("status", formatter_class=fmt,
-                         help="a refreshing table of every agent with totals (Ctrl-C to quit)")
+    st = fsub.add_parser(
+        "status",
+        formatter_class=fmt,
+        help="a refreshing table of every agent with totals (Ctrl-C to quit)",
+    )
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    st_set = fsub.add_parser("set", help="set KEY=VALUE on every agent (n, host, port, path, "
-                                         "concurrency)")
+    st_set = fsub.add_parser(
+        "set", help="set KEY=VALUE on every agent (n, host, port, path, concurrency)"
+    )
     st_set.add_argument("key", choices=("n", "host", "port", "path", "concurrency"))
     st_set.add_argument("value")
     fsub.add_parser("restart", help="every agent drops its connections and reconnects")
@@ -81,9 +107,16 @@ def main(argv: list[str] | None = None) -> None:
         from loadgen.agent import apply_params, main_agent
 
         try:
-            config = apply_params(EngineConfig(), [
-                ("n", str(args.n)), ("host", args.host), ("port", str(args.port)),
-                ("path", args.path), ("concurrency", str(args.concurrency))])
+            config = apply_params(
+                EngineConfig(),
+                [
+                    ("n", str(args.n)),
+                    ("host", args.host),
+                    ("port", str(args.port)),
+                    ("path", args.path),
+                    ("concurrency", str(args.concurrency)),
+                ],
+            )
             sources = parse_source_ips(args.source_ips, config.host)
         except ValueError as exc:
             parser.error(str(exc))

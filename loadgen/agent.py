@@ -112,7 +112,12 @@ class Agent:
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
-            except (TimeoutError, asyncio.LimitOverrunError, asyncio.IncompleteReadError, ConnectionError):
+            except (
+                TimeoutError,
+                asyncio.LimitOverrunError,
+                asyncio.IncompleteReadError,
+                ConnectionError,
+            ):
                 return
             request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
             parts = request_line.split(" ")
@@ -126,11 +131,18 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 - the client gets a clean 500, never a traceback
                     status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
             data = json.dumps(body).encode() + b"\n"
-            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
-                      405: "Method Not Allowed", 500: "Internal Server Error"}[status]
-            head_out = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                        f"Content-Length: {len(data)}\r\nAccess-Control-Allow-Origin: *\r\n"
-                        "Cache-Control: no-cache\r\nConnection: close\r\n")
+            reason = {
+                200: "OK",
+                400: "Bad Request",
+                404: "Not Found",
+                405: "Method Not Allowed",
+                500: "Internal Server Error",
+            }[status]
+            head_out = (
+                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\nAccess-Control-Allow-Origin: *\r\n"
+                "Cache-Control: no-cache\r\nConnection: close\r\n"
+            )
             if status == 405:
                 head_out += "Allow: GET, HEAD\r\n"
             writer.write(head_out.encode() + b"\r\n" + (b"" if method == "HEAD" else data))
@@ -141,8 +153,14 @@ class Agent:
             writer.close()
 
 
-async def run_agent(config: EngineConfig, source_ips: list[str], procs: str | int, bind: str,
-                    port: int, ready: asyncio.Event | None = None) -> None:
+async def run_agent(
+    config: EngineConfig,
+    source_ips: list[str],
+    procs: str | int,
+    bind: str,
+    port: int,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Run an agent until SIGINT/SIGTERM."""
     agent = Agent(make_pool(config, source_ips, procs))
     stop = asyncio.Event()
@@ -151,8 +169,11 @@ async def run_agent(config: EngineConfig, source_ips: list[str], procs: str | in
         loop.add_signal_handler(sig, stop.set)
     try:
         actual = await agent.start(bind, port)
-        print(f"comet-loadgen agent: control API on http://{bind}:{actual}/ "
-              f"(target {config.host}:{config.port}{config.path}, n={config.n})", flush=True)
+        print(
+            f"comet-loadgen agent: control API on http://{bind}:{actual}/ "
+            f"(target {config.host}:{config.port}{config.path}, n={config.n})",
+            flush=True,
+        )
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -160,7 +181,8 @@ async def run_agent(config: EngineConfig, source_ips: list[str], procs: str | in
         await agent.close()
 
 
-def main_agent(config: EngineConfig, source_ips: list[str], procs: str | int, bind: str,
-               port: int) -> None:
+def main_agent(
+    config: EngineConfig, source_ips: list[str], procs: str | int, bind: str, port: int
+) -> None:
     install_uvloop()
     asyncio.run(run_agent(config, source_ips, procs, bind, port))

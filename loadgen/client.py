@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 An :class:`Engine` keeps ``n`` HTTP streaming connections open to ``host:port/path``. Each
-connection is one tiny :class:`StreamConn` protocol object (``__slots__``, no Task, no timer); it reads every
-byte the server sends, de-chunks the body, splits it into lines and hands timed lines (a JSON object
-with a numeric ``ts`` and an integer ``seq``, see docs/architecture.md) to the engine, which records
-``now - ts`` in a log-bucketed histogram and the time of the last delivery per ``seq``.
+connection is one tiny :class:`StreamConn` protocol object (``__slots__``, no Task, no timer); it
+reads every byte the server sends, de-chunks the body, splits it into lines and hands timed lines
+(a JSON object with a numeric ``ts`` and an integer ``seq``, see docs/architecture.md) to the
+engine, which records ``now - ts`` in a log-bucketed histogram and the time of the last delivery
+per ``seq``.
 
 A single 100 ms tick and every connect/close event call :meth:`Engine._fill`, which opens more
 connections (at most ``concurrency`` in progress at once) while there are fewer than ``n`` and
@@ -85,8 +86,16 @@ class Stats:
     deliveries: dict[int, int] = field(default_factory=dict)
 
     def merge(self, other: Stats) -> None:
-        for name in ("clients", "inproc", "errors_req", "errors_resp", "ended_req", "msgs_total",
-                     "bytes_total", "timed_total"):
+        for name in (
+            "clients",
+            "inproc",
+            "errors_req",
+            "errors_resp",
+            "ended_req",
+            "msgs_total",
+            "bytes_total",
+            "timed_total",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.lat_max_ms = max(self.lat_max_ms, other.lat_max_ms)
         for b, c in other.lat_hist.items():
@@ -114,10 +123,13 @@ class Stats:
         def r(x: float | None) -> float | None:
             return None if x is None else round(x, 3)
 
-        return {"p50": r(self.percentile(50)), "p90": r(self.percentile(90)),
-                "p99": r(self.percentile(99)),
-                "max": r(self.lat_max_ms) if self.timed_total else None,
-                "count": self.timed_total}
+        return {
+            "p50": r(self.percentile(50)),
+            "p90": r(self.percentile(90)),
+            "p99": r(self.percentile(99)),
+            "max": r(self.lat_max_ms) if self.timed_total else None,
+            "count": self.timed_total,
+        }
 
     def to_wire(self) -> dict[str, Any]:
         """JSON-safe form (int keys become strings) used between processes."""
@@ -129,8 +141,9 @@ class Stats:
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Stats:
-        s = cls(**{k: v for k, v in d.items()
-                   if k not in ("lat_hist", "last_delivery", "deliveries")})
+        s = cls(
+            **{k: v for k, v in d.items() if k not in ("lat_hist", "last_delivery", "deliveries")}
+        )
         s.lat_hist = {int(k): int(v) for k, v in d.get("lat_hist", {}).items()}
         s.last_delivery = {int(k): float(v) for k, v in d.get("last_delivery", {}).items()}
         s.deliveries = {int(k): int(v) for k, v in d.get("deliveries", {}).items()}
@@ -139,9 +152,13 @@ class Stats:
     def public(self, config: EngineConfig, procs: int) -> dict[str, Any]:
         """The agent's ``GET /`` document (docs/architecture.md "Load generator agent")."""
         return {
-            "clients": self.clients, "inproc": self.inproc, "errors_req": self.errors_req,
-            "errors_resp": self.errors_resp, "ended_req": self.ended_req,
-            "msgs_total": self.msgs_total, "bytes_total": self.bytes_total,
+            "clients": self.clients,
+            "inproc": self.inproc,
+            "errors_req": self.errors_req,
+            "errors_resp": self.errors_resp,
+            "ended_req": self.ended_req,
+            "msgs_total": self.msgs_total,
+            "bytes_total": self.bytes_total,
             "latency_ms": self.latency_summary(),
             "last_delivery": {str(k): v for k, v in sorted(self.last_delivery.items())},
             "deliveries": {str(k): v for k, v in sorted(self.deliveries.items())},
@@ -217,8 +234,17 @@ _DONE = 2  # closed or being closed
 class StreamConn(asyncio.Protocol):
     """One streaming subscriber: reads every byte, de-chunks, splits lines."""
 
-    __slots__ = ("engine", "transport", "state", "buf", "lbuf", "chunked", "chunk_left", "t0",
-                 "aborted")
+    __slots__ = (
+        "engine",
+        "transport",
+        "state",
+        "buf",
+        "lbuf",
+        "chunked",
+        "chunk_left",
+        "t0",
+        "aborted",
+    )
 
     def __init__(self, engine: Engine) -> None:
         # Shared engine state
@@ -279,7 +305,7 @@ class StreamConn(asyncio.Protocol):
         self.chunked = b"transfer-encoding: chunked" in headers.lower()
         self.state = _BODY
         self.engine.on_established(self)
-        rest = buf[end + 4:]
+        rest = buf[end + 4 :]
         if rest:
             self._body(rest)
 
@@ -302,7 +328,7 @@ class StreamConn(asyncio.Protocol):
             left = self.chunk_left
             if left > 0:
                 take = min(left, size - pos)
-                self._lines(data[pos:pos + take])
+                self._lines(data[pos : pos + take])
                 pos += take
                 self.chunk_left = left - take if take < left else -2
             elif left < 0:
@@ -349,8 +375,9 @@ class StreamConn(asyncio.Protocol):
 class Engine:
     """Holds ``config.n`` connections in this process's event loop."""
 
-    def __init__(self, config: EngineConfig, source_ips: Iterable[str] = (),
-                 offset: int = 0) -> None:
+    def __init__(
+        self, config: EngineConfig, source_ips: Iterable[str] = (), offset: int = 0
+    ) -> None:
         self.config = config
         self.source_ips = list(source_ips)
         self.src_next = offset
@@ -380,8 +407,10 @@ class Engine:
     def _set_request(self) -> None:
         c = self.config
         host = f"[{c.host}]" if ":" in c.host else c.host
-        self.request = (f"GET {c.path} HTTP/1.1\r\nHost: {host}:{c.port}\r\n"
-                        "User-Agent: comet-loadgen\r\nAccept: */*\r\n\r\n").encode()
+        self.request = (
+            f"GET {c.path} HTTP/1.1\r\nHost: {host}:{c.port}\r\n"
+            "User-Agent: comet-loadgen\r\nAccept: */*\r\n\r\n"
+        ).encode()
 
     # Control
 
@@ -432,12 +461,19 @@ class Engine:
 
     def stats(self) -> Stats:
         return Stats(
-            clients=len(self.conns), inproc=self.connecting + len(self.pending),
-            errors_req=self.errors_req, errors_resp=self.errors_resp, ended_req=self.ended_req,
-            msgs_total=self.msgs_total, bytes_total=self.bytes_total,
-            timed_total=self.timed_total, lat_max_ms=self.lat_max_ms,
-            lat_hist=dict(self.lat_hist), last_delivery=dict(self.last_delivery),
-            deliveries=dict(self.deliveries))
+            clients=len(self.conns),
+            inproc=self.connecting + len(self.pending),
+            errors_req=self.errors_req,
+            errors_resp=self.errors_resp,
+            ended_req=self.ended_req,
+            msgs_total=self.msgs_total,
+            bytes_total=self.bytes_total,
+            timed_total=self.timed_total,
+            lat_max_ms=self.lat_max_ms,
+            lat_hist=dict(self.lat_hist),
+            last_delivery=dict(self.last_delivery),
+            deliveries=dict(self.deliveries),
+        )
 
     # Raising and lowering
 
@@ -565,8 +601,12 @@ def _parse_timed(raw: bytes) -> tuple[float, int] | None:
     if not isinstance(obj, dict):
         return None
     ts, seq = obj.get("ts"), obj.get("seq")
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and isinstance(seq, int) \
-            and not isinstance(seq, bool):
+    if (
+        isinstance(ts, (int, float))
+        and not isinstance(ts, bool)
+        and isinstance(seq, int)
+        and not isinstance(seq, bool)
+    ):
         return float(ts), seq
     return None
 
@@ -606,8 +646,13 @@ class ProcessPool:
     ``procs`` = None means auto: grow to ceil(n / capacity) processes whenever n rises.
     """
 
-    def __init__(self, config: EngineConfig, source_ips: list[str], procs: int | None = None,
-                 capacity: int | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        source_ips: list[str],
+        procs: int | None = None,
+        capacity: int | None = None,
+    ) -> None:
         self.config = config
         self.source_ips = source_ips
         self.fixed = procs
@@ -626,9 +671,18 @@ class ProcessPool:
         while len(self.children) < count:
             i = len(self.children)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "loadgen.client", "--child", "--index", str(i),
-                "--source-ips", ",".join(self.source_ips) or "none",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24)
+                sys.executable,
+                "-m",
+                "loadgen.client",
+                "--child",
+                "--index",
+                str(i),
+                "--source-ips",
+                ",".join(self.source_ips) or "none",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 24,
+            )
             child = _Child(proc, i)
             hello = await child.call({"op": "stats"}, timeout=30.0)
             if not hello.get("ok"):
@@ -642,8 +696,12 @@ class ProcessPool:
             await self._spawn(max(want, len(self.children)))
             shares = split_n(config.n, len(self.children))
             base = asdict(config)
-            await asyncio.gather(*(c.call({"op": "set", **base, "n": share})
-                                   for c, share in zip(self.children, shares, strict=True)))
+            await asyncio.gather(
+                *(
+                    c.call({"op": "set", **base, "n": share})
+                    for c, share in zip(self.children, shares, strict=True)
+                )
+            )
 
     async def set_config(self, config: EngineConfig) -> None:
         await self.apply(config)
@@ -731,9 +789,15 @@ async def _child_main(index: int, source_ips: list[str]) -> None:
             msg = json.loads(line)
             op = msg.get("op")
             if op == "set":
-                engine.set_config(EngineConfig(
-                    n=int(msg["n"]), host=str(msg["host"]), port=int(msg["port"]),
-                    path=str(msg["path"]), concurrency=int(msg["concurrency"])))
+                engine.set_config(
+                    EngineConfig(
+                        n=int(msg["n"]),
+                        host=str(msg["host"]),
+                        port=int(msg["port"]),
+                        path=str(msg["path"]),
+                        concurrency=int(msg["concurrency"]),
+                    )
+                )
                 answer: dict[str, Any] = {"ok": True}
             elif op == "restart":
                 engine.restart()
@@ -760,8 +824,9 @@ def install_uvloop() -> None:
 
 
 def child_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m loadgen.client",
-                                     description="internal: one engine process of a pool")
+    parser = argparse.ArgumentParser(
+        prog="python -m loadgen.client", description="internal: one engine process of a pool"
+    )
     parser.add_argument("--child", action="store_true", required=True)
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--source-ips", default="none")

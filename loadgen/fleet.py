@@ -202,8 +202,7 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def build_table(agents: list[str], answers: list[dict[str, Any]],
-                rates: dict[str, float]) -> Table:
+def build_table(agents: list[str], answers: list[dict[str, Any]], rates: dict[str, float]) -> Table:
     table = Table(title=f"comet-loadgen fleet — {len(agents)} agents — {time.strftime('%H:%M:%S')}")
     table.add_column("agent")
     table.add_column("target")
@@ -234,14 +233,26 @@ def build_table(agents: list[str], answers: list[dict[str, Any]],
             max_lat = max(max_lat or 0.0, float(lat["max"]))
         table.add_row(*row)
     table.add_section()
-    table.add_row("[bold]total[/bold]", "", *(f"[bold]{_fmt(totals[c])}[/bold]" for c in
-                                               ("n", *COUNTERS)),
-                  f"[bold]{_fmt(rate_total)}[/bold]", "", "", _fmt(max_lat))
+    table.add_row(
+        "[bold]total[/bold]",
+        "",
+        *(f"[bold]{_fmt(totals[c])}[/bold]" for c in ("n", *COUNTERS)),
+        f"[bold]{_fmt(rate_total)}[/bold]",
+        "",
+        "",
+        _fmt(max_lat),
+    )
     return table
 
 
-def status(agents: list[str], once: bool, interval: float, console: Console,
-           iterations: int | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
+def status(
+    agents: list[str],
+    once: bool,
+    interval: float,
+    console: Console,
+    iterations: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """Print (``once``) or keep refreshing the fleet table; 1 if any agent is unreachable."""
     prev: dict[str, tuple[float, int]] = {}
 

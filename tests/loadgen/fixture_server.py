@@ -37,16 +37,20 @@ async def handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.StreamW
         data = parse_qs(parts.query).get("data", [""])[0]
         n = hub.publish(data)
         body = f"{n}\n".encode()
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                     % (len(body), body))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
         writer.close()
         return
     if parts.path == "/bad":
         writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         writer.close()
         return
-    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
-                 b"\r\n9\r\nWelcome!\n\r\n")
+    writer.write(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n9\r\nWelcome!\n\r\n"
+    )
     hub.streams.add(writer)
     try:
         await reader.read()  # until the client closes
@@ -59,8 +63,9 @@ async def handle(hub: Hub, reader: asyncio.StreamReader, writer: asyncio.StreamW
 
 async def main(port: int, ping: float) -> None:
     hub = Hub()
-    server = await asyncio.start_server(lambda r, w: handle(hub, r, w), "127.0.0.1", port,
-                                        backlog=4096)
+    server = await asyncio.start_server(
+        lambda r, w: handle(hub, r, w), "127.0.0.1", port, backlog=4096
+    )
     print(server.sockets[0].getsockname()[1], flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

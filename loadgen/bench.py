@@ -1,0 +1,925 @@
+"""``comet-bench``: service + load generator on one box, end to end, with a report.
+
+Steps: preflight (which kernel/process limit would stop ``--conns`` connections, and the sysctl
+that lifts it) → start the service (``python -m service --workers auto``) in its own process group
+→ start engine processes → ramp to ``--conns`` at ``--rate`` per second (progress display) → hold
+``--hold`` seconds → send ``--broadcasts K`` timed broadcasts (``{"ts": publish_time, "seq": i}``)
+through the control socket, one at a time, each waited for until every connection has it →
+report and write ``bench.json``, ``bench.csv`` (timeline), ``bench.png`` and the service's
+``memory.png`` / ``cpu.png`` into ``--out``.
+
+With ``--target URL --publish-cmd CMD`` no service is started: the same measurement runs against
+any HTTP streaming server. CMD is run by ``/bin/sh -c`` once per broadcast with the message in the
+environment variable ``COMET_BENCH_DATA`` and, if CMD contains ``{data}``, substituted there
+shell-quoted. The server's RSS is then taken from the processes listening on the URL's port.
+
+Every process the bench starts is stopped on the way out, also on Ctrl-C or SIGTERM: the service
+by its process group, the engine processes by closing their stdin (and a kill after 5 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from loadgen.client import (
+    FD_RESERVE,
+    EngineConfig,
+    ProcessPool,
+    Stats,
+    auto_procs,
+    install_uvloop,
+    nofile_capacity,
+    parse_source_ips,
+)
+
+SERVICE_FD_RESERVE = 500
+KERNEL_BYTES_PER_PAIR = 10_000  # measured on this machine kind (MACHINE-NOTES.md)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---- preflight --------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    needed: str
+    ok: bool
+    fix: str
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def meminfo_kb(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def preflight(conns: int, sources: int, remote: bool = False) -> list[Check]:
+    """Every limit that could stop ``conns`` loopback connections, checked against the machine."""
+    checks = []
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    ports = (hi - lo + 1) * max(1, sources)
+    checks.append(
+        Check(
+            "ephemeral ports",
+            f"{hi - lo + 1:,} × {max(1, sources)} source addr = {ports:,}",
+            f"{conns:,}",
+            conns <= ports,
+            "sysctl -w net.ipv4.ip_local_port_range='1024 65535' or more --source-ips",
+        )
+    )
+    ct_max = _read_int("/proc/sys/net/netfilter/nf_conntrack_max")
+    if ct_max is not None:
+        ct_now = _read_int("/proc/sys/net/netfilter/nf_conntrack_count") or 0
+        need = conns + ct_now
+        checks.append(
+            Check(
+                "nf_conntrack_max",
+                f"{ct_max:,} ({ct_now:,} in use)",
+                f"{need:,}",
+                need <= ct_max,
+                f"sysctl -w net.netfilter.nf_conntrack_max={max(ct_max, 2 * need):,}".replace(
+                    ",", ""
+                ),
+            )
+        )
+    file_max = _read_int("/proc/sys/fs/file-max") or 0
+    file_now = _read_int("/proc/sys/fs/file-nr") or 0
+    both_ends = 1 if remote else 2
+    need_files = both_ends * conns + file_now + 10_000
+    checks.append(
+        Check(
+            "fs.file-max",
+            f"{file_max:,} ({file_now:,} in use)",
+            f"{need_files:,}",
+            need_files <= file_max,
+            f"sysctl -w fs.file-max={2 * need_files}",
+        )
+    )
+    cap = nofile_capacity()
+    hard = cap + FD_RESERVE
+    client_procs = auto_procs(conns, cap)
+    server_workers = math.ceil(conns / max(1, hard - SERVICE_FD_RESERVE))
+    checks.append(
+        Check(
+            "fds (RLIMIT_NOFILE)",
+            f"{hard:,} per process",
+            f"{client_procs} client + {server_workers} worker processes",
+            hard > 1000,
+            "raise nofile in /etc/security/limits.d (and fs.nr_open) to use fewer processes",
+        )
+    )
+    avail = meminfo_kb("MemAvailable") * 1024
+    # Kernel socket pair + ~3 KB server + ~2 KB client Python objects per connection.
+    need_mem = conns * (KERNEL_BYTES_PER_PAIR + 5_000)
+    checks.append(
+        Check(
+            "memory",
+            f"{avail / 2**30:.1f} GiB available",
+            f"~{need_mem / 2**30:.1f} GiB",
+            need_mem <= avail,
+            "fewer --conns or a bigger machine",
+        )
+    )
+    somax = _read_int("/proc/sys/net/core/somaxconn") or 0
+    checks.append(
+        Check(
+            "somaxconn",
+            f"{somax:,}",
+            "≥ --concurrency",
+            True,
+            "sysctl -w net.core.somaxconn=65535 (a short backlog slows ramps, does not stop them)",
+        )
+    )
+    return checks
+
+
+def verdict(checks: list[Check]) -> str:
+    stops = [c for c in checks if not c.ok]
+    if not stops:
+        return "no checked limit stops this run"
+    c = stops[0]
+    return f"{c.name} will stop the run ({c.value} < {c.needed}); lift it with: {c.fix}"
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A free port below every usual ephemeral range (where bind(0) and clients never land).
+
+    Other load tests on the same machine reconnect to ports whose servers have gone; a port the
+    kernel hands out as an ephemeral one may be such a port, and with SO_REUSEPORT a stranger can
+    even bind it beside us. Ports 3000-9999 (minus the project's well-known ones) avoid both.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(3000, 10000)
+        if port in (8080, 8888, 8889):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        if not listening_pids(port):
+            return port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def control(path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One request on the service's control socket (JSON lines)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_unix_connection(path, limit=16 << 20), timeout
+    )
+    try:
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise BenchError(f"control socket {path}: closed without an answer")
+    answer: dict[str, Any] = json.loads(line)
+    if not answer.get("ok"):
+        raise BenchError(f"control socket {path}: {answer.get('error')}")
+    return answer
+
+
+def tree_rss(pids: list[int]) -> int:
+    """RSS in bytes of the given processes and all their descendants."""
+    seen: dict[int, int] = {}
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            for q in [p, *p.children(recursive=True)]:
+                try:
+                    seen[q.pid] = q.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+    return sum(seen.values())
+
+
+def listening_pids(port: int) -> list[int]:
+    pids = set()
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            pids.add(c.pid)
+    return sorted(pids)
+
+
+@dataclass
+class Service:
+    proc: subprocess.Popen[bytes] | None
+    port: int
+    socket_path: str | None
+    log_dir: Path | None
+    pids: list[int] = field(default_factory=list)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the service's process group, SIGKILL it after ``grace`` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._kill_group()
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill_group()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _kill_group(self) -> None:
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+async def start_service(args: argparse.Namespace, out: Path, run_dir: str) -> Service:
+    """Start the service on a port nobody else listens on (retrying on another port if needed)."""
+    for _attempt in range(3):
+        port = args.port or free_port()
+        if listening_pids(port):
+            if args.port:
+                raise BenchError(f"--port {port}: another process already listens there")
+            continue
+        svc = await _start_service_on(args, out, run_dir, port)
+        # SO_REUSEPORT lets any other process of this user bind the same port and silently take
+        # a share of our connections, so make sure every listener on it is ours.
+        ours = set(svc.pids)
+        for pid in svc.pids:
+            try:
+                ours.update(c.pid for c in psutil.Process(pid).children(recursive=True))
+            except psutil.Error:
+                pass
+        strangers = set(listening_pids(port)) - ours
+        if not strangers:
+            return svc
+        svc.stop()
+        if args.port:
+            raise BenchError(f"--port {port}: shared with processes {sorted(strangers)}")
+    raise BenchError("could not find a port that no other process listens on")
+
+
+async def _start_service_on(
+    args: argparse.Namespace, out: Path, run_dir: str, port: int
+) -> Service:
+    sock = os.path.join(run_dir, "control.sock")
+    log_dir = out / "service-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        args.workers,
+        "--target-connections",
+        str(args.conns),
+        "--control-socket",
+        sock,
+        "--log-dir",
+        str(log_dir),
+        "--screen",
+        "off",
+        "--ping-interval",
+        str(args.ping_interval),
+        "--grace",
+        "5",
+    ]
+    logf = open(out / "service.log", "wb")  # noqa: SIM115 - handed to the child, closed below
+    try:
+        # Own session: a terminal Ctrl-C reaches only the bench, which then stops the service.
+        proc = subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    finally:
+        logf.close()
+    svc = Service(proc, port, sock, log_dir, [proc.pid])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (out / "service.log").read_text(errors="replace")[-2000:]
+            raise BenchError(f"the service exited with {proc.returncode}:\n{tail}")
+        try:
+            health = await control(sock, {"op": "health"}, timeout=2.0)
+            if await _port_open(port):
+                svc_workers = health.get("workers")
+                print(f"service up: pid {proc.pid}, {svc_workers} workers, port {port}", flush=True)
+                return svc
+        except (TimeoutError, OSError, BenchError, ValueError):
+            pass
+        await asyncio.sleep(0.2)
+    svc.stop()
+    raise BenchError("the service did not become ready within 60 s (see service.log)")
+
+
+async def _port_open(port: int) -> bool:
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2.0)
+    except (TimeoutError, OSError):
+        return False
+    w.close()
+    return True
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    worst_lag_ms: float | None = None
+    broadcasts: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def watch_frames(sock: str, run: Run) -> None:
+    """Follow the service's frames (control ``watch``) for the worst loop lag and conns."""
+    while True:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock, limit=16 << 20)
+            writer.write(b'{"op":"watch"}\n')
+            await writer.drain()
+            while line := await reader.readline():
+                msg = json.loads(line)
+                frame = msg.get("frame")
+                if not frame:
+                    continue
+                run.frames.append(frame)
+                lag = ((frame.get("totals") or {}).get("lag_ms") or {}).get("max")
+                if isinstance(lag, (int, float)):
+                    run.worst_lag_ms = max(run.worst_lag_ms or 0.0, float(lag))
+        except (OSError, ValueError):
+            pass
+        await asyncio.sleep(1.0)  # the service restarted or is not up yet: follow it again
+
+
+def sample(
+    run: Run,
+    t0: float,
+    phase: str,
+    target: int,
+    st: Stats,
+    server_pids: list[int],
+    slab0: int,
+    rss0: int,
+) -> dict[str, Any]:
+    last = run.frames[-1] if run.frames else {}
+    totals = last.get("totals") or {}
+    row = {
+        "elapsed_s": round(time.time() - t0, 2),
+        "phase": phase,
+        "target": target,
+        "clients": st.clients,
+        "inproc": st.inproc,
+        "errors_req": st.errors_req,
+        "errors_resp": st.errors_resp,
+        "ended_req": st.ended_req,
+        "msgs_total": st.msgs_total,
+        "server_conns": totals.get("conns", ""),
+        "server_rss_mb": round(tree_rss(server_pids) / 2**20, 1),
+        "server_rss_delta_mb": round((tree_rss(server_pids) - rss0) / 2**20, 1),
+        "slab_delta_mb": round((meminfo_kb("Slab") - slab0) / 1024, 1),
+        "lag_max_ms": ((totals.get("lag_ms") or {}).get("max", "")),
+    }
+    run.timeline.append(row)
+    return row
+
+
+async def publish(args: argparse.Namespace, svc: Service, data: str) -> int | None:
+    """Send one broadcast; the recipient count when the server tells it."""
+    if svc.socket_path is not None:
+        answer = await control(
+            svc.socket_path, {"op": "broadcast", "data": data, "channel": None, "event": None}
+        )
+        return int(answer.get("recipients", 0))
+    cmd = args.publish_cmd.replace("{data}", shlex.quote(data))
+    env = {**os.environ, "COMET_BENCH_DATA": data}
+    proc = await asyncio.create_subprocess_shell(
+        cmd, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError("--publish-cmd did not finish within 30 s") from None
+    if proc.returncode != 0:
+        raise BenchError(f"--publish-cmd exited {proc.returncode}: {err.decode()[-500:]}")
+    return None
+
+
+async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.target:
+        u = urlsplit(args.target)
+        if u.scheme != "http" or not u.hostname:
+            raise BenchError(f"--target: expected http://host:port/path, got {args.target!r}")
+        host, port = u.hostname, u.port or 80
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    else:
+        host, port, path = "127.0.0.1", 0, args.path
+    sources = parse_source_ips(args.source_ips, host)
+    checks = preflight(args.conns, len(sources), remote=False)
+    report: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "conns": args.conns,
+        "rate": args.rate,
+        "hold_s": args.hold,
+        "broadcasts_asked": args.broadcasts,
+        "target": args.target or "comet1m service (python -m service)",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        },
+        "preflight": [c.__dict__ for c in checks],
+        "preflight_verdict": verdict(checks),
+    }
+    print_preflight(console, checks)
+    run = Run()
+    svc: Service | None = None
+    pool: ProcessPool | None = None
+    watcher: asyncio.Task[None] | None = None
+    with tempfile.TemporaryDirectory(prefix="comet-bench-") as run_dir:
+        try:
+            if args.target:
+                pids = listening_pids(port) if host in ("127.0.0.1", "localhost", "::1") else []
+                svc = Service(None, port, None, None, pids)
+            else:
+                svc = await start_service(args, out, run_dir)
+                port = svc.port
+                assert svc.socket_path is not None
+                watcher = asyncio.create_task(watch_frames(svc.socket_path, run))
+            await asyncio.sleep(1.0)  # a baseline after start-up settles
+            slab0, rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
+            config = EngineConfig(0, host, port, path, args.concurrency)
+            pool = ProcessPool(config, sources, None if args.procs == "auto" else int(args.procs))
+            await pool._spawn(pool.fixed or auto_procs(args.conns, pool.capacity))
+            await pool.apply(config)
+            report["client_procs"] = pool.procs
+            report.update(await ramp(args, console, pool, config, run, svc, slab0, rss0))
+            await hold(args, pool, run, svc, slab0, rss0, report)
+            await broadcasts(args, pool, run, svc, report, slab0, rss0)
+            st = await pool.stats()
+            report["errors"] = {
+                "errors_req": st.errors_req,
+                "errors_resp": st.errors_resp,
+                "ended_req": st.ended_req,
+            }
+            report["latency_ms"] = st.latency_summary()
+            report["msgs_total"] = st.msgs_total
+            report["worst_loop_lag_ms"] = run.worst_lag_ms
+            if run.frames:
+                report["server_workers"] = len(run.frames[-1].get("workers") or [])
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if pool is not None:
+                await pool.close()
+            if svc is not None and svc.proc is not None:
+                await asyncio.get_running_loop().run_in_executor(None, svc.stop)
+    report["broadcasts"] = run.broadcasts
+    write_outputs(out, report, run, svc)
+    return report
+
+
+async def ramp(
+    args: argparse.Namespace,
+    console: Console,
+    pool: ProcessPool,
+    config: EngineConfig,
+    run: Run,
+    svc: Service,
+    slab0: int,
+    rss0: int,
+) -> dict[str, Any]:
+    t0 = time.time()
+    start = time.monotonic()
+    best, best_at = 0, start
+    reached_at: float | None = None
+    # A ramp may take twice its nominal time (+60 s) and stall 30 s at most before we give up.
+    deadline = start + args.conns / args.rate * 2 + 60
+    progress = Progress(
+        TextColumn("ramp"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not args.progress,
+        transient=False,
+    )
+    last_sample = 0.0
+    with progress:
+        task = progress.add_task("ramp", total=args.conns, info="")
+        while True:
+            now = time.monotonic()
+            target = min(args.conns, int(args.rate * (now - start)) + 1)
+            if target != pool.config.n:
+                await pool.set_config(
+                    EngineConfig(target, config.host, config.port, config.path, config.concurrency)
+                )
+            st = await pool.stats()
+            if st.clients > best:
+                best, best_at = st.clients, now
+            progress.update(
+                task,
+                completed=st.clients,
+                info=f"inproc {st.inproc:,} err {st.errors_req + st.errors_resp:,} "
+                f"ended {st.ended_req:,}",
+            )
+            if now - last_sample >= 1.0:
+                sample(run, t0, "ramp", target, st, svc.pids, slab0, rss0)
+                last_sample = now
+            if st.clients >= args.conns:
+                reached_at = now
+                break
+            if now > deadline or (target == args.conns and now - best_at > 30):
+                break
+            await asyncio.sleep(0.2)
+    run.timeline[-1:] = []  # replaced by the final sample below
+    sample(run, t0, "ramp", args.conns, st, svc.pids, slab0, rss0)
+    return {
+        "t0": t0,
+        "ramp_s": round((reached_at or time.monotonic()) - start, 2),
+        "ramp_complete": reached_at is not None,
+        "reached": best,
+    }
+
+
+async def hold(
+    args: argparse.Namespace,
+    pool: ProcessPool,
+    run: Run,
+    svc: Service,
+    slab0: int,
+    rss0: int,
+    report: dict[str, Any],
+) -> None:
+    end = time.monotonic() + args.hold
+    while True:
+        st = await pool.stats()
+        sample(run, report["t0"], "hold", args.conns, st, svc.pids, slab0, rss0)
+        if time.monotonic() >= end:
+            break
+        await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    held = max(1, st.clients)
+    rss = tree_rss(svc.pids)
+    slab = meminfo_kb("Slab")
+    report["held"] = st.clients
+    report["server_rss_mb"] = round(rss / 2**20, 1)
+    report["server_rss_per_conn_bytes"] = round((rss - rss0) / held) if svc.pids else None
+    report["kernel_slab_delta_mb"] = round((slab - slab0) / 1024, 1)
+    # Slab grows for both ends of every loopback connection: this is per connection *pair*.
+    report["kernel_bytes_per_conn"] = round((slab - slab0) * 1024 / held)
+
+
+async def broadcasts(
+    args: argparse.Namespace,
+    pool: ProcessPool,
+    run: Run,
+    svc: Service,
+    report: dict[str, Any],
+    slab0: int,
+    rss0: int,
+) -> None:
+    for seq in range(1, args.broadcasts + 1):
+        before = await pool.stats()
+        expect = before.clients
+        ts = time.time()
+        data = json.dumps({"ts": ts, "seq": seq, "bench": "comet1m"})
+        recipients = await publish(args, svc, data)
+        deadline = time.monotonic() + args.broadcast_timeout
+        st = before
+        while time.monotonic() < deadline:
+            st = await pool.stats()
+            if st.deliveries.get(seq, 0) >= expect:
+                break
+            await asyncio.sleep(0.05)
+        delivered = st.deliveries.get(seq, 0)
+        last = st.last_delivery.get(seq)
+        run.broadcasts.append(
+            {
+                "seq": seq,
+                "published": ts,
+                "recipients": recipients,
+                "expected": expect,
+                "delivered": delivered,
+                "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
+            }
+        )
+        sample(run, report["t0"], "broadcast", args.conns, st, svc.pids, slab0, rss0)
+        await asyncio.sleep(args.broadcast_gap)
+
+
+# ---- outputs ----------------------------------------------------------------------------------
+
+
+def write_outputs(out: Path, report: dict[str, Any], run: Run, svc: Service | None) -> None:
+    files = {
+        "json": str(out / "bench.json"),
+        "csv": str(out / "bench.csv"),
+        "png": str(out / "bench.png"),
+    }
+    if run.timeline:
+        with open(out / "bench.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(run.timeline[0]))
+            w.writeheader()
+            w.writerows(run.timeline)
+    plot_bench(out / "bench.png", report, run)
+    if svc is not None and svc.log_dir is not None:
+        from loadgen.plot import PlotError, plot_log
+
+        logs = sorted(str(p) for p in svc.log_dir.glob("*.csv"))
+        if logs:
+            try:
+                for p in plot_log(logs, str(out), "service CSV log of the bench"):
+                    files[p.stem] = str(p)
+            except PlotError as exc:
+                report["plot_error"] = str(exc)
+            files["service_csv"] = logs[-1]
+    report["files"] = files
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot_bench(path: Path, report: dict[str, Any], run: Run) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [2, 1]})
+    x = [r["elapsed_s"] for r in run.timeline]
+    ax.plot(x, [r["clients"] for r in run.timeline], color="black", label="clients connected")
+    ax.plot(x, [r["target"] for r in run.timeline], ":", color="gray", label="target")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("connections")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(
+        x,
+        [r["server_rss_delta_mb"] for r in run.timeline],
+        color="tab:red",
+        label="server RSS growth (MB)",
+    )
+    ax2.plot(
+        x,
+        [r["slab_delta_mb"] for r in run.timeline],
+        color="tab:blue",
+        label="kernel Slab growth (MB)",
+    )
+    ax2.set_ylabel("MB")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
+    ax.set_title(
+        f"comet-bench: {report.get('reached', 0):,} of {report['conns']:,} connections, "
+        f"ramp {report.get('ramp_s', '-')} s"
+    )
+    seqs = [b["seq"] for b in run.broadcasts]
+    last = [b["last_delivery_ms"] or 0 for b in run.broadcasts]
+    bx.bar([str(s) for s in seqs], last, color="tab:green")
+    lat = report.get("latency_ms") or {}
+    for q, style in (("p50", "--"), ("p99", "-.")):
+        if lat.get(q) is not None:
+            bx.axhline(lat[q], linestyle=style, color="tab:purple", label=f"{q} {lat[q]:.1f} ms")
+    bx.set_xlabel("broadcast #")
+    bx.set_ylabel("ms from publish to last delivery")
+    bx.set_title("delivery per broadcast")
+    if lat.get("p50") is not None:
+        bx.legend(fontsize="small")
+    bx.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_preflight(console: Console, checks: list[Check]) -> None:
+    t = Table(title="preflight")
+    for col in ("limit", "value", "needed", "", "how to lift it"):
+        t.add_column(col)
+    for c in checks:
+        t.add_row(
+            c.name,
+            c.value,
+            c.needed,
+            "[green]ok[/green]" if c.ok else "[red]STOP[/red]",
+            "" if c.ok else c.fix,
+        )
+    console.print(t)
+    console.print(verdict(checks))
+
+
+def print_report(console: Console, r: dict[str, Any]) -> None:
+    def fmt(x: Any, unit: str = "") -> str:
+        if x is None:
+            return "-"
+        if isinstance(x, float):
+            return f"{x:,.1f}{unit}"
+        if isinstance(x, int):
+            return f"{x:,}{unit}"
+        return f"{x}{unit}"
+
+    t = Table(title=f"comet-bench — {r['target']}")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    lat = r.get("latency_ms") or {}
+    errs = r.get("errors") or {}
+    rows = [
+        (
+            "connections asked / reached / held",
+            f"{r['conns']:,} / {fmt(r.get('reached'))} / {fmt(r.get('held'))}",
+        ),
+        (
+            "ramp time",
+            fmt(r.get("ramp_s"), " s") + ("" if r.get("ramp_complete") else " (incomplete)"),
+        ),
+        (
+            "errors req / resp, ended",
+            f"{fmt(errs.get('errors_req'))} / "
+            f"{fmt(errs.get('errors_resp'))}, {fmt(errs.get('ended_req'))}",
+        ),
+        (
+            "client / server processes",
+            f"{fmt(r.get('client_procs'))} / {fmt(r.get('server_workers'))}",
+        ),
+        ("server RSS (total)", fmt(r.get("server_rss_mb"), " MB")),
+        ("server RSS per connection", fmt(r.get("server_rss_per_conn_bytes"), " B")),
+        ("kernel Slab per connection pair", fmt(r.get("kernel_bytes_per_conn"), " B")),
+        (
+            "delivery latency p50 / p90 / p99 / max",
+            " / ".join(fmt(lat.get(q)) for q in ("p50", "p90", "p99", "max")) + " ms",
+        ),
+        ("worst loop lag", fmt(r.get("worst_loop_lag_ms"), " ms")),
+    ]
+    for b in r.get("broadcasts", []):
+        rows.append(
+            (
+                f"broadcast {b['seq']}: delivered, last delivery",
+                f"{fmt(b['delivered'])}/{fmt(b['expected'])}, {fmt(b['last_delivery_ms'], ' ms')}",
+            )
+        )
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    console.print(f"preflight: {r.get('preflight_verdict')}")
+    for k, v in (r.get("files") or {}).items():
+        console.print(f"  {k}: {v}")
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="comet-bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Run the comet1m service and local load generators on this box, ramp to "
+        "--conns, hold, broadcast, and report (JSON, CSV, PNG and a table). With "
+        "--target/--publish-cmd, measure any other HTTP streaming server instead.",
+    )
+    p.add_argument("--conns", type=int, default=2000, help="connections to reach")
+    p.add_argument("--rate", type=float, default=1000.0, help="new connections per second")
+    p.add_argument("--hold", type=float, default=5.0, help="seconds to hold before broadcasting")
+    p.add_argument("--broadcasts", type=int, default=3, help="timed broadcasts to send")
+    p.add_argument(
+        "--broadcast-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to wait for one broadcast to reach every connection",
+    )
+    p.add_argument("--broadcast-gap", type=float, default=0.5, help="seconds between broadcasts")
+    p.add_argument("--out", default="bench-out", help="directory for bench.json/.csv/.png")
+    p.add_argument("--workers", default="auto", help="service --workers")
+    p.add_argument("--port", type=int, default=0, help="service port (0 = a free one)")
+    p.add_argument("--path", default="/", help="stream path on the service")
+    p.add_argument("--ping-interval", type=float, default=20.0, help="service --ping-interval")
+    p.add_argument(
+        "--procs",
+        default="auto",
+        help="client engine processes (auto = ceil(conns / (RLIMIT_NOFILE - 200)))",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=200,
+        help="connections in progress at once per engine process",
+    )
+    p.add_argument(
+        "--source-ips",
+        default="auto",
+        help="client source addresses (auto = 127.0.0.2-127.0.0.41 for loopback)",
+    )
+    p.add_argument(
+        "--target", help="http://host:port/path of another streaming server (no service is started)"
+    )
+    p.add_argument(
+        "--publish-cmd",
+        help="with --target: shell command that publishes one message; it gets the "
+        "message in $COMET_BENCH_DATA and in place of {data} (shell-quoted)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress display while ramping",
+    )
+    p.add_argument("--preflight-only", action="store_true", help="print the preflight and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.conns < 1 or args.rate <= 0 or args.hold < 0 or args.broadcasts < 0:
+        parser.error("--conns and --rate must be positive, --hold and --broadcasts not negative")
+    if bool(args.target) and args.broadcasts > 0 and not args.publish_cmd:
+        parser.error("--target needs --publish-cmd to broadcast (or --broadcasts 0)")
+    if args.publish_cmd and not args.target:
+        parser.error("--publish-cmd only goes with --target")
+    console = Console()
+    if args.preflight_only:
+        host = urlsplit(args.target).hostname or "127.0.0.1" if args.target else "127.0.0.1"
+        checks = preflight(args.conns, len(parse_source_ips(args.source_ips, host)))
+        print_preflight(console, checks)
+        sys.exit(0 if all(c.ok for c in checks) else 1)
+    install_uvloop()
+
+    async def runner() -> dict[str, Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM behaves like Ctrl-C: unwind through the finally blocks that stop everything.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await bench(args, console)
+
+    try:
+        report = asyncio.run(runner())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]comet-bench: interrupted; every started process was stopped[/]")
+        sys.exit(130)
+    except (BenchError, OSError, ValueError) as exc:
+        sys.exit(f"comet-bench: {exc}")
+    print_report(console, report)
+
+
+if __name__ == "__main__":
+    main()

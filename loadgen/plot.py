@@ -1,0 +1,156 @@
+"""``comet-plot LOG.csv -o DIR``: the seed's two graphs from the service's per-second CSV log.
+
+``memory.png``: RSS and system memory used (MB) with the connection count dotted on a second axis.
+``cpu.png``: CPU user / sys (% of the machine) and the service's process CPU % with the connection
+count dotted. Columns are those of docs/architecture.md "CSV log"; rotated logs can be given
+together (``comet-plot logs/comet-*.csv``) and are concatenated in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+
+REQUIRED = ("conns", "cpu_user", "cpu_sys", "proc_cpu_pct", "mem_used_mb", "rss_mb")
+
+
+class PlotError(Exception):
+    pass
+
+
+def read_log(paths: Sequence[str]) -> dict[str, list[float]]:
+    """Columns of one or more CSV logs as float lists (blank or bad cells become NaN)."""
+    cols: dict[str, list[float]] = {}
+    rows = 0
+    for path in paths:
+        try:
+            f = open(path, newline="")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise PlotError(f"{path}: {exc.strerror}") from None
+        with f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise PlotError(f"{path}: empty file")
+            missing = [c for c in REQUIRED if c not in reader.fieldnames]
+            if missing:
+                raise PlotError(f"{path}: missing columns {', '.join(missing)}")
+            for row in reader:
+                for k, v in row.items():
+                    if k is None:
+                        continue
+                    try:
+                        x = float(v) if v not in (None, "") else float("nan")
+                    except ValueError:
+                        x = float("nan")
+                    cols.setdefault(k, [float("nan")] * rows).append(x)
+                rows += 1
+                for lst in cols.values():
+                    if len(lst) < rows:
+                        lst.append(float("nan"))
+    if rows == 0:
+        raise PlotError("no data rows in " + ", ".join(paths))
+    return cols
+
+
+def _x_axis(cols: dict[str, list[float]]) -> tuple[list[float], str]:
+    t = cols.get("t")
+    if t and t[0] == t[0]:  # not NaN
+        t0 = t[0]
+        return [x - t0 for x in t], "seconds since start"
+    if "step" in cols:
+        return cols["step"], "step (s)"
+    return [float(i) for i in range(len(cols["conns"]))], "sample"
+
+
+def _conns_axis(ax: Axes, x: list[float], conns: list[float]) -> Axes:
+    ax2 = ax.twinx()
+    ax2.plot(x, conns, ":", color="black", linewidth=1.5, label="connections")
+    ax2.set_ylabel("connections")
+    ax2.set_ylim(bottom=0)
+    ax2.ticklabel_format(axis="y", style="plain")
+    return ax2
+
+
+def _legend(ax: Axes, ax2: Axes) -> None:
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
+
+
+def plot_memory(cols: dict[str, list[float]], out: Path, title: str) -> Path:
+    x, xlabel = _x_axis(cols)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.plot(x, cols["rss_mb"], color="tab:red", label="service RSS (MB)")
+    ax.plot(x, cols["mem_used_mb"], color="tab:blue", label="system memory used (MB)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("MB")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax2 = _conns_axis(ax, x, cols["conns"])
+    _legend(ax, ax2)
+    ax.set_title(f"Memory — {title}")
+    fig.tight_layout()
+    path = out / "memory.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_cpu(cols: dict[str, list[float]], out: Path, title: str) -> Path:
+    x, xlabel = _x_axis(cols)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    ax.plot(x, cols["cpu_user"], color="tab:green", label="CPU user %")
+    ax.plot(x, cols["cpu_sys"], color="tab:orange", label="CPU sys %")
+    ax.plot(x, cols["proc_cpu_pct"], color="tab:purple", label="service process CPU %")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("%")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax2 = _conns_axis(ax, x, cols["conns"])
+    _legend(ax, ax2)
+    ax.set_title(f"CPU — {title}")
+    fig.tight_layout()
+    path = out / "cpu.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_log(paths: Sequence[str], out_dir: str, title: str | None = None) -> list[Path]:
+    cols = read_log(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = title or Path(paths[0]).name
+    return [plot_memory(cols, out, name), plot_cpu(cols, out, name)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="comet-plot",
+        description="Draw memory.png and cpu.png (with the connection count dotted) from the "
+        "service's per-second CSV log.",
+    )
+    parser.add_argument("logs", nargs="+", metavar="LOG.csv", help="CSV log file(s), in order")
+    parser.add_argument("-o", "--out", default=".", help="directory for the PNG files")
+    parser.add_argument("--title", help="title suffix (default: the first log's file name)")
+    args = parser.parse_args(argv)
+    try:
+        paths = plot_log(args.logs, args.out, args.title)
+    except PlotError as exc:
+        sys.exit(f"comet-plot: {exc}")
+    for p in paths:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()
