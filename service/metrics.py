@@ -43,6 +43,19 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def count_fds(proc: psutil.Process) -> int:
+    """Open descriptors of a process.
+
+    Linux 6.2+ reports the count as the size of /proc/PID/fd, one stat() call; listing the
+    directory (psutil's num_fds) costs ~40 ms for a worker holding 17,000 sockets.
+    """
+    try:
+        size = os.stat(f"/proc/{proc.pid}/fd").st_size
+    except OSError:
+        size = 0
+    return size if size > 0 else proc.num_fds()
+
+
 def read_sockstat(path: str = "/proc/net/sockstat") -> dict[str, dict[str, int]]:
     """``TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 1`` → ``{"TCP": {"inuse": 5, ...}, ...}``."""
     out: dict[str, dict[str, int]] = {}
@@ -161,7 +174,7 @@ class FrameBuilder:
                     with proc.oneshot():
                         rss = int(proc.memory_info().rss)
                         cpu = float(proc.cpu_percent(None))
-                        fds_open += proc.num_fds()
+                        fds_open += count_fds(proc)
                         fds_limit += int(proc.rlimit(psutil.RLIMIT_NOFILE)[0])
                 except psutil.Error:
                     pass
@@ -201,7 +214,7 @@ class FrameBuilder:
 
         try:
             with self._self.oneshot():
-                fds_open += self._self.num_fds()
+                fds_open += count_fds(self._self)
                 fds_limit += int(self._self.rlimit(psutil.RLIMIT_NOFILE)[0])
         except psutil.Error:
             pass
