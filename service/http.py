@@ -172,11 +172,15 @@ def parse_head(buf: bytes | bytearray, limits: Limits) -> Request | HttpError | 
     except UnicodeDecodeError:
         return HttpError(400, "non-ASCII request target or Last-Event-ID")
     accept = h.get(b"accept", b"")
+    http11 = parser.get_http_version() == "1.1"
+    # llhttp only answers should_keep_alive() once a message is complete, so decide here.
+    conn_tokens = {t.strip() for t in h.get(b"connection", b"").lower().split(b",")}
+    keep_alive = b"close" not in conn_tokens if http11 else b"keep-alive" in conn_tokens
     return Request(
         method=m.group(1).decode(),
         target=target,
-        http11=parser.get_http_version() == "1.1",
-        keep_alive=parser.should_keep_alive(),
+        http11=http11,
+        keep_alive=keep_alive,
         accept_sse=b"text/event-stream" in accept.lower(),
         last_event_id=last_event_id,
         has_body=has_body,

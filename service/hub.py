@@ -189,7 +189,10 @@ class Hub:
         return entry
 
     def history_since(self, channel: str, after: int) -> tuple[list[Entry], bool, int | None]:
-        """(entries of ``channel`` with id > after in id order, gap?, oldest id still held)."""
+        """(entries of ``channel`` with id > after in id order, gap?, first id still held > after).
+
+        There is a gap when a ring evicted (by size or age) a message newer than ``after``.
+        """
         oldest_at = time.time() - self.config.history_max_age
         rings = [self.global_ring]
         ring = self.rings.get(channel)
@@ -197,18 +200,14 @@ class Hub:
             rings.append(ring)
         entries: list[Entry] = []
         evicted = 0
-        oldest: int | None = None
         for r in rings:
             r.trim(oldest_at)
             evicted = max(evicted, r.evicted_max)
-            if r.items:
-                first = r.items[0].id
-                oldest = first if oldest is None else min(oldest, first)
-                if r.items[-1].id > after:
-                    entries.extend(e for e in r.items if e.id > after)
+            if r.items and r.items[-1].id > after:
+                entries.extend(e for e in r.items if e.id > after)
         if len(rings) > 1:
             entries.sort(key=lambda e: e.id)
-        return entries, after < evicted, oldest
+        return entries, after < evicted, entries[0].id if entries else None
 
     # -- broadcast -----------------------------------------------------------------------------
     def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:
