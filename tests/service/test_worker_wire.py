@@ -269,7 +269,7 @@ def test_long_poll_since_absent_means_only_new(w: ThreadWorker) -> None:
         assert json.loads(body)["messages"] == []
 
 
-# -- bad input --------------------------------------------------------------------------------------
+# -- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("raw", "code"),
     [
@@ -329,7 +329,7 @@ def test_error_paths_leave_counters_consistent(w: ThreadWorker) -> None:
     assert set(st["lag_ms"]) == {"avg", "p90", "max"}
 
 
-# -- slow consumer, cap, drain -------------------------------------------------------------------------
+# -- slow consumer, cap, drain --------------------------------------------------------------------
 def test_slow_consumer_is_dropped() -> None:
     with running_worker(limit_write_buffer=64 * 1024) as w:
         s = socket.socket()

@@ -224,6 +224,11 @@ class SubprocessWorker:
             if ans.get("rid") == rid:
                 return ans
 
+    def close_control(self) -> None:
+        # makefile() holds its own reference: the fd closes only when both are closed.
+        self._rfile.close()
+        self.ctl.close()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -232,8 +237,7 @@ class SubprocessWorker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._rfile.close()
-        self.ctl.close()
+        self.close_control()
         if self.proc.stderr is not None:
             self.proc.stderr.close()
 
