@@ -123,6 +123,94 @@ class _Job:
         self.each = each
 
 
+class Deadlines:
+    """Every timeout of every connection behind one armed timer.
+
+    Fixed delays (the request-head deadline, keep-alive idle) go to a FIFO of buckets: all
+    connections that start waiting within one ``tick`` share a bucket, which costs two list
+    slots per connection (the connection and its token) instead of a tuple and a float. A bucket
+    fires ``delay`` to ``delay + tick`` after its entries were added: never early, so the deadline
+    stays absolute. Arbitrary delays (long-poll timeouts, rare) go to a heap.
+
+    An entry is live while ``conn.buf is token``; a connection that moved on has a new ``buf``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.05) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.fifos: dict[float, deque[tuple[float, list[Any]]]] = {}
+        self.heap: list[tuple[float, int, Conn, object]] = []
+        self._seq = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed_at = 0.0
+
+    def add_fixed(self, conn: Conn, token: object, delay: float) -> None:
+        q = self.fifos.get(delay)
+        if q is None:
+            q = self.fifos[delay] = deque()
+        now = self.loop.time()
+        # The newest bucket was opened at (when - delay - tick); it takes entries for one tick.
+        if q and q[-1][0] - delay > now:
+            bucket = q[-1][1]
+            bucket.append(conn)
+            bucket.append(token)
+            return
+        when = now + delay + self.tick
+        q.append((when, [conn, token]))
+        self._maybe_arm(when)
+
+    def add(self, conn: Conn, token: object, delay: float) -> None:
+        when = self.loop.time() + delay
+        heapq.heappush(self.heap, (when, next(self._seq), conn, token))
+        self._maybe_arm(when)
+
+    def _maybe_arm(self, when: float) -> None:
+        if self._handle is None or when < self._armed_at:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._armed_at = when
+            self._handle = self.loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        now = self.loop.time()
+        due: list[Any] = []
+        for q in self.fifos.values():
+            while q and q[0][0] <= now:
+                due.extend(q.popleft()[1])
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, _, conn, token = heapq.heappop(heap)
+            due.append(conn)
+            due.append(token)
+        for i in range(0, len(due), 2):
+            conn, token = due[i], due[i + 1]
+            if conn.buf is token:
+                conn.on_deadline(token)
+        nxt = [q[0][0] for q in self.fifos.values() if q]
+        if heap:
+            nxt.append(heap[0][0])
+        if nxt:
+            self._maybe_arm(min(nxt))
+
+    def waiting(self) -> list[Conn]:
+        """Connections with a live deadline (heads in progress, keep-alive idles, polls)."""
+        out = [e[2] for e in self.heap if e[2].buf is e[3]]
+        for q in self.fifos.values():
+            for _, items in q:
+                out.extend(
+                    items[i] for i in range(0, len(items), 2) if items[i].buf is items[i + 1]
+                )
+        return out
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self.fifos.clear()
+        self.heap.clear()
+
+
 class Hub:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -139,10 +227,7 @@ class Hub:
         self._ping_handle: asyncio.TimerHandle | None = None
         self._ping_conns: list[Conn] = []
         self._ping_pos = 0
-        self._deadlines: list[tuple[float, int, Conn, object]] = []
-        self._deadline_seq = itertools.count()
-        self._deadline_handle: asyncio.TimerHandle | None = None
-        self._deadline_at = 0.0
+        self.deadlines = Deadlines(loop)
         self.cap = config.connection_cap()
 
     # -- subscriptions -------------------------------------------------------------------------
@@ -310,33 +395,13 @@ class Hub:
 
     # -- deadlines -----------------------------------------------------------------------------
     def add_deadline(self, conn: Conn, token: object, delay: float) -> None:
-        when = self.loop.time() + delay
-        heapq.heappush(self._deadlines, (when, next(self._deadline_seq), conn, token))
-        if self._deadline_handle is None or when < self._deadline_at:
-            self._arm(when)
+        self.deadlines.add(conn, token, delay)
 
-    def _arm(self, when: float) -> None:
-        if self._deadline_handle is not None:
-            self._deadline_handle.cancel()
-        self._deadline_at = when
-        self._deadline_handle = self.loop.call_at(when, self._expire)
-
-    def _expire(self) -> None:
-        self._deadline_handle = None
-        heap = self._deadlines
-        now = self.loop.time()
-        while heap and heap[0][0] <= now:
-            _, _, conn, token = heapq.heappop(heap)
-            if conn.buf is token:
-                conn.on_deadline(token)
-        if heap:
-            self._arm(heap[0][0])
+    def add_fixed_deadline(self, conn: Conn, token: object, delay: float) -> None:
+        self.deadlines.add_fixed(conn, token, delay)
 
     def stop_deadlines(self) -> None:
-        if self._deadline_handle is not None:
-            self._deadline_handle.cancel()
-            self._deadline_handle = None
-        self._deadlines.clear()
+        self.deadlines.stop()
 
     # -- drain ---------------------------------------------------------------------------------
     def drain_streams(self, conns: Iterable[Conn]) -> asyncio.Future[int]:

@@ -60,7 +60,7 @@ class Conn(asyncio.Protocol):
         ctr.accepted_total += 1
         self.state = HEAD
         buf = self.buf = bytearray()
-        hub.add_deadline(self, buf, hub.config.timeout_header)
+        hub.add_fixed_deadline(self, buf, hub.config.timeout_header)
 
     def data_received(self, data: bytes) -> None:
         """Called by the transport with bytes from the client."""
@@ -199,7 +199,7 @@ class Conn(asyncio.Protocol):
         self.buf = bytearray(rest)  # a new object: the poll deadline entry goes stale
         self.poll = _KEEPALIVE
         self.state = HEAD
-        hub.add_deadline(self, self.buf, hub.config.timeout_keepalive)
+        hub.add_fixed_deadline(self, self.buf, hub.config.timeout_keepalive)
         if self.buf:
             self._on_head_bytes()
 

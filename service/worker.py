@@ -201,7 +201,7 @@ class Worker:
 
 def _open_conns(hub: Hub) -> list[Conn]:
     # Connections not in any set are only reachable through the deadline heap (heads, idles).
-    seen = {id(c): c for _, _, c, _ in hub._deadlines}
+    seen = {id(c): c for c in hub.deadlines.waiting()}
     for c in hub.all_streams():
         seen[id(c)] = c
     for s in hub.pollers.values():
