@@ -53,8 +53,9 @@ def free_port() -> int:
 
 
 def port_listeners(port: int) -> set[int]:
-    return {c.pid for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid}
+    from loadgen.bench import listening_pids
+
+    return set(listening_pids(port))
 
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:

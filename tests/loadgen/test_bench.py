@@ -1,0 +1,131 @@
+"""comet-bench end to end: the real service, 2,000 connections, every output; Ctrl-C cleanup."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from tests.loadgen.conftest import ROOT, wait_until
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "loadgen.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "160"})
+
+
+def test_small_bench_produces_every_output(tmp_path):
+    out = tmp_path / "out"
+    r = bench("--conns", "2000", "--rate", "2000", "--hold", "2", "--broadcasts", "3",
+              "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["reached"] == 2000 and report["held"] == 2000
+    assert report["ramp_complete"] is True and report["ramp_s"] > 0
+    assert report["errors"]["errors_req"] == 0 and report["errors"]["errors_resp"] == 0
+    assert report["server_rss_mb"] > 0
+    assert report["server_rss_per_conn_bytes"] is not None
+    assert "kernel_bytes_per_conn" in report
+    assert report["worst_loop_lag_ms"] is not None
+    lat = report["latency_ms"]
+    assert lat["count"] == 3 * 2000
+    assert 0 <= lat["p50"] <= lat["p99"] <= lat["max"]
+    assert [b["seq"] for b in report["broadcasts"]] == [1, 2, 3]
+    for b in report["broadcasts"]:
+        assert b["delivered"] == 2000 and b["recipients"] >= 2000
+        assert b["last_delivery_ms"] is not None and b["last_delivery_ms"] >= 0
+    assert report["preflight"] and report["preflight_verdict"]
+    # CSV timeline, PNGs (bench + the service log's memory/cpu graphs).
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["phase"] for r in rows} == {"ramp", "hold", "broadcast"}
+    assert int(rows[-1]["clients"]) == 2000
+    for name in ("bench.png", "memory.png", "cpu.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert (out / name).stat().st_size > 10_000
+    # The printed table and preflight.
+    for text in ("preflight", "ramp time", "server RSS per connection", "worst loop lag",
+                 "broadcast 3", "delivery latency"):
+        assert text in r.stdout, text
+    # Nothing left running.
+    assert not psutil.pid_exists(report["service_pid"])
+
+
+def test_bench_against_another_server_with_publish_cmd(tmp_path, fixture_server):
+    out = tmp_path / "out"
+    publish = (
+        "import os, sys, urllib.parse, urllib.request; "
+        "assert sys.argv[1] == os.environ['COMET_BENCH_DATA']; "
+        f"urllib.request.urlopen('http://127.0.0.1:{fixture_server}/publish?data=' "
+        "+ urllib.parse.quote(sys.argv[1])).read()"
+    )
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(publish)} {{data}}"
+    r = bench("--target", f"http://127.0.0.1:{fixture_server}/", "--publish-cmd", cmd,
+              "--conns", "300", "--rate", "1000", "--hold", "1", "--broadcasts", "2",
+              "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["reached"] == 300
+    assert [b["delivered"] for b in report["broadcasts"]] == [300, 300]
+    assert report["server_rss_mb"] > 0  # found through the listener on the target's port
+    assert (out / "bench.png").read_bytes()[:8] == PNG
+
+
+def test_bench_bad_arguments():
+    r = bench("--target", "http://127.0.0.1:1/")
+    assert r.returncode == 2 and "--publish-cmd" in r.stderr
+    r = bench("--conns", "0")
+    assert r.returncode == 2
+    r = bench("--preflight-only", "--conns", "1000")
+    assert r.returncode == 0 and "ephemeral ports" in r.stdout
+
+
+def test_bench_ctrl_c_stops_everything(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadgen.bench", "--conns", "3000", "--rate", "100",
+         "--out", str(tmp_path / "out"), "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        service_pid = None
+        for line in proc.stdout:
+            m = re.search(r"service up: pid (\d+)", line)
+            if m:
+                service_pid = int(m.group(1))
+                break
+        assert service_pid, "the bench did not start the service"
+        me = psutil.Process(proc.pid)
+        wait_until(lambda: len(me.children()) >= 1, 20, "engine processes")
+        time.sleep(1.5)  # mid-ramp
+        started = [service_pid] + [c.pid for c in me.children(recursive=True)]
+        started += [c.pid for c in psutil.Process(service_pid).children(recursive=True)]
+        assert len(started) >= 3  # service supervisor, its workers, an engine process
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal does
+        rest = proc.communicate(timeout=60)[0]
+        assert proc.returncode == 130, rest
+        assert "interrupted" in rest
+        assert "Traceback" not in rest
+
+        def all_gone() -> bool:
+            return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                           for p in started)
+
+        wait_until(all_gone, 10, "every started process to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
