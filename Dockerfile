@@ -17,6 +17,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # ---- builder: a virtualenv with the dependencies, then the project itself ----------------------
+# A build stage never runs as a container, so it has no HEALTHCHECK.
+# hadolint ignore=DL3057
 FROM base AS builder
 # Pinning Debian package versions breaks the build on every point release; the suite pins them.
 # hadolint ignore=DL3008
