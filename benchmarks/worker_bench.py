@@ -1,0 +1,227 @@
+"""Worker benchmarks: RSS per idle connection and one broadcast to all, N connections, 1 worker.
+
+    .venv/bin/python benchmarks/worker_bench.py --n 19000 --clients 2 --runs 3
+
+The worker runs as the supervisor would start it (``python -m service.worker --control-fd``);
+this script speaks the internal protocol over the socketpair. Clients run in separate processes
+(``benchmarks/worker_clients.py``, one source address each) because one process cannot hold the
+worker's 19,000 sockets plus 19,000 client sockets under a 20,000 fd limit.
+
+Per run: RSS of the worker after it started (r0), after all N connections read Welcome! and the
+request-head deadlines passed (r1): per connection = (r1 - r0) / N. Then one broadcast to all:
+time from sending it to the moment the last client read it (clients stamp time.time()). The same
+memory measurement runs against benchmarks/bare_server.py (a bare uvloop Protocol) as baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class CometServer:
+    def __init__(self, port: int, timeout_header: float) -> None:
+        from service.config import Config
+
+        cfg = Config(
+            host="127.0.0.1", port=port, ping_interval=3600.0, timeout_header=timeout_header
+        )
+        ours, theirs = socket.socketpair()
+        self.ctl = ours
+        self.rfile = ours.makefile("rb")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "service.worker", "--control-fd", str(theirs.fileno())],
+            cwd=ROOT,
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, "COMET_WORKER_CONFIG": cfg.to_json(), "COMET_WORKER_INDEX": "0"},
+            stderr=subprocess.DEVNULL,
+        )
+        theirs.close()
+        ready = json.loads(self.rfile.readline())
+        assert ready["op"] == "ready", ready
+        self.rid = 0
+        self.ask("init", last_id=0, history=[])
+
+    def ask(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.rid += 1
+        self.ctl.sendall(json.dumps({"rid": self.rid, "op": op, **kw}).encode() + b"\n")
+        while True:
+            ans = json.loads(self.rfile.readline())
+            if ans.get("rid") == self.rid:
+                return dict(ans)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.rfile.close()
+        self.ctl.close()
+
+
+class BareServer:
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [PY, os.path.join(ROOT, "benchmarks", "bare_server.py"), "--port", str(port)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        assert b"listening" in self.proc.stdout.readline()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_clients(port: int, n: int, k: int) -> list[subprocess.Popen[str]]:
+    procs = []
+    for i in range(k):
+        share = n // k + (1 if i < n % k else 0)
+        procs.append(
+            subprocess.Popen(
+                [
+                    PY,
+                    os.path.join(ROOT, "benchmarks", "worker_clients.py"),
+                    "--port",
+                    str(port),
+                    "--n",
+                    str(share),
+                    "--src",
+                    f"127.0.0.{2 + i}",
+                ],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for p in procs:
+        assert p.stdout is not None
+        line = p.stdout.readline()
+        if not line.startswith("READY"):
+            raise SystemExit(f"client failed: {line!r}")
+    return procs
+
+
+def stop_clients(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        try:
+            assert p.stdin is not None
+            p.stdin.write("QUIT\n")
+            p.stdin.flush()
+        except BrokenPipeError:
+            pass
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        for f in (p.stdin, p.stdout):
+            if f is not None:
+                f.close()
+
+
+def rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+def run_once(kind: str, n: int, k: int, settle: float, timeout_header: float) -> dict[str, float]:
+    port = free_port()
+    server: CometServer | BareServer
+    server = CometServer(port, timeout_header) if kind == "comet" else BareServer(port)
+    pid = server.proc.pid
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        time.sleep(0.5)
+        r0 = rss(pid)
+        t_conn = time.perf_counter()
+        clients = start_clients(port, n, k)
+        connect_s = time.perf_counter() - t_conn
+        r_ready = rss(pid)
+        time.sleep(settle)
+        r1 = rss(pid)
+        out = {
+            "connect_s": connect_s,
+            "rss0_mb": r0 / 2**20,
+            "rss_ready_per_conn": (r_ready - r0) / n,
+            "rss_per_conn": (r1 - r0) / n,
+        }
+        if isinstance(server, CometServer):
+            st = server.ask("stats")["stats"]
+            assert st["conns"] == n, st
+            marker = f"M{time.time_ns()}"
+            for p in clients:
+                assert p.stdin is not None
+                p.stdin.write(f"WAIT {marker}\n")
+                p.stdin.flush()
+            time.sleep(0.3)
+            msg = {"id": 1, "channel": None, "event": None, "data": marker, "ts": time.time()}
+            t0 = time.time()
+            ans = server.ask("broadcast", msg=msg)
+            lasts = []
+            got = 0
+            for p in clients:
+                assert p.stdout is not None
+                _, g, t_last = p.stdout.readline().split()
+                got += int(g)
+                lasts.append(float(t_last))
+            assert got == n and ans["recipients"] == n, (got, ans)
+            out["broadcast_s"] = max(lasts) - t0
+            out["broadcast_worker_ms"] = float(ans["elapsed_ms"])
+            lag = server.ask("stats")["stats"]["lag_ms"]
+            out["lag_max_ms"] = float(lag["max"])
+        return out
+    finally:
+        stop_clients(clients)
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n", type=int, default=19000)
+    ap.add_argument("--clients", type=int, default=2, help="client processes")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--server", choices=["comet", "bare", "both"], default="both")
+    ap.add_argument("--timeout-header", type=float, default=10.0)
+    ap.add_argument("--settle", type=float, default=11.0, help="seconds before the RSS read")
+    args = ap.parse_args()
+    kinds = ["comet", "bare"] if args.server == "both" else [args.server]
+    for kind in kinds:
+        runs = []
+        for i in range(args.runs):
+            r = run_once(kind, args.n, args.clients, args.settle, args.timeout_header)
+            runs.append(r)
+            print(
+                f"{kind} run {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()),
+                flush=True,
+            )
+        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        print(
+            f"{kind} MEDIAN of {len(runs)} (n={args.n}): "
+            + ", ".join(f"{k}={v:.4g}" for k, v in med.items()),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
