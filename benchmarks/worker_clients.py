@@ -3,7 +3,7 @@
 Driven by benchmarks/worker_bench.py over stdin/stdout (one line each way):
   stdout "READY <n>"           once every connection has read its first body bytes
   stdin  "WAIT <marker>"       start watching for <marker>
-  stdout "GOT <n> <t_last>"    when all n saw it (t_last = time.time() of the last one), or on timeout
+  stdout "GOT <n> <t_last>"    when all n saw it (or on timeout); t_last = time.time() of the last
   stdin  "QUIT"                close everything and exit
 """
 
