@@ -29,6 +29,7 @@ class FakeControl:
         self.broadcasts: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
         self.fail_with: str | None = None  # answer every request {"ok": false, "error": ...}
+        self.hang_ops: set[str] = set()  # ops never answered (a wedged supervisor)
         self.next_id = 1
         self.step = 0
         self.accepted_total = 0
@@ -188,6 +189,9 @@ class FakeControl:
                     assert task is not None
                     task.set_name("watch")
                     await self._watch(writer)
+                    return
+                if isinstance(request, dict) and request.get("op") in self.hang_ops:
+                    await reader.read()  # say nothing until the client gives up and closes
                     return
                 writer.write(json.dumps(self.answer(request)).encode() + b"\n")
                 await writer.drain()

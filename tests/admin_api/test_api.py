@@ -375,26 +375,13 @@ def test_dashboard_page_and_vendored_assets(client: httpx.Client) -> None:
     assert client.get("/docs").status_code == 404
 
 
-def test_slow_broadcast_answer_is_504(fake: FakeControl, short_dir) -> None:
-    import asyncio
-
-    async def never(reader, writer):
-        await reader.readline()
-        await asyncio.sleep(30)
-
-    silent = short_dir / "silent.sock"
-    server_fake = FakeControl(silent)
-    try:
-        # Reuse the fake's loop machinery, but with a handler that never answers.
-        async def start():
-            return await asyncio.start_unix_server(never, path=str(silent))
-
-        server = server_fake._call(start())
-        settings = make_settings(silent).model_copy(update={"broadcast_timeout": 0.3})
-        with ThreadedServer(create_app(settings)) as admin, httpx.Client(base_url=admin.url) as c:
-            r = c.post("/api/broadcast", headers=AUTH, json={"data": "x"})
-            assert r.status_code == 504
-            assert "broadcast" in r.json()["detail"]
-        server.close()
-    finally:
-        server_fake.close()
+def test_wedged_service_is_504(fake: FakeControl) -> None:
+    fake.hang_ops = {"broadcast"}
+    settings = make_settings(fake.path).model_copy(update={"broadcast_timeout": 0.3})
+    with ThreadedServer(create_app(settings)) as admin, httpx.Client(base_url=admin.url) as c:
+        r = c.post("/api/broadcast", headers=AUTH, json={"data": "x"})
+        assert r.status_code == 504
+        assert "'broadcast'" in r.json()["detail"]
+        assert str(fake.path) in r.json()["detail"]
+        # Other requests still work: each has its own connection.
+        assert c.get("/api/stats", headers=AUTH).status_code == 200

@@ -1,0 +1,278 @@
+// comet1m admin dashboard. No framework: one SSE stream (read with fetch() so that the
+// Authorization header can be sent; EventSource cannot set headers), four uPlot charts, a worker
+// table and a broadcast form. The token is kept in sessionStorage (or localStorage when the
+// operator ticks "remember"), never in the URL.
+"use strict";
+
+const KEY = "comet-admin-token";
+const WINDOW_POINTS = 300; // five minutes at one frame per second
+const $ = (id) => document.getElementById(id);
+
+let token = sessionStorage.getItem(KEY) || localStorage.getItem(KEY) || "";
+let streamAbort = null;
+let retryTimer = null;
+
+// ---- formatting ---------------------------------------------------------------------------
+const int = (n) => (n == null ? "–" : Math.round(n).toLocaleString("en-US"));
+const mib = (b) => (b == null ? "–" : (b / 1048576).toFixed(1));
+const fixed = (x, d = 1) => (x == null || Number.isNaN(x) ? "–" : Number(x).toFixed(d));
+const dig = (obj, ...path) => path.reduce((o, k) => (o == null ? undefined : o[k]), obj);
+function duration(s) {
+  if (s == null) return "";
+  s = Math.floor(s);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600);
+  const m = Math.floor((s % 3600) / 60), sec = s % 60;
+  return "up " + (d ? d + "d " : "") + (d || h ? h + "h " : "") + m + "m " + sec + "s";
+}
+
+function setStatus(state, text) {
+  const el = $("status");
+  el.dataset.state = state;
+  el.className = "pill pill-" + state;
+  el.textContent = text;
+}
+
+// ---- charts -------------------------------------------------------------------------------
+const COLORS = ["#4fb3ff", "#3fb950", "#d29922", "#f85149", "#bc8cff"];
+const charts = {};
+const series = { t: [] };
+
+function makeChart(id, labels) {
+  const el = $(id);
+  const opts = {
+    width: Math.max(300, el.clientWidth), height: 200,
+    cursor: { drag: { x: false, y: false } },
+    scales: { x: { time: true } },
+    axes: [
+      { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" } },
+      { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" }, size: 60 },
+    ],
+    series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i], width: 1.5,
+      points: { show: false } }))],
+  };
+  const data = [series.t, ...labels.map(() => [])];
+  charts[id] = { plot: new uPlot(opts, data, el), data, el };
+}
+
+function initCharts() {
+  if (charts["chart-conns"]) return;
+  makeChart("chart-conns", ["connections"]);
+  makeChart("chart-mem", ["service RSS", "host used", "host cached"]);
+  makeChart("chart-cpu", ["service", "host user", "host sys"]);
+  makeChart("chart-lag", ["avg", "p90", "max"]);
+  const resize = () => {
+    for (const c of Object.values(charts)) c.plot.setSize({ width: Math.max(300, c.el.clientWidth),
+      height: 200 });
+  };
+  new ResizeObserver(resize).observe($("dash"));
+}
+
+function push(id, values) {
+  const c = charts[id];
+  values.forEach((v, i) => {
+    const arr = c.data[i + 1];
+    arr.push(v == null ? null : v);
+    if (arr.length > WINDOW_POINTS) arr.shift();
+  });
+}
+
+// ---- one frame ----------------------------------------------------------------------------
+function onFrame(frame) {
+  const totals = frame.totals || {};
+  const sys = frame.system || {};
+  const workers = Array.isArray(frame.workers) ? frame.workers : [];
+
+  $("conns").textContent = int(totals.conns);
+  $("conns").dataset.value = String(totals.conns ?? "");
+  $("conns-target").textContent = frame.target_connections
+    ? "target " + int(frame.target_connections) : "";
+  $("workers-n").textContent = int(workers.length);
+  $("uptime").textContent = duration(frame.uptime_s);
+  $("rss").textContent = mib(totals.rss_bytes) + " MiB";
+  $("sysmem").textContent = dig(sys, "mem", "used") != null
+    ? "host " + mib(sys.mem.used) + " / " + mib(sys.mem.total) + " MiB" : "";
+  $("cpu").textContent = fixed(totals.cpu_percent) + " %";
+  $("syscpu").textContent = dig(sys, "cpu", "idle") != null
+    ? "host idle " + fixed(sys.cpu.idle) + " %" : "";
+  $("lag").textContent = fixed(dig(totals, "lag_ms", "p90"), 2) + " ms";
+  $("lagmax").textContent = "max " + fixed(dig(totals, "lag_ms", "max"), 2) + " ms";
+  $("msgs").textContent = int(totals.msgs_sent_total);
+  $("fds").textContent = dig(sys, "fds", "open") != null
+    ? "fds " + int(sys.fds.open) + " / " + int(sys.fds.limit) : "";
+  $("node").textContent = frame.node_id ? "node " + frame.node_id : "";
+
+  initCharts();
+  series.t.push(frame.t || Date.now() / 1000);
+  if (series.t.length > WINDOW_POINTS) series.t.shift();
+  push("chart-conns", [totals.conns]);
+  const mem = sys.mem || {};
+  push("chart-mem", [totals.rss_bytes / 1048576, mem.used / 1048576, mem.cached / 1048576]);
+  const cpu = sys.cpu || {};
+  push("chart-cpu", [totals.cpu_percent, cpu.user, cpu.sys]);
+  const lag = totals.lag_ms || {};
+  push("chart-lag", [lag.avg, lag.p90, lag.max]);
+  for (const c of Object.values(charts)) c.plot.setData(c.data);
+
+  const body = $("workers").tBodies[0];
+  body.replaceChildren(...workers.map((w, i) => {
+    const tr = document.createElement("tr");
+    const cells = [w.index ?? i, w.pid, int(w.conns), mib(w.rss_bytes), fixed(w.cpu_percent),
+      fixed(dig(w, "lag_ms", "avg"), 2), fixed(dig(w, "lag_ms", "p90"), 2),
+      fixed(dig(w, "lag_ms", "max"), 2), int(w.msgs_sent_total)];
+    for (const v of cells) {
+      const td = document.createElement("td");
+      td.textContent = String(v ?? "–"); // textContent: frame values are never parsed as HTML
+      tr.appendChild(td);
+    }
+    return tr;
+  }));
+}
+
+// ---- the stream ---------------------------------------------------------------------------
+function showLogin(message) {
+  stopStream();
+  $("dash").hidden = true;
+  $("forget").hidden = true;
+  $("login").hidden = false;
+  $("token-error").textContent = message || "";
+  setStatus("idle", "token needed");
+  $("token-input").focus();
+}
+
+function stopStream() {
+  if (streamAbort) streamAbort.abort();
+  streamAbort = null;
+  clearTimeout(retryTimer);
+}
+
+function retryLater(ms = 2000) {
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(startStream, ms);
+}
+
+async function errorText(res) {
+  try {
+    const body = await res.json();
+    if (typeof body.detail === "string") return body.detail;
+    if (Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
+  } catch (e) { /* not JSON */ }
+  return res.status + " " + res.statusText;
+}
+
+function handleEvent(name, data) {
+  if (name === "message") {
+    onFrame(JSON.parse(data));
+    setStatus("live", "live");
+  } else if (name === "unavailable") {
+    setStatus("down", "service unreachable: " + (JSON.parse(data).error || ""));
+  } else if (name === "reconnected") {
+    setStatus("wait", "service back, waiting for frames");
+  }
+}
+
+async function startStream() {
+  stopStream();
+  const abort = new AbortController();
+  streamAbort = abort;
+  setStatus("wait", "connecting…");
+  let res;
+  try {
+    res = await fetch("/api/stats/stream", {
+      headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" },
+      cache: "no-store", signal: abort.signal,
+    });
+  } catch (e) {
+    if (!abort.signal.aborted) { setStatus("down", "admin sidecar unreachable"); retryLater(); }
+    return;
+  }
+  if (res.status === 401) { showLogin("That token was refused."); return; }
+  if (!res.ok) {
+    setStatus("down", await errorText(res));
+    retryLater();
+    return;
+  }
+  $("login").hidden = true;
+  $("dash").hidden = false;
+  $("forget").hidden = false;
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  try {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let name = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith(":")) continue; // keep-alive comment
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") name = val;
+          else if (field === "data") data.push(val);
+        }
+        if (data.length) handleEvent(name, data.join("\n"));
+      }
+    }
+  } catch (e) {
+    if (abort.signal.aborted) return;
+  }
+  if (!abort.signal.aborted) { setStatus("down", "stream ended, reconnecting…"); retryLater(); }
+}
+
+// ---- forms --------------------------------------------------------------------------------
+$("token-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  token = $("token-input").value.trim();
+  sessionStorage.setItem(KEY, token);
+  if ($("token-remember").checked) localStorage.setItem(KEY, token);
+  $("token-input").value = "";
+  startStream();
+});
+
+$("forget").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  localStorage.removeItem(KEY);
+  token = "";
+  showLogin("");
+});
+
+$("broadcast").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const out = $("bc-result");
+  const body = {
+    data: $("bc-data").value,
+    channel: $("bc-channel").value.trim() || null,
+    event: $("bc-event").value.trim() || null,
+  };
+  out.className = "";
+  out.textContent = "sending…";
+  try {
+    const res = await fetch("/api/broadcast", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    if (res.status === 401) { showLogin("That token was refused."); return; }
+    if (!res.ok) {
+      out.className = "bad";
+      out.textContent = "Not sent (" + res.status + "): " + await errorText(res);
+      return;
+    }
+    const result = await res.json();
+    out.className = "ok";
+    out.dataset.id = String(result.id);
+    out.textContent = "Sent message #" + result.id + " to " + int(result.recipients)
+      + " connection" + (result.recipients === 1 ? "" : "s") + ".";
+  } catch (e) {
+    out.className = "bad";
+    out.textContent = "Not sent: admin sidecar unreachable";
+  }
+});
+
+if (token) startStream(); else showLogin("");

@@ -1,0 +1,108 @@
+"""The sidecar's real entry point against the real comet service (no test doubles)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .processes import CurlClients, RealService, Sidecar, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (./dev test)")
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cadm-i-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def service(tmp: Path) -> Iterator[RealService]:
+    with RealService(tmp) as svc:
+        yield svc
+
+
+@pytest.fixture
+def sidecar(tmp: Path, service: RealService) -> Iterator[Sidecar]:
+    with Sidecar(tmp, service.control_socket) as admin:
+        yield admin
+
+
+def conns(admin: Sidecar) -> int:
+    return int(httpx.get(admin.url + "/api/stats", headers=admin.auth).json()["totals"]["conns"])
+
+
+def test_stats_broadcast_metrics_against_the_real_service(
+    tmp: Path, service: RealService, sidecar: Sidecar
+) -> None:
+    health = httpx.get(sidecar.url + "/healthz").json()
+    assert health["service"] == {**health["service"], "reachable": True, "workers": 1}
+    with CurlClients(tmp, f"http://127.0.0.1:{service.port}/", 3) as curls:
+        wait_for(lambda: conns(sidecar) == 3, 20, "3 connections in the frame")
+        wait_for(lambda: all("Welcome!" in t for t in curls.texts()), 10, "welcome lines")
+        channels = httpx.get(sidecar.url + "/api/channels", headers=sidecar.auth).json()
+        assert channels["channels"].get("default") == 3
+        r = httpx.post(
+            sidecar.url + "/api/broadcast", headers=sidecar.auth, json={"data": "integration-hello"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["recipients"] == 3 and r.json()["id"] >= 1
+        wait_for(
+            lambda: all("integration-hello\n" in t for t in curls.texts()),
+            10,
+            "the broadcast on every curl client",
+        )
+        text = httpx.get(sidecar.url + "/metrics", headers=sidecar.auth).text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["comet_connections"].samples[0].value == 3
+        worker = families["comet_worker_connections"].samples[0]
+        assert worker.labels["worker"] == "0" and worker.value == 3
+        assert families["comet_resident_memory_bytes"].samples[0].value > 1_000_000
+
+
+def test_stream_and_restart_of_the_real_service(
+    tmp: Path, service: RealService, sidecar: Sidecar
+) -> None:
+    with httpx.Client(base_url=sidecar.url, headers=sidecar.auth, timeout=15) as client:
+        with client.stream("GET", "/api/stats/stream") as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            frames = []
+            for line in lines:
+                if line.startswith("data: "):
+                    frames.append(json.loads(line[6:]))
+                    if len(frames) == 2:
+                        break
+            assert frames[1]["step"] > frames[0]["step"]
+            assert frames[0]["workers"][0]["pid"] > 0
+
+            service.stop()
+            events = []
+            for line in lines:
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    if events[-1] == "unavailable":
+                        break
+            assert "unavailable" in events
+            r503 = client.get("/api/stats")
+            assert r503.status_code == 503
+            assert str(service.control_socket) in r503.json()["detail"]
+
+            service.start()  # same socket path, a new supervisor
+            resumed = None
+            for line in lines:
+                if line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if "step" in data:  # a frame, not the reconnected event's payload
+                        resumed = data
+                        break
+            assert resumed is not None and resumed["uptime_s"] < 30
+    assert httpx.get(sidecar.url + "/api/stats", headers=sidecar.auth).status_code == 200
