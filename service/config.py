@@ -86,6 +86,9 @@ class Config:
     node_id: str = field(default_factory=lambda: os.uname().nodename)
     node_ttl: float = 5.0
 
+    # Supervisor fan-out (appended by the supervisor issue)
+    fanout_parallel: int = 0  # workers writing one broadcast at once; 0 = one per CPU core
+
     # ---- derived values ----------------------------------------------------------------------
     def connection_cap(self, nofile: int | None = None) -> int:
         """Connections one worker accepts before answering 503."""
@@ -166,6 +169,7 @@ _HELP = {
     "bus": "broadcast bus: 'local' or a redis:// URL for multi-node",
     "node_id": "this node's name in a multi-node cluster",
     "node_ttl": "seconds a node's published frame lives in the cluster view",
+    "fanout_parallel": "workers writing one broadcast at the same time (0 = one per CPU core)",
 }
 
 

@@ -351,6 +351,9 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._port_sock: socket.socket | None = None
         self.nofile = 0
+        self.fanout_parallel = (
+            config.fanout_parallel if config.fanout_parallel > 0 else (os.cpu_count() or 1)
+        )
 
     # ---- Backend for the control socket --------------------------------------------------------
     def latest_frame(self) -> dict[str, Any] | None:
@@ -373,10 +376,16 @@ class Supervisor:
     async def fan_out(self, msg: Msg) -> int:
         """Hand a numbered message to every live worker; the sum of their recipients."""
         slots = [s for s in self.slots if s.usable]
-        answers = await asyncio.gather(
-            *(s.request({"op": "broadcast", "msg": msg}, BROADCAST_TIMEOUT) for s in slots),
-            return_exceptions=True,
-        )
+        # At most one worker per core writes at a time: 52 workers fanning out at once on 2
+        # cores would all be runnable together and each loop would stall for the others'
+        # time slices; in waves the total work is the same but every busy loop keeps its core.
+        wave = asyncio.Semaphore(self.fanout_parallel)
+
+        async def one(slot: WorkerSlot) -> dict[str, Any]:
+            async with wave:
+                return await slot.request({"op": "broadcast", "msg": msg}, BROADCAST_TIMEOUT)
+
+        answers = await asyncio.gather(*(one(s) for s in slots), return_exceptions=True)
         total = 0
         for slot, ans in zip(slots, answers, strict=True):
             if isinstance(ans, BaseException):
