@@ -1,0 +1,118 @@
+"""The supervisor's own pieces: bus ids and history, CSV rotation, sockstat parsing; and a
+restarted worker that serves history it got from the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import http.client
+import json
+import os
+import signal
+
+import pytest
+
+from service.bus import History, LocalBus
+from service.csvlog import COLUMNS, CsvLog
+from service.metrics import read_sockstat
+from tests.service.supervisor_helpers import Service, wait_for
+
+
+def test_local_bus_numbers_once_and_keeps_per_channel_history():
+    async def go():
+        bus = LocalBus(history_size=3, history_max_age=300)
+        ids = [
+            (await bus.publish(f"m{i}", "news" if i % 2 else None, None))["id"] for i in range(10)
+        ]
+        assert ids == list(range(1, 11)) and bus.last_id == 10
+        hist = bus.history()
+        # three newest per ring: channel None (2, 6, 8... even i) and "news" (odd i)
+        assert [m["id"] for m in hist] == [5, 6, 7, 8, 9, 10]
+        assert all(m["ts"] > 0 for m in hist)
+
+    asyncio.run(go())
+
+
+def test_history_drops_messages_past_max_age():
+    h = History(size=10, max_age=60)
+    h.add({"id": 1, "channel": None, "event": None, "data": "old", "ts": 1000.0})
+    h.add({"id": 2, "channel": "c", "event": None, "data": "new", "ts": 1100.0})
+    assert [m["id"] for m in h.snapshot(now=1120.0)] == [2]
+
+
+def test_csv_rotates_by_size_and_keeps_a_header_in_every_file(tmp_path):
+    log = CsvLog(str(tmp_path), max_bytes=600, backups=2, start=0)
+    frame = {
+        "t": 1.0,
+        "step": 1,
+        "frame_ms": 0.5,
+        "totals": {
+            "conns": 1,
+            "cpu_percent": 1.0,
+            "rss_bytes": 1 << 20,
+            "accepted_total": 1,
+            "closed_total": 0,
+            "rejected_total": 0,
+            "msgs_sent_total": 0,
+            "bytes_sent_total": 0,
+            "lag_ms": {"avg": 0.1, "p90": 0.2, "max": 0.3},
+        },
+        "system": {
+            "cpu": {"user": 1, "sys": 1, "idle": 98},
+            "mem": {"used": 1 << 30, "cached": 1 << 29},
+            "sockstat": {"TCP": {"inuse": 3, "mem": 4}},
+        },
+        "workers": [{"state": "up"}],
+    }
+    for i in range(40):
+        log.write({**frame, "step": i + 1, "t": 1.0 + i})
+    log.close()
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 3, files  # current + 2 backups
+    for name in files:
+        with open(tmp_path / name, newline="") as f:
+            rows = list(csv.reader(f))
+        assert tuple(rows[0]) == COLUMNS
+        assert all(len(r) == len(COLUMNS) for r in rows)
+    data = []
+    for name in (f"{log.path}.2", f"{log.path}.1", log.path):  # oldest first
+        with open(name, newline="") as f:
+            data += list(csv.reader(f))[1:]
+    steps = [int(r[0]) for r in data]
+    assert steps == list(range(steps[0], 41))  # newest rows kept, in order, none lost between
+
+
+def test_sockstat_parser(tmp_path):
+    p = tmp_path / "sockstat"
+    p.write_text("sockets: used 10\nTCP: inuse 5 orphan 0 tw 2 alloc 7 mem 1\nUDP: inuse 1 mem 0\n")
+    assert read_sockstat(str(p)) == {
+        "sockets": {"used": 10},
+        "TCP": {"inuse": 5, "orphan": 0, "tw": 2, "alloc": 7, "mem": 1},
+        "UDP": {"inuse": 1, "mem": 0},
+    }
+
+
+@pytest.mark.timeout(60)
+def test_restarted_worker_serves_history_from_the_supervisor(tmp_path):
+    svc = Service(tmp_path, "--workers", "1")
+    try:
+        health = svc.wait_up(1)
+        ids = [svc.ask({"op": "broadcast", "data": f"hist-{i}"})["id"] for i in range(3)]
+        os.kill(health["pids"][0], signal.SIGKILL)
+        wait_for(
+            lambda: (h := svc.health()) and h["workers"] == 1 and h["pids"][0] != health["pids"][0],
+            5,
+            "replacement",
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+        try:
+            conn.request("GET", f"/poll/default?since={ids[0] - 1}&timeout=1")
+            body = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        assert [m["id"] for m in body["messages"]] == ids
+        assert [m["data"] for m in body["messages"]] == ["hist-0", "hist-1", "hist-2"]
+        # The new worker continues the same sequence.
+        assert svc.ask({"op": "broadcast", "data": "next"})["id"] == ids[-1] + 1
+    finally:
+        assert svc.stop() == 0, svc.log()
