@@ -83,8 +83,8 @@ class Conn(asyncio.Protocol):
         """Called when the client half-closes: nothing more can come, so close our side too."""
         if self.state == HEAD:
             self.close()
-        # A half-closed stream (e.g. `curl < /dev/null`) keeps receiving until the client goes.
-        return self.state <= 3
+        # A half-closed stream or poll (e.g. `nc -N`) keeps receiving until the client goes.
+        return self.state <= POLL
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Called by the transport when the connection is closed."""

@@ -133,6 +133,9 @@ class Worker:
         ``channel``/``event`` = None.
         """
         m = dict(msg)
+        size = len(str(m.get("data", "")).encode("utf-8", "replace"))
+        if size > self.config.limit_message_bytes:
+            raise ValueError(f"data is {size} bytes, over limit_message_bytes")
         if m.get("id") is None:
             m["id"] = self.hub.last_id + 1
         m.setdefault("ts", time.time())

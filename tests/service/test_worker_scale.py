@@ -102,7 +102,7 @@ def test_ten_thousand_connections_one_broadcast() -> None:
 
 
 def test_control_protocol_init_stats_broadcast_channels_drain() -> None:
-    w = SubprocessWorker(ping_interval=30.0)
+    w = SubprocessWorker(ping_interval=30.0, limit_message_bytes=100)
     try:
         assert w.ready == {"op": "ready", "pid": w.proc.pid, "index": 3}
         history = [
@@ -125,6 +125,9 @@ def test_control_protocol_init_stats_broadcast_channels_drain() -> None:
             b = w.ask("broadcast", msg=msg)
             assert b["ok"] is True and b["recipients"] == 1 and "elapsed_ms" in b
             assert b"id: 7\ndata: seven" in read_until(s, b"seven")
+            big = {"id": 8, "channel": "c", "event": None, "data": "x" * 101, "ts": 0.0}
+            too_big = w.ask("broadcast", msg=big)
+            assert too_big["ok"] is False and "limit_message_bytes" in too_big["error"]
             bad = w.ask("nonsense")
             assert bad["ok"] is False and "unknown op" in bad["error"]
             d = w.ask("drain", grace=2)

@@ -261,6 +261,15 @@ def test_long_poll_immediate_wait_and_keepalive(w: ThreadWorker) -> None:
         assert r["messages"] == [] and 0.25 < time.monotonic() - t0 < 3
 
 
+def test_long_poll_answered_after_client_half_close(w: ThreadWorker) -> None:
+    with connect(w.port) as s:
+        s.sendall(b"GET /poll/lphc?timeout=5 HTTP/1.1\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(0.2)
+        w.broadcast("after-eof", channel="lphc")
+        assert b'"data":"after-eof"' in read_until(s, b"after-eof")
+
+
 def test_long_poll_since_absent_means_only_new(w: ThreadWorker) -> None:
     w.broadcast("old", channel="lpn")
     with connect(w.port) as s:
