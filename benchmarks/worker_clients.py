@@ -102,7 +102,7 @@ async def main() -> None:
                 pass
             print(f"GOT {Client.counts['got']} {Client.t_last:.6f}", flush=True)
     for t in transports:
-        t.abort()
+        t.abort()  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
