@@ -70,8 +70,9 @@ class Agent:
         self.server: asyncio.Server | None = None
 
     async def start(self, bind: str, port: int) -> int:
-        await self.pool.start()
+        # Control port first: if it is taken, fail before any connection is opened.
         self.server = await asyncio.start_server(self._handle, bind, port, limit=MAX_HEAD)
+        await self.pool.start()
         sock = self.server.sockets[0]
         return int(sock.getsockname()[1])
 

@@ -249,8 +249,13 @@ def listening_pids(port: int) -> list[int]:
     every process, which takes seconds on a loaded box, so it is only the fallback.
     """
     try:
-        out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["ss", "-Hltnp", f"sport = :{port}"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return sorted({int(m) for m in re.findall(r"pid=(\d+)", out)})
     except (OSError, subprocess.SubprocessError):
         pass

@@ -244,6 +244,7 @@ class StreamConn(asyncio.Protocol):
         "chunk_left",
         "t0",
         "aborted",
+        "made",
     )
 
     def __init__(self, engine: Engine) -> None:
@@ -258,6 +259,7 @@ class StreamConn(asyncio.Protocol):
         self.chunk_left = 0  # >0 data bytes left in chunk; <0 CRLF bytes to skip after it
         self.t0 = time.monotonic()
         self.aborted = False  # True when the engine closed it on purpose (not an error)
+        self.made = False  # connection_made ran (it then moved the count to ``pending``)
 
     # Protocol interface
 
@@ -265,6 +267,10 @@ class StreamConn(asyncio.Protocol):
         """Called when the socket is connected: send the request."""
         # uvloop's transports are not asyncio.Transport subclasses, but have the same interface.
         self.transport = cast(asyncio.Transport, transport)
+        # From "connecting" to "pending" in one step, so _fill never counts this one twice
+        # (counting it twice made it abort fresh connections as surplus).
+        self.made = True
+        self.engine.connecting -= 1
         self.engine.pending.add(self)
         self.transport.write(self.engine.request)
 
@@ -516,6 +522,13 @@ class Engine:
         loop = asyncio.get_running_loop()
         c = self.config
         sock: socket.socket | None = None
+        made: list[StreamConn] = []
+
+        def factory() -> StreamConn:
+            conn = StreamConn(self)
+            made.append(conn)
+            return conn
+
         try:
             family = socket.AF_INET6 if ":" in c.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -526,7 +539,7 @@ class Engine:
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((src, 0))
             await asyncio.wait_for(loop.sock_connect(sock, (c.host, c.port)), CONNECT_TIMEOUT)
-            await loop.create_connection(lambda: StreamConn(self), sock=sock)
+            await loop.create_connection(factory, sock=sock)
             sock = None
             self.fail_streak = 0
         except (TimeoutError, OSError):
@@ -538,7 +551,8 @@ class Engine:
         finally:
             if sock is not None:
                 sock.close()
-            self.connecting -= 1
+            if not (made and made[0].made):
+                self.connecting -= 1  # connection_made never ran: it did not take over the count
         self._fill()
 
     # Callbacks from connections

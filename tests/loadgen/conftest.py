@@ -96,20 +96,46 @@ class Service:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
-        cmd = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", str(self.workers), "--target-connections", "1000",
-               "--control-socket", self.sock, "--log-dir", str(self.log_dir), "--screen", "off",
-               "--ping-interval", "1", "--grace", "2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "service",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--target-connections",
+            "1000",
+            "--control-socket",
+            self.sock,
+            "--log-dir",
+            str(self.log_dir),
+            "--screen",
+            "off",
+            "--ping-interval",
+            "1",
+            "--grace",
+            "2",
+        ]
         log = open(self.tmp / "service.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         log.close()
 
         def up() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError("service exited:\n"
-                                     + (self.tmp / "service.log").read_text()[-3000:])
+                raise AssertionError(
+                    "service exited:\n" + (self.tmp / "service.log").read_text()[-3000:]
+                )
             try:
                 return bool(control(self.sock, {"op": "health"}).get("ok"))
             except OSError:
@@ -133,11 +159,26 @@ class Agent:
 
     def __init__(self, tmp: Path, *args: str) -> None:
         self.log = tmp / f"agent-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "loadgen", "agent", "--control-port", "0",
-               "--bind", "127.0.0.1", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loadgen",
+            "agent",
+            "--control-port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            *args,
+        ]
         with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
         m = re.search(r"http://[^:]+:(\d+)/", line)
@@ -193,9 +234,12 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
 
 @pytest.fixture
 def fixture_server() -> Iterator[int]:
-    proc = subprocess.Popen([sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5"],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())

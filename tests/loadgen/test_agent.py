@@ -18,8 +18,9 @@ def server_conns(svc: Service) -> int:
 
 
 def test_agent_ramps_up_down_and_to_zero_against_the_service(service, agents):
-    a = agents("--host", "127.0.0.1", "--port", str(service.port), "--n", "300",
-               "--concurrency", "50")
+    a = agents(
+        "--host", "127.0.0.1", "--port", str(service.port), "--n", "300", "--concurrency", "50"
+    )
     s = a.wait_clients(300)
     assert s["errors_req"] == 0 and s["errors_resp"] == 0
     assert s["procs"] == 1  # auto: 300 connections fit in one engine process
@@ -52,14 +53,21 @@ def test_timed_broadcasts_give_latency_and_last_delivery(service, agents):
     sent = []
     for seq in (1, 2, 3):
         ts = time.time()
-        answer = control(service.sock, {"op": "broadcast", "channel": None, "event": None,
-                                        "data": json.dumps({"ts": ts, "seq": seq})})
+        answer = control(
+            service.sock,
+            {
+                "op": "broadcast",
+                "channel": None,
+                "event": None,
+                "data": json.dumps({"ts": ts, "seq": seq}),
+            },
+        )
         assert answer["ok"] and answer["recipients"] >= 200
         sent.append(ts)
-    control(service.sock, {"op": "broadcast", "data": "not timed", "channel": None,
-                           "event": None})
-    s = wait_until(lambda: (st := a.stats())["latency_ms"]["count"] >= 600 and st, 15,
-                   "600 timed deliveries")
+    control(service.sock, {"op": "broadcast", "data": "not timed", "channel": None, "event": None})
+    s = wait_until(
+        lambda: (st := a.stats())["latency_ms"]["count"] >= 600 and st, 15, "600 timed deliveries"
+    )
     lat = s["latency_ms"]
     assert lat["count"] == 600
     assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"] < 10_000
@@ -73,14 +81,36 @@ def test_control_api_and_bad_input(fixture_server, agents):
     a = agents("--port", str(fixture_server), "--n", "20", "--procs", "0")
     a.wait_clients(20)
     s = a.stats()
-    for key in ("clients", "inproc", "errors_req", "errors_resp", "ended_req", "msgs_total",
-                "bytes_total", "latency_ms", "last_delivery", "config"):
+    for key in (
+        "clients",
+        "inproc",
+        "errors_req",
+        "errors_resp",
+        "ended_req",
+        "msgs_total",
+        "bytes_total",
+        "latency_ms",
+        "last_delivery",
+        "config",
+    ):
         assert key in s
-    assert s["config"] == {"n": 20, "host": "127.0.0.1", "port": fixture_server, "path": "/",
-                           "concurrency": 100}
-    for query, name in (("n=abc", "n"), ("n=-1", "n"), ("port=0", "port"), ("port=x", "port"),
-                        ("concurrency=0", "concurrency"), ("path=nope", "path"),
-                        ("host=a%20b", "host"), ("bogus=1", "bogus")):
+    assert s["config"] == {
+        "n": 20,
+        "host": "127.0.0.1",
+        "port": fixture_server,
+        "path": "/",
+        "concurrency": 100,
+    }
+    for query, name in (
+        ("n=abc", "n"),
+        ("n=-1", "n"),
+        ("port=0", "port"),
+        ("port=x", "port"),
+        ("concurrency=0", "concurrency"),
+        ("path=nope", "path"),
+        ("host=a%20b", "host"),
+        ("bogus=1", "bogus"),
+    ):
         status, body = a.get(f"/set?{query}")
         assert status == 400, query
         assert body["param"] == name and body["error"].startswith(name + ":"), body
@@ -106,11 +136,14 @@ def test_control_api_and_bad_input(fixture_server, agents):
 
 
 def test_connections_come_from_the_source_range(fixture_server, agents):
-    a = agents("--port", str(fixture_server), "--n", "60", "--source-ips",
-               "127.0.0.2-127.0.0.4")
+    a = agents("--port", str(fixture_server), "--n", "60", "--source-ips", "127.0.0.2-127.0.0.4")
     a.wait_clients(60)
-    out = subprocess.run(["ss", "-Htn", "state", "established", f"dport = :{fixture_server}"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ss", "-Htn", "state", "established", f"dport = :{fixture_server}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     sources = {line.split()[2].rsplit(":", 1)[0] for line in out.splitlines() if line.strip()}
     assert sources == {"127.0.0.2", "127.0.0.3", "127.0.0.4"}
 
@@ -146,13 +179,28 @@ def test_agent_help_and_bad_flags():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "loadgen", "agent", "--help"],
-                         capture_output=True, text=True, check=True).stdout
-    for flag in ("--n", "--host", "--port", "--path", "--concurrency", "--control-port",
-                 "--procs", "--source-ips"):
+    out = subprocess.run(
+        [sys.executable, "-m", "loadgen", "agent", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--n",
+        "--host",
+        "--port",
+        "--path",
+        "--concurrency",
+        "--control-port",
+        "--procs",
+        "--source-ips",
+    ):
         assert flag in out
-    bad = subprocess.run([sys.executable, "-m", "loadgen", "agent", "--source-ips", "1.2.3"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "loadgen", "agent", "--source-ips", "1.2.3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "source-ips" in bad.stderr
     assert "Traceback" not in bad.stderr
 

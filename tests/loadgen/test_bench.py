@@ -20,15 +20,31 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen.bench", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "160"})
+    return subprocess.run(
+        [sys.executable, "-m", "loadgen.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "160"},
+    )
 
 
 def test_small_bench_produces_every_output(tmp_path):
     out = tmp_path / "out"
-    r = bench("--conns", "2000", "--rate", "2000", "--hold", "2", "--broadcasts", "3",
-              "--out", str(out), "--no-progress")
+    r = bench(
+        "--conns",
+        "2000",
+        "--rate",
+        "2000",
+        "--hold",
+        "2",
+        "--broadcasts",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["reached"] == 2000 and report["held"] == 2000
@@ -55,8 +71,14 @@ def test_small_bench_produces_every_output(tmp_path):
         assert (out / name).read_bytes()[:8] == PNG, name
         assert (out / name).stat().st_size > 10_000
     # The printed table and preflight.
-    for text in ("preflight", "ramp time", "server RSS per connection", "worst loop lag",
-                 "broadcast 3", "delivery latency"):
+    for text in (
+        "preflight",
+        "ramp time",
+        "server RSS per connection",
+        "worst loop lag",
+        "broadcast 3",
+        "delivery latency",
+    ):
         assert text in r.stdout, text
     # Nothing left running.
     assert not psutil.pid_exists(report["service_pid"])
@@ -71,9 +93,23 @@ def test_bench_against_another_server_with_publish_cmd(tmp_path, fixture_server)
         "+ urllib.parse.quote(sys.argv[1])).read()"
     )
     cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(publish)} {{data}}"
-    r = bench("--target", f"http://127.0.0.1:{fixture_server}/", "--publish-cmd", cmd,
-              "--conns", "300", "--rate", "1000", "--hold", "1", "--broadcasts", "2",
-              "--out", str(out), "--no-progress")
+    r = bench(
+        "--target",
+        f"http://127.0.0.1:{fixture_server}/",
+        "--publish-cmd",
+        cmd,
+        "--conns",
+        "300",
+        "--rate",
+        "1000",
+        "--hold",
+        "1",
+        "--broadcasts",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["reached"] == 300
@@ -93,10 +129,24 @@ def test_bench_bad_arguments():
 
 def test_bench_ctrl_c_stops_everything(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadgen.bench", "--conns", "3000", "--rate", "100",
-         "--out", str(tmp_path / "out"), "--no-progress"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "loadgen.bench",
+            "--conns",
+            "3000",
+            "--rate",
+            "100",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         service_pid = None
@@ -119,8 +169,9 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
         assert "Traceback" not in rest
 
         def all_gone() -> bool:
-            return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                           for p in started)
+            return not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in started
+            )
 
         wait_until(all_gone, 10, "every started process to exit")
     finally:

@@ -12,9 +12,14 @@ from tests.loadgen.conftest import ROOT, free_port, wait_until
 
 
 def run_fleet(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loadgen", "fleet", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60,
-                          env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", "loadgen", "fleet", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_fleet_set_status_restart_three_agents(service, agents, tmp_path):
@@ -37,10 +42,15 @@ def test_fleet_set_status_restart_three_agents(service, agents, tmp_path):
 
     # The same fleet from an Ansible inventory (YAML), group loadgen.
     inv = tmp_path / "hosts.yml"
-    hosts = "\n".join(f"        agent{i}:\n          ansible_host: 127.0.0.1\n"
-                      f"          loadgen_control_port: {a.port}" for i, a in enumerate(trio))
-    inv.write_text(f"all:\n  children:\n    loadgen:\n      hosts:\n{hosts}\n"
-                   "    comet:\n      hosts:\n        server1:\n")
+    hosts = "\n".join(
+        f"        agent{i}:\n          ansible_host: 127.0.0.1\n"
+        f"          loadgen_control_port: {a.port}"
+        for i, a in enumerate(trio)
+    )
+    inv.write_text(
+        f"all:\n  children:\n    loadgen:\n      hosts:\n{hosts}\n"
+        "    comet:\n      hosts:\n        server1:\n"
+    )
     r = run_fleet("--inventory", str(inv), "--group", "loadgen", "restart")
     assert r.returncode == 0, r.stderr
     assert "3/3 agents ok" in r.stdout
@@ -76,9 +86,13 @@ def test_fleet_status_refreshes(agents, fixture_server):
     from rich.console import Console
 
     buf = StringIO()
-    code = fleet.status([f"127.0.0.1:{a.port}"], once=False, interval=0.6,
-                        console=Console(file=buf, width=200, force_terminal=False),
-                        iterations=3)
+    code = fleet.status(
+        [f"127.0.0.1:{a.port}"],
+        once=False,
+        interval=0.6,
+        console=Console(file=buf, width=200, force_terminal=False),
+        iterations=3,
+    )
     assert code == 0
     # The second and third refresh know the message rate (pings every 0.5 s on 5 streams).
     assert "msgs/s" in buf.getvalue()
@@ -87,16 +101,23 @@ def test_fleet_status_refreshes(agents, fixture_server):
 
 def test_inventory_formats(tmp_path):
     ini = tmp_path / "hosts"
-    ini.write_text("[comet]\nserver1\n\n[loadgen]\nlg1 ansible_host=10.0.0.5\n"
-                   "lg2 loadgen_control_port=9000\n\n[more]\nlg3\n\n"
-                   "[loadgen:children]\nmore\n")
+    ini.write_text(
+        "[comet]\nserver1\n\n[loadgen]\nlg1 ansible_host=10.0.0.5\n"
+        "lg2 loadgen_control_port=9000\n\n[more]\nlg3\n\n"
+        "[loadgen:children]\nmore\n"
+    )
     assert fleet.agents_from_inventory(str(ini), "loadgen") == [
-        "10.0.0.5:8889", "lg2:9000", "lg3:8889"]
+        "10.0.0.5:8889",
+        "lg2:9000",
+        "lg3:8889",
+    ]
     with pytest.raises(fleet.FleetError, match="no group 'nope'"):
         fleet.agents_from_inventory(str(ini), "nope")
     yml = tmp_path / "inv.yml"
-    yml.write_text("all:\n  children:\n    loadgen:\n      vars:\n        loadgen_control_port: 7000"
-                   "\n      hosts:\n        a:\n        b:\n          ansible_host: 10.1.1.1\n")
+    yml.write_text(
+        "all:\n  children:\n    loadgen:\n      vars:\n        loadgen_control_port: 7000"
+        "\n      hosts:\n        a:\n        b:\n          ansible_host: 10.1.1.1\n"
+    )
     assert fleet.agents_from_inventory(str(yml), "loadgen") == ["a:7000", "10.1.1.1:7000"]
     assert fleet.parse_agents("h1,h2:9,[::1]:7") == ["h1:8889", "h2:9", "[::1]:7"]
     with pytest.raises(fleet.FleetError):
