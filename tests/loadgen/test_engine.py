@@ -1,0 +1,132 @@
+"""The engine's pieces on bytes alone: de-chunking, line splitting, timed messages, stats."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loadgen.client import (
+    Engine,
+    EngineConfig,
+    Stats,
+    StreamConn,
+    auto_procs,
+    parse_source_ips,
+    split_n,
+)
+
+
+class FakeTransport:
+    """Records writes; the engine only writes, aborts and closes."""
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def feed(pieces: list[bytes]) -> tuple[Engine, StreamConn]:
+    engine = Engine(EngineConfig(n=1))
+    engine.connecting = 1
+    conn = StreamConn(engine)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    for p in pieces:
+        conn.data_received(p)
+    return engine, conn
+
+
+def chunked(lines: list[bytes]) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in lines)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    cuts = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for c in cuts:
+        out.append(data[prev:c])
+        prev = c
+    out.append(data[prev:])
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+def test_any_split_of_a_chunked_stream_gives_the_same_lines(cuts):
+    now = time.time()
+    timed = json.dumps({"ts": now, "seq": 7}).encode()
+    body = [b"Welcome!\n", b"ping\n", timed + b"\n", b"two\nlines\n", b"split ", b"line\n"]
+    engine, conn = feed(split_at(chunked(body), cuts))
+    assert engine.msgs_total == 6  # Welcome, ping, timed, two, lines, "split line"
+    assert engine.timed_total == 1 and engine.deliveries == {7: 1}
+    assert len(engine.conns) == 1 and not engine.pending
+    assert engine.bytes_total == len(chunked(body))
+
+
+def test_identity_body_and_sse_lines():
+    ts = time.time()
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+    sse = (
+        b"retry: 3000\n\nevent: welcome\ndata: Welcome!\n\n"
+        + b"data: "
+        + json.dumps({"ts": ts, "seq": 3}).encode()
+        + b"\n\n"
+    )
+    engine, _ = feed([head + sse])
+    assert engine.timed_total == 1 and 3 in engine.last_delivery
+
+
+def test_non_200_is_a_response_error_and_closes():
+    engine, conn = feed([b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\r\n"])
+    assert engine.errors_resp == 1 and conn.transport.closed  # type: ignore[union-attr]
+    assert not engine.conns
+
+
+def test_last_chunk_ends_the_stream():
+    engine, conn = feed([chunked([b"Welcome!\n"]) + b"0\r\n\r\n"])
+    assert conn.transport.closed  # type: ignore[union-attr]
+
+
+def test_untimed_json_is_ignored():
+    lines = [b'{"ts": "x", "seq": 1}\n', b'{"ts": 1.5, "seq": true}\n', b"{not json\n", b"[1,2]\n"]
+    engine, _ = feed([chunked(lines)])
+    assert engine.timed_total == 0 and engine.msgs_total == 4
+
+
+def test_stats_merge_and_percentiles():
+    a, b = Stats(clients=2, lat_max_ms=5.0), Stats(clients=3, lat_max_ms=50.0)
+    a.lat_hist = {100: 9}
+    b.lat_hist = {300: 1}
+    a.timed_total, b.timed_total = 9, 1
+    a.last_delivery, b.last_delivery = {1: 10.0}, {1: 12.0, 2: 3.0}
+    a.merge(Stats.from_wire(b.to_wire()))
+    assert a.clients == 5 and a.timed_total == 10 and a.last_delivery == {1: 12.0, 2: 3.0}
+    p50, p99 = a.percentile(50), a.percentile(99)
+    assert p50 is not None and p99 is not None and p50 < p99 <= 50.0
+    assert Stats().latency_summary()["p50"] is None
+
+
+def test_source_ips_and_procs():
+    assert parse_source_ips("127.0.0.2-127.0.0.4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert parse_source_ips("auto", "127.0.0.1")[0] == "127.0.0.2"
+    assert len(parse_source_ips("auto", "localhost")) == 40
+    assert parse_source_ips("none") == []
+    assert parse_source_ips("10.0.0.1, 10.0.0.2") == ["10.0.0.1", "10.0.0.2"]
+    with pytest.raises(ValueError, match="source-ips"):
+        parse_source_ips("127.0.0.9-127.0.0.2")
+    with pytest.raises(ValueError, match="source-ips"):
+        parse_source_ips("nope")
+    assert auto_procs(100_000, 19_800) == 6 and auto_procs(0, 19_800) == 1
+    assert split_n(10, 3) == [4, 3, 3] and sum(split_n(100_001, 6)) == 100_001
