@@ -285,6 +285,9 @@ class ControlChannel:
                 self.send({"rid": rid, "ok": False, "error": f"unknown op {op!r}"})
         except (ValueError, TypeError, KeyError) as exc:
             self.send({"rid": rid, "ok": False, "error": f"{op}: {exc}"})
+        except Exception as exc:  # a bug must not leave the supervisor waiting for an answer
+            log.exception("control request %r failed", op)
+            self.send({"rid": rid, "ok": False, "error": f"{op}: internal error: {exc}"})
 
 
 # -- process entry -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from tests.service.worker_harness import (
     ThreadWorker,
+    channel_count,
     connect,
     dechunk,
     make_config,
@@ -23,6 +24,8 @@ from tests.service.worker_harness import (
     running_worker,
     split_head,
     status_of,
+    subscribe,
+    wait_for,
 )
 
 
@@ -30,27 +33,6 @@ from tests.service.worker_harness import (
 def w() -> Iterator[ThreadWorker]:
     with running_worker(timeout_header=1.0, history_size=5, timeout_keepalive=2.0) as tw:
         yield tw
-
-
-def wait_for(pred, limit: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
-def subscribe(
-    w: ThreadWorker, path: str = "/", headers: str = "", ver: str = "1.1"
-) -> socket.socket:
-    s = connect(w.port)
-    s.sendall(f"GET {path} HTTP/{ver}\r\nHost: t\r\n{headers}\r\n".encode())
-    return s
-
-
-def channel_count(w: ThreadWorker, channel: str) -> int:
-    assert w.worker is not None
-    return int(w.call(w.worker.channels).get(channel, 0))
 
 
 # -- streams -------------------------------------------------------------------------------------

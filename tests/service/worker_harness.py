@@ -246,3 +246,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(pred, limit: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + limit
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def subscribe(
+    w: ThreadWorker, path: str = "/", headers: str = "", ver: str = "1.1"
+) -> socket.socket:
+    s = connect(w.port)
+    s.sendall(f"GET {path} HTTP/{ver}\r\nHost: t\r\n{headers}\r\n".encode())
+    return s
+
+
+def channel_count(w: ThreadWorker, channel: str) -> int:
+    assert w.worker is not None
+    return int(w.call(w.worker.channels).get(channel, 0))

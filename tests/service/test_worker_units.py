@@ -1,0 +1,73 @@
+"""Worker internals over real sockets: slicing, ordering, history age, the lag sampler."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import uvloop
+
+from service.lag import LagSampler
+from tests.service.worker_harness import (
+    channel_count,
+    read_until,
+    running_worker,
+    subscribe,
+    wait_for,
+)
+
+
+def test_small_slices_keep_order_and_reach_everyone() -> None:
+    # 7 connections written 2 per loop iteration: partial last slices, jobs queued back to back.
+    with running_worker(fanout_slice=2, ping_slice=2, ping_interval=0.1) as w:
+        socks = [subscribe(w, "/sub/sl?format=sse") for _ in range(7)]
+        try:
+            for s in socks:
+                read_until(s, b"Welcome!")
+            wait_for(lambda: channel_count(w, "sl") == 7)
+            assert w.worker is not None
+            worker = w.worker
+
+            async def burst() -> list[int]:
+                futs = [worker.broadcast({"data": f"b{i}", "channel": "sl"}) for i in range(20)]
+                return list(await asyncio.gather(*futs))
+
+            counts = asyncio.run_coroutine_threadsafe(burst(), w.loop).result(10)
+            assert counts == [7] * 20
+            for s in socks:
+                got = read_until(s, b"data: b19\n\n")
+                got += read_until(s, b": ping")
+                datas = re.findall(rb"data: (b\d+)\n", got)
+                assert datas == [f"b{i}".encode() for i in range(20)]
+        finally:
+            for s in socks:
+                s.close()
+
+
+def test_history_age_gives_reset() -> None:
+    with running_worker(history_max_age=0.3) as w:
+        w.broadcast("old", channel="age")
+        time.sleep(0.5)
+        w.broadcast("new", channel="age")
+        with subscribe(w, "/sub/age?format=sse&last_event_id=0") as s:
+            got = read_until(s, b"data: new\n\n")
+            assert b"event: reset" in got and b"data: old" not in got
+            assert b'"oldest_id": 2' in got
+
+
+def test_lag_sampler_sees_a_stall() -> None:
+    async def go() -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        lag = LagSampler(loop)
+        lag.start()
+        await asyncio.sleep(0.05)
+        lag.read()
+        time.sleep(0.08)  # block the loop
+        await asyncio.sleep(0.05)
+        out = lag.read()
+        lag.stop()
+        return out
+
+    out = uvloop.run(go())
+    assert out["max"] >= 60 and out["p90"] <= out["max"] and out["avg"] > 0
