@@ -142,6 +142,7 @@ class ClientFleet:
 
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
+    load_at_start = round(os.getloadavg()[0], 2)
     tmp = Path(tempfile.mkdtemp(prefix="comet-bench-"))
     port = free_port()
     sock_path = str(tmp / "control.sock")
@@ -211,6 +212,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         assert frame["totals"]["conns"] == args.conns, frame["totals"]
         loaded_rss = frame["totals"]["rss_bytes"]
 
+        load_before_broadcasts = os.getloadavg()[0]
         watcher = Watcher(sock_path)
         watcher.start()
         time.sleep(1.5)
@@ -256,6 +258,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
                 (w["lag_ms"]["max"] for f in idle for w in f["workers"]), default=None
             ),
             "frame_ms": frame["frame_ms"],
+            # Other work on the 2 cores shows up as loop lag; keep the host's load with the run.
+            "loadavg_1m_at_start": load_at_start,
+            "loadavg_1m_before_broadcasts": round(load_before_broadcasts, 2),
         }
     finally:
         if watcher is not None:
