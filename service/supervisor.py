@@ -200,9 +200,12 @@ class WorkerSlot:
         try:
             await self._handshake()
             await read_task
-        except (WorkerGone, TimeoutError, ConnectionError) as exc:
+        except (WorkerGone, TimeoutError, ConnectionError, RuntimeError) as exc:
             if not self.sup.stopping:
                 log.error("worker %d (pid %d): %s", self.index, proc.pid, exc or type(exc).__name__)
+        except Exception:
+            # Whatever went wrong, this slot must go on: log it and replace the process.
+            log.exception("worker %d (pid %d): supervisor error", self.index, proc.pid)
         finally:
             read_task.cancel()
             with contextlib.suppress(BaseException):
@@ -349,6 +352,7 @@ class Supervisor:
         self.started = time.time()
         self._frame: dict[str, Any] | None = None
         self._stop = asyncio.Event()
+        self._broadcast_lock = asyncio.Lock()
         self._port_sock: socket.socket | None = None
         self.nofile = 0
         self.fanout_parallel = (
@@ -369,11 +373,18 @@ class Supervisor:
         }
 
     async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
-        msg = await self.bus.publish(data, channel, event)
-        recipients = await self.fan_out(msg)
+        # One broadcast at a time: every worker then sees messages in id order, which SSE
+        # resume relies on; a second broadcast waits for the first to be written.
+        async with self._broadcast_lock:
+            msg = await self.bus.publish(data, channel, event)
+            recipients = await self._fan_out(msg)
         return {"id": msg["id"], "recipients": recipients}
 
     async def fan_out(self, msg: Msg) -> int:
+        async with self._broadcast_lock:
+            return await self._fan_out(msg)
+
+    async def _fan_out(self, msg: Msg) -> int:
         """Hand a numbered message to every live worker; the sum of their recipients."""
         slots = [s for s in self.slots if s.usable]
         # At most one worker per core writes at a time: 52 workers fanning out at once on 2

@@ -116,3 +116,30 @@ def test_restarted_worker_serves_history_from_the_supervisor(tmp_path):
         assert svc.ask({"op": "broadcast", "data": "next"})["id"] == ids[-1] + 1
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_broadcasts_get_unique_ids_delivered_in_order(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc = Service(tmp_path, "--workers", "2")
+    try:
+        svc.wait_up(2)
+
+        def send(i):
+            return svc.ask({"op": "broadcast", "data": f"c{i}", "channel": "order"})["id"]
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = sorted(pool.map(send, range(40)))
+        assert ids == list(range(ids[0], ids[0] + 40))
+        # Whichever worker answers, its history holds all 40 in id order.
+        for _ in range(4):
+            conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=10)
+            try:
+                conn.request("GET", f"/poll/order?since={ids[0] - 1}&timeout=1")
+                got = [m["id"] for m in json.loads(conn.getresponse().read())["messages"]]
+            finally:
+                conn.close()
+            assert got == ids
+    finally:
+        assert svc.stop() == 0, svc.log()
