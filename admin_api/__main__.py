@@ -10,7 +10,7 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from .main import create_app
+from .main import AdminServer, create_app
 from .settings import AdminSettings
 from .token import TokenError, is_loopback, resolve_token, token_configured
 
@@ -100,15 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         settings.port,
         settings.control_socket,
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         server_header=False,
-        # Open SSE streams never end on their own; do not let them hold a shutdown for long.
         timeout_graceful_shutdown=2,
     )
+    AdminServer(config, app).run()
     return 0
 
 

@@ -181,6 +181,7 @@ class FrameWatcher:
         self._changed: asyncio.Event | None = None
         self._attempted: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def state(self) -> WatchState:
@@ -201,6 +202,12 @@ class FrameWatcher:
         # Wake viewers still waiting so they can notice the shutdown.
         self._publish(connected=False, frame=self._state.frame, error="admin sidecar stopping")
 
+    def close_viewers(self) -> None:
+        """End every viewer's ``updates()`` (the server is shutting down): an SSE stream never
+        ends by itself and would otherwise hold the shutdown for the whole grace period."""
+        self._closing = True
+        self._publish(connected=False, frame=self._state.frame, error="admin sidecar stopping")
+
     async def ready(self, timeout: float) -> WatchState:
         """Start if needed and wait until the first connect attempt has an outcome."""
         self.start()
@@ -214,7 +221,7 @@ class FrameWatcher:
         ``None`` after ``keepalive`` seconds without news, so a stream can send a comment."""
         self.start()
         seen = -1
-        while True:
+        while not self._closing:
             state = self._state
             if state.version != seen:
                 seen = state.version

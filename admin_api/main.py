@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -97,6 +99,21 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class AdminServer(uvicorn.Server):
+    """uvicorn that ends the open SSE streams first when it shuts down, so that a restart of the
+    sidecar takes milliseconds instead of the whole graceful-shutdown timeout."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.admin_app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        watcher = getattr(self.admin_app.state, "watcher", None)
+        if isinstance(watcher, FrameWatcher):
+            watcher.close_viewers()
+        await super().shutdown(sockets)
 
 
 def _error(status_code: int, exc: Exception, headers: dict[str, str] | None = None) -> JSONResponse:

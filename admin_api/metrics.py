@@ -135,6 +135,12 @@ class FrameCollector(Collector):
         lag = GaugeMetricFamily(
             "comet_worker_loop_lag_seconds", "Event-loop lag per worker", labels=[*labels, "stat"]
         )
+        restarts = CounterMetricFamily(
+            "comet_worker_restarts",
+            "Times the supervisor restarted this worker slot",
+            labels=labels,
+        )
+        up = GaugeMetricFamily("comet_worker_up", "1 if the worker slot is up", labels=labels)
         for position, worker in enumerate(workers):
             if not isinstance(worker, Mapping):
                 continue
@@ -144,6 +150,11 @@ class FrameCollector(Collector):
                 value = _num(worker.get(key))
                 if value is not None:
                     family.add_metric(ids, value)
+            value = _num(worker.get("restarts"))
+            if value is not None:
+                restarts.add_metric(ids, value)
+            if isinstance(worker.get("state"), str):
+                up.add_metric(ids, 1.0 if worker["state"] == "up" else 0.0)
             value = _num(worker.get("msgs_sent_total"))
             if value is not None:
                 sent.add_metric(ids, value)
@@ -151,7 +162,7 @@ class FrameCollector(Collector):
                 value = _num(_get(worker, "lag_ms", stat))
                 if value is not None:
                     lag.add_metric([*ids, stat], value / 1000.0)
-        for metric in (conns, rss, cpu, sent, lag):
+        for metric in (conns, rss, cpu, sent, lag, restarts, up):
             if metric.samples:
                 yield metric
 

@@ -26,6 +26,7 @@ function duration(s) {
 }
 
 function setStatus(state, text) {
+  $("dash").classList.toggle("stale", state !== "live"); // numbers on screen are old
   const el = $("status");
   el.dataset.state = state;
   el.className = "pill pill-" + state;
@@ -37,18 +38,24 @@ const COLORS = ["#4fb3ff", "#3fb950", "#d29922", "#f85149", "#bc8cff"];
 const charts = {};
 const series = { t: [] };
 
+// labels: series names; a name ending in "@host" goes on a second, right-hand axis (host-wide
+// numbers dwarf the service's own, e.g. GiB of host memory against MiB of service RSS).
 function makeChart(id, labels) {
   const el = $(id);
+  const axis = { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" } };
+  const twoScales = labels.some((l) => l.endsWith("@host"));
   const opts = {
     width: Math.max(300, el.clientWidth), height: 200,
     cursor: { drag: { x: false, y: false } },
-    scales: { x: { time: true } },
-    axes: [
-      { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" } },
-      { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" }, size: 60 },
-    ],
-    series: [{}, ...labels.map((label, i) => ({ label, stroke: COLORS[i], width: 1.5,
-      points: { show: false } }))],
+    legend: { live: false },
+    // At least a minute of x axis: one or two points would otherwise stretch over years.
+    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] } },
+    axes: [axis, { ...axis, size: 60 }].concat(twoScales
+      ? [{ ...axis, scale: "host", side: 1, size: 60, grid: { show: false } }] : []),
+    series: [{}, ...labels.map((label, i) => ({
+      label: label.replace("@host", ""), stroke: COLORS[i], width: 1.5, points: { show: false },
+      scale: label.endsWith("@host") ? "host" : "y",
+    }))],
   };
   const data = [series.t, ...labels.map(() => [])];
   charts[id] = { plot: new uPlot(opts, data, el), data, el };
@@ -57,7 +64,7 @@ function makeChart(id, labels) {
 function initCharts() {
   if (charts["chart-conns"]) return;
   makeChart("chart-conns", ["connections"]);
-  makeChart("chart-mem", ["service RSS", "host used", "host cached"]);
+  makeChart("chart-mem", ["service RSS", "host used@host", "host cached@host"]);
   makeChart("chart-cpu", ["service", "host user", "host sys"]);
   makeChart("chart-lag", ["avg", "p90", "max"]);
   const resize = () => {
@@ -164,7 +171,8 @@ function handleEvent(name, data) {
     onFrame(JSON.parse(data));
     setStatus("live", "live");
   } else if (name === "unavailable") {
-    setStatus("down", "service unreachable: " + (JSON.parse(data).error || ""));
+    const info = JSON.parse(data);
+    setStatus("down", "service unreachable at " + info.control_socket + ": " + (info.error || ""));
   } else if (name === "reconnected") {
     setStatus("wait", "service back, waiting for frames");
   }

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from pydantic import SecretStr
 
-from admin_api.main import create_app
+from admin_api.main import AdminServer, create_app
 from admin_api.settings import AdminSettings
 
 from .fake_control import FakeControl
@@ -43,7 +44,7 @@ def fake(short_dir: Path) -> Iterator[FakeControl]:
 class ThreadedServer:
     """uvicorn serving an app in a thread, on a socket bound to a free loopback port."""
 
-    def __init__(self, app: object) -> None:
+    def __init__(self, app: FastAPI) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -52,7 +53,7 @@ class ThreadedServer:
         config = uvicorn.Config(
             app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on"
         )
-        self.server = uvicorn.Server(config)
+        self.server = AdminServer(config, app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
     def __enter__(self) -> ThreadedServer:

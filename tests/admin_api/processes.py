@@ -108,7 +108,11 @@ class RealService:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        wait_for(self._healthy, 30, f"the service to answer on {self.control_socket}")
+        try:
+            wait_for(self._healthy, 30, f"the service to answer on {self.control_socket}")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _healthy(self) -> bool:
@@ -178,9 +182,13 @@ class Sidecar:
                 raise AssertionError(f"sidecar exited: {self.log_path.read_text()[-2000:]}")
             return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
 
-        wait_for(up, 30, "the sidecar to answer /healthz")
-        if self.token is None:
-            self.token = (self.tmp / "admin-token").read_text().strip()
+        try:
+            wait_for(up, 30, "the sidecar to answer /healthz")
+            if self.token is None:
+                self.token = Path(self.env["COMET_ADMIN_TOKEN_FILE"]).read_text().strip()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

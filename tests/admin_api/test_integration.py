@@ -66,6 +66,8 @@ def test_stats_broadcast_metrics_against_the_real_service(
         worker = families["comet_worker_connections"].samples[0]
         assert worker.labels["worker"] == "0" and worker.value == 3
         assert families["comet_resident_memory_bytes"].samples[0].value > 1_000_000
+        if "comet_worker_up" in families:  # the real supervisor reports slot state too
+            assert families["comet_worker_up"].samples[0].value == 1
 
 
 def test_stream_and_restart_of_the_real_service(
