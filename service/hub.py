@@ -221,6 +221,7 @@ class Hub:
         self.global_ring = Ring(config.history_size)
         self.rings: dict[str, Ring] = {}
         self.last_id = 0
+        self.pruned_evicted = 0  # highest id ever evicted from a ring that was then removed
         self.draining = False
         self.on_empty: asyncio.Future[None] | None = None  # set while draining
         self._jobs: deque[_Job] = deque()
@@ -254,6 +255,20 @@ class Hub:
                 del self.streams[name]
         return out
 
+    def housekeeping(self) -> None:
+        """Drop aged history and empty channels, so many short-lived channels cost nothing."""
+        oldest_at = time.time() - self.config.history_max_age
+        self.global_ring.trim(oldest_at)
+        for name in list(self.rings):
+            ring = self.rings[name]
+            ring.trim(oldest_at)
+            if not ring.items:
+                self.pruned_evicted = max(self.pruned_evicted, ring.evicted_max)
+                del self.rings[name]
+        for table in (self.streams, self.pollers):
+            for name in [n for n, subs in table.items() if not subs]:
+                del table[name]
+
     def all_streams(self) -> list[Conn]:
         return [c for s in self.streams.values() for c in s]
 
@@ -268,6 +283,7 @@ class Hub:
             ring = self.rings.get(channel)
             if ring is None:
                 ring = self.rings[channel] = Ring(self.config.history_size)
+                ring.evicted_max = self.pruned_evicted  # it may be a pruned ring coming back
             ring.append(entry)
         if entry.id > self.last_id:
             self.last_id = entry.id
@@ -281,10 +297,12 @@ class Hub:
         oldest_at = time.time() - self.config.history_max_age
         rings = [self.global_ring]
         ring = self.rings.get(channel)
+        # A channel whose ring was pruned may have lost messages: assume it did (a reset that
+        # was not needed is harmless, a silent gap is not).
+        evicted = self.pruned_evicted if ring is None else 0
         if ring is not None:
             rings.append(ring)
         entries: list[Entry] = []
-        evicted = 0
         for r in rings:
             r.trim(oldest_at)
             evicted = max(evicted, r.evicted_max)
@@ -368,6 +386,7 @@ class Hub:
 
     def _ping_start(self) -> None:
         self._ping_handle = self.loop.call_later(self.config.ping_interval, self._ping_start)
+        self.housekeeping()
         if self._ping_pos < len(self._ping_conns):
             return  # the previous sweep is still running (enormous worker); let it finish
         self._ping_conns = self.all_streams()

@@ -71,3 +71,17 @@ def test_lag_sampler_sees_a_stall() -> None:
 
     out = uvloop.run(go())
     assert out["max"] >= 60 and out["p90"] <= out["max"] and out["avg"] > 0
+
+
+def test_housekeeping_prunes_aged_channels_and_keeps_resets_honest() -> None:
+    with running_worker(history_max_age=0.2, ping_interval=0.1) as w:
+        for i in range(50):
+            w.broadcast(f"x{i}", channel=f"tmp{i}")
+        assert w.worker is not None
+        hub = w.worker.hub
+        wait_for(lambda: w.call(lambda: len(hub.rings)) == 0)
+        assert w.call(lambda: len(hub.streams) + len(hub.pollers)) == 0
+        # Resuming on a pruned channel from before its last message reports the possible gap.
+        with subscribe(w, "/sub/tmp3?format=sse&last_event_id=1") as s:
+            got = read_until(s, b"event: reset")
+            assert b"event: reset" in got
