@@ -21,9 +21,12 @@ may cost per-connection objects beyond the protocol instance itself:
   messages in id order.
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
   them per loop iteration. Pings are independent of message order so they run in their own lane.
-* Deadlines (request-head 408, keep-alive idle, long-poll timeout) live in one heap with one
-  armed timer. An entry carries the connection's current ``buf`` object as a token; when the
-  connection moves on, its ``buf`` changes and the stale entry is ignored when it falls due.
+* Deadlines (request-head 408, keep-alive idle, long-poll timeout) share one armed timer
+  (:class:`Deadlines`): fixed delays in per-tick buckets, long-poll timeouts in a heap. An entry
+  carries the connection's current ``buf`` object as a token; when the connection moves on, its
+  ``buf`` changes and the stale entry is ignored when it falls due. A byte-by-byte drip only
+  appends to the same ``buf``, so it cannot push the head deadline back.
+* Housekeeping rides on the ping timer: aged history and empty channel tables are dropped.
 * After each write the transport's unsent bytes are checked; past ``limit_write_buffer`` the
   connection is aborted and counted as a slow-consumer drop, so a client that never reads costs
   at most that much memory.

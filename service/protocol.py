@@ -3,7 +3,8 @@
 A held stream costs: the uvloop transport (~1.2 KB, fixed by uvloop), this object (five slots,
 ~80 bytes with the GC header) and its entry in one hub set. No Task, no timer, no dict, no
 parser per connection: the request head is parsed with :func:`service.http.parse_head` from a
-bytearray that is dropped once the head is in, and every timeout lives in the hub's heap.
+bytearray that is dropped once the head is in, and every timeout lives in the hub's
+shared deadline table (one timer per worker).
 """
 
 from __future__ import annotations
