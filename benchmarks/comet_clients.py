@@ -136,7 +136,7 @@ async def connect_all(
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
                 transport.write(request)
-                keep.append(transport)  # type: ignore[arg-type]
+                keep.append(transport)
                 return
 
     await asyncio.gather(*(one(i) for i in range(args.n)))

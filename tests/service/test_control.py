@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,7 @@ def svc(tmp_path_factory):
         assert service.stop() == 0, service.log()
 
 
-def check_frame(frame):
+def check_frame(frame: dict[str, Any]) -> None:
     assert FRAME_KEYS <= frame.keys()
     assert TOTALS_KEYS <= frame["totals"].keys()
     assert {"avg", "p90", "max"} <= frame["totals"]["lag_ms"].keys()
@@ -210,7 +211,8 @@ def test_stale_socket_file_is_replaced_and_a_live_one_is_not_stolen(tmp_path):
         )
         assert second.returncode != 0
         assert "another supervisor is serving" in second.stderr
-        assert svc.health()["workers"] == 1
+        health = svc.health()
+        assert health is not None and health["workers"] == 1
     finally:
         assert svc.stop() == 0, svc.log()
     wait_for(lambda: not path.exists(), 5, "the socket file removed at exit")

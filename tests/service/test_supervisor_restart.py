@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -24,12 +26,12 @@ def test_killed_worker_is_replaced_within_2s_and_visible_in_frames(tmp_path):
         first = watch.ask({"op": "watch"})
         assert first["ok"] is True
 
-        def frame_with(pred):
+        def frame_with(pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
             while True:
                 line = watch.read()
                 frame = line.get("frame")
                 if frame and pred(frame):
-                    return frame
+                    return dict(frame)
 
         frame_with(lambda f: f["totals"]["conns"] == 400)
         victim = health["pids"][0]

@@ -19,7 +19,7 @@ from tests.service.supervisor_helpers import Service, wait_for
 
 
 def test_local_bus_numbers_once_and_keeps_per_channel_history():
-    async def go():
+    async def go() -> None:
         bus = LocalBus(history_size=3, history_max_age=300)
         ids = [
             (await bus.publish(f"m{i}", "news" if i % 2 else None, None))["id"] for i in range(10)
