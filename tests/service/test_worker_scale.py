@@ -9,6 +9,7 @@ import time
 
 import uvloop
 
+from service.config import raise_nofile_limit
 from tests.service.worker_harness import SubprocessWorker, connect, read_until
 
 N_CONNS = 10_000
@@ -82,6 +83,8 @@ async def _hold_and_broadcast(w: SubprocessWorker) -> dict[str, object]:
 
 
 def test_ten_thousand_connections_one_broadcast() -> None:
+    # This process holds the 10,000 client sockets: lift the soft fd limit to the hard one.
+    assert raise_nofile_limit() > N_CONNS + 100, "needs RLIMIT_NOFILE > 10,100"
     w = SubprocessWorker(ping_interval=30.0, history_size=100)
     try:
         assert w.ready["op"] == "ready" and w.ready["index"] == 3
