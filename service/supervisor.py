@@ -38,7 +38,7 @@ from service.metrics import FrameBuilder, WorkerView, read_limits
 
 log = logging.getLogger("comet.supervisor")
 
-READY_TIMEOUT = 20.0  # a worker that is not listening by then is killed and replaced
+READY_TIMEOUT = 30.0  # a worker that is not listening by then is killed and replaced
 STATS_TIMEOUT = 0.8  # stats answers later than this miss the frame (the worker is busy)
 BROADCAST_TIMEOUT = 120.0
 BACKOFF_FIRST = 0.1
@@ -135,6 +135,7 @@ class WorkerSlot:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
+        self._gated = False
 
     def view(self) -> WorkerView:
         return WorkerView(self.index, self.pid, self.state, self.stats, self.restarts)
@@ -167,6 +168,21 @@ class WorkerSlot:
 
     async def _one_life(self) -> float:
         """Start one process, serve its pipe until it closes; return how long it lived."""
+        # Start-up is CPU-bound (imports); 52 workers booting at once on 2 cores would all be
+        # slow and could pass the ready timeout, so only a few start at the same time.
+        await self.sup.start_gate.acquire()
+        self._gated = True
+        try:
+            return await self._one_life_started()
+        finally:
+            self._release_gate()
+
+    def _release_gate(self) -> None:
+        if self._gated:
+            self._gated = False
+            self.sup.start_gate.release()
+
+    async def _one_life_started(self) -> float:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["COMET_WORKER_CONFIG"] = self.sup.worker_config.to_json()
@@ -238,6 +254,7 @@ class WorkerSlot:
             )
         bus = self.sup.bus
         await self.request({"op": "init", "last_id": bus.last_id, "history": bus.history()}, 30.0)
+        self._release_gate()
         self.state = "up"
         log.info("worker %d up (pid %d)", self.index, self.pid)
 
@@ -353,6 +370,7 @@ class Supervisor:
         self._frame: dict[str, Any] | None = None
         self._stop = asyncio.Event()
         self._broadcast_lock = asyncio.Lock()
+        self.start_gate = asyncio.Semaphore(2 * (os.cpu_count() or 1))
         self._port_sock: socket.socket | None = None
         self.nofile = 0
         self.fanout_parallel = (
