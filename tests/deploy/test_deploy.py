@@ -323,6 +323,8 @@ def test_curl_gets_welcome_and_an_admin_broadcast(converged: dict[str, object]) 
     finally:
         curl.kill()
         curl.wait(timeout=10)
+        if curl.stdout is not None:
+            curl.stdout.close()
 
 
 @pytest.mark.docker
@@ -384,7 +386,8 @@ def test_containers_run_as_non_root_and_report_healthy(converged: dict[str, obje
         assert host["ReadonlyRootfs"] is True, name
         assert host["NetworkMode"] == "host", name
         assert host["RestartPolicy"]["Name"] == "unless-stopped", name
-        assert {"Name": "nofile", "Soft": 20000, "Hard": 20000} in host["Ulimits"], name
+        if name != "comet-admin":  # the sidecar holds a handful of sockets; the default suffices
+            assert {"Name": "nofile", "Soft": 20000, "Hard": 20000} in host["Ulimits"], name
     service = _inspect("comet-service")
     assert service["Config"]["StopTimeout"] > grace  # type: ignore[index]
     # Both service and sidecar see the control socket on the shared volume.
