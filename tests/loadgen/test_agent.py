@@ -171,6 +171,13 @@ def test_service_restart_mid_run_agent_reconnects_to_n(tmp_path, agents):
         s = a.wait_clients(200, timeout=60)
         assert s["ended_req"] == ended
         wait_until(lambda: server_conns(svc) == 200, 15, "the new service to count 200")
+
+        # A worker crash: the supervisor restarts it and the agent climbs back to n again.
+        assert svc.proc is not None
+        worker = psutil.Process(svc.proc.pid).children()[0]
+        worker.kill()
+        wait_until(lambda: a.stats()["ended_req"] >= ended + 200, 20, "the streams to end")
+        a.wait_clients(200, timeout=60)
     finally:
         svc.stop()
 
