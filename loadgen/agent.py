@@ -84,7 +84,8 @@ class Agent:
 
     async def stats(self) -> dict[str, Any]:
         stats = await self.pool.stats()
-        return stats.public(self.pool.config, self.pool.procs)
+        restarts = getattr(self.pool, "respawned", 0)
+        return stats.public(self.pool.config, self.pool.procs, restarts)
 
     async def route(self, method: str, target: str) -> tuple[int, dict[str, Any]]:
         """Answer one request: (status, JSON body)."""

@@ -532,6 +532,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             pool = ProcessPool(config, sources, None if args.procs == "auto" else int(args.procs))
             await pool._spawn(pool.fixed or auto_procs(args.conns, pool.capacity))
             await pool.apply(config)
+            report["client_rss0"] = tree_rss([c.proc.pid for c in pool.children])
             report["client_procs"] = pool.procs
             report.update(await ramp(args, console, pool, config, run, svc, slab0, rss0))
             await hold(args, pool, run, svc, slab0, rss0, report)
@@ -648,6 +649,9 @@ async def hold(
     report["kernel_slab_delta_mb"] = round((slab - slab0) / 1024, 1)
     # Slab grows for both ends of every loopback connection: this is per connection *pair*.
     report["kernel_bytes_per_conn"] = round((slab - slab0) * 1024 / held)
+    client_rss = tree_rss([c.proc.pid for c in pool.children])
+    report["client_rss_mb"] = round(client_rss / 2**20, 1)
+    report["client_rss_per_conn_bytes"] = round((client_rss - report.pop("client_rss0")) / held)
 
 
 async def broadcasts(
@@ -822,6 +826,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
         ),
         ("server RSS (total)", fmt(r.get("server_rss_mb"), " MB")),
         ("server RSS per connection", fmt(r.get("server_rss_per_conn_bytes"), " B")),
+        ("load generator RSS per connection", fmt(r.get("client_rss_per_conn_bytes"), " B")),
         ("kernel Slab per connection pair", fmt(r.get("kernel_bytes_per_conn"), " B")),
         (
             "delivery latency p50 / p90 / p99 / max",

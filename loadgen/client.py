@@ -149,7 +149,7 @@ class Stats:
         s.deliveries = {int(k): int(v) for k, v in d.get("deliveries", {}).items()}
         return s
 
-    def public(self, config: EngineConfig, procs: int) -> dict[str, Any]:
+    def public(self, config: EngineConfig, procs: int, restarts: int = 0) -> dict[str, Any]:
         """The agent's ``GET /`` document (docs/architecture.md "Load generator agent")."""
         return {
             "clients": self.clients,
@@ -163,6 +163,7 @@ class Stats:
             "last_delivery": {str(k): v for k, v in sorted(self.last_delivery.items())},
             "deliveries": {str(k): v for k, v in sorted(self.deliveries.items())},
             "procs": procs,
+            "engine_restarts": restarts,
             "config": asdict(config),
         }
 
@@ -635,14 +636,16 @@ def split_n(n: int, parts: int) -> list[int]:
 
 
 class _Child:
-    __slots__ = ("proc", "index", "lock")
+    __slots__ = ("proc", "index", "lock", "last", "broken")
 
     def __init__(self, proc: asyncio.subprocess.Process, index: int) -> None:
         self.proc = proc
         self.index = index
         self.lock = asyncio.Lock()
+        self.last = Stats()  # its latest answer, kept if it dies
+        self.broken = False
 
-    async def call(self, msg: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    async def call(self, msg: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         async with self.lock:
             self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
@@ -672,6 +675,8 @@ class ProcessPool:
         self.fixed = procs
         self.capacity = capacity if capacity is not None else nofile_capacity()
         self.children: list[_Child] = []
+        self.retired = Stats()  # counters of engine processes that died and were replaced
+        self.respawned = 0
         self._lock = asyncio.Lock()
 
     @property
@@ -681,27 +686,65 @@ class ProcessPool:
     async def start(self) -> None:
         await self.apply(self.config)
 
+    async def _spawn_one(self, i: int) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loadgen.client",
+            "--child",
+            "--index",
+            str(i),
+            "--source-ips",
+            ",".join(self.source_ips) or "none",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
+        )
+        child = _Child(proc, i)
+        hello = await child.call({"op": "stats"}, timeout=30.0)
+        if not hello.get("ok"):
+            raise RuntimeError(f"client process {i} did not start: {hello}")
+        return child
+
     async def _spawn(self, count: int) -> None:
         while len(self.children) < count:
-            i = len(self.children)
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "loadgen.client",
-                "--child",
-                "--index",
-                str(i),
-                "--source-ips",
-                ",".join(self.source_ips) or "none",
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                limit=1 << 24,
+            self.children.append(await self._spawn_one(len(self.children)))
+
+    async def _heal(self) -> None:
+        """Replace engine processes that died (OOM, kill): keep their counters, reconnect."""
+        async with self._lock:
+            shares = split_n(self.config.n, len(self.children)) if self.children else []
+            for i, c in enumerate(self.children):
+                if c.proc.returncode is None and not c.broken:
+                    continue
+                if c.proc.returncode is None:
+                    c.proc.kill()
+                    await c.proc.wait()
+                gone = c.last
+                gone.clients = gone.inproc = 0
+                self.retired.merge(gone)
+                self.respawned += 1
+                fresh = await self._spawn_one(i)
+                self.children[i] = fresh
+                await fresh.call({"op": "set", **asdict(self.config), "n": shares[i]})
+
+    async def _call_all(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """``msg`` to every engine; one that fails is replaced and asked again."""
+        for attempt in (1, 2):
+            results = await asyncio.gather(
+                *(c.call(msg) for c in self.children), return_exceptions=True
             )
-            child = _Child(proc, i)
-            hello = await child.call({"op": "stats"}, timeout=30.0)
-            if not hello.get("ok"):
-                raise RuntimeError(f"client process {i} did not start: {hello}")
-            self.children.append(child)
+            failed = False
+            for c, r in zip(self.children, results, strict=True):
+                if isinstance(r, BaseException):
+                    c.broken = True
+                    failed = True
+            if not failed:
+                return [r for r in results if isinstance(r, dict)]
+            if attempt == 2:
+                break
+            await self._heal()
+        raise RuntimeError("engine processes keep failing; see the agent's stderr")
 
     async def apply(self, config: EngineConfig) -> None:
         async with self._lock:
@@ -710,24 +753,33 @@ class ProcessPool:
             await self._spawn(max(want, len(self.children)))
             shares = split_n(config.n, len(self.children))
             base = asdict(config)
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(
                     c.call({"op": "set", **base, "n": share})
                     for c, share in zip(self.children, shares, strict=True)
-                )
+                ),
+                return_exceptions=True,
             )
+            for c, r in zip(self.children, results, strict=True):
+                if isinstance(r, BaseException):
+                    c.broken = True
+        if any(c.broken for c in self.children):
+            await self._heal()
 
     async def set_config(self, config: EngineConfig) -> None:
         await self.apply(config)
 
     async def restart(self) -> None:
-        await asyncio.gather(*(c.call({"op": "restart"}) for c in self.children))
+        await self._call_all({"op": "restart"})
 
     async def stats(self) -> Stats:
+        if any(c.proc.returncode is not None for c in self.children):
+            await self._heal()
         total = Stats()
-        answers = await asyncio.gather(*(c.call({"op": "stats"}) for c in self.children))
-        for a in answers:
-            total.merge(Stats.from_wire(a["stats"]))
+        total.merge(self.retired)
+        for c, a in zip(self.children, await self._call_all({"op": "stats"}), strict=True):
+            c.last = Stats.from_wire(a["stats"])
+            total.merge(c.last)
         return total
 
     async def close(self) -> None:

@@ -156,6 +156,17 @@ def test_fixed_procs_spread_the_connections(fixture_server, agents):
     assert len(children) == 3
 
 
+def test_a_killed_engine_process_is_replaced(fixture_server, agents):
+    a = agents("--port", str(fixture_server), "--n", "100", "--procs", "2")
+    a.wait_clients(100)
+    victim = psutil.Process(a.proc.pid).children()[0]
+    victim.kill()
+    s = a.wait_clients(100, timeout=30)
+    assert s["procs"] == 2 and s["engine_restarts"] == 1
+    assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
+    assert s["msgs_total"] >= 100  # the dead process's counts are kept
+
+
 def test_service_restart_mid_run_agent_reconnects_to_n(tmp_path, agents):
     svc = Service(tmp_path).start()
     try:

@@ -53,6 +53,7 @@ def test_small_bench_produces_every_output(tmp_path):
     assert report["server_rss_mb"] > 0
     assert report["server_rss_per_conn_bytes"] is not None
     assert "kernel_bytes_per_conn" in report
+    assert report["client_rss_per_conn_bytes"] > 0
     assert report["worst_loop_lag_ms"] is not None
     lat = report["latency_ms"]
     assert lat["count"] == 3 * 2000
