@@ -320,6 +320,8 @@ class StreamConn(asyncio.Protocol):
         self.engine.errors_resp += 1
         self.state = _DONE
         self.aborted = True
+        self.engine.pending.discard(self)
+        self.engine.conns.discard(self)
         if self.transport is not None:
             self.transport.abort()
 
@@ -542,6 +544,8 @@ class Engine:
             await asyncio.wait_for(loop.sock_connect(sock, (c.host, c.port)), CONNECT_TIMEOUT)
             await loop.create_connection(factory, sock=sock)
             sock = None
+            if made and self.config.target() != c.target():
+                self._abort(made[0])  # retargeted while this one was connecting
             self.fail_streak = 0
         except (TimeoutError, OSError):
             self.errors_req += 1
