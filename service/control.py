@@ -157,14 +157,19 @@ class ControlServer:
                 nl = buf.find(b"\n")
                 if nl < 0:
                     if len(buf) > LIMIT_LINE:
+                        # Answer now (the client may be waiting), then drop the rest of the
+                        # line up to its newline without answering it a second time.
                         if not skipping:
                             skipping = True
+                            writer.write(_dump({"ok": False, "error": "request line over 1 MiB"}))
                         buf.clear()
                     break
                 line = bytes(buf[:nl])
                 del buf[: nl + 1]
-                if skipping or len(line) > LIMIT_LINE:
+                if skipping:
                     skipping = False
+                    continue
+                if len(line) > LIMIT_LINE:
                     writer.write(_dump({"ok": False, "error": "request line over 1 MiB"}))
                     continue
                 if not line.strip():

@@ -141,6 +141,17 @@ def test_oversized_line_is_refused_and_the_next_request_works(svc):
         c.close()
 
 
+def test_oversized_line_is_answered_before_its_newline_arrives(svc):
+    c = svc.control()
+    try:
+        c.send_raw(b"y" * (1024 * 1024 + 200_000))  # no newline yet
+        assert c.read() == {"ok": False, "error": "request line over 1 MiB"}
+        c.send_raw(b"y" * 1000 + b"\n")  # the end of that same line: no second answer
+        assert c.ask({"op": "health"})["ok"] is True
+    finally:
+        c.close()
+
+
 def test_data_over_the_message_cap_is_refused(svc):
     c = svc.control()
     try:
