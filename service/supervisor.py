@@ -472,8 +472,14 @@ class Supervisor:
 
         await self.bus.start(self._remote_message)
         await self.control.start()
-        self.csv = CsvLog(self.config.log_dir, self.config.log_max_bytes, self.config.log_backups)
-        log.info("CSV log %s", self.csv.path)
+        try:
+            self.csv = CsvLog(
+                self.config.log_dir, self.config.log_max_bytes, self.config.log_backups
+            )
+            log.info("CSV log %s", self.csv.path)
+        except OSError as exc:
+            # The service matters more than its log: run on, and say why there is no CSV.
+            log.error("CSV log disabled: cannot write in %s: %s", self.config.log_dir, exc)
         self.screen = _make_screen(self.config)
 
         self.slots = [WorkerSlot(self, i) for i in range(count)]
@@ -552,7 +558,11 @@ class Supervisor:
         self._frame = frame
         self.control.publish_frame(frame)
         if self.csv is not None:
-            self.csv.write(frame)
+            try:
+                self.csv.write(frame)
+            except OSError as exc:
+                log.error("CSV log disabled: %s", exc)
+                self.csv = None
         if self.screen is not None:
             self.screen.update(frame)
 

@@ -143,3 +143,17 @@ def test_concurrent_broadcasts_get_unique_ids_delivered_in_order(tmp_path):
             assert got == ids
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+@pytest.mark.timeout(60)
+def test_unwritable_log_dir_disables_the_csv_but_not_the_service(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    svc = Service(tmp_path, "--workers", "1", "--log-dir", str(blocker / "logs"))
+    try:
+        svc.wait_up(1)
+        assert "CSV log disabled" in svc.log()
+        frame = wait_for(lambda: svc.ask({"op": "stats"}).get("frame"), 5, "a frame")
+        assert frame["step"] >= 1
+    finally:
+        assert svc.stop() == 0, svc.log()
