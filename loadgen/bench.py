@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import math
@@ -275,30 +276,45 @@ class Service:
     pids: list[int] = field(default_factory=list)
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the service's process group, SIGKILL it after ``grace`` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            self._kill_group()
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        self._kill_group()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        """SIGTERM the service's process group, then SIGKILL whatever of its tree is left.
 
-    def _kill_group(self) -> None:
-        if self.proc is not None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        The supervisor may put its workers in process groups of their own, so the tree is
+        collected first and every member still alive after ``grace`` seconds is killed.
+        """
+        if self.proc is None:
+            return
+        tree = _descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        psutil.wait_procs(tree, timeout=5)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def _die_with_parent() -> None:
+    """In the service's child process before exec: SIGTERM it if the bench dies (even by -9)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 async def start_service(args: argparse.Namespace, out: Path, run_dir: str) -> Service:
@@ -365,6 +381,7 @@ async def _start_service_on(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - no threads are running yet
         )
     finally:
         logf.close()
@@ -931,7 +948,9 @@ def main(argv: list[str] | None = None) -> None:
         task = asyncio.current_task()
         assert task is not None
         # SIGTERM behaves like Ctrl-C: unwind through the finally blocks that stop everything.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        # SIGHUP (the terminal went away) too: otherwise the service would outlive the bench.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
         return await bench(args, console)
 
     try:

@@ -59,6 +59,11 @@ def port_listeners(port: int) -> set[int]:
 
 
 def kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL the group and every descendant still alive."""
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        tree = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -67,8 +72,12 @@ def kill_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
         pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
+    psutil.wait_procs(tree, timeout=5)
 
 
 def control(sock: str, req: dict[str, Any]) -> dict[str, Any]:
