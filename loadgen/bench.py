@@ -695,6 +695,7 @@ async def broadcasts(
             await asyncio.sleep(0.05)
         delivered = st.deliveries.get(seq, 0)
         last = st.last_delivery.get(seq)
+        first = st.first_delivery.get(seq)
         run.broadcasts.append(
             {
                 "seq": seq,
@@ -702,6 +703,7 @@ async def broadcasts(
                 "recipients": recipients,
                 "expected": expect,
                 "delivered": delivered,
+                "first_delivery_ms": round((first - ts) * 1000, 1) if first else None,
                 "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
             }
         )
@@ -854,8 +856,9 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     for b in r.get("broadcasts", []):
         rows.append(
             (
-                f"broadcast {b['seq']}: delivered, last delivery",
-                f"{fmt(b['delivered'])}/{fmt(b['expected'])}, {fmt(b['last_delivery_ms'], ' ms')}",
+                f"broadcast {b['seq']}: delivered, first / last delivery",
+                f"{fmt(b['delivered'])}/{fmt(b['expected'])}, "
+                f"{fmt(b.get('first_delivery_ms'))} / {fmt(b['last_delivery_ms'], ' ms')}",
             )
         )
     for k, v in rows:

@@ -83,6 +83,7 @@ class Stats:
     lat_max_ms: float = 0.0
     lat_hist: dict[int, int] = field(default_factory=dict)
     last_delivery: dict[int, float] = field(default_factory=dict)
+    first_delivery: dict[int, float] = field(default_factory=dict)
     deliveries: dict[int, int] = field(default_factory=dict)
 
     def merge(self, other: Stats) -> None:
@@ -103,6 +104,9 @@ class Stats:
         for s, t in other.last_delivery.items():
             if t > self.last_delivery.get(s, 0.0):
                 self.last_delivery[s] = t
+        for s, t in other.first_delivery.items():
+            if t < self.first_delivery.get(s, math.inf):
+                self.first_delivery[s] = t
         for s, c in other.deliveries.items():
             self.deliveries[s] = self.deliveries.get(s, 0) + c
 
@@ -136,16 +140,22 @@ class Stats:
         d = asdict(self)
         d["lat_hist"] = {str(k): v for k, v in self.lat_hist.items()}
         d["last_delivery"] = {str(k): v for k, v in self.last_delivery.items()}
+        d["first_delivery"] = {str(k): v for k, v in self.first_delivery.items()}
         d["deliveries"] = {str(k): v for k, v in self.deliveries.items()}
         return d
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> Stats:
         s = cls(
-            **{k: v for k, v in d.items() if k not in ("lat_hist", "last_delivery", "deliveries")}
+            **{
+                k: v
+                for k, v in d.items()
+                if k not in ("lat_hist", "last_delivery", "first_delivery", "deliveries")
+            }
         )
         s.lat_hist = {int(k): int(v) for k, v in d.get("lat_hist", {}).items()}
         s.last_delivery = {int(k): float(v) for k, v in d.get("last_delivery", {}).items()}
+        s.first_delivery = {int(k): float(v) for k, v in d.get("first_delivery", {}).items()}
         s.deliveries = {int(k): int(v) for k, v in d.get("deliveries", {}).items()}
         return s
 
@@ -404,6 +414,7 @@ class Engine:
         self.lat_max_ms = 0.0
         self.lat_hist: dict[int, int] = {}
         self.last_delivery: dict[int, float] = {}
+        self.first_delivery: dict[int, float] = {}
         self.deliveries: dict[int, int] = {}
         self.fail_streak = 0
         self.retry_at = 0.0
@@ -481,6 +492,7 @@ class Engine:
             lat_max_ms=self.lat_max_ms,
             lat_hist=dict(self.lat_hist),
             last_delivery=dict(self.last_delivery),
+            first_delivery=dict(self.first_delivery),
             deliveries=dict(self.deliveries),
         )
 
@@ -605,11 +617,14 @@ class Engine:
         b = int(math.log(max(ms * 1000.0, 1.0)) / _LAT_LOG)
         self.lat_hist[b] = self.lat_hist.get(b, 0) + 1
         self.last_delivery[seq] = now
+        if seq not in self.first_delivery:
+            self.first_delivery[seq] = now
         self.deliveries[seq] = self.deliveries.get(seq, 0) + 1
         if len(self.deliveries) > MAX_SEQS:
             oldest = min(self.deliveries)
             self.deliveries.pop(oldest, None)
             self.last_delivery.pop(oldest, None)
+            self.first_delivery.pop(oldest, None)
 
 
 def _parse_timed(raw: bytes) -> tuple[float, int] | None:
