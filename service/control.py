@@ -175,10 +175,11 @@ class ControlServer:
                 if not line.strip():
                     continue
                 answer = await self._answer(line, writer)
-                writer.write(_dump(answer))
+                if answer is not None:
+                    writer.write(_dump(answer))
             await writer.drain()
 
-    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any]:
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any] | None:
         try:
             try:
                 req = json.loads(line)
@@ -197,10 +198,9 @@ class ControlServer:
             if op == "watch":
                 self._watchers.add(writer)
                 frame = self.backend.latest_frame()
-                if frame is None:
-                    # The first frame arrives with the next tick; answer so the client knows.
-                    return {"ok": True, "watching": True}
-                return {"ok": True, "frame": frame}
+                # Every watch line carries a frame: before the first tick, the first frame
+                # published is the answer.
+                return None if frame is None else {"ok": True, "frame": frame}
             if op == "broadcast":
                 data, channel, event = self._broadcast_args(req)
                 result = await self.backend.broadcast(data, channel, event)

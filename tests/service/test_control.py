@@ -187,6 +187,21 @@ def test_csv_has_header_and_one_row_per_second(svc):
     assert all(float(r[COLUMNS.index("elapsed_ms")]) < 2000 for r in body[1:])
 
 
+def test_watch_sent_before_the_first_frame_still_gets_only_frame_lines(tmp_path):
+    svc = Service(tmp_path, "--workers", "1")
+    c = None
+    try:
+        wait_for(lambda: svc.health() is not None, 20, "the control socket")
+        c = svc.control()
+        c.send_raw(b'{"op":"watch"}\n')
+        lines = [c.read() for _ in range(2)]
+        assert all(line["ok"] is True and "frame" in line for line in lines), lines
+    finally:
+        if c is not None:
+            c.close()
+        assert svc.stop() == 0, svc.log()
+
+
 def test_stale_socket_file_is_replaced_and_a_live_one_is_not_stolen(tmp_path):
     path = tmp_path / "run" / "control.sock"
     path.parent.mkdir()
