@@ -112,14 +112,27 @@ class Config:
             try:
                 n = int(self.workers)
             except ValueError:
-                raise ValueError(f"workers: expected 'auto' or a positive integer, got {self.workers!r}") from None
+                raise ValueError(
+                    f"workers: expected 'auto' or a positive integer, got {self.workers!r}"
+                ) from None
             if n < 1:
                 raise ValueError(f"workers: must be at least 1, got {n}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
-        positive = ("ping_interval", "ping_slice", "fanout_slice", "limit_write_buffer", "history_size",
-                    "timeout_header", "limit_request_line", "limit_headers_bytes", "limit_headers_count",
-                    "grace", "backlog", "target_connections")
+        positive = (
+            "ping_interval",
+            "ping_slice",
+            "fanout_slice",
+            "limit_write_buffer",
+            "history_size",
+            "timeout_header",
+            "limit_request_line",
+            "limit_headers_bytes",
+            "limit_headers_count",
+            "grace",
+            "backlog",
+            "target_connections",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
@@ -188,7 +201,9 @@ def build_parser(prog: str = "comet-service") -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
         kind = type(default)
-        parser.add_argument(flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, f.name))
+        parser.add_argument(
+            flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, f.name)
+        )
     return parser
 
 
@@ -202,7 +217,9 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> N
             try:
                 value: Any = action.type(raw) if callable(action.type) else raw
             except ValueError:
-                parser.error(f"{env}={raw!r}: not a valid {getattr(action.type, '__name__', 'value')}")
+                parser.error(
+                    f"{env}={raw!r}: not a valid {getattr(action.type, '__name__', 'value')}"
+                )
             action.default = value
 
 
