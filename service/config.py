@@ -153,7 +153,7 @@ _HELP = {
     "host": "address to listen on",
     "port": "subscriber port (shared by all workers with SO_REUSEPORT)",
     "backlog": "listen backlog (the kernel caps it at net.core.somaxconn)",
-    "workers": "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))) or a number",
+    "workers": "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))), or N",
     "target_connections": "connections the host should hold; sizes --workers auto",
     "fd_reserve": "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
     "limit_connections": "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",
