@@ -6,7 +6,10 @@
 #
 # Runs with a read-only root filesystem: the only writable paths are /run/comet (control socket,
 # shared with the sidecar through a volume), /var/log/comet (CSV logs) and /tmp, all mounted by
-# the caller (tmpfs or volumes).
+# the caller: named volumes (they take the image's ownership) or tmpfs owned by the comet user:
+#   docker run --read-only --network host --ulimit nofile=20000:20000 \
+#       --tmpfs /run/comet:uid=10001,gid=10001,mode=0770 --tmpfs /var/log/comet:uid=10001,gid=10001 \
+#       --tmpfs /tmp comet1m:latest
 
 # ---- base: Debian's python3, shared by both stages so the interpreter paths match --------------
 FROM debian:bookworm-slim AS base

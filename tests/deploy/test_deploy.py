@@ -413,6 +413,50 @@ def test_containers_run_as_non_root_and_report_healthy(converged: dict[str, obje
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_image_runs_with_a_read_only_root_and_tmpfs(converged: dict[str, object]) -> None:
+    """The Dockerfile's documented `docker run --read-only --tmpfs ...` serves subscribers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    name = f"comet-ro-test-{os.getpid()}"
+    run = _run(
+        [DOCKER, "run", "-d", "--name", name, "--read-only", "--network", "host",
+         "--ulimit", "nofile=20000:20000",
+         "--tmpfs", "/run/comet:uid=10001,gid=10001,mode=0770",
+         "--tmpfs", "/var/log/comet:uid=10001,gid=10001", "--tmpfs", "/tmp",
+         "-e", f"COMET_PORT={port}", "-e", "COMET_WORKERS=1", "-e", "COMET_TARGET_CONNECTIONS=1000",
+         "-e", f"COMET_CONTROL_SOCKET=/run/comet/ro-{port}.sock",
+         "comet1m:latest"],
+        timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    try:
+        deadline = time.monotonic() + 60
+        buf = bytearray()
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    _read_until(sock, b"Welcome!", buf, time.monotonic() + 10)
+                break
+            except ConnectionRefusedError:
+                logs = _run([DOCKER, "logs", "--tail", "20", name], timeout=30)
+                assert time.monotonic() < deadline, logs.stdout + logs.stderr
+                time.sleep(0.5)
+        assert b"200" in bytes(buf).split(b"\r\n", 1)[0]
+        # The image's own HEALTHCHECK command passes in this container too.
+        health = _run([DOCKER, "inspect", "--format", "{{json .Config.Healthcheck.Test}}", name])
+        test = json.loads(health.stdout)
+        assert test[0] == "CMD"
+        check = _run([DOCKER, "exec", name, *test[1:]], timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        _run([DOCKER, "rm", "-f", name], timeout=60)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_second_converge_changes_nothing(converged: dict[str, object]) -> None:
     out, counts = _converge(Path(str(converged["source"])))
     changed, task = [], ""
