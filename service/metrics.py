@@ -13,7 +13,8 @@ from typing import Any
 
 import psutil
 
-LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "max": 0.0}
+LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+LAG_KEYS = tuple(LAG_ZERO)
 
 # Counters a worker reports as running totals; the supervisor keeps what dead workers had counted
 # so the node's totals never go backwards when a worker is replaced.
@@ -162,6 +163,7 @@ class FrameBuilder:
         fds_limit = 0
         lag_avgs: list[float] = []
         lag_p90 = 0.0
+        lag_p99 = 0.0
         lag_max = 0.0
         rows: list[dict[str, Any]] = []
         for w in workers:
@@ -188,6 +190,7 @@ class FrameBuilder:
             if w.stats is not None:
                 lag_avgs.append(float(lag.get("avg", 0.0)))
                 lag_p90 = max(lag_p90, float(lag.get("p90", 0.0)))
+                lag_p99 = max(lag_p99, float(lag.get("p99", 0.0)))
                 lag_max = max(lag_max, float(lag.get("max", 0.0)))
             rows.append(
                 {
@@ -198,7 +201,7 @@ class FrameBuilder:
                     "conns": conns,
                     "rss_bytes": rss,
                     "cpu_percent": round(cpu, 1),
-                    "lag_ms": {k: round(float(lag.get(k, 0.0)), 2) for k in ("avg", "p90", "max")},
+                    "lag_ms": {k: round(float(lag.get(k, 0.0)), 2) for k in LAG_KEYS},
                     "msgs_sent_total": int(stats.get("msgs_sent_total", 0) or 0),
                 }
             )
@@ -209,6 +212,7 @@ class FrameBuilder:
         totals["lag_ms"] = {
             "avg": round(sum(lag_avgs) / len(lag_avgs), 2) if lag_avgs else 0.0,
             "p90": round(lag_p90, 2),
+            "p99": round(lag_p99, 2),
             "max": round(lag_max, 2),
         }
 
