@@ -58,6 +58,10 @@ class ServiceRefused(ControlError):
     """The service answered ``{"ok": false, "error": ...}`` (or something unreadable)."""
 
 
+class BusUnavailable(ControlError):
+    """The service is up but its multi-node bus (Redis) is not: ``bus unavailable: ...``."""
+
+
 def describe_os_error(exc: BaseException) -> str:
     """A one-line reason an operator can act on, instead of an errno dump."""
     if isinstance(exc, FileNotFoundError):
@@ -81,7 +85,10 @@ def _decode_answer(line: bytes) -> dict[str, Any]:
     if not isinstance(answer, dict):
         raise ServiceRefused("the service sent a JSON value that is not an object")
     if answer.get("ok") is not True:
-        raise ServiceRefused(str(answer.get("error") or "the service refused the request"))
+        error = str(answer.get("error") or "the service refused the request")
+        if error.startswith("bus unavailable:"):
+            raise BusUnavailable(error)
+        raise ServiceRefused(error)
     return answer
 
 
@@ -137,6 +144,12 @@ class ControlClient:
 
     async def health(self) -> dict[str, Any]:
         return await self.request({"op": "health"})
+
+    async def cluster(self) -> dict[str, Any]:
+        cluster = (await self.request({"op": "cluster"})).get("cluster")
+        if not isinstance(cluster, dict):
+            raise ServiceRefused("the cluster answer has no cluster view")
+        return cluster
 
     async def broadcast(
         self, data: str, channel: str | None, event: str | None, timeout: float

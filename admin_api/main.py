@@ -13,13 +13,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .control import (
+    BusUnavailable,
     ControlClient,
     FrameWatcher,
     ServiceRefused,
     ServiceTimeout,
     ServiceUnavailable,
 )
-from .routers import broadcast, dashboard, health, metrics, stats
+from .routers import broadcast, cluster, dashboard, health, metrics, stats
 from .settings import AdminSettings, get_settings
 
 # Headers for every response. The token lives in the page's storage, so the page must never run
@@ -159,10 +160,12 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
         return _error(status.HTTP_502_BAD_GATEWAY, exc)
 
     app.add_exception_handler(ServiceUnavailable, unavailable)
+    # The service answered, but the Redis it shares with the other nodes did not: still a 503.
+    app.add_exception_handler(BusUnavailable, unavailable)
     app.add_exception_handler(ServiceTimeout, timed_out)
     app.add_exception_handler(ServiceRefused, refused)
 
-    for module in (health, stats, broadcast, metrics, dashboard):
+    for module in (health, stats, cluster, broadcast, metrics, dashboard):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
 

@@ -1,18 +1,28 @@
-"""The broadcast bus: where message ids come from and where recent history lives.
+"""The broadcast bus: where message ids come from, where recent history lives, who else is there.
 
 The supervisor never numbers a message itself; it asks its bus. ``LocalBus`` numbers messages in
-this process, which is all one node needs. A multi-node bus (Redis, a later issue) implements the
-same ``Bus`` protocol: ``publish`` takes the id from the shared store, and messages published by
-other nodes arrive through the ``on_remote`` callback given to ``start`` so the supervisor fans
-them out exactly like its own.
+this process, which is all one node needs. ``RedisBus`` (``--bus redis://...``) lets several nodes
+share one id sequence, one history and one cluster view; see its docstring for the Redis layout.
+
+Delivery differs in one respect, told by ``delivers_own``: a local bus leaves delivery of a message
+to the caller of ``publish``; a Redis bus delivers *every* message, the node's own included, through
+the ``on_remote`` callback, in id order. That is what lets every node's workers see messages in the
+same order even when two nodes publish at the same instant.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypedDict
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger("comet.bus")
 
 
 class Msg(TypedDict):
@@ -32,10 +42,19 @@ RemoteHandler = Callable[[Msg], Awaitable[None]]
 HISTORY_SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024
 
 
+class BusUnavailable(Exception):
+    """The shared bus cannot take a message now; ``str()`` starts with ``bus unavailable:``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"bus unavailable: {reason}")
+
+
 class Bus(Protocol):
     """What the supervisor needs from a bus backend."""
 
     kind: str
+    # True: publish() only numbers and stores; the message comes back through on_remote.
+    delivers_own: bool
 
     async def start(self, on_remote: RemoteHandler) -> None: ...
 
@@ -50,6 +69,19 @@ class Bus(Protocol):
 
     def status(self) -> dict[str, Any] | None:
         """Extra frame section (``"bus"``) or None when there is nothing to report."""
+        ...
+
+    def delivered(self, msg: Msg) -> None:
+        """The supervisor, holding its broadcast lock, is handing ``msg`` to its workers: from
+        now on a (re)starting worker must find it in ``history()`` and ``last_id``."""
+        ...
+
+    async def publish_frame(self, frame: dict[str, Any]) -> None:
+        """Show this node's latest frame to the cluster (a no-op for one node)."""
+        ...
+
+    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+        """The cluster view (``cluster_view``); raises BusUnavailable when it cannot be read."""
         ...
 
 
@@ -97,6 +129,7 @@ class LocalBus:
     """Single-node bus: ids from a counter in this process, history kept here."""
 
     kind = "local"
+    delivers_own = False
 
     def __init__(self, history_size: int, history_max_age: float, first_id: int = 0) -> None:
         self._last_id = first_id
@@ -131,9 +164,496 @@ class LocalBus:
     def status(self) -> dict[str, Any] | None:
         return None
 
+    def delivered(self, msg: Msg) -> None:
+        # publish() recorded it already, under the same lock.
+        return None
 
-def make_bus(url: str, history_size: int, history_max_age: float) -> Bus:
+    async def publish_frame(self, frame: dict[str, Any]) -> None:
+        return None
+
+    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+        return cluster_view([node_summary(own)] if own else [], time.time(), "local")
+
+
+# ---- the cluster view ----------------------------------------------------------------------------
+SUMMED = (
+    "conns",
+    "accepted_total",
+    "closed_total",
+    "rejected_total",
+    "slow_dropped_total",
+    "msgs_sent_total",
+    "bytes_sent_total",
+    "rss_bytes",
+)
+
+
+def node_summary(frame: dict[str, Any]) -> dict[str, Any]:
+    """What a node shows the cluster: its frame without the per-worker rows and socket tables."""
+    system = frame.get("system") or {}
+    workers = frame.get("workers") or []
+    return {
+        "node_id": frame.get("node_id"),
+        "t": frame.get("t"),
+        "uptime_s": frame.get("uptime_s"),
+        "target_connections": frame.get("target_connections", 0),
+        "workers": len(workers),
+        "workers_up": sum(1 for w in workers if w.get("state", "up") == "up"),
+        "totals": frame.get("totals") or {},
+        "system": {k: system[k] for k in ("cpu", "mem", "fds") if k in system},
+        "bus": frame.get("bus"),
+    }
+
+
+def cluster_view(nodes: list[dict[str, Any]], now: float, bus: str) -> dict[str, Any]:
+    """Per-node summaries (sorted by node id, each with its age) and their totals.
+
+    Counters and memory add up; CPU adds up (percent of one core, like ``top``); lag keeps the
+    worst node's p90 and max (a client feels the node it is on) and the mean of the averages.
+    """
+    nodes = sorted(nodes, key=lambda n: str(n.get("node_id")))
+    totals: dict[str, Any] = dict.fromkeys(SUMMED, 0)
+    cpu = 0.0
+    avgs: list[float] = []
+    p90 = 0.0
+    worst = 0.0
+    workers = 0
+    target = 0
+    for node in nodes:
+        node["age_s"] = round(max(0.0, now - float(node.get("t") or now)), 3)
+        t = node.get("totals") or {}
+        for key in SUMMED:
+            totals[key] += int(t.get(key, 0) or 0)
+        cpu += float(t.get("cpu_percent", 0.0) or 0.0)
+        lag = t.get("lag_ms") or {}
+        avgs.append(float(lag.get("avg", 0.0) or 0.0))
+        p90 = max(p90, float(lag.get("p90", 0.0) or 0.0))
+        worst = max(worst, float(lag.get("max", 0.0) or 0.0))
+        workers += int(node.get("workers_up", 0) or 0)
+        target += int(node.get("target_connections", 0) or 0)
+    totals["cpu_percent"] = round(cpu, 1)
+    totals["lag_ms"] = {
+        "avg": round(sum(avgs) / len(avgs), 2) if avgs else 0.0,
+        "p90": round(p90, 2),
+        "max": round(worst, 2),
+    }
+    totals["workers"] = workers
+    totals["target_connections"] = target
+    return {"bus": bus, "t": round(now, 3), "count": len(nodes), "nodes": nodes, "totals": totals}
+
+
+# ---- Redis ---------------------------------------------------------------------------------------
+# KEYS: seq, feed, history stream of the message's channel, set of channels with history.
+# ARGV: message JSON without its id, feed length, history length, history TTL ms, channel or "".
+# One script, so numbering and appending are atomic: the feed holds messages in id order even
+# when several nodes publish at the same instant, and every node delivers in that order.
+PUBLISH_LUA = """
+local id = redis.call('INCR', KEYS[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'm', ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'id', id, 'm', ARGV[1])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+if ARGV[5] ~= '' then redis.call('SADD', KEYS[4], ARGV[5]) end
+return id
+"""
+
+# KEYS: seq. ARGV: an id this node has seen. A Redis that restarted without its data would hand
+# out ids from 1 again, which every worker's history would take for old ones.
+RAISE_SEQ_LUA = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if cur < want then redis.call('SET', KEYS[1], want) end
+return cur
+"""
+
+FEED_MAXLEN = 10_000  # messages a node may fall behind (or be cut off) and still catch up
+READ_BLOCK_MS = 1000
+READ_COUNT = 100
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+STILL_DOWN_LOG_EVERY = 30.0  # while Redis is down, one reminder this often, not one per retry
+START_WAIT = 5.0  # how long start() waits for Redis so the first workers get the history
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for logs, frames and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+class RedisBus:
+    """Several nodes, one sequence: ids, history, delivery and the cluster view live in Redis.
+
+    Keys (prefix ``comet:``): ``seq`` (INCR, the id sequence); ``feed`` (a stream of every
+    message, MAXLEN ~ FEED_MAXLEN, which every node follows with XREAD); ``hist:all`` and
+    ``hist:c:<channel>`` (streams, MAXLEN ~ history_size, expiring after history_max_age when
+    idle: the history a starting node seeds from); ``channels`` (the set of channel names with a
+    history stream); ``node:<node_id>`` (the node's latest frame summary, expiring after node_ttl).
+
+    One task follows the feed from the last entry this node delivered, so each message reaches
+    each node exactly once and in id order; after an outage it resumes from the same entry.
+    While Redis is unreachable the node goes on serving its connections, ``publish`` and
+    ``cluster`` raise BusUnavailable, the frame says ``up: false``, and the task reconnects with
+    a capped backoff.
+    """
+
+    kind = "redis"
+    delivers_own = True
+
+    def __init__(
+        self,
+        url: str,
+        history_size: int,
+        history_max_age: float,
+        node_id: str,
+        node_ttl: float,
+        prefix: str = "comet:",
+    ) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.url = redact(url)
+        self.node_id = node_id
+        self.history_size = history_size
+        self.history_max_age = history_max_age
+        self.node_ttl_ms = max(1000, int(node_ttl * 1000))
+        # No silent retries: a publish whose answer was lost may have happened, and sending it
+        # again would number the same message twice. Reconnecting is the follower's job.
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=2.0,
+            socket_timeout=READ_BLOCK_MS / 1000 + 3.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._publish_script = self._redis.register_script(PUBLISH_LUA)
+        self._raise_seq_script = self._redis.register_script(RAISE_SEQ_LUA)
+        self.k_seq = prefix + "seq"
+        self.k_feed = prefix + "feed"
+        self.k_all = prefix + "hist:all"
+        self.k_chan = prefix + "hist:c:"
+        self.k_channels = prefix + "channels"
+        self.k_node = prefix + "node:"
+        self._history = History(history_size, history_max_age)
+        self._last_id = 0  # the last id read from the feed (or seeded)
+        self._delivered_id = 0  # the last id handed to this node's workers (or seeded)
+        self._pos = "0-0"  # the feed entry of the last message delivered here
+        self._seeded = False
+        self._up = False
+        self._error = "not connected yet"
+        self._ever_up = False
+        self._down_since = time.time()
+        # start() reports the first failure itself; reminders follow every STILL_DOWN_LOG_EVERY.
+        self._down_logged = self._down_since
+        self._reconnects = 0
+        self._missed = 0
+        self._on_remote: RemoteHandler | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._attempted: asyncio.Event | None = None
+        self._frame_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    async def start(self, on_remote: RemoteHandler) -> None:
+        self._on_remote = on_remote
+        self._attempted = asyncio.Event()
+        self._task = asyncio.create_task(self._follow_forever(), name="redis-bus")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), START_WAIT)
+        if not self._up:
+            log.error(
+                "bus: Redis at %s is unreachable (%s); serving without it, retrying",
+                self.url,
+                self._error,
+            )
+
+    async def close(self) -> None:
+        for task in (self._task, self._frame_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._up:
+            # Leave the cluster view now rather than when the TTL runs out.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._redis.delete(self.k_node + self.node_id), 1.0)
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+    # ---- Bus ------------------------------------------------------------------------------------
+    @property
+    def last_id(self) -> int:
+        return self._delivered_id
+
+    def history(self) -> list[Msg]:
+        return self._history.snapshot()
+
+    def delivered(self, msg: Msg) -> None:
+        self._history.add(msg)
+        self._delivered_id = max(self._delivered_id, msg["id"])
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": "redis",
+            "up": self._up,
+            "url": self.url,
+            "last_id": self._last_id,
+            "reconnects": self._reconnects,
+            "missed_total": self._missed,
+        }
+        if not self._up:
+            out["error"] = self._error
+            out["down_s"] = round(time.time() - self._down_since, 1)
+        return out
+
+    async def publish(self, data: str, channel: str | None, event: str | None) -> Msg:
+        from redis.exceptions import RedisError
+
+        if not self._up:
+            raise BusUnavailable(f"Redis at {self.url} is down ({self._error})")
+        ts = time.time()
+        body = json.dumps(
+            {"channel": channel, "event": event, "data": data, "ts": ts}, separators=(",", ":")
+        )
+        hist = self.k_all if channel is None else self.k_chan + channel
+        try:
+            raw = await self._publish_script(
+                keys=[self.k_seq, self.k_feed, hist, self.k_channels],
+                args=[
+                    body,
+                    FEED_MAXLEN,
+                    self.history_size,
+                    int(self.history_max_age * 1000),
+                    channel or "",
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            # The follower notices the outage on its own connection and reconnects.
+            raise BusUnavailable(f"Redis at {self.url}: {_describe(exc)}") from None
+        return {"id": int(raw), "channel": channel, "event": event, "data": data, "ts": ts}
+
+    async def publish_frame(self, frame: dict[str, Any]) -> None:
+        """Start writing this node's summary (with its TTL) unless the last write still runs."""
+        if not self._up or (self._frame_task is not None and not self._frame_task.done()):
+            return
+        self._frame_task = asyncio.create_task(self._write_frame(frame))
+
+    async def _write_frame(self, frame: dict[str, Any]) -> None:
+        from redis.exceptions import RedisError
+
+        body = json.dumps(node_summary(frame), separators=(",", ":"))
+        try:
+            await self._redis.set(self.k_node + self.node_id, body, px=self.node_ttl_ms)
+        except (RedisError, OSError) as exc:
+            log.debug("bus: frame not published: %s", _describe(exc))
+
+    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+        from redis.exceptions import RedisError
+
+        if not self._up:
+            raise BusUnavailable(f"Redis at {self.url} is down ({self._error})")
+        try:
+            keys = [k async for k in self._redis.scan_iter(match=self.k_node + "*", count=500)]
+            values = await self._redis.mget(keys) if keys else []
+        except (RedisError, OSError) as exc:
+            raise BusUnavailable(f"Redis at {self.url}: {_describe(exc)}") from None
+        nodes: dict[str, dict[str, Any]] = {}
+        for raw in values:
+            if raw is None:  # expired between SCAN and MGET
+                continue
+            try:
+                node = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(node, dict):
+                nodes[str(node.get("node_id"))] = node
+        if own is not None:
+            # Our own numbers fresh from this second rather than as last written.
+            nodes[self.node_id] = node_summary(own)
+        return cluster_view(list(nodes.values()), time.time(), "redis")
+
+    # ---- following the feed ---------------------------------------------------------------------
+    async def _follow_forever(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._connect()
+                delay = BACKOFF_FIRST
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._went_down(exc)
+            if self._attempted is not None:
+                self._attempted.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _went_down(self, exc: BaseException) -> None:
+        from redis.exceptions import RedisError
+
+        reason = _describe(exc)
+        if not isinstance(exc, RedisError | OSError):
+            log.error("bus: unexpected error talking to Redis", exc_info=exc)
+        now = time.time()
+        self._error = reason
+        if self._up:
+            self._up = False
+            self._down_since = now
+            self._down_logged = now
+            log.error(
+                "bus: lost Redis at %s: %s; held connections keep being served, broadcasts "
+                "are refused until it is back (reconnecting with backoff up to %.0f s)",
+                self.url,
+                reason,
+                BACKOFF_MAX,
+            )
+        elif now - self._down_logged >= STILL_DOWN_LOG_EVERY:
+            self._down_logged = now
+            log.warning(
+                "bus: Redis at %s still unreachable after %.0f s: %s",
+                self.url,
+                now - self._down_since,
+                reason,
+            )
+
+    async def _connect(self) -> None:
+        if not self._up:
+            # Connections pooled before an outage are dead; start every command on a fresh one.
+            await self._redis.connection_pool.disconnect()
+        await self._redis.ping()
+        if not self._seeded:
+            await self._seed()
+            self._seeded = True
+        before = int(await self._raise_seq_script(keys=[self.k_seq], args=[self._last_id]))
+        if before < self._last_id:
+            log.warning(
+                "bus: Redis at %s had id sequence %d, below this node's last id %d (did it "
+                "restart without its data?); raised it so ids keep growing",
+                self.url,
+                before,
+                self._last_id,
+            )
+        if not self._up:
+            if self._ever_up:
+                self._reconnects += 1
+                log.warning(
+                    "bus: Redis at %s is back after %.1f s; following from id %d",
+                    self.url,
+                    time.time() - self._down_since,
+                    self._last_id,
+                )
+            else:
+                log.info("bus: Redis at %s, following from id %d", self.url, self._last_id)
+            self._up = self._ever_up = True
+        if self._attempted is not None:
+            self._attempted.set()
+
+    async def _seed(self) -> None:
+        """First contact: take the feed position and the history every channel still has."""
+        # redis-py's typed answers are unions over RESP versions; this client speaks RESP2.
+        last: Any = await self._redis.xrevrange(self.k_feed, count=1)
+        if last:
+            pos, fields = last[0]
+            self._pos = pos.decode()
+            upto = int(fields[b"id"])
+        else:
+            self._pos = "0-0"
+            upto = int(await self._redis.get(self.k_seq) or 0)
+        members: Any = await self._redis.smembers(self.k_channels)
+        names = sorted(n.decode() for n in members)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xrange(self.k_all)
+        for name in names:
+            pipe.xrange(self.k_chan + name)
+        streams = await pipe.execute()
+        gone = [name for name, entries in zip(names, streams[1:], strict=True) if not entries]
+        if gone:  # their history expired; forget the names too
+            await self._redis.srem(self.k_channels, *gone)
+        msgs = [m for entries in streams for m in map(_decode_entry, entries) if m is not None]
+        msgs.sort(key=lambda m: m["id"])
+        # Newer messages than the feed position arrive through the feed; don't hold them twice.
+        for msg in msgs:
+            if msg["id"] <= upto:
+                self._history.add(msg)
+        self._last_id = max(self._last_id, upto)
+        self._delivered_id = max(self._delivered_id, upto)
+        log.info(
+            "bus: seeded %d messages of history from Redis (last id %d)",
+            sum(1 for m in msgs if m["id"] <= upto),
+            upto,
+        )
+
+    async def _follow(self) -> None:
+        while True:
+            answer: Any = await self._redis.xread(
+                {self.k_feed: self._pos}, count=READ_COUNT, block=READ_BLOCK_MS
+            )
+            for _stream, entries in answer or []:
+                for pos, fields in entries:
+                    self._pos = pos.decode() if isinstance(pos, bytes) else str(pos)
+                    msg = _decode_entry((pos, fields))
+                    if msg is not None:
+                        await self._take(msg)
+
+    async def _take(self, msg: Msg) -> None:
+        if msg["id"] <= self._last_id:
+            # Only after Redis lost its data and ids were reused by a node that did not know.
+            log.warning("bus: skipping message %d, not newer than %d", msg["id"], self._last_id)
+            return
+        if self._last_id and msg["id"] > self._last_id + 1:
+            missed = msg["id"] - self._last_id - 1
+            self._missed += missed
+            log.warning(
+                "bus: %d messages before id %d left the feed before this node read them; "
+                "clients resuming across them get a reset",
+                missed,
+                msg["id"],
+            )
+        self._last_id = msg["id"]
+        assert self._on_remote is not None
+        try:
+            await self._on_remote(msg)
+        except Exception:
+            # A delivery problem here is not a Redis problem; keep following.
+            log.exception("bus: delivering message %d failed", msg["id"])
+
+
+def _decode_entry(entry: tuple[Any, dict[bytes, bytes]]) -> Msg | None:
+    _pos, fields = entry
+    try:
+        body = json.loads(fields[b"m"])
+        return {
+            "id": int(fields[b"id"]),
+            "channel": body.get("channel"),
+            "event": body.get("event"),
+            "data": str(body.get("data", "")),
+            "ts": float(body.get("ts", 0.0)),
+        }
+    except (KeyError, ValueError, TypeError, AttributeError):
+        log.warning("bus: ignoring a malformed feed entry %r", entry[0])
+        return None
+
+
+def make_bus(
+    url: str,
+    history_size: int,
+    history_max_age: float,
+    node_id: str = "",
+    node_ttl: float = 5.0,
+) -> Bus:
     """The bus a ``--bus`` value names."""
     if url == "local":
         return LocalBus(history_size, history_max_age)
-    raise ValueError(f"bus: {url!r} is not available in this build (only 'local')")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBus(url, history_size, history_max_age, node_id or "node", node_ttl)
+    raise ValueError(f"bus: expected 'local' or a redis:// URL, got {url!r}")

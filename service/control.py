@@ -18,6 +18,8 @@ import socket
 import stat
 from typing import Any, Protocol
 
+from service.bus import BusUnavailable
+
 log = logging.getLogger("comet.control")
 
 LIMIT_LINE = 1024 * 1024
@@ -40,6 +42,8 @@ class Backend(Protocol):
     ) -> dict[str, Any]: ...
 
     async def channels(self) -> dict[str, int]: ...
+
+    async def cluster(self) -> dict[str, Any]: ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -209,10 +213,12 @@ class ControlServer:
                 return {"ok": True, "channels": await self.backend.channels()}
             if op == "health":
                 return {"ok": True, **self.backend.health()}
+            if op == "cluster":
+                return {"ok": True, "cluster": await self.backend.cluster()}
             raise RequestError(
-                f"unknown op {op!r}; expected stats, watch, broadcast, channels, health"
+                f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, cluster"
             )
-        except RequestError as exc:
+        except (RequestError, BusUnavailable) as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # never a traceback to the client; the log keeps it
             log.exception("control request failed")

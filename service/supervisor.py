@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from service.bus import Bus, Msg, make_bus
+from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.config import Config, raise_nofile_limit
 from service.control import ControlServer
 from service.csvlog import CsvLog
@@ -45,6 +45,7 @@ BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's backoff
 PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy worker)
+DELIVERED_KEEP = 4096  # recipients of recent bus deliveries, for publishers that answer late
 
 
 class WorkerGone(Exception):
@@ -253,9 +254,14 @@ class WorkerSlot:
                 "worker %d reports pid %s (started %s)", self.index, ready.get("pid"), self.pid
             )
         bus = self.sup.bus
-        await self.request({"op": "init", "last_id": bus.last_id, "history": bus.history()}, 30.0)
+        # Under the broadcast lock, a message is either in the history sent now or fanned out to
+        # this worker after it is up: never both, never neither.
+        async with self.sup.broadcast_lock:
+            await self.request(
+                {"op": "init", "last_id": bus.last_id, "history": bus.history()}, 30.0
+            )
+            self.state = "up"
         self._release_gate()
-        self.state = "up"
         log.info("worker %d up (pid %d)", self.index, self.pid)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -359,7 +365,9 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.worker_config = config
-        self.bus: Bus = make_bus(config.bus, config.history_size, config.history_max_age)
+        self.bus: Bus = make_bus(
+            config.bus, config.history_size, config.history_max_age, config.node_id, config.node_ttl
+        )
         self.frames = FrameBuilder(config.target_connections, config.node_id)
         self.slots: list[WorkerSlot] = []
         self.control = ControlServer(config.control_socket, self, config.limit_message_bytes)
@@ -369,7 +377,10 @@ class Supervisor:
         self.started = time.time()
         self._frame: dict[str, Any] | None = None
         self._stop = asyncio.Event()
-        self._broadcast_lock = asyncio.Lock()
+        self.broadcast_lock = asyncio.Lock()
+        # Multi-node bus: message id → recipients here, for broadcast() waiting on its own message.
+        self._delivered: dict[int, int] = {}
+        self._awaiting: dict[int, asyncio.Future[int]] = {}
         self.start_gate = asyncio.Semaphore(2 * (os.cpu_count() or 1))
         self._port_sock: socket.socket | None = None
         self.nofile = 0
@@ -391,16 +402,39 @@ class Supervisor:
         }
 
     async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
+        if self.bus.delivers_own:
+            # Multi-node: the bus hands every message, ours too, to _remote_message in id order;
+            # wait for ours so the answer counts this node's recipients like a local broadcast.
+            msg = await self.bus.publish(data, channel, event)
+            return {"id": msg["id"], "recipients": await self._delivery(msg["id"])}
         # One broadcast at a time: every worker then sees messages in id order, which SSE
         # resume relies on; a second broadcast waits for the first to be written.
-        async with self._broadcast_lock:
+        async with self.broadcast_lock:
             msg = await self.bus.publish(data, channel, event)
             recipients = await self._fan_out(msg)
         return {"id": msg["id"], "recipients": recipients}
 
+    async def _delivery(self, msg_id: int) -> int:
+        if msg_id in self._delivered:
+            return self._delivered[msg_id]
+        fut = self._awaiting.setdefault(msg_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), BROADCAST_TIMEOUT)
+        except TimeoutError:
+            raise BusUnavailable(
+                f"message {msg_id} was published but not delivered on this node within "
+                f"{BROADCAST_TIMEOUT:.0f} s"
+            ) from None
+        finally:
+            self._awaiting.pop(msg_id, None)
+
     async def fan_out(self, msg: Msg) -> int:
-        async with self._broadcast_lock:
+        async with self.broadcast_lock:
+            self.bus.delivered(msg)
             return await self._fan_out(msg)
+
+    async def cluster(self) -> dict[str, Any]:
+        return await self.bus.cluster(self._frame)
 
     async def _fan_out(self, msg: Msg) -> int:
         """Hand a numbered message to every live worker; the sum of their recipients."""
@@ -497,8 +531,14 @@ class Supervisor:
         return 0
 
     async def _remote_message(self, msg: Msg) -> None:
-        """A message another node published (multi-node bus): deliver it here too."""
-        await self.fan_out(msg)
+        """A message from the multi-node bus (any node's, ours too): deliver it here."""
+        recipients = await self.fan_out(msg)
+        self._delivered[msg["id"]] = recipients
+        if len(self._delivered) > DELIVERED_KEEP:
+            del self._delivered[next(iter(self._delivered))]
+        fut = self._awaiting.get(msg["id"])
+        if fut is not None and not fut.done():
+            fut.set_result(recipients)
 
     async def _shutdown(self) -> None:
         grace = self.config.grace
@@ -557,6 +597,7 @@ class Supervisor:
         frame = self.frames.build([s.view() for s in self.slots], self.bus.status())
         self._frame = frame
         self.control.publish_frame(frame)
+        await self.bus.publish_frame(frame)
         if self.csv is not None:
             try:
                 self.csv.write(frame)

@@ -133,6 +133,52 @@ function onFrame(frame) {
     }
     return tr;
   }));
+  maybeCluster(frame);
+}
+
+// ---- the cluster (multi-node bus only) -----------------------------------------------------
+let clusterAt = 0;
+let clusterBusy = false;
+
+function row(cells, tag = "td") {
+  const tr = document.createElement("tr");
+  for (const v of cells) {
+    const td = document.createElement(tag);
+    td.textContent = String(v ?? "–");
+    tr.appendChild(td);
+  }
+  return tr;
+}
+
+// Frames say which bus a node uses; only a Redis bus has other nodes, so only then is
+// /api/cluster asked (every other second, never two requests at once).
+async function maybeCluster(frame) {
+  const bus = frame.bus;
+  $("cluster-card").hidden = !bus;
+  if (!bus) return;
+  $("cluster-bus").textContent = bus.up ? "redis up" : "redis DOWN: " + (bus.error || "");
+  const now = Date.now();
+  if (clusterBusy || now - clusterAt < 2000) return;
+  clusterBusy = true;
+  clusterAt = now;
+  try {
+    const res = await fetch("/api/cluster", {
+      headers: { Authorization: "Bearer " + token }, cache: "no-store",
+    });
+    if (!res.ok) { $("cluster").tFoot.replaceChildren(row([await errorText(res)])); return; }
+    const view = await res.json();
+    const cells = (n, t) => [int(t.conns), n, mib(t.rss_bytes), fixed(t.cpu_percent),
+      fixed(dig(t, "lag_ms", "p90"), 2), int(t.msgs_sent_total)];
+    $("cluster").tBodies[0].replaceChildren(...view.nodes.map((n) => row([n.node_id,
+      ...cells(n.workers_up, n.totals || {}), dig(n, "bus", "up") ? "up" : "down",
+      fixed(n.age_s)])));
+    $("cluster").tFoot.replaceChildren(row(["total (" + view.count + ")",
+      ...cells(dig(view, "totals", "workers"), view.totals || {}), "", ""], "th"));
+  } catch (e) {
+    // The next frame tries again.
+  } finally {
+    clusterBusy = false;
+  }
 }
 
 // ---- the stream ---------------------------------------------------------------------------
