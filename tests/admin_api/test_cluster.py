@@ -29,6 +29,15 @@ from .processes import ROOT, Sidecar, control_ask, free_port, stop_process, wait
 pytestmark = pytest.mark.redis
 
 NODE_TTL = 2.0
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 REDIS_BIN = "/usr/bin/redis-server"
 
 
@@ -455,6 +464,35 @@ def test_cluster_view_sums_the_nodes(cluster: Cluster) -> None:
     # Each node's entry is its own frame's numbers.
     frame = n2.frame()
     assert nodes["n2"]["totals"]["accepted_total"] <= frame["totals"]["accepted_total"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./dev test)")
+def test_dashboard_lists_the_nodes(cluster: Cluster) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page()
+            errors: list[str] = []
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
+            tab.goto(cluster.api.url + "/")
+            tab.fill("#token-input", str(cluster.api.token))
+            tab.click("#token-save")
+            tab.wait_for_selector("#cluster-card:not([hidden])", timeout=20_000)
+            tab.wait_for_function(
+                "document.querySelectorAll('#cluster tbody tr').length === 3", timeout=20_000
+            )
+            names = tab.eval_on_selector_all(
+                "#cluster tbody tr td:first-child", "tds => tds.map(td => td.textContent)"
+            )
+            assert names == ["n1", "n2", "n3"]
+            assert "total (3)" in str(tab.text_content("#cluster tfoot"))
+            assert "redis up" in str(tab.text_content("#cluster-bus"))
+            assert errors == []
+        finally:
+            browser.close()
 
 
 def test_redis_restart_nodes_serve_on_refuse_broadcasts_and_reconnect(cluster: Cluster) -> None:
