@@ -36,6 +36,7 @@ class Msg(TypedDict):
 
 
 RemoteHandler = Callable[[Msg], Awaitable[None]]
+SeedHandler = Callable[[], Awaitable[None]]
 
 # The init message carries the history to a (re)started worker as one JSON line; keep it well
 # below anything a worker would refuse, dropping the oldest messages first.
@@ -56,7 +57,10 @@ class Bus(Protocol):
     # True: publish() only numbers and stores; the message comes back through on_remote.
     delivers_own: bool
 
-    async def start(self, on_remote: RemoteHandler) -> None: ...
+    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
+        """Begin; ``on_seeded`` is awaited if the history arrives only after start() returned
+        (Redis was down then), before any message is delivered, so workers can take it."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -135,7 +139,7 @@ class LocalBus:
         self._last_id = first_id
         self._history = History(history_size, history_max_age)
 
-    async def start(self, on_remote: RemoteHandler) -> None:
+    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
         # One node: nobody else publishes, so there is nothing to listen to.
         return None
 
@@ -358,17 +362,21 @@ class RedisBus:
         self._reconnects = 0
         self._missed = 0
         self._on_remote: RemoteHandler | None = None
+        self._on_seeded: SeedHandler | None = None
+        self._started = False
         self._task: asyncio.Task[None] | None = None
         self._attempted: asyncio.Event | None = None
         self._frame_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    async def start(self, on_remote: RemoteHandler) -> None:
+    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
         self._on_remote = on_remote
+        self._on_seeded = on_seeded
         self._attempted = asyncio.Event()
         self._task = asyncio.create_task(self._follow_forever(), name="redis-bus")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._attempted.wait(), START_WAIT)
+        self._started = True
         if not self._up:
             log.error(
                 "bus: Redis at %s is unreachable (%s); serving without it, retrying",
@@ -534,6 +542,9 @@ class RedisBus:
         if not self._seeded:
             await self._seed()
             self._seeded = True
+            if self._started and self._on_seeded is not None:
+                # Workers started without this history; they get it before the first message.
+                await self._on_seeded()
         before = int(await self._raise_seq_script(keys=[self.k_seq], args=[self._last_id]))
         if before < self._last_id:
             log.warning(

@@ -504,7 +504,7 @@ class Supervisor:
             self.worker_config.port = port
             log.info("--port 0: workers listen on port %d", port)
 
-        await self.bus.start(self._remote_message)
+        await self.bus.start(self._remote_message, self._reseed_workers)
         await self.control.start()
         try:
             self.csv = CsvLog(
@@ -529,6 +529,23 @@ class Supervisor:
                 await ticker
             await self._shutdown()
         return 0
+
+    async def _reseed_workers(self) -> None:
+        """The bus found its history only after the workers started (Redis was down then):
+        hand it to them again, before the bus delivers its first message."""
+        async with self.broadcast_lock:
+            slots = [s for s in self.slots if s.usable]
+            init = {"op": "init", "last_id": self.bus.last_id, "history": self.bus.history()}
+            answers = await asyncio.gather(
+                *(s.request(init, 30.0) for s in slots), return_exceptions=True
+            )
+        failed = sum(1 for a in answers if isinstance(a, BaseException))
+        log.info(
+            "bus history (last id %d) sent to %d running workers%s",
+            self.bus.last_id,
+            len(slots) - failed,
+            f", {failed} failed" if failed else "",
+        )
 
     async def _remote_message(self, msg: Msg) -> None:
         """A message from the multi-node bus (any node's, ours too): deliver it here."""

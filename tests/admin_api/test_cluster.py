@@ -63,9 +63,10 @@ class RedisServer:
     """One redis-server on a loopback port, without persistence: a restart loses the data, the
     harder case for the nodes (the id sequence must not start again from 1)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, persist: bool = False) -> None:
         self.binary = ensure_redis_server()
         self.tmp = tmp
+        self.persist = persist
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +84,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.tmp),
                 "--daemonize",
@@ -520,6 +523,8 @@ def test_redis_restart_nodes_serve_on_refuse_broadcasts_and_reconnect(cluster: C
     answer = n3.ask({"op": "broadcast", "data": "during", "channel": "news"})
     assert answer["ok"] is False and answer["error"].startswith("bus unavailable: Redis at")
     assert cluster.view().status_code == 503
+    metrics = httpx.get(cluster.api.url + "/metrics", headers=cluster.api.auth, timeout=10).text
+    assert "comet_bus_up 0.0" in metrics
 
     # Held connections are still served (pings every second).
     pings = [c.pings for c in clients]
@@ -565,6 +570,55 @@ def test_a_killed_node_leaves_the_view_within_its_ttl(cluster: Cluster) -> None:
     c.welcomed()
     assert cluster.post("two nodes left").status_code == 200
     c.wait(lambda c: "two nodes left" in c.data(), 10, "the broadcast after the kill")
+
+
+def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_comes_up() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="ccl-", dir="/tmp"))
+    redis = RedisServer(tmp, persist=True)
+    nodes: list[Node] = []
+    try:
+        # Some history in a Redis that keeps it across a restart.
+        redis.start()
+        feeder = Node(tmp, "feeder", redis.url)
+        nodes.append(feeder)
+        feeder.wait_up()
+        ids = [
+            feeder.ask({"op": "broadcast", "data": f"old {i}", "channel": "news"})["id"]
+            for i in range(3)
+        ]
+        assert ids == [1, 2, 3]
+        feeder.stop()
+        redis.kill()
+
+        node = Node(tmp, "early", redis.url)
+        nodes.append(node)
+        node.wait_up()  # the workers start anyway (after the bus's short first wait)
+        frame = node.frame()
+        assert frame["bus"]["up"] is False and frame["bus"]["error"]
+        c = SSE(node.port)
+        c.welcomed()
+        answer = node.ask({"op": "broadcast", "data": "too early", "channel": "news"})
+        assert answer["ok"] is False and answer["error"].startswith("bus unavailable:")
+        assert "unreachable" in node.log()
+
+        redis.start()
+        wait_for(lambda: node.frame()["bus"]["up"] is True, 15, "the node to find Redis")
+        # The running workers got the history seeded late: a resume from id 1 replays 2 and 3.
+        late = SSE(node.port, last_event_id=1)
+        late.wait(lambda c: len(c.messages()) >= 2, 10, "the replay")
+        assert late.messages() == [(2, "old 1"), (3, "old 2")]
+        answer = node.ask({"op": "broadcast", "data": "now", "channel": "news"})
+        assert answer == {"ok": True, "id": 4, "recipients": 2}
+        c.wait(lambda c: "now" in c.data(), 10, "the first broadcast")
+        assert c.messages() == [(4, "now")]
+        late.wait(lambda c: "now" in c.data(), 10, "the first broadcast after the replay")
+        c.close()
+        late.close()
+    finally:
+        for n in nodes:
+            n.stop()
+        redis.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_local_bus_cluster_view_is_this_node() -> None:
