@@ -58,6 +58,16 @@ from loadgen.client import (
 
 SERVICE_FD_RESERVE = 500
 KERNEL_BYTES_PER_PAIR = 10_000  # measured on this machine kind (MACHINE-NOTES.md)
+# SO_REUSEPORT spreads connections over the workers by a hash, not evenly: at 500,000 on 26
+# workers sized to exactly ceil(conns / cap) the fullest ones hit their cap and answered 503.
+# ``--workers auto`` therefore sizes the service for this much more than --conns.
+WORKER_HEADROOM = 1.05
+
+
+def service_workers(conns: int, nofile: int) -> int:
+    """Workers for ``conns`` when each holds ``nofile - reserve``, with the hash headroom."""
+    per = max(1, nofile - SERVICE_FD_RESERVE)
+    return max(os.cpu_count() or 1, math.ceil(conns * WORKER_HEADROOM / per))
 
 
 class BenchError(Exception):
@@ -90,7 +100,9 @@ def meminfo_kb(key: str) -> int:
     return 0
 
 
-def preflight(conns: int, sources: int, remote: bool = False) -> list[Check]:
+def preflight(
+    conns: int, sources: int, remote: bool = False, concurrency: int = 200
+) -> list[Check]:
     """Every limit that could stop ``conns`` loopback connections, checked against the machine."""
     checks = []
     try:
@@ -138,7 +150,7 @@ def preflight(conns: int, sources: int, remote: bool = False) -> list[Check]:
     cap = nofile_capacity()
     hard = cap + FD_RESERVE
     client_procs = auto_procs(conns, cap)
-    server_workers = math.ceil(conns / max(1, hard - SERVICE_FD_RESERVE))
+    server_workers = service_workers(conns, hard)
     checks.append(
         Check(
             "fds (RLIMIT_NOFILE)",
@@ -160,14 +172,46 @@ def preflight(conns: int, sources: int, remote: bool = False) -> list[Check]:
             "fewer --conns or a bigger machine",
         )
     )
+    # Socket buffer memory: during a broadcast every connection has at least one queued skb
+    # (≥ 1 page accounted) until its reader catches up; past tcp_mem's third value the kernel
+    # logs "TCP: out of memory" and drops sockets, i.e. connection errors in the middle of a run.
+    try:
+        tcp_mem_max = int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        tcp_mem_max = None
+    if tcp_mem_max is not None:
+        checks.append(
+            Check(
+                "net.ipv4.tcp_mem (max)",
+                f"{tcp_mem_max:,} pages",
+                f"{conns:,} pages (1 per connection in a broadcast)",
+                tcp_mem_max >= conns,
+                f"sysctl -w net.ipv4.tcp_mem='{max(conns // 4, 1)} {conns} {conns * 3 // 2}'",
+            )
+        )
+    # Accept backlog: SO_REUSEPORT gives every worker its own queue of min(backlog, somaxconn);
+    # the client processes have procs × --concurrency connects in flight at once, and a full
+    # queue turns into SYN retries (1 s, 3 s, ...) that stall the ramp or time heads out.
     somax = _read_int("/proc/sys/net/core/somaxconn") or 0
+    in_flight = client_procs * concurrency
+    per_queue = math.ceil(in_flight / max(1, server_workers))
     checks.append(
         Check(
-            "somaxconn",
+            "net.core.somaxconn",
             f"{somax:,}",
-            "≥ --concurrency",
-            True,
-            "sysctl -w net.core.somaxconn=65535 (a short backlog slows ramps, does not stop them)",
+            f"≥ {per_queue:,} ({in_flight:,} connects in flight / {server_workers} workers)",
+            somax >= per_queue,
+            "sysctl -w net.core.somaxconn=65535",
+        )
+    )
+    syn = _read_int("/proc/sys/net/ipv4/tcp_max_syn_backlog") or 0
+    checks.append(
+        Check(
+            "net.ipv4.tcp_max_syn_backlog",
+            f"{syn:,}",
+            f"≥ {in_flight:,} connects in flight",
+            syn >= in_flight,
+            "sysctl -w net.ipv4.tcp_max_syn_backlog=65535",
         )
     )
     return checks
@@ -241,6 +285,16 @@ def tree_rss(pids: list[int]) -> int:
         except psutil.Error:
             pass
     return sum(seen.values())
+
+
+def tree_cpu(pids: list[int]) -> float:
+    """User + system CPU seconds of the given processes (children are not included)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def listening_pids(port: int) -> list[int]:
@@ -358,7 +412,9 @@ async def _start_service_on(
         "--port",
         str(port),
         "--workers",
-        args.workers,
+        args.workers
+        if args.workers != "auto"
+        else str(service_workers(args.conns, nofile_capacity() + FD_RESERVE)),
         "--target-connections",
         str(args.conns),
         "--control-socket",
@@ -445,6 +501,28 @@ async def watch_frames(sock: str, run: Run) -> None:
         await asyncio.sleep(1.0)  # the service restarted or is not up yet: follow it again
 
 
+def check_memory(args: argparse.Namespace) -> None:
+    """Stop the run (bounded) before the box runs out of memory: others share it."""
+    avail = meminfo_kb("MemAvailable") * 1024
+    if avail < args.min_available_gib * 2**30:
+        raise BenchError(
+            f"MemAvailable {avail / 2**30:.2f} GiB fell below --min-available-gib "
+            f"{args.min_available_gib}: stopping the run (fewer --conns, or free memory)"
+        )
+
+
+def lag_in(run: Run, since: float, until: float) -> dict[str, float | None]:
+    """The worst worker's loop lag (p90 / p99 / max) over the frames covering [since, until]."""
+    out: dict[str, float | None] = {}
+    # A frame at time t reports the second before it.
+    frames = [f for f in run.frames if since < float(f.get("t", 0)) <= until + 1.0]
+    for k in ("p90", "p99", "max"):
+        vals = [((f.get("totals") or {}).get("lag_ms") or {}).get(k) for f in frames]
+        nums = [float(v) for v in vals if isinstance(v, (int, float))]
+        out[k] = max(nums) if nums else None
+    return out
+
+
 def sample(
     run: Run,
     t0: float,
@@ -471,7 +549,9 @@ def sample(
         "server_rss_mb": round(tree_rss(server_pids) / 2**20, 1),
         "server_rss_delta_mb": round((tree_rss(server_pids) - rss0) / 2**20, 1),
         "slab_delta_mb": round((meminfo_kb("Slab") - slab0) / 1024, 1),
+        "lag_p99_ms": ((totals.get("lag_ms") or {}).get("p99", "")),
         "lag_max_ms": ((totals.get("lag_ms") or {}).get("max", "")),
+        "mem_available_mb": meminfo_kb("MemAvailable") // 1024,
     }
     run.timeline.append(row)
     return row
@@ -512,7 +592,7 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     else:
         host, port, path = "127.0.0.1", 0, args.path
     sources = parse_source_ips(args.source_ips, host)
-    checks = preflight(args.conns, len(sources), remote=False)
+    checks = preflight(args.conns, len(sources), remote=False, concurrency=args.concurrency)
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "conns": args.conns,
@@ -548,6 +628,13 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             config = EngineConfig(0, host, port, path, args.concurrency)
             pool = ProcessPool(config, sources, None if args.procs == "auto" else int(args.procs))
             await pool._spawn(pool.fixed or auto_procs(args.conns, pool.capacity))
+            if args.client_nice:
+                # On one box the load generator stands in for remote machines: give the service
+                # the CPU first so its loop lag is not the clients' doing.
+                for child in pool.children:
+                    with contextlib.suppress(psutil.Error):
+                        psutil.Process(child.proc.pid).nice(args.client_nice)
+            report["client_nice"] = args.client_nice
             await pool.apply(config)
             report["client_rss0"] = tree_rss([c.proc.pid for c in pool.children])
             report["client_procs"] = pool.procs
@@ -555,6 +642,8 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             await hold(args, pool, run, svc, slab0, rss0, report)
             await broadcasts(args, pool, run, svc, report, slab0, rss0)
             st = await pool.stats()
+            if args.ramp_down:
+                await ramp_down(args, pool, run, svc, report, slab0, rss0)
             report["errors"] = {
                 "errors_req": st.errors_req,
                 "errors_resp": st.errors_resp,
@@ -625,6 +714,7 @@ async def ramp(
             if now - last_sample >= 1.0:
                 sample(run, t0, "ramp", target, st, svc.pids, slab0, rss0)
                 last_sample = now
+                check_memory(args)
             if st.clients >= args.conns:
                 reached_at = now
                 break
@@ -651,12 +741,34 @@ async def hold(
     report: dict[str, Any],
 ) -> None:
     end = time.monotonic() + args.hold
+    hold_t0 = time.time()
+    client_cpu0 = tree_cpu([c.proc.pid for c in pool.children])
+    host_cpu0 = psutil.cpu_times()
     while True:
         st = await pool.stats()
         sample(run, report["t0"], "hold", args.conns, st, svc.pids, slab0, rss0)
+        check_memory(args)
         if time.monotonic() >= end:
             break
         await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+    # CPU while idle-holding (pings only): % of one core, from the service's frames (its own
+    # psutil readings per worker) and from the load generator's and the host's CPU times.
+    dt = max(0.001, time.time() - hold_t0)
+    host_cpu1 = psutil.cpu_times()
+    busy = sum(host_cpu1) - sum(host_cpu0) - (host_cpu1.idle - host_cpu0.idle)
+    busy -= getattr(host_cpu1, "iowait", 0.0) - getattr(host_cpu0, "iowait", 0.0)
+    frames = [f for f in run.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
+    svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
+    report["hold_cpu"] = {
+        "seconds": round(dt, 1),
+        "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
+        "load_generator_pct_of_core": round(
+            100 * (tree_cpu([c.proc.pid for c in pool.children]) - client_cpu0) / dt, 1
+        ),
+        "host_busy_pct_of_core": round(100 * busy / dt, 1),
+        "cores": os.cpu_count(),
+        "service_lag": lag_in(run, hold_t0, time.time() - 1.0),
+    }
     held = max(1, st.clients)
     rss = tree_rss(svc.pids)
     slab = meminfo_kb("Slab")
@@ -686,6 +798,7 @@ async def broadcasts(
         ts = time.time()
         data = json.dumps({"ts": ts, "seq": seq, "bench": "comet1m"})
         recipients = await publish(args, svc, data)
+        answered = time.time()
         deadline = time.monotonic() + args.broadcast_timeout
         st = before
         while time.monotonic() < deadline:
@@ -696,6 +809,9 @@ async def broadcasts(
         delivered = st.deliveries.get(seq, 0)
         last = st.last_delivery.get(seq)
         first = st.first_delivery.get(seq)
+        # The frames covering the fan-out arrive once a second: wait for the one after it.
+        await asyncio.sleep(1.2)
+        lag = lag_in(run, ts, last or time.time())
         run.broadcasts.append(
             {
                 "seq": seq,
@@ -705,10 +821,45 @@ async def broadcasts(
                 "delivered": delivered,
                 "first_delivery_ms": round((first - ts) * 1000, 1) if first else None,
                 "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
+                "answer_ms": round((answered - ts) * 1000, 1),
+                "lag_p90_ms": lag["p90"],
+                "lag_p99_ms": lag["p99"],
+                "lag_max_ms": lag["max"],
             }
         )
         sample(run, report["t0"], "broadcast", args.conns, st, svc.pids, slab0, rss0)
+        check_memory(args)
         await asyncio.sleep(args.broadcast_gap)
+
+
+async def ramp_down(
+    args: argparse.Namespace,
+    pool: ProcessPool,
+    run: Run,
+    svc: Service,
+    report: dict[str, Any],
+    slab0: int,
+    rss0: int,
+) -> None:
+    """Close every client connection and time until the service holds none (bounded: 120 s)."""
+    c = pool.config
+    start = time.monotonic()
+    await pool.set_config(EngineConfig(0, c.host, c.port, c.path, c.concurrency))
+    deadline = start + 120
+    done_at: float | None = None
+    while time.monotonic() < deadline:
+        st = await pool.stats()
+        row = sample(run, report["t0"], "ramp-down", 0, st, svc.pids, slab0, rss0)
+        server = row["server_conns"]
+        # The frame is up to a second old: count the service as empty on a frame taken after
+        # the clients reached 0.
+        if st.clients == 0 and done_at is None:
+            done_at = time.monotonic()
+        if done_at is not None and server == 0 and time.monotonic() - done_at > 1.1:
+            break
+        await asyncio.sleep(0.5)
+    report["ramp_down_s"] = round((done_at or time.monotonic()) - start, 2)
+    report["ramp_down_server_conns_left"] = run.timeline[-1]["server_conns"]
 
 
 # ---- outputs ----------------------------------------------------------------------------------
@@ -853,12 +1004,25 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
         ),
         ("worst loop lag", fmt(r.get("worst_loop_lag_ms"), " ms")),
     ]
+    hc = r.get("hold_cpu") or {}
+    if hc:
+        rows.append(
+            (
+                "CPU while holding (% of one core): service / load gen / host",
+                f"{fmt(hc.get('service_pct_of_core'))} / "
+                f"{fmt(hc.get('load_generator_pct_of_core'))}"
+                f" / {fmt(hc.get('host_busy_pct_of_core'))} (of {hc.get('cores')} cores)",
+            )
+        )
+    if "ramp_down_s" in r:
+        rows.append(("ramp-down (all clients close)", fmt(r.get("ramp_down_s"), " s")))
     for b in r.get("broadcasts", []):
         rows.append(
             (
                 f"broadcast {b['seq']}: delivered, first / last delivery",
                 f"{fmt(b['delivered'])}/{fmt(b['expected'])}, "
-                f"{fmt(b.get('first_delivery_ms'))} / {fmt(b['last_delivery_ms'], ' ms')}",
+                f"{fmt(b.get('first_delivery_ms'))} / {fmt(b['last_delivery_ms'], ' ms')}; "
+                f"lag p99 {fmt(b.get('lag_p99_ms'))} max {fmt(b.get('lag_max_ms'), ' ms')}",
             )
         )
     for k, v in rows:
@@ -892,7 +1056,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--broadcast-gap", type=float, default=0.5, help="seconds between broadcasts")
     p.add_argument("--out", default="bench-out", help="directory for bench.json/.csv/.png")
-    p.add_argument("--workers", default="auto", help="service --workers")
+    p.add_argument(
+        "--workers",
+        default="auto",
+        help="service --workers (auto = ceil(1.05 × conns / (RLIMIT_NOFILE - 500)): "
+        "SO_REUSEPORT does not spread connections evenly)",
+    )
     p.add_argument("--port", type=int, default=0, help="service port (0 = a free one)")
     p.add_argument("--path", default="/", help="stream path on the service")
     p.add_argument("--ping-interval", type=float, default=20.0, help="service --ping-interval")
@@ -926,6 +1095,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no progress display while ramping",
     )
+    p.add_argument(
+        "--client-nice",
+        type=int,
+        default=0,
+        help="nice value of the client engine processes (e.g. 10: the service gets the CPU "
+        "first when both share a box)",
+    )
+    p.add_argument(
+        "--ramp-down",
+        action="store_true",
+        help="end with a timed ramp-down: every client closes, until the service holds none",
+    )
+    p.add_argument(
+        "--min-available-gib",
+        type=float,
+        default=2.0,
+        help="stop the run when the host's MemAvailable falls below this",
+    )
     p.add_argument("--preflight-only", action="store_true", help="print the preflight and exit")
     return p
 
@@ -942,7 +1129,9 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     if args.preflight_only:
         host = urlsplit(args.target).hostname or "127.0.0.1" if args.target else "127.0.0.1"
-        checks = preflight(args.conns, len(parse_source_ips(args.source_ips, host)))
+        checks = preflight(
+            args.conns, len(parse_source_ips(args.source_ips, host)), concurrency=args.concurrency
+        )
         print_preflight(console, checks)
         sys.exit(0 if all(c.ok for c in checks) else 1)
     install_uvloop()

@@ -1,0 +1,78 @@
+"""What the million run (docs/benchmarks.md, "million") added to comet-bench, at small scale.
+
+The million itself is not a CI test (it takes ~25 minutes and the whole box); these check the
+parts it relies on: the extra preflight checks, per-broadcast loop lag (p99), CPU while holding,
+the timed ramp-down, niced clients and the memory guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+
+from loadgen.bench import preflight, verdict
+from tests.loadgen.conftest import ROOT
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "loadgen.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+
+
+def test_preflight_names_tcp_mem_and_backlogs() -> None:
+    checks = {c.name: c for c in preflight(1_000_000, 40, concurrency=200)}
+    for name in ("net.ipv4.tcp_mem (max)", "net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog"):
+        assert name in checks, name
+    # A connection count no tcp_mem can give must be named with the setting that lifts it.
+    huge = preflight(10**12, 40)
+    stops = [c for c in huge if not c.ok]
+    assert any(c.name == "net.ipv4.tcp_mem (max)" for c in stops)
+    tcp = next(c for c in huge if c.name == "net.ipv4.tcp_mem (max)")
+    assert "sysctl -w net.ipv4.tcp_mem=" in tcp.fix
+    assert "will stop the run" in verdict(huge)
+
+
+def test_bench_reports_lag_per_broadcast_hold_cpu_and_ramp_down(tmp_path) -> None:
+    out = tmp_path / "out"
+    r = bench(
+        "--conns", "1000", "--rate", "2000", "--hold", "3", "--broadcasts", "2",
+        "--ramp-down", "--client-nice", "5", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["held"] == 1000 and report["client_nice"] == 5
+    for b in report["broadcasts"]:
+        assert b["delivered"] == 1000
+        assert b["answer_ms"] >= 0
+        # The frames covering the fan-out carry the workers' p99 (added for this issue).
+        assert b["lag_p99_ms"] is not None and 0 <= b["lag_p99_ms"] <= b["lag_max_ms"]
+    hc = report["hold_cpu"]
+    assert hc["seconds"] >= 2.5 and hc["cores"] == os.cpu_count()
+    for k in ("service_pct_of_core", "load_generator_pct_of_core", "host_busy_pct_of_core"):
+        assert hc[k] is not None and hc[k] >= 0, k
+    assert report["ramp_down_s"] >= 0 and report["ramp_down_server_conns_left"] == 0
+    assert "ramp-down" in r.stdout and "lag p99" in r.stdout
+    assert not psutil.pid_exists(report["service_pid"])
+
+
+def test_bench_stops_when_memory_runs_short(tmp_path) -> None:
+    # Ask for more free memory than the host has: the run stops during the ramp, cleanly.
+    total_gib = psutil.virtual_memory().total / 2**30
+    r = bench(
+        "--conns", "500", "--rate", "50", "--hold", "1", "--broadcasts", "0",
+        "--min-available-gib", str(int(total_gib) + 1), "--out", str(tmp_path / "o"),
+        "--no-progress",
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "--min-available-gib" in r.stderr
+    assert "Traceback" not in r.stderr
