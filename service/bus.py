@@ -269,6 +269,15 @@ if cur < want then redis.call('SET', KEYS[1], want) end
 return cur
 """
 
+# KEYS: the channel set. ARGV: the history-stream prefix, then channel names whose stream looked
+# empty. Checked again here, atomically: a publish in between would have re-created the stream.
+FORGET_CHANNELS_LUA = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('SREM', KEYS[1], ARGV[i]) end
+end
+return 0
+"""
+
 FEED_MAXLEN = 10_000  # messages a node may fall behind (or be cut off) and still catch up
 READ_BLOCK_MS = 1000
 READ_COUNT = 100
@@ -342,6 +351,7 @@ class RedisBus:
         )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._raise_seq_script = self._redis.register_script(RAISE_SEQ_LUA)
+        self._forget_script = self._redis.register_script(FORGET_CHANNELS_LUA)
         self.k_seq = prefix + "seq"
         self.k_feed = prefix + "feed"
         self.k_all = prefix + "hist:all"
@@ -589,7 +599,7 @@ class RedisBus:
         streams = await pipe.execute()
         gone = [name for name, entries in zip(names, streams[1:], strict=True) if not entries]
         if gone:  # their history expired; forget the names too
-            await self._redis.srem(self.k_channels, *gone)
+            await self._forget_script(keys=[self.k_channels], args=[self.k_chan, *gone])
         msgs = [m for entries in streams for m in map(_decode_entry, entries) if m is not None]
         msgs.sort(key=lambda m: m["id"])
         # Newer messages than the feed position arrive through the feed; don't hold them twice.
