@@ -81,11 +81,15 @@ class Conn(asyncio.Protocol):
                 self.fail(HttpError(431, "request headers too large"))
 
     def eof_received(self) -> bool:
-        """Called when the client half-closes: nothing more can come, so close our side too."""
-        if self.state == HEAD:
-            self.close()
-        # A half-closed stream or poll (e.g. `nc -N`) keeps receiving until the client goes.
-        return self.state <= POLL
+        """Called when the client half-closes."""
+        if self.state == POLL:
+            # A long-poll request is complete; `nc -N`-style clients still read the answer.
+            return True
+        # A stream client that closes has almost always gone for good (curl, browsers, loadgen
+        # close both ways): keeping it until the next ping write fails would count it in `conns`
+        # and in a broadcast's recipients for up to a ping interval.
+        self.close()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Called by the transport when the connection is closed."""

@@ -209,6 +209,17 @@ def test_bytes_after_request_close_stream(w: ThreadWorker) -> None:
         assert b"Welcome" not in read_all(s)
 
 
+def test_stream_client_that_closes_is_gone_at_once() -> None:
+    # A long ping interval, so only the client's FIN (not a failed ping write) can end the stream.
+    with running_worker(ping_interval=60.0) as tw, subscribe(tw, "/sub/leaver") as s:
+        read_until(s, b"Welcome!")
+        wait_for(lambda: channel_count(tw, "leaver") == 1)
+        s.close()
+        wait_for(lambda: channel_count(tw, "leaver") == 0, limit=2.0)
+        assert tw.stats()["conns"] == 0
+        assert tw.broadcast("nobody", channel="leaver") == 0
+
+
 # -- long-poll -------------------------------------------------------------------------------------
 def _poll(s: socket.socket, path: str) -> dict:  # type: ignore[type-arg]
     s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
