@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
+from service.hub import Counters
+
 log = logging.getLogger("comet.bus")
 
 
@@ -180,16 +182,7 @@ class LocalBus:
 
 
 # ---- the cluster view ----------------------------------------------------------------------------
-SUMMED = (
-    "conns",
-    "accepted_total",
-    "closed_total",
-    "rejected_total",
-    "slow_dropped_total",
-    "msgs_sent_total",
-    "bytes_sent_total",
-    "rss_bytes",
-)
+SUMMED = (*Counters.__slots__, "rss_bytes")
 
 
 def node_summary(frame: dict[str, Any]) -> dict[str, Any]:

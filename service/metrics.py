@@ -13,19 +13,14 @@ from typing import Any
 
 import psutil
 
+from service.hub import Counters
+
 LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
 LAG_KEYS = tuple(LAG_ZERO)
 
 # Counters a worker reports as running totals; the supervisor keeps what dead workers had counted
 # so the node's totals never go backwards when a worker is replaced.
-TOTAL_KEYS = (
-    "accepted_total",
-    "closed_total",
-    "rejected_total",
-    "slow_dropped_total",
-    "msgs_sent_total",
-    "bytes_sent_total",
-)
+TOTAL_KEYS = tuple(k for k in Counters.__slots__ if k.endswith("_total"))
 
 
 def _read(path: str) -> str | None:
