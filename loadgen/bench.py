@@ -403,6 +403,11 @@ async def _start_service_on(
     sock = os.path.join(run_dir, "control.sock")
     log_dir = out / "service-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    args.workers_expected = (
+        int(args.workers)
+        if args.workers != "auto"
+        else service_workers(args.conns, nofile_capacity() + FD_RESERVE)
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -412,9 +417,7 @@ async def _start_service_on(
         "--port",
         str(port),
         "--workers",
-        args.workers
-        if args.workers != "auto"
-        else str(service_workers(args.conns, nofile_capacity() + FD_RESERVE)),
+        str(args.workers_expected),
         "--target-connections",
         str(args.conns),
         "--control-socket",
@@ -458,6 +461,18 @@ async def _start_service_on(
         await asyncio.sleep(0.2)
     svc.stop()
     raise BenchError("the service did not become ready within 60 s (see service.log)")
+
+
+async def wait_workers_up(sock: str, expected: int, timeout: float = 120.0) -> None:
+    """Wait (bounded) until the supervisor reports ``expected`` workers up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError, OSError, BenchError, ValueError):
+            health = await control(sock, {"op": "health"}, timeout=5.0)
+            if int(health.get("workers", 0)) >= expected:
+                return
+        await asyncio.sleep(0.5)
+    raise BenchError(f"the service did not bring up {expected} workers within {timeout:.0f} s")
 
 
 async def _port_open(port: int) -> bool:
@@ -623,6 +638,11 @@ async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 port = svc.port
                 assert svc.socket_path is not None
                 watcher = asyncio.create_task(watch_frames(svc.socket_path, run))
+            if svc.socket_path is not None:
+                # The baseline must include every worker's start-up RSS: at 54 workers the
+                # service answers health while most are still importing, and a baseline taken
+                # then put ~0.8 KB of interpreter start-up into every connection's share.
+                await wait_workers_up(svc.socket_path, args.workers_expected)
             await asyncio.sleep(1.0)  # a baseline after start-up settles
             slab0, rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
             config = EngineConfig(0, host, port, path, args.concurrency)
@@ -680,8 +700,9 @@ async def ramp(
     start = time.monotonic()
     best, best_at = 0, start
     reached_at: float | None = None
-    # A ramp may take twice its nominal time (+60 s) and stall 30 s at most before we give up.
-    deadline = start + args.conns / args.rate * 2 + 60
+    # A ramp may take twice its nominal time (+60 s, or --ramp-timeout) and stall 30 s at most
+    # before we give up.
+    deadline = start + (args.ramp_timeout or args.conns / args.rate * 2 + 60)
     progress = Progress(
         TextColumn("ramp"),
         BarColumn(),
@@ -1047,6 +1068,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conns", type=int, default=2000, help="connections to reach")
     p.add_argument("--rate", type=float, default=1000.0, help="new connections per second")
     p.add_argument("--hold", type=float, default=5.0, help="seconds to hold before broadcasting")
+    p.add_argument(
+        "--ramp-timeout",
+        type=float,
+        default=0.0,
+        help="seconds the ramp may take before the hold starts anyway (0 = 2 × conns/rate + 60)",
+    )
     p.add_argument("--broadcasts", type=int, default=3, help="timed broadcasts to send")
     p.add_argument(
         "--broadcast-timeout",
