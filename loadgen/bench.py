@@ -575,8 +575,12 @@ def sample(
 async def publish(args: argparse.Namespace, svc: Service, data: str) -> int | None:
     """Send one broadcast; the recipient count when the server tells it."""
     if svc.socket_path is not None:
+        # The answer comes when every worker has written its share: ~22-30 s at 1,000,000 on
+        # 2 shared cores, so the default 30 s control timeout aborted a million run.
         answer = await control(
-            svc.socket_path, {"op": "broadcast", "data": data, "channel": None, "event": None}
+            svc.socket_path,
+            {"op": "broadcast", "data": data, "channel": None, "event": None},
+            timeout=max(30.0, args.broadcast_timeout),
         )
         return int(answer.get("recipients", 0))
     cmd = args.publish_cmd.replace("{data}", shlex.quote(data))
@@ -1178,7 +1182,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print("[yellow]comet-bench: interrupted; every started process was stopped[/]")
         sys.exit(130)
     except (BenchError, OSError, ValueError) as exc:
-        sys.exit(f"comet-bench: {exc}")
+        sys.exit(f"comet-bench: {str(exc) or type(exc).__name__}")
     print_report(console, report)
 
 
