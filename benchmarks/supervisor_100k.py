@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,22 @@ def wait_for(pred: Any, timeout: float, what: str, every: float = 0.25) -> Any:
     raise SystemExit(f"timed out after {timeout} s waiting for {what}")
 
 
+def _placement(nice: int, cpus: set[int] | None) -> Callable[[], None]:
+    """A preexec_fn that sets the child's nice value and CPU affinity."""
+
+    def place() -> None:
+        if nice:
+            os.nice(nice)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return place
+
+
 class ClientFleet:
-    def __init__(self, port: int, n: int, procs: int, concurrency: int, nice: int) -> None:
+    def __init__(
+        self, port: int, n: int, procs: int, concurrency: int, nice: int, cpus: set[int] | None
+    ) -> None:
         srcs = [f"127.0.0.{i}" for i in range(2, 42)]
         per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
         self.procs = [
@@ -109,6 +124,7 @@ class ClientFleet:
                 ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
+                preexec_fn=_placement(nice, cpus),
             )
             for i, count in enumerate(per)
         ]
@@ -172,6 +188,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=err,
+        preexec_fn=_placement(0, {0} if args.split_cores else None),
     )
     fleet: ClientFleet | None = None
     watcher: Watcher | None = None
@@ -198,7 +215,14 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         idle_rss = ctl.ask({"op": "stats"})["frame"]["totals"]["rss_bytes"]
 
         t0 = time.time()
-        fleet = ClientFleet(port, args.conns, args.clients, args.concurrency, args.client_nice)
+        fleet = ClientFleet(
+            port,
+            args.conns,
+            args.clients,
+            args.concurrency,
+            args.client_nice,
+            {1} if args.split_cores else None,
+        )
         s = wait_for(
             lambda: (st := fleet.stats())["welcomed"] >= args.conns and st,
             300,
@@ -296,6 +320,11 @@ def main() -> None:
         type=int,
         default=0,
         help="nice value for the client processes (they share the 2 cores)",
+    )
+    p.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="pin the service to CPU 0 and the clients to CPU 1 (clients as if on another host)",
     )
     p.add_argument(
         "--service-arg",
