@@ -169,26 +169,18 @@ class FrameCollector(Collector):
     def _system(self, system: Any) -> Iterator[Metric]:
         if not isinstance(system, Mapping):
             return
-        cpu = system.get("cpu")
-        if isinstance(cpu, Mapping):
-            family = GaugeMetricFamily(
-                "comet_system_cpu_percent", "Host CPU time share by mode", labels=["mode"]
-            )
-            for mode, value in cpu.items():
-                number = _num(value)
-                if number is not None:
-                    family.add_metric([str(mode)], number)
-            yield family
-        mem = system.get("mem")
-        if isinstance(mem, Mapping):
-            family = GaugeMetricFamily(
-                "comet_system_memory_bytes", "Host memory by kind", labels=["kind"]
-            )
-            for kind, value in mem.items():
-                number = _num(value)
-                if number is not None:
-                    family.add_metric([str(kind)], number)
-            yield family
+        for key, name, doc, label in (
+            ("cpu", "comet_system_cpu_percent", "Host CPU time share by mode", "mode"),
+            ("mem", "comet_system_memory_bytes", "Host memory by kind", "kind"),
+        ):
+            values = system.get(key)
+            if isinstance(values, Mapping):
+                family = GaugeMetricFamily(name, doc, labels=[label])
+                for sub, value in values.items():
+                    number = _num(value)
+                    if number is not None:
+                        family.add_metric([str(sub)], number)
+                yield family
         for key, name, doc in (
             ("open", "comet_open_fds", "File descriptors open in the service processes"),
             ("limit", "comet_fd_limit", "RLIMIT_NOFILE per process"),

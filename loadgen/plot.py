@@ -87,43 +87,48 @@ def _legend(ax: Axes, ax2: Axes) -> None:
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
 
 
-def plot_memory(cols: dict[str, list[float]], out: Path, title: str) -> Path:
+def _plot(
+    cols: dict[str, list[float]],
+    out: Path,
+    name: str,
+    title: str,
+    ylabel: str,
+    series: Sequence[tuple[str, str, str]],
+) -> Path:
+    """One graph of ``series`` (column, colour, label) with the connection count dotted."""
     x, xlabel = _x_axis(cols)
     fig, ax = plt.subplots(figsize=(10, 5))
-    ax.plot(x, cols["rss_mb"], color="tab:red", label="service RSS (MB)")
-    ax.plot(x, cols["mem_used_mb"], color="tab:blue", label="system memory used (MB)")
+    for column, color, label in series:
+        ax.plot(x, cols[column], color=color, label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("MB")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
     ax2 = _conns_axis(ax, x, cols["conns"])
     _legend(ax, ax2)
-    ax.set_title(f"Memory — {title}")
+    ax.set_title(title)
     fig.tight_layout()
-    path = out / "memory.png"
+    path = out / name
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_memory(cols: dict[str, list[float]], out: Path, title: str) -> Path:
+    series = [
+        ("rss_mb", "tab:red", "service RSS (MB)"),
+        ("mem_used_mb", "tab:blue", "system memory used (MB)"),
+    ]
+    return _plot(cols, out, "memory.png", f"Memory — {title}", "MB", series)
 
 
 def plot_cpu(cols: dict[str, list[float]], out: Path, title: str) -> Path:
-    x, xlabel = _x_axis(cols)
-    fig, ax = plt.subplots(figsize=(10, 5))
-    ax.plot(x, cols["cpu_user"], color="tab:green", label="CPU user %")
-    ax.plot(x, cols["cpu_sys"], color="tab:orange", label="CPU sys %")
-    ax.plot(x, cols["proc_cpu_pct"], color="tab:purple", label="service process CPU %")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("%")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax2 = _conns_axis(ax, x, cols["conns"])
-    _legend(ax, ax2)
-    ax.set_title(f"CPU — {title}")
-    fig.tight_layout()
-    path = out / "cpu.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    series = [
+        ("cpu_user", "tab:green", "CPU user %"),
+        ("cpu_sys", "tab:orange", "CPU sys %"),
+        ("proc_cpu_pct", "tab:purple", "service process CPU %"),
+    ]
+    return _plot(cols, out, "cpu.png", f"CPU — {title}", "%", series)
 
 
 def plot_log(paths: Sequence[str], out_dir: str, title: str | None = None) -> list[Path]:
