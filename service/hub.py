@@ -22,6 +22,10 @@ may cost per-connection objects beyond the protocol instance itself:
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
   them per loop iteration. Pings are independent of message order so they run in their own lane.
   Each worker's first sweep is at a random phase of the interval so workers do not sweep at once.
+  A ping only keeps a silent stream alive, so a broadcast to everyone restarts the worker's ping
+  period (and cancels a sweep in progress): a stream is never silent longer than the interval, and
+  at 1,000,000 connections a broadcast does not also pay for the ~half-million pings that would
+  otherwise have fallen due while it was being written.
 * Deadlines (request-head 408, keep-alive idle, long-poll timeout) share one armed timer
   (:class:`Deadlines`): fixed delays in per-tick buckets, long-poll timeouts in a heap. An entry
   carries the connection's current ``buf`` object as a token; when the connection moves on, its
@@ -232,6 +236,7 @@ class Hub:
         self._ping_handle: asyncio.TimerHandle | None = None
         self._ping_conns: list[Conn] = []
         self._ping_pos = 0
+        self._housekept_at = 0.0
         self.deadlines = Deadlines(loop)
         self.cap = config.connection_cap()
 
@@ -263,6 +268,7 @@ class Hub:
         """Drop aged history and empty channels, so many short-lived channels cost nothing."""
         oldest_at = time.time() - self.config.history_max_age
         self.global_ring.trim(oldest_at)
+        self._housekept_at = self.loop.time()
         for name in list(self.rings):
             ring = self.rings[name]
             ring.trim(oldest_at)
@@ -333,6 +339,8 @@ class Hub:
         job = _Job(conns, entry.frames, done, True)
         job.sent = len(waiting)
         self._enqueue(job)
+        if channel is None:
+            self._restart_pings()
         return done
 
     def _enqueue(self, job: _Job) -> None:
@@ -402,6 +410,23 @@ class Hub:
         self._ping_conns = self.all_streams()
         self._ping_pos = 0
         self._ping_slice()
+
+    def _restart_pings(self) -> None:
+        """A broadcast to every stream is this period's keep-alive: the next sweep is a full
+        interval from now, and a sweep in progress stops (its streams are about to be written)."""
+        if self._ping_handle is None:
+            return  # pings stopped (draining) or not started
+        self._ping_handle.cancel()
+        self._ping_handle = self.loop.call_later(self.config.ping_interval, self._ping_start)
+        self._ping_conns = []
+        self._ping_pos = 0
+        if self.loop.time() - self._housekept_at >= self.config.ping_interval:
+            # Housekeeping rides on the ping timer, which broadcasts may keep pushing back.
+            self.housekeeping()
+
+    def busy(self) -> bool:
+        """True while a broadcast or a ping sweep is being written (the lag sampler's cue)."""
+        return bool(self._jobs) or self._ping_pos < len(self._ping_conns)
 
     def _ping_slice(self) -> None:
         conns = self._ping_conns

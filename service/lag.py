@@ -1,9 +1,18 @@
-"""Event-loop lag sampler: one timer every 10 ms measures how late the loop ran it."""
+"""Event-loop lag sampler: a timer every 10 ms (50 ms while idle) measures how late the loop ran it.
+
+A worker is one of ~54 processes on two cores at 1,000,000 connections, and a 10 ms timer costs
+each of them ~0.4 % of a core while idle (a wake-up, a Python call, a new timer): ~20 % of a core
+in all for measuring nothing. So while the loop is idle (the last sample was under 1 ms late and
+``busy()`` says no broadcast or ping sweep is being written) the next sample is taken 50 ms later;
+any late sample or any work switches back to 10 ms. Idle samples are ~0 ms, so taking fewer of
+them can only raise the reported percentiles, never hide a stall.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class LagSampler:
@@ -13,11 +22,30 @@ class LagSampler:
     supervisor sees every second's worst stall even when it polls once a second.
     """
 
-    __slots__ = ("_loop", "_interval", "_samples", "_max", "_handle", "_due")
+    __slots__ = (
+        "_loop",
+        "_interval",
+        "_idle_interval",
+        "_busy",
+        "_samples",
+        "_max",
+        "_handle",
+        "_due",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.01) -> None:
+    IDLE_BELOW = 0.001  # a sample later than this keeps the sampler at ``interval``
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        interval: float = 0.01,
+        idle_interval: float = 0.05,
+        busy: Callable[[], bool] | None = None,
+    ) -> None:
         self._loop = loop
         self._interval = interval
+        self._idle_interval = max(interval, idle_interval)
+        self._busy = busy
         # A reader that stops calling read() must not grow memory: keep the latest minute.
         self._samples: deque[float] = deque(maxlen=int(60 / interval))
         self._max = 0.0
@@ -39,8 +67,14 @@ class LagSampler:
         self._samples.append(lag)
         if lag > self._max:
             self._max = lag
-        self._due = now + self._interval
+        idle = lag < self.IDLE_BELOW and not (self._busy is not None and self._busy())
+        self._due = now + (self._idle_interval if idle else self._interval)
         self._handle = self._loop.call_at(self._due, self._tick)
+
+    @property
+    def pending(self) -> int:
+        """Samples taken since the previous ``read()``."""
+        return len(self._samples)
 
     def read(self) -> dict[str, float]:
         """Lag in ms since the previous read: {"avg", "p90", "p99", "max"} (zeros before a sample).

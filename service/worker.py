@@ -74,7 +74,7 @@ class Worker:
         self.loop = loop or asyncio.get_event_loop()
         self.index = index
         self.hub = Hub(config, self.loop)
-        self.lag = LagSampler(self.loop)
+        self.lag = LagSampler(self.loop, busy=self.hub.busy)
         self.port = config.port
         self.backlog = effective_backlog(config.backlog)
         self._sock = sock

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 
+import pytest
 import uvloop
 
 from service.lag import LagSampler
@@ -63,7 +65,8 @@ def test_lag_sampler_sees_a_stall() -> None:
         lag.start()
         await asyncio.sleep(0.05)
         lag.read()
-        time.sleep(0.08)  # block the loop
+        # Block the loop: idle, the next sample is due within 50 ms, so it comes >= 70 ms late.
+        time.sleep(0.12)
         await asyncio.sleep(0.05)
         out = lag.read()
         lag.stop()
@@ -71,6 +74,23 @@ def test_lag_sampler_sees_a_stall() -> None:
 
     out = uvloop.run(go())
     assert out["max"] >= 60 and out["p90"] <= out["max"] and out["avg"] > 0
+
+
+@pytest.mark.parametrize(("busy", "low", "high"), [(False, 6, 14), (True, 30, 55)])
+def test_lag_sampler_slows_down_only_while_idle(busy: bool, low: int, high: int) -> None:
+    """Idle: a sample every 50 ms (~10 in 0.5 s). Busy (a broadcast or sweep): every 10 ms."""
+
+    async def go() -> int:
+        loop = asyncio.get_running_loop()
+        lag = LagSampler(loop, busy=lambda: busy)
+        lag.start()
+        await asyncio.sleep(0.5)
+        n = lag.pending
+        lag.stop()
+        return n
+
+    n = uvloop.run(go())
+    assert low <= n <= high, n
 
 
 def test_housekeeping_prunes_aged_channels_and_keeps_resets_honest() -> None:
@@ -85,3 +105,48 @@ def test_housekeeping_prunes_aged_channels_and_keeps_resets_honest() -> None:
         with subscribe(w, "/sub/tmp3?format=sse&last_event_id=1") as s:
             got = read_until(s, b"event: reset")
             assert b"event: reset" in got
+
+
+def _read_for(s: socket.socket, seconds: float) -> bytes:
+    """Everything the socket receives in the next ``seconds``."""
+    out = bytearray()
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            b = s.recv(65536)
+        except TimeoutError:
+            break
+        if not b:
+            break
+        out += b
+    s.settimeout(5.0)
+    return bytes(out)
+
+
+def test_broadcast_to_everyone_restarts_the_ping_period() -> None:
+    """A stream that gets a broadcast is not pinged until a full interval of silence later."""
+    with running_worker(ping_interval=0.4) as w, subscribe(w, "/sub/a?format=sse") as s:
+        read_until(s, b"Welcome!")
+        seen = bytearray()
+        for i in range(10):  # one broadcast every ~0.15 s for 1.5 s: pings would fall due 3x
+            assert w.broadcast(f"m{i}") == 1
+            seen += _read_for(s, 0.15)
+        assert seen.count(b"data: m") == 10
+        assert b": ping" not in seen, seen
+        quiet_from = time.monotonic()
+        read_until(s, b": ping", limit=2.0)
+        waited = time.monotonic() - quiet_from
+        assert 0.2 <= waited <= 1.0, waited
+
+
+def test_channel_broadcast_does_not_stand_in_for_the_ping() -> None:
+    """Only a broadcast to everyone restarts the period; a channel's own traffic does not."""
+    with running_worker(ping_interval=0.3) as w, subscribe(w, "/sub/b?format=sse") as s:
+        read_until(s, b"Welcome!")
+        wait_for(lambda: channel_count(w, "b") == 1)
+        seen = bytearray()
+        for i in range(8):
+            assert w.broadcast(f"c{i}", channel="b") == 1
+            seen += _read_for(s, 0.15)
+        assert seen.count(b"data: c") == 8 and seen.count(b": ping") >= 2, seen
