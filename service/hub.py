@@ -340,7 +340,7 @@ class Hub:
         job.sent = len(waiting)
         self._enqueue(job)
         if channel is None:
-            self._restart_pings()
+            self.restart_pings()
         return done
 
     def _enqueue(self, job: _Job) -> None:
@@ -411,7 +411,7 @@ class Hub:
         self._ping_pos = 0
         self._ping_slice()
 
-    def _restart_pings(self) -> None:
+    def restart_pings(self) -> None:
         """A broadcast to every stream is this period's keep-alive: the next sweep is a full
         interval from now, and a sweep in progress stops (its streams are about to be written)."""
         if self._ping_handle is None:

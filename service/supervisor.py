@@ -443,6 +443,12 @@ class Supervisor:
         # cores would all be runnable together and each loop would stall for the others'
         # time slices; in waves the total work is the same but every busy loop keeps its core.
         wave = asyncio.Semaphore(self.fanout_parallel)
+        if msg.get("channel") is None and len(slots) > self.fanout_parallel:
+            # Workers in later waves would go on pinging streams that are about to get the
+            # message (at 1M, ~half a million pings during one broadcast): quiet them all first.
+            await asyncio.gather(
+                *(s.request({"op": "quiet"}, 10.0) for s in slots), return_exceptions=True
+            )
 
         async def one(slot: WorkerSlot) -> dict[str, Any]:
             async with wave:

@@ -273,6 +273,10 @@ class ControlChannel:
                 n = await w.broadcast(msg)
                 ms = round((time.perf_counter() - t0) * 1000, 3)
                 self.send({"rid": rid, "ok": True, "recipients": n, "elapsed_ms": ms})
+            elif op == "quiet":
+                # A broadcast to everyone is on its way (in a later wave): no pings meanwhile.
+                w.hub.restart_pings()
+                self.send({"rid": rid, "ok": True})
             elif op == "channels":
                 self.send({"rid": rid, "ok": True, "channels": w.channels()})
             elif op == "drain":

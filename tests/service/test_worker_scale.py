@@ -234,3 +234,28 @@ def test_standalone_process_with_service_flags() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_quiet_holds_the_pings_for_an_interval() -> None:
+    """``quiet`` (sent before a broadcast's later waves) restarts the worker's ping period."""
+    w = SubprocessWorker(ping_interval=0.5)
+    try:
+        with connect(w.port) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            read_until(s, b"Welcome!")
+            read_until(s, b"ping\n", limit=3.0)  # pinging has started
+            s.settimeout(0.2)
+            seen = b""
+            for _ in range(8):  # 1.6 s of "quiet" every 0.2 s: 3 pings would fall due
+                assert w.ask("quiet") == {"rid": w._rid, "ok": True}
+                try:
+                    seen += s.recv(65536)
+                except TimeoutError:
+                    pass
+            assert b"ping" not in seen, seen
+            s.settimeout(5.0)
+            t0 = time.monotonic()
+            read_until(s, b"ping\n", limit=3.0)
+            assert time.monotonic() - t0 <= 1.0
+    finally:
+        w.stop()
