@@ -55,7 +55,7 @@ class Config:
 
     # Streams
     ping_interval: float = 20.0
-    ping_slice: int = 2000  # connections written per loop iteration by the ping sweep
+    ping_slice: int = 500  # connections pinged at a time; a sweep's slices spread over interval/4
     fanout_slice: int = 1000  # connections written per loop iteration by a broadcast
     limit_write_buffer: int = 256 * 1024  # unsent bytes before a slow subscriber is dropped
     sse_retry_ms: int = 3000
@@ -158,7 +158,10 @@ _HELP = {
     "fd_reserve": "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
     "limit_connections": "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",
     "ping_interval": "seconds between pings on every stream",
-    "ping_slice": "connections pinged per event-loop iteration",
+    "ping_slice": (
+        "connections pinged at a time; a sweep's slices are spread evenly over the first "
+        "quarter of the ping interval"
+    ),
     "fanout_slice": "connections written per event-loop iteration during a broadcast",
     "limit_write_buffer": "unsent bytes after which a slow subscriber is dropped",
     "sse_retry_ms": "SSE reconnect hint (retry:) in milliseconds",

@@ -20,12 +20,16 @@ may cost per-connection objects beyond the protocol instance itself:
   (``call_soon`` chain, no Task); jobs run strictly one after the other so every subscriber sees
   messages in id order.
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
-  them per loop iteration. Pings are independent of message order so they run in their own lane.
-  Each worker's first sweep is at a random phase of the interval so workers do not sweep at once.
+  them at a time, the slices spread evenly over the first quarter of the interval (a 18,500-stream
+  worker: 37 slices of 500, one every ~135 ms), so ~54 workers add up to a flat ~50,000 pings a
+  second at 1,000,000 streams instead of bursts that saturate both cores. Pings are independent
+  of message order so they run in their own lane. Each worker's first sweep is at a random phase
+  of the interval so workers do not sweep at once.
   A ping only keeps a silent stream alive, so a broadcast to everyone restarts the worker's ping
-  period (and cancels a sweep in progress): a stream is never silent longer than the interval, and
-  at 1,000,000 connections a broadcast does not also pay for the ~half-million pings that would
-  otherwise have fallen due while it was being written.
+  period (and cancels a sweep in progress): pings resume an interval after it, and at 1,000,000
+  connections a broadcast does not also pay for the ~half-million pings that would otherwise have
+  fallen due while it was being written. A stream therefore hears something about every interval
+  (at most 1.25 intervals apart: a stream's place in the spread sweep can move between sweeps).
 * Deadlines (request-head 408, keep-alive idle, long-poll timeout) share one armed timer
   (:class:`Deadlines`): fixed delays in per-tick buckets, long-poll timeouts in a heap. An entry
   carries the connection's current ``buf`` object as a token; when the connection moves on, its
@@ -234,6 +238,8 @@ class Hub:
         self.on_empty: asyncio.Future[None] | None = None  # set while draining
         self._jobs: deque[_Job] = deque()
         self._ping_handle: asyncio.TimerHandle | None = None
+        self._ping_slice_handle: asyncio.TimerHandle | None = None
+        self._ping_step = 0.0
         self._ping_conns: list[Conn] = []
         self._ping_pos = 0
         self._housekept_at = 0.0
@@ -393,13 +399,14 @@ class Hub:
         return sent
 
     # -- ping sweep ----------------------------------------------------------------------------
+    PING_SPREAD = 0.25  # a sweep's slices are spread over this fraction of the interval
+
     def start_pings(self) -> None:
-        # Each worker starts its sweeps at a random phase (the second half of the interval).
-        # Workers start together, so with a fixed first delay all of them swept at once: at
-        # 1,000,000 connections on 54 workers that was a 1,000,000-ping burst every 20 s (2 cores
-        # saturated, loop lag ~0.5 s, clients starved into connect timeouts). The first sweep may
-        # come up to half an interval early, never late; the period stays ``ping_interval``.
-        first = self.config.ping_interval * random.uniform(0.5, 1.0)
+        # Each worker starts its sweeps at a random phase of the interval. Workers start
+        # together, so with a fixed first delay all of them swept at once: at 1,000,000
+        # connections on 54 workers that was a 1,000,000-ping burst every 20 s (2 cores
+        # saturated, loop lag ~0.5 s, clients starved into connect timeouts).
+        first = self.config.ping_interval * random.uniform(0.05, 1.0)
         self._ping_handle = self.loop.call_later(first, self._ping_start)
 
     def _ping_start(self) -> None:
@@ -407,8 +414,10 @@ class Hub:
         self.housekeeping()
         if self._ping_pos < len(self._ping_conns):
             return  # the previous sweep is still running (enormous worker); let it finish
-        self._ping_conns = self.all_streams()
+        conns = self._ping_conns = self.all_streams()
         self._ping_pos = 0
+        slices = -(-len(conns) // max(1, self.config.ping_slice))
+        self._ping_step = self.config.ping_interval * self.PING_SPREAD / max(1, slices)
         self._ping_slice()
 
     def restart_pings(self) -> None:
@@ -418,34 +427,42 @@ class Hub:
             return  # pings stopped (draining) or not started
         self._ping_handle.cancel()
         self._ping_handle = self.loop.call_later(self.config.ping_interval, self._ping_start)
-        self._ping_conns = []
-        self._ping_pos = 0
+        self._cancel_sweep()
         if self.loop.time() - self._housekept_at >= self.config.ping_interval:
             # Housekeeping rides on the ping timer, which broadcasts may keep pushing back.
             self.housekeeping()
 
     def busy(self) -> bool:
-        """True while a broadcast or a ping sweep is being written (the lag sampler's cue)."""
-        return bool(self._jobs) or self._ping_pos < len(self._ping_conns)
+        """True while a broadcast or a ping slice is being written (the lag sampler's cue)."""
+        return bool(self._jobs) or (
+            self._ping_pos < len(self._ping_conns) and self._ping_slice_handle is None
+        )
 
     def _ping_slice(self) -> None:
+        self._ping_slice_handle = None
         conns = self._ping_conns
         start = self._ping_pos
         end = min(start + self.config.ping_slice, len(conns))
         self._write_many(conns, start, end, framing.PING, False)
         self._ping_pos = end
         if end < len(conns):
-            self.loop.call_soon(self._ping_slice)
+            self._ping_slice_handle = self.loop.call_later(self._ping_step, self._ping_slice)
         else:
             self._ping_conns = []
             self._ping_pos = 0
+
+    def _cancel_sweep(self) -> None:
+        if self._ping_slice_handle is not None:
+            self._ping_slice_handle.cancel()
+            self._ping_slice_handle = None
+        self._ping_conns = []
+        self._ping_pos = 0
 
     def stop_pings(self) -> None:
         if self._ping_handle is not None:
             self._ping_handle.cancel()
             self._ping_handle = None
-        self._ping_conns = []
-        self._ping_pos = 0
+        self._cancel_sweep()
 
     # -- deadlines -----------------------------------------------------------------------------
     def add_deadline(self, conn: Conn, token: object, delay: float) -> None:

@@ -150,3 +150,42 @@ def test_channel_broadcast_does_not_stand_in_for_the_ping() -> None:
             assert w.broadcast(f"c{i}", channel="b") == 1
             seen += _read_for(s, 0.15)
         assert seen.count(b"data: c") == 8 and seen.count(b": ping") >= 2, seen
+
+
+def test_a_ping_sweep_is_spread_over_a_quarter_of_the_interval() -> None:
+    """4 streams, 1 per slice, interval 0.8 s: the sweep's pings come ~50 ms apart, not at once."""
+    import selectors
+
+    with running_worker(ping_interval=0.8, ping_slice=1) as w:
+        socks = [subscribe(w) for _ in range(4)]
+        try:
+            for s in socks:
+                read_until(s, b"Welcome!")
+            wait_for(lambda: w.stats()["conns"] == 4)
+            sel = selectors.DefaultSelector()
+            for s in socks:
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ)
+            arrivals: list[float] = []
+            end = time.monotonic() + 2.5
+            while time.monotonic() < end:
+                for key, _ in sel.select(0.05):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if b"ping" in sock.recv(4096):
+                        arrivals.append(time.monotonic())
+            sel.close()
+        finally:
+            for s in socks:
+                s.close()
+    # Group into sweeps (sweeps are 0.8 s apart; one sweep spans ~0.15 s).
+    sweeps: list[list[float]] = []
+    for t in arrivals:
+        if sweeps and t - sweeps[-1][-1] < 0.4:
+            sweeps[-1].append(t)
+        else:
+            sweeps.append([t])
+    full = [sw for sw in sweeps if len(sw) == 4]
+    assert full, sweeps
+    for sw in full:
+        assert 0.09 <= sw[-1] - sw[0] <= 0.35, [round(t - sw[0], 3) for t in sw]
