@@ -84,6 +84,8 @@ class Check:
     needed: str
     ok: bool
     fix: str
+    # False: not meeting it slows the run (e.g. long hash chains) but does not stop it.
+    stops: bool = True
 
 
 def _read_int(path: str) -> int | None:
@@ -132,6 +134,36 @@ def preflight(
                 f"sysctl -w net.netfilter.nf_conntrack_max={max(ct_max, 2 * need):,}".replace(
                     ",", ""
                 ),
+            )
+        )
+    # Both ends of a loopback connection are in the kernel's tables: every packet (data and ACK)
+    # is looked up in the TCP established hash and, with conntrack loaded, the conntrack hash.
+    # At 1,000,000 with the 262,144 buckets a 24 GB host boots with, the chains were ~4 and ~8
+    # long, and the two lookups took 9 % + 8.6 % of all CPU (perf, holding 1M).
+    sockets = (1 if remote else 2) * conns
+    buckets = _read_int("/proc/sys/net/netfilter/nf_conntrack_buckets")
+    if buckets is not None and ct_max is not None:
+        want = min(2**21, 1 << max(0, (conns - 1).bit_length()))
+        checks.append(
+            Check(
+                "nf_conntrack_buckets",
+                f"{buckets:,}",
+                f"≥ {want:,} (≤ 1 entry a bucket)",
+                buckets >= want,
+                f"sysctl -w net.netfilter.nf_conntrack_buckets={want}",
+                stops=False,
+            )
+        )
+    ehash = _read_int("/proc/sys/net/ipv4/tcp_ehash_entries")
+    if ehash is not None:
+        checks.append(
+            Check(
+                "net.ipv4.tcp_ehash_entries",
+                f"{abs(ehash):,}",
+                f"≥ {sockets // 2:,} (≤ 2 sockets a bucket)",
+                abs(ehash) >= sockets // 2,
+                "boot with thash_entries=2097152 on the kernel command line (fixed at boot)",
+                stops=False,
             )
         )
     file_max = _read_int("/proc/sys/fs/file-max") or 0
@@ -218,11 +250,13 @@ def preflight(
 
 
 def verdict(checks: list[Check]) -> str:
-    stops = [c for c in checks if not c.ok]
+    stops = [c for c in checks if not c.ok and c.stops]
+    slow = [c.name for c in checks if not c.ok and not c.stops]
+    tail = f" (slower than it could be: {', '.join(slow)})" if slow else ""
     if not stops:
-        return "no checked limit stops this run"
+        return "no checked limit stops this run" + tail
     c = stops[0]
-    return f"{c.name} will stop the run ({c.value} < {c.needed}); lift it with: {c.fix}"
+    return f"{c.name} will stop the run ({c.value} < {c.needed}); lift it with: {c.fix}" + tail
 
 
 # ---- the service ------------------------------------------------------------------------------
@@ -979,7 +1013,9 @@ def print_preflight(console: Console, checks: list[Check]) -> None:
             c.name,
             c.value,
             c.needed,
-            "[green]ok[/green]" if c.ok else "[red]STOP[/red]",
+            "[green]ok[/green]"
+            if c.ok
+            else ("[red]STOP[/red]" if c.stops else "[yellow]slow[/yellow]"),
             "" if c.ok else c.fix,
         )
     console.print(t)
@@ -1164,7 +1200,7 @@ def main(argv: list[str] | None = None) -> None:
             args.conns, len(parse_source_ips(args.source_ips, host)), concurrency=args.concurrency
         )
         print_preflight(console, checks)
-        sys.exit(0 if all(c.ok for c in checks) else 1)
+        sys.exit(0 if all(c.ok or not c.stops for c in checks) else 1)
     install_uvloop()
 
     async def runner() -> dict[str, Any]:

@@ -56,7 +56,7 @@ class Config:
     # Streams
     ping_interval: float = 20.0
     ping_slice: int = 500  # connections pinged at a time; a sweep's slices spread over interval/4
-    fanout_slice: int = 1000  # connections written per loop iteration by a broadcast
+    fanout_slice: int = 500  # connections written per loop iteration by a broadcast
     limit_write_buffer: int = 256 * 1024  # unsent bytes before a slow subscriber is dropped
     sse_retry_ms: int = 3000
     history_size: int = 1000  # messages kept per channel for SSE resume / long-poll
