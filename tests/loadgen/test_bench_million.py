@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -40,6 +41,25 @@ def test_preflight_names_tcp_mem_and_backlogs() -> None:
     tcp = next(c for c in huge if c.name == "net.ipv4.tcp_mem (max)")
     assert "sysctl -w net.ipv4.tcp_mem=" in tcp.fix
     assert "will stop the run" in verdict(huge)
+
+
+def test_preflight_reports_short_hash_tables_as_slow_not_stopping() -> None:
+    """The TCP established hash and the conntrack hash slow a run down; they never stop it."""
+    checks = {c.name: c for c in preflight(10**9, 40)}
+    ehash = Path("/proc/sys/net/ipv4/tcp_ehash_entries")
+    if ehash.exists():
+        c = checks["net.ipv4.tcp_ehash_entries"]
+        assert not c.ok and not c.stops and "thash_entries" in c.fix
+    buckets = Path("/proc/sys/net/netfilter/nf_conntrack_buckets")
+    if buckets.exists():
+        c = checks["nf_conntrack_buckets"]
+        assert c.ok == (int(buckets.read_text()) >= 2**21) and not c.stops
+        assert c.fix == "sysctl -w net.netfilter.nf_conntrack_buckets=2097152"
+    assert ehash.exists(), "kernel >= 6.1 exposes tcp_ehash_entries (this machine: 6.18)"
+    small = [c for c in preflight(1000, 40) if c.name == "net.ipv4.tcp_ehash_entries"]
+    assert small and small[0].ok
+    v = verdict(list(checks.values()))
+    assert "slower than it could be: " in v and "tcp_ehash_entries" in v
 
 
 def test_bench_reports_lag_per_broadcast_hold_cpu_and_ramp_down(tmp_path) -> None:
