@@ -2,7 +2,7 @@
 # The million on one box (docs/benchmarks.md, section "million"): tune the host with the project's
 # own playbook, then ramp the service to 1,000,000 connections, hold 10 minutes with pings every
 # 20 s, send 3 broadcasts, ramp down, and draw the service's memory/CPU graphs with comet-plot.
-# Not part of the test suite: it takes ~25 minutes and the whole machine (24 GB, both cores).
+# Not part of the test suite: it takes ~23 minutes and the whole machine (24 GB, both cores).
 #   benchmarks/million.sh [OUT_DIR] [extra comet-bench flags...]
 set -eu
 cd "$(dirname "$0")/.."
