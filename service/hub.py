@@ -433,10 +433,11 @@ class Hub:
             self.housekeeping()
 
     def busy(self) -> bool:
-        """True while a broadcast or a ping slice is being written (the lag sampler's cue)."""
-        return bool(self._jobs) or (
-            self._ping_pos < len(self._ping_conns) and self._ping_slice_handle is None
-        )
+        """True while a broadcast is being written (the lag sampler's cue to sample every 10 ms).
+
+        A ping slice runs within one callback and is spaced from the next, so it needs no cue:
+        a sample it delays comes back late, and a late sample switches to 10 ms by itself."""
+        return bool(self._jobs)
 
     def _ping_slice(self) -> None:
         self._ping_slice_handle = None

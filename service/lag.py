@@ -3,8 +3,8 @@
 A worker is one of ~54 processes on two cores at 1,000,000 connections, and a 10 ms timer costs
 each of them ~0.4 % of a core while idle (a wake-up, a Python call, a new timer): ~20 % of a core
 in all for measuring nothing. So while the loop is idle (the last sample was under 1 ms late and
-``busy()`` says no broadcast or ping sweep is being written) the next sample is taken 50 ms later;
-any late sample or any work switches back to 10 ms. Idle samples are ~0 ms, so taking fewer of
+``busy()`` says no broadcast is being written) the next sample is taken 50 ms later;
+a late sample or a broadcast switches it back to 10 ms. Idle samples are ~0 ms, so taking fewer of
 them can only raise the reported percentiles, never hide a stall.
 """
 
