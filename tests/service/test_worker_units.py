@@ -13,6 +13,7 @@ import uvloop
 from service.lag import LagSampler
 from tests.service.worker_harness import (
     channel_count,
+    read_for,
     read_until,
     running_worker,
     subscribe,
@@ -107,23 +108,6 @@ def test_housekeeping_prunes_aged_channels_and_keeps_resets_honest() -> None:
             assert b"event: reset" in got
 
 
-def _read_for(s: socket.socket, seconds: float) -> bytes:
-    """Everything the socket receives in the next ``seconds``."""
-    out = bytearray()
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        s.settimeout(left)
-        try:
-            b = s.recv(65536)
-        except TimeoutError:
-            break
-        if not b:
-            break
-        out += b
-    s.settimeout(5.0)
-    return bytes(out)
-
-
 def test_broadcast_to_everyone_restarts_the_ping_period() -> None:
     """A stream that gets a broadcast is not pinged until a full interval of silence later."""
     with running_worker(ping_interval=0.4) as w, subscribe(w, "/sub/a?format=sse") as s:
@@ -131,7 +115,7 @@ def test_broadcast_to_everyone_restarts_the_ping_period() -> None:
         seen = bytearray()
         for i in range(10):  # one broadcast every ~0.15 s for 1.5 s: pings would fall due 3x
             assert w.broadcast(f"m{i}") == 1
-            seen += _read_for(s, 0.15)
+            seen += read_for(s, 0.15)
         assert seen.count(b"data: m") == 10
         assert b": ping" not in seen, seen
         quiet_from = time.monotonic()
@@ -148,7 +132,7 @@ def test_channel_broadcast_does_not_stand_in_for_the_ping() -> None:
         seen = bytearray()
         for i in range(8):
             assert w.broadcast(f"c{i}", channel="b") == 1
-            seen += _read_for(s, 0.15)
+            seen += read_for(s, 0.15)
         assert seen.count(b"data: c") == 8 and seen.count(b": ping") >= 2, seen
 
 

@@ -137,6 +137,23 @@ def read_all(s: socket.socket) -> bytes:
     return bytes(out)
 
 
+def read_for(s: socket.socket, seconds: float) -> bytes:
+    """Everything the socket receives in the next ``seconds``."""
+    out = bytearray()
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            b = s.recv(65536)
+        except TimeoutError:
+            break
+        if not b:
+            break
+        out += b
+    s.settimeout(5.0)
+    return bytes(out)
+
+
 def read_until(s: socket.socket, needle: bytes, limit: float = 5.0) -> bytes:
     out = bytearray()
     deadline = time.monotonic() + limit
