@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
 
 from loadgen import fleet
+from loadgen.agent import AgentOptions, apply_params, main_agent
 from loadgen.client import EngineConfig, parse_source_ips
+from loadgen.guard import LOOPBACK_RULES, TOKEN_ENV, Guard, TargetRule, is_loopback_bind, load_token
 
 
 def _procs(raw: str) -> str | int:
@@ -37,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="hold n connections, controlled over HTTP (port 8889)",
         description="Hold n streaming connections to host:port/path and serve the control API: "
-        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=, "
-        "GET /restart. The API has no authentication: bind it to a lab network only.",
+        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=&head_timeout= (ip= is "
+        "an alias of host=), GET /restart. The API listens on 127.0.0.1 unless --bind says "
+        "otherwise, and a non-loopback --bind needs a token (--token-file or "
+        f"{TOKEN_ENV}), then required on every request as 'Authorization: Bearer <token>' or "
+        "?token=. Targets must be on the allow-list (--allow-target; default loopback only); "
+        "requests from web pages of other origins are refused.",
     )
     agent.add_argument("--n", type=int, default=0, help="connections to hold from the start")
     agent.add_argument("--host", default="127.0.0.1", help="server to connect to")
@@ -50,8 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=100,
         help="most connections in progress (connecting + awaiting headers) at once",
     )
+    agent.add_argument(
+        "--head-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection may wait for the response head before it counts as an error",
+    )
     agent.add_argument("--control-port", type=int, default=8889, help="control API port (0 = any)")
-    agent.add_argument("--bind", default="0.0.0.0", help="control API address")
+    agent.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="control API address (a non-loopback one needs a token)",
+    )
+    agent.add_argument(
+        "--token-file",
+        help=f"file holding the control API token (else the environment variable {TOKEN_ENV}; "
+        "the token is never a flag: flags show in ps)",
+    )
+    agent.add_argument(
+        "--allow-target",
+        action="append",
+        default=[],
+        metavar="HOST|CIDR[:PORT]",
+        help="a target the agent may be aimed at (repeatable; e.g. 10.0.0.0/24:8888, "
+        "comet1.lab); the default is loopback only, and any other target gets a 403",
+    )
+    agent.add_argument(
+        "--max-n",
+        type=int,
+        default=None,
+        help="most connections /set may ask for (default: what this host's memory and file "
+        "descriptors can hold)",
+    )
     agent.add_argument(
         "--procs",
         type=_procs,
@@ -78,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--inventory", help="Ansible inventory file (YAML or INI)")
     fl.add_argument("--group", default="loadgen", help="inventory group holding the agents")
     fl.add_argument(
+        "--token-file",
+        help=f"file holding the agents' token (else the environment variable {TOKEN_ENV})",
+    )
+    fl.add_argument(
         "--port",
         type=int,
         default=fleet.DEFAULT_PORT,
@@ -92,40 +133,70 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--once", action="store_true", help="print the table once and exit")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     st_set = fsub.add_parser(
-        "set", help="set KEY=VALUE on every agent (n, host, port, path, concurrency)"
+        "set",
+        help="set one parameter on every agent: 'set n 25000' or 'set n=25000' "
+        "(n, host, port, path, concurrency, head_timeout)",
     )
-    st_set.add_argument("key", choices=("n", "host", "port", "path", "concurrency"))
-    st_set.add_argument("value")
+    st_set.add_argument(
+        "key", metavar="KEY[=VALUE]", help="n, host, port, path, concurrency, head_timeout"
+    )
+    st_set.add_argument("value", nargs="?", help="the value (or give KEY=VALUE)")
     fsub.add_parser("restart", help="every agent drops its connections and reconnects")
     return parser
+
+
+def agent_options(args: argparse.Namespace) -> AgentOptions:
+    """The agent's options from its flags and environment; ValueError names what is wrong."""
+    config = apply_params(
+        EngineConfig(),
+        [
+            ("n", str(args.n)),
+            ("host", args.host),
+            ("port", str(args.port)),
+            ("path", args.path),
+            ("concurrency", str(args.concurrency)),
+            ("head_timeout", str(args.head_timeout)),
+        ],
+    )
+    sources = parse_source_ips(args.source_ips, config.host)
+    token = load_token(args.token_file, dict(os.environ))
+    if token is None and not is_loopback_bind(args.bind):
+        raise ValueError(
+            f"refusing to serve the control API on {args.bind} (not loopback) without a token: "
+            f"set {TOKEN_ENV} or --token-file"
+        )
+    if args.max_n is not None and args.max_n < 0:
+        raise ValueError("--max-n must be 0 or more")
+    rules = tuple(TargetRule.parse(spec) for spec in args.allow_target) or LOOPBACK_RULES
+    guard = Guard(
+        token=token,
+        rules=rules,
+        procs=None if args.procs == "auto" else max(1, int(args.procs)),
+        max_n=args.max_n,
+    )
+    return AgentOptions(config, sources, args.procs, args.bind, args.control_port, guard)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "agent":
-        from loadgen.agent import apply_params, main_agent
-
         try:
-            config = apply_params(
-                EngineConfig(),
-                [
-                    ("n", str(args.n)),
-                    ("host", args.host),
-                    ("port", str(args.port)),
-                    ("path", args.path),
-                    ("concurrency", str(args.concurrency)),
-                ],
-            )
-            sources = parse_source_ips(args.source_ips, config.host)
+            options = agent_options(args)
         except ValueError as exc:
-            parser.error(str(exc))
+            # A bad option: one line and exit 2, as argparse does (without the usage block).
+            print(f"comet-loadgen agent: {exc}", file=sys.stderr)
+            sys.exit(2)
         try:
-            main_agent(config, sources, args.procs, args.bind, args.control_port)
-        except OSError as exc:
+            main_agent(options)
+        except (OSError, ValueError) as exc:
             sys.exit(f"comet-loadgen agent: {exc}")
         return
     console = Console()
+    try:
+        token = load_token(args.token_file, dict(os.environ))
+    except ValueError as exc:
+        sys.exit(f"comet-loadgen fleet: {exc}")
     try:
         if args.agents:
             agents = fleet.parse_agents(args.agents, args.port)
@@ -133,12 +204,22 @@ def main(argv: list[str] | None = None) -> None:
             agents = fleet.agents_from_inventory(args.inventory, args.group, args.port)
     except fleet.FleetError as exc:
         parser.error(str(exc))
+    client = fleet.Client(token)
     if args.action == "status":
-        code = fleet.status(agents, args.once, args.interval, console)
+        code = fleet.status(client, agents, args.once, args.interval, console)
     elif args.action == "set":
-        code = fleet.set_param(agents, args.key, args.value, console)
+        key, value = args.key, args.value
+        if value is None:
+            key, sep, value = key.partition("=")
+            if not sep:
+                parser.error(f"set: expected KEY VALUE or KEY=VALUE, got {args.key!r}")
+        elif "=" in key:
+            parser.error(f"set: give KEY VALUE or KEY=VALUE, not both ({args.key} {value})")
+        if key not in fleet.SET_KEYS:
+            parser.error(f"set: unknown key {key!r} (use {', '.join(fleet.SET_KEYS)})")
+        code = fleet.set_param(client, agents, key, value, console)
     else:
-        code = fleet.restart(agents, console)
+        code = fleet.restart(client, agents, console)
     sys.exit(code)
 
 

@@ -1,8 +1,13 @@
 """The load-generator agent: a pool of engines behind the classic fleet control API.
 
-``GET /`` → stats JSON, ``GET /set?n=&host=&port=&path=&concurrency=`` → the new config,
-``GET /restart`` → drop every connection and reconnect to ``n``. A bad parameter gets a 400 with a
-JSON error naming it; the control server never sends a traceback.
+``GET /`` → stats JSON, ``GET /set?n=&host=&port=&path=&concurrency=&head_timeout=`` (``ip`` is
+an alias of ``host``, as in the classic fleet scripts) → the new config, ``GET /restart`` → drop
+every connection and reconnect to ``n``. A bad parameter gets a 400 with a JSON error naming it;
+the control server never sends a traceback.
+
+Every request passes the agent's :class:`~loadgen.guard.Guard` first: a token when one is
+configured (``Authorization: Bearer`` or ``?token=``), no cross-site browser requests, and every
+new target must be on the allow-list and ``n`` within what the host can hold.
 """
 
 from __future__ import annotations
@@ -11,16 +16,31 @@ import asyncio
 import json
 import re
 import signal
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from loadgen.client import EngineConfig, Pool, install_uvloop, make_pool
+from loadgen.guard import Guard, Refusal, resolve
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")
 _PATH_RE = re.compile(r"^/[\x21-\x7e]{0,2047}$")
 MAX_N = 10_000_000
 MAX_HEAD = 16384
+MAX_HEADERS = 100
+TIMEOUT_HEAD = 10.0
+PARAMS = ("n", "host", "ip", "port", "path", "concurrency", "head_timeout")
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 class BadParam(ValueError):
@@ -42,10 +62,14 @@ def _int(name: str, raw: str, lo: int, hi: int) -> int:
 def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineConfig:
     """A copy of ``config`` with the query parameters applied; BadParam names the first bad one."""
     changes: dict[str, Any] = {}
+    seen: set[str] = set()
     for name, raw in params:
+        if name in seen or (name in ("host", "ip") and {"host", "ip"} & seen):
+            raise BadParam(name, "given more than once")
+        seen.add(name)
         if name == "n":
             changes["n"] = _int(name, raw, 0, MAX_N)
-        elif name == "host":
+        elif name in ("host", "ip"):
             if not _HOST_RE.match(raw):
                 raise BadParam(name, f"not a host name or address: {raw!r}")
             changes["host"] = raw.strip("[]")
@@ -57,24 +81,68 @@ def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineC
             changes["path"] = raw
         elif name == "concurrency":
             changes["concurrency"] = _int(name, raw, 1, 100_000)
+        elif name == "head_timeout":
+            try:
+                seconds = float(raw)
+            except ValueError:
+                raise BadParam(name, f"expected seconds, got {raw!r}") from None
+            if not 0.1 <= seconds <= 600:
+                raise BadParam(name, f"must be 0.1..600 seconds, got {raw}")
+            changes["head_timeout"] = seconds
         else:
-            raise BadParam(name, "unknown parameter (use n, host, port, path, concurrency)")
+            raise BadParam(name, f"unknown parameter (use {', '.join(PARAMS)})")
     return replace(config, **changes)
 
 
-class Agent:
-    """The control API over one pool."""
+@dataclass
+class AgentOptions:
+    """Everything ``comet-loadgen agent`` was told, made once from the command line."""
 
-    def __init__(self, pool: Pool) -> None:
+    config: EngineConfig
+    source_ips: list[str]
+    procs: str | int = "auto"
+    bind: str = "127.0.0.1"
+    port: int = 8889
+    guard: Guard = field(default_factory=Guard)
+
+
+def _header_lines(head: bytes) -> tuple[str, dict[str, str]] | Refusal:
+    """The request line and the headers (names lower-cased) of a head, or why it is refused."""
+    lines = head[:-4].split(b"\r\n")
+    if len(lines) - 1 > MAX_HEADERS:
+        return Refusal(431, f"more than {MAX_HEADERS} request headers")
+    headers: dict[str, str] = {}
+    for raw in lines[1:]:
+        name, sep, value = raw.partition(b":")
+        if not sep or not name or name != name.strip():
+            return Refusal(400, "malformed header line")
+        key = name.decode("latin-1").lower()
+        if key in headers and key in ("authorization", "host", "origin", "sec-fetch-site"):
+            return Refusal(400, f"header {key} given more than once")
+        headers[key] = value.strip().decode("latin-1")
+    return lines[0].decode("latin-1"), headers
+
+
+class Agent:
+    """The control API over one pool, behind a :class:`Guard`."""
+
+    def __init__(self, pool: Pool, guard: Guard | None = None) -> None:
         self.pool = pool
+        self.guard = guard or Guard()
         self.server: asyncio.Server | None = None
+        self.port = 0
 
     async def start(self, bind: str, port: int) -> int:
+        # The starting target passes the same checks as a /set.
+        refusal = await self._check_config(self.pool.config)
+        if refusal is not None:
+            raise ValueError(refusal.error)
         # Control port first: if it is taken, fail before any connection is opened.
         self.server = await asyncio.start_server(self._handle, bind, port, limit=MAX_HEAD)
         await self.pool.start()
         sock = self.server.sockets[0]
-        return int(sock.getsockname()[1])
+        self.port = int(sock.getsockname()[1])
+        return self.port
 
     async def close(self) -> None:
         if self.server is not None:
@@ -87,7 +155,21 @@ class Agent:
         restarts = getattr(self.pool, "respawned", 0)
         return stats.public(self.pool.config, self.pool.procs, restarts)
 
-    async def route(self, method: str, target: str) -> tuple[int, dict[str, Any]]:
+    def config_answer(self, config: EngineConfig) -> dict[str, Any]:
+        """The config as JSON, with the classic fleet scripts' keys (``ip``, ``controlPort``)."""
+        return {**asdict(config), "ip": config.host, "controlPort": self.port}
+
+    async def _check_config(self, config: EngineConfig) -> Refusal | None:
+        loop = asyncio.get_running_loop()
+        try:
+            addresses = await loop.run_in_executor(None, resolve, config.host)
+        except OSError:
+            addresses = []
+        return self.guard.check_config(config, addresses)
+
+    async def route(
+        self, method: str, target: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
         """Answer one request: (status, JSON body)."""
         if method not in ("GET", "HEAD"):
             return 405, {"error": f"method {method} not allowed (use GET)"}
@@ -96,6 +178,13 @@ class Agent:
             params = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False)
         except ValueError as exc:
             return 400, {"error": f"query: {exc}"}
+        tokens = [v for k, v in params if k == "token"]
+        if len(tokens) > 1:
+            return 400, {"error": "token: given more than once", "param": "token"}
+        params = [(k, v) for k, v in params if k != "token"]
+        refusal = self.guard.check_request(headers or {}, tokens[0] if tokens else None)
+        if refusal is not None:
+            return refusal.status, {"error": refusal.error}
         if parts.path == "/":
             return 200, await self.stats()
         if parts.path == "/set":
@@ -103,50 +192,41 @@ class Agent:
                 new = apply_params(self.pool.config, params)
             except BadParam as exc:
                 return 400, {"error": str(exc), "param": exc.name}
+            refusal = await self._check_config(new)
+            if refusal is not None:
+                return refusal.status, {"error": refusal.error, "param": refusal.param}
             await self.pool.set_config(new)
-            return 200, asdict(new)
+            # The latency counters are per run, and a /set starts one.
+            await self.pool.reset_latency()
+            return 200, self.config_answer(new)
         if parts.path == "/restart":
             await self.pool.restart()
-            return 200, {"ok": True, "config": asdict(self.pool.config)}
+            return 200, {"ok": True, "config": self.config_answer(self.pool.config)}
         return 404, {"error": f"unknown path {parts.path!r} (use /, /set, /restart)"}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = "GET"
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
-            except (
-                TimeoutError,
-                asyncio.LimitOverrunError,
-                asyncio.IncompleteReadError,
-                ConnectionError,
-            ):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_HEAD)
+            except TimeoutError:
+                status, body = 408, {"error": f"request head not received in {TIMEOUT_HEAD:g} s"}
+            except asyncio.LimitOverrunError:
+                status, body = 431, {"error": f"request head over {MAX_HEAD} bytes"}
+            except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split(" ")
-            if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                status, body = 400, {"error": "malformed request line"}
-                method = "GET"
             else:
-                method = parts[0]
-                try:
-                    status, body = await self.route(method, parts[1])
-                except Exception as exc:  # noqa: BLE001 - the client gets a clean 500, never a traceback
-                    status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+                status, body, method = await self._answer(head)
             data = json.dumps(body).encode() + b"\n"
-            reason = {
-                200: "OK",
-                400: "Bad Request",
-                404: "Not Found",
-                405: "Method Not Allowed",
-                500: "Internal Server Error",
-            }[status]
             head_out = (
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(data)}\r\nAccess-Control-Allow-Origin: *\r\n"
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n"
                 "Cache-Control: no-cache\r\nConnection: close\r\n"
             )
             if status == 405:
                 head_out += "Allow: GET, HEAD\r\n"
+            elif status == 401:
+                head_out += "WWW-Authenticate: Bearer\r\n"
             writer.write(head_out.encode() + b"\r\n" + (b"" if method == "HEAD" else data))
             await writer.drain()
         except ConnectionError:
@@ -154,26 +234,47 @@ class Agent:
         finally:
             writer.close()
 
+    async def _answer(self, head: bytes) -> tuple[int, dict[str, Any], str]:
+        parsed = _header_lines(head)
+        if isinstance(parsed, Refusal):
+            return parsed.status, {"error": parsed.error}, "GET"
+        request_line, headers = parsed
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, {"error": "malformed request line"}, "GET"
+        method = parts[0]
+        try:
+            status, body = await self.route(method, parts[1], headers)
+        except Exception as exc:  # noqa: BLE001 - the client gets a clean 500, never a traceback
+            status, body = 500, {"error": f"{type(exc).__name__}: {exc}"}
+        return status, body, method
 
-async def run_agent(
-    config: EngineConfig,
-    source_ips: list[str],
-    procs: str | int,
-    bind: str,
-    port: int,
-    ready: asyncio.Event | None = None,
-) -> None:
-    """Run an agent until SIGINT/SIGTERM."""
-    agent = Agent(make_pool(config, source_ips, procs))
-    stop = asyncio.Event()
+
+async def run_agent(options: AgentOptions, ready: asyncio.Event | None = None) -> None:
+    """Run an agent until SIGINT, SIGTERM or SIGHUP."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    stop = asyncio.Event()
+    # Handlers before anything is spawned: a signal during start-up still stops the agent.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    options.guard.resolve_names()
+    agent = Agent(make_pool(options.config, options.source_ips, options.procs), options.guard)
     try:
-        actual = await agent.start(bind, port)
+        starting = asyncio.ensure_future(agent.start(options.bind, options.port))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+            return
+        stopping.cancel()
+        actual = starting.result()
+        c = options.config
+        auth = "token required" if options.guard.token else "no token"
         print(
-            f"comet-loadgen agent: control API on http://{bind}:{actual}/ "
-            f"(target {config.host}:{config.port}{config.path}, n={config.n})",
+            f"comet-loadgen agent: control API on http://{options.bind}:{actual}/ "
+            f"(target {c.host}:{c.port}{c.path}, n={c.n}; {auth}; targets allowed: "
+            f"{', '.join(str(r) for r in options.guard.rules)})",
             flush=True,
         )
         if ready is not None:
@@ -183,8 +284,6 @@ async def run_agent(
         await agent.close()
 
 
-def main_agent(
-    config: EngineConfig, source_ips: list[str], procs: str | int, bind: str, port: int
-) -> None:
+def main_agent(options: AgentOptions) -> None:
     install_uvloop()
-    asyncio.run(run_agent(config, source_ips, procs, bind, port))
+    asyncio.run(run_agent(options))

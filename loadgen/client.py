@@ -32,6 +32,7 @@ import json
 import math
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -53,7 +54,8 @@ _LAT_LOG = math.log(_LAT_BASE)
 MAX_SEQS = 10_000
 
 CONNECT_TIMEOUT = 10.0
-HEAD_TIMEOUT = 30.0
+# Clock slack for a timed line's ``ts``: publishers on other hosts have clocks of their own.
+TS_SLACK = 1.0
 
 
 @dataclass
@@ -63,6 +65,8 @@ class EngineConfig:
     port: int = 8888
     path: str = "/"
     concurrency: int = 100
+    # Seconds a connection may wait for the response head before it counts as an error.
+    head_timeout: float = 10.0
 
     def target(self) -> tuple[str, int, str]:
         return (self.host, self.port, self.path)
@@ -80,6 +84,7 @@ class Stats:
     msgs_total: int = 0
     bytes_total: int = 0
     timed_total: int = 0
+    timed_invalid: int = 0  # timed lines whose ts was before the run or in the future
     lat_max_ms: float = 0.0
     lat_hist: dict[int, int] = field(default_factory=dict)
     last_delivery: dict[int, float] = field(default_factory=dict)
@@ -96,6 +101,7 @@ class Stats:
             "msgs_total",
             "bytes_total",
             "timed_total",
+            "timed_invalid",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.lat_max_ms = max(self.lat_max_ms, other.lat_max_ms)
@@ -109,6 +115,13 @@ class Stats:
                 self.first_delivery[s] = t
         for s, c in other.deliveries.items():
             self.deliveries[s] = self.deliveries.get(s, 0) + c
+
+    def clear_latency(self) -> None:
+        """Forget every latency sample and delivery record (a new run starts)."""
+        self.timed_total = self.timed_invalid = 0
+        self.lat_max_ms = 0.0
+        for record in (self.lat_hist, self.last_delivery, self.first_delivery, self.deliveries):
+            record.clear()
 
     def percentile(self, q: float) -> float | None:
         """The q-th percentile (0..100) of delivery latency in ms (upper bucket edge), or None."""
@@ -133,6 +146,7 @@ class Stats:
             "p99": r(self.percentile(99)),
             "max": r(self.lat_max_ms) if self.timed_total else None,
             "count": self.timed_total,
+            "invalid": self.timed_invalid,
         }
 
     def to_wire(self) -> dict[str, Any]:
@@ -328,6 +342,7 @@ class StreamConn(asyncio.Protocol):
 
     def _fail(self) -> None:
         self.engine.errors_resp += 1
+        self.engine.back_off()
         self.state = _DONE
         self.aborted = True
         self.engine.pending.discard(self)
@@ -410,12 +425,7 @@ class Engine:
         self.ended_req = 0
         self.msgs_total = 0
         self.bytes_total = 0
-        self.timed_total = 0
-        self.lat_max_ms = 0.0
-        self.lat_hist: dict[int, int] = {}
-        self.last_delivery: dict[int, float] = {}
-        self.first_delivery: dict[int, float] = {}
-        self.deliveries: dict[int, int] = {}
+        self.reset_latency()
         self.fail_streak = 0
         self.retry_at = 0.0
         self._last_line = b""
@@ -423,6 +433,17 @@ class Engine:
         self._tick: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def reset_latency(self) -> None:
+        """Start a new run of the latency counters: a sample older than this is invalid."""
+        self.run_started = time.time()
+        self.timed_total = 0
+        self.timed_invalid = 0
+        self.lat_max_ms = 0.0
+        self.lat_hist: dict[int, int] = {}
+        self.last_delivery: dict[int, float] = {}
+        self.first_delivery: dict[int, float] = {}
+        self.deliveries: dict[int, int] = {}
 
     def _set_request(self) -> None:
         c = self.config
@@ -447,7 +468,8 @@ class Engine:
             return
         now = time.monotonic()
         # Response heads that never came: the only per-connection deadline, swept here.
-        for c in [c for c in self.pending if now - c.t0 > HEAD_TIMEOUT]:
+        limit = self.config.head_timeout
+        for c in [c for c in self.pending if now - c.t0 > limit]:
             c._fail()
         self._fill()
         self._schedule_tick()
@@ -489,6 +511,7 @@ class Engine:
             msgs_total=self.msgs_total,
             bytes_total=self.bytes_total,
             timed_total=self.timed_total,
+            timed_invalid=self.timed_invalid,
             lat_max_ms=self.lat_max_ms,
             lat_hist=dict(self.lat_hist),
             last_delivery=dict(self.last_delivery),
@@ -558,13 +581,9 @@ class Engine:
             sock = None
             if made and self.config.target() != c.target():
                 self._abort(made[0])  # retargeted while this one was connecting
-            self.fail_streak = 0
         except (TimeoutError, OSError):
             self.errors_req += 1
-            self.fail_streak += 1
-            # Back off while the target refuses us (e.g. restarting): 50 ms doubling to 2 s.
-            delay = min(2.0, 0.05 * 2 ** min(6, self.fail_streak // max(1, c.concurrency)))
-            self.retry_at = time.monotonic() + delay
+            self.back_off()
         finally:
             if sock is not None:
                 sock.close()
@@ -572,9 +591,20 @@ class Engine:
                 self.connecting -= 1  # connection_made never ran: it did not take over the count
         self._fill()
 
+    def back_off(self) -> None:
+        """A connect or a response head failed: while the target refuses us (restarting, or not
+        an HTTP streaming server at all) retry after 50 ms, doubling to 2 s."""
+        self.fail_streak += 1
+        c = self.config
+        # A round is as many failures as connections are attempted at once.
+        per_round = max(1, min(c.concurrency, c.n))
+        delay = min(2.0, 0.05 * 2 ** min(6, self.fail_streak // per_round))
+        self.retry_at = time.monotonic() + delay
+
     # Callbacks from connections
 
     def on_established(self, c: StreamConn) -> None:
+        self.fail_streak = 0
         self.pending.discard(c)
         self.conns.add(c)
         self._fill()
@@ -583,6 +613,7 @@ class Engine:
         if not c.aborted:
             if c.state == _HEAD:
                 self.errors_resp += 1
+                self.back_off()
             else:
                 self.ended_req += 1
         c.state = _DONE
@@ -610,6 +641,11 @@ class Engine:
             return
         ts, seq = parsed
         now = time.time()
+        if not self.run_started - TS_SLACK <= ts <= now + TS_SLACK:
+            # Published before this run (a replay, a stale message) or by a clock in the future:
+            # folded into the percentiles, one such sample moved the p50 to 1.8e12 ms.
+            self.timed_invalid += 1
+            return
         ms = max(0.0, (now - ts) * 1000.0)
         self.timed_total += 1
         if ms > self.lat_max_ms:
@@ -725,7 +761,8 @@ class ProcessPool:
             raise RuntimeError(f"client process {i} did not start: {hello}")
         return child
 
-    async def _spawn(self, count: int) -> None:
+    async def grow(self, count: int) -> None:
+        """Start engine processes until there are ``count`` (idle until :meth:`apply`)."""
         while len(self.children) < count:
             self.children.append(await self._spawn_one(len(self.children)))
 
@@ -769,7 +806,7 @@ class ProcessPool:
         async with self._lock:
             self.config = config
             want = self.fixed if self.fixed else auto_procs(config.n, self.capacity)
-            await self._spawn(max(want, len(self.children)))
+            await self.grow(max(want, len(self.children)))
             shares = split_n(config.n, len(self.children))
             base = asdict(config)
             results = await asyncio.gather(
@@ -790,6 +827,10 @@ class ProcessPool:
 
     async def restart(self) -> None:
         await self._call_all({"op": "restart"})
+
+    async def reset_latency(self) -> None:
+        self.retired.clear_latency()
+        await self._call_all({"op": "reset_latency"})
 
     async def stats(self) -> Stats:
         if any(c.proc.returncode is not None for c in self.children):
@@ -834,6 +875,9 @@ class InlinePool:
 
     async def restart(self) -> None:
         self.engine.restart()
+
+    async def reset_latency(self) -> None:
+        self.engine.reset_latency()
 
     async def stats(self) -> Stats:
         return self.engine.stats()
@@ -881,11 +925,15 @@ async def _child_main(index: int, source_ips: list[str]) -> None:
                         port=int(msg["port"]),
                         path=str(msg["path"]),
                         concurrency=int(msg["concurrency"]),
+                        head_timeout=float(msg["head_timeout"]),
                     )
                 )
                 answer: dict[str, Any] = {"ok": True}
             elif op == "restart":
                 engine.restart()
+                answer = {"ok": True}
+            elif op == "reset_latency":
+                engine.reset_latency()
                 answer = {"ok": True}
             elif op == "stats":
                 answer = {"ok": True, "stats": engine.stats().to_wire()}
@@ -916,6 +964,10 @@ def child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--source-ips", default="none")
     args = parser.parse_args(argv)
+    # A terminal's Ctrl-C or hang-up reaches the whole process group: the parent decides, and
+    # stops its engine processes by closing their stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_uvloop()
     try:
         asyncio.run(_child_main(args.index, parse_source_ips(args.source_ips)))

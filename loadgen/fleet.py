@@ -163,28 +163,39 @@ def agents_from_inventory(path: str, group: str, default_port: int = DEFAULT_POR
 # ---- talking to agents ------------------------------------------------------------------------
 
 
-def call(agent: str, path: str, timeout: float = 5.0) -> dict[str, Any]:
-    """GET http://agent/path → JSON; {"error": ...} for unreachable agents and HTTP errors."""
-    url = f"http://{agent}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            body: dict[str, Any] = json.loads(resp.read())
-            return body
-    except urllib.error.HTTPError as exc:
+SET_KEYS = ("n", "host", "port", "path", "concurrency", "head_timeout")
+
+
+class Client:
+    """GETs to agents' control APIs, with the fleet's token when it has one."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+
+    def call(self, agent: str, path: str, timeout: float = 5.0) -> dict[str, Any]:
+        """GET http://agent/path → JSON; {"error": ...} for unreachable agents and HTTP errors."""
+        req = urllib.request.Request(f"http://{agent}{path}")
+        if self.token is not None:
+            req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            err: dict[str, Any] = json.loads(exc.read())
-        except ValueError:
-            err = {"error": f"HTTP {exc.code}"}
-        err.setdefault("error", f"HTTP {exc.code}")
-        return err
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return {"error": f"unreachable: {reason}"}
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+                return body
+        except urllib.error.HTTPError as exc:
+            try:
+                err: dict[str, Any] = json.loads(exc.read())
+            except ValueError:
+                err = {"error": f"HTTP {exc.code}"}
+            err.setdefault("error", f"HTTP {exc.code}")
+            err["error"] = f"HTTP {exc.code}: {err['error']}"
+            return err
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return {"error": f"unreachable: {reason}"}
 
-
-def call_all(agents: list[str], path: str, timeout: float = 5.0) -> list[dict[str, Any]]:
-    with ThreadPoolExecutor(max_workers=min(32, len(agents))) as ex:
-        return list(ex.map(lambda a: call(a, path, timeout), agents))
+    def call_all(self, agents: list[str], path: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(max_workers=min(32, len(agents))) as ex:
+            return list(ex.map(lambda a: self.call(a, path, timeout), agents))
 
 
 # ---- status table -----------------------------------------------------------------------------
@@ -246,6 +257,7 @@ def build_table(agents: list[str], answers: list[dict[str, Any]], rates: dict[st
 
 
 def status(
+    client: Client,
     agents: list[str],
     once: bool,
     interval: float,
@@ -257,7 +269,7 @@ def status(
     prev: dict[str, tuple[float, int]] = {}
 
     def snapshot() -> tuple[Table, bool]:
-        answers = call_all(agents, "/")
+        answers = client.call_all(agents, "/")
         now = time.monotonic()
         rates = {}
         for agent, a in zip(agents, answers, strict=True):
@@ -286,14 +298,14 @@ def status(
     return 1 if failed else 0
 
 
-def set_param(agents: list[str], key: str, value: str, console: Console) -> int:
+def set_param(client: Client, agents: list[str], key: str, value: str, console: Console) -> int:
     query = urllib.parse.urlencode({key: value})
-    answers = call_all(agents, f"/set?{query}")
+    answers = client.call_all(agents, f"/set?{query}")
     return _report(agents, answers, console, f"set {key}={value}")
 
 
-def restart(agents: list[str], console: Console) -> int:
-    return _report(agents, call_all(agents, "/restart"), console, "restart")
+def restart(client: Client, agents: list[str], console: Console) -> int:
+    return _report(agents, client.call_all(agents, "/restart"), console, "restart")
 
 
 def _report(agents: list[str], answers: list[dict[str, Any]], console: Console, what: str) -> int:

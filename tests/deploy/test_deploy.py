@@ -408,6 +408,13 @@ def test_containers_run_as_non_root_and_report_healthy(converged: dict[str, obje
         assert ls.stdout.strip() == "True", (name, ls.stdout, ls.stderr)
     agent = httpx.get(f"http://127.0.0.1:{AGENT_PORT}/", timeout=10)
     assert agent.status_code == 200 and "clients" in agent.json()
+    # The role binds the agent to loopback and allows loopback + the comet group's hosts only.
+    listen = _run(["ss", "-Hltn", f"sport = :{AGENT_PORT}"]).stdout.split()
+    assert f"127.0.0.1:{AGENT_PORT}" in listen and f"0.0.0.0:{AGENT_PORT}" not in listen
+    refused = httpx.get(f"http://127.0.0.1:{AGENT_PORT}/set?host=192.0.2.7", timeout=10)
+    assert refused.status_code == 403 and "not allowed" in refused.json()["error"]
+    ok = httpx.get(f"http://127.0.0.1:{AGENT_PORT}/set?host=localhost&n=0", timeout=10)
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.docker

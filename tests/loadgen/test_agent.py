@@ -100,6 +100,7 @@ def test_control_api_and_bad_input(fixture_server, agents):
         "port": fixture_server,
         "path": "/",
         "concurrency": 100,
+        "head_timeout": 10.0,
     }
     for query, name in (
         ("n=abc", "n"),

@@ -87,6 +87,7 @@ def test_fleet_status_refreshes(agents, fixture_server):
 
     buf = StringIO()
     code = fleet.status(
+        fleet.Client(),
         [f"127.0.0.1:{a.port}"],
         once=False,
         interval=0.6,
