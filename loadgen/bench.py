@@ -29,6 +29,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -633,95 +634,156 @@ async def publish(args: argparse.Namespace, svc: Service, data: str) -> int | No
     return None
 
 
-async def bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.target:
-        u = urlsplit(args.target)
-        if u.scheme != "http" or not u.hostname:
-            raise BenchError(f"--target: expected http://host:port/path, got {args.target!r}")
-        host, port = u.hostname, u.port or 80
-        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
-    else:
-        host, port, path = "127.0.0.1", 0, args.path
-    sources = parse_source_ips(args.source_ips, host)
-    checks = preflight(args.conns, len(sources), remote=False, concurrency=args.concurrency)
-    report: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "conns": args.conns,
-        "rate": args.rate,
-        "hold_s": args.hold,
-        "broadcasts_asked": args.broadcasts,
-        "target": args.target or "comet1m service (python -m service)",
-        "machine": {
-            "cpus": os.cpu_count(),
-            "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        },
-        "preflight": [c.__dict__ for c in checks],
-        "preflight_verdict": verdict(checks),
-    }
-    print_preflight(console, checks)
-    run = Run()
-    svc: Service | None = None
-    pool: ProcessPool | None = None
-    watcher: asyncio.Task[None] | None = None
-    with tempfile.TemporaryDirectory(prefix="comet-bench-") as run_dir:
-        try:
-            if args.target:
-                pids = listening_pids(port) if host in ("127.0.0.1", "localhost", "::1") else []
-                svc = Service(None, port, None, None, pids)
-            else:
-                svc = await start_service(args, out, run_dir)
-                report["service_pid"] = svc.proc.pid if svc.proc else None
-                port = svc.port
-                assert svc.socket_path is not None
-                watcher = asyncio.create_task(watch_frames(svc.socket_path, run))
-            if svc.socket_path is not None:
-                # The baseline must include every worker's start-up RSS: at 54 workers the
-                # service answers health while most are still importing, and a baseline taken
-                # then put ~0.8 KB of interpreter start-up into every connection's share.
-                await wait_workers_up(svc.socket_path, args.workers_expected)
-            await asyncio.sleep(1.0)  # a baseline after start-up settles
-            slab0, rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
-            config = EngineConfig(0, host, port, path, args.concurrency)
-            pool = ProcessPool(config, sources, None if args.procs == "auto" else int(args.procs))
-            await pool._spawn(pool.fixed or auto_procs(args.conns, pool.capacity))
-            if args.client_nice:
-                # On one box the load generator stands in for remote machines: give the service
-                # the CPU first so its loop lag is not the clients' doing.
-                for child in pool.children:
-                    with contextlib.suppress(psutil.Error):
-                        psutil.Process(child.proc.pid).nice(args.client_nice)
-            report["client_nice"] = args.client_nice
-            await pool.apply(config)
-            report["client_rss0"] = tree_rss([c.proc.pid for c in pool.children])
-            report["client_procs"] = pool.procs
-            report.update(await ramp(args, console, pool, config, run, svc, slab0, rss0))
-            await hold(args, pool, run, svc, slab0, rss0, report)
-            await broadcasts(args, pool, run, svc, report, slab0, rss0)
-            st = await pool.stats()
-            if args.ramp_down:
-                await ramp_down(args, pool, run, svc, report, slab0, rss0)
-            report["errors"] = {
-                "errors_req": st.errors_req,
-                "errors_resp": st.errors_resp,
-                "ended_req": st.ended_req,
+class Bench:
+    """One run's state, carried from phase to phase; :meth:`close` stops whatever was started.
+
+    The phases run as their own task and :meth:`close` runs outside it (see :func:`main`), so
+    stopping everything never depends on a cancellation arriving inside the phases: Python 3.11's
+    ``asyncio.wait_for`` can swallow one when its inner call completes in the same loop turn.
+    """
+
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.run = Run()
+        self.report: dict[str, Any] = {}
+        self.svc: Service | None = None
+        self.pool: ProcessPool | None = None
+        self.watcher: asyncio.Task[None] | None = None
+        self.run_dir = tempfile.mkdtemp(prefix="comet-bench-")
+
+    async def phases(self) -> None:
+        args, console, run = self.args, self.console, self.run
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.target:
+            u = urlsplit(args.target)
+            if u.scheme != "http" or not u.hostname:
+                raise BenchError(f"--target: expected http://host:port/path, got {args.target!r}")
+            host, port = u.hostname, u.port or 80
+            path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        else:
+            host, port, path = "127.0.0.1", 0, args.path
+        sources = parse_source_ips(args.source_ips, host)
+        checks = preflight(args.conns, len(sources), remote=False, concurrency=args.concurrency)
+        report = self.report
+        report.update(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "conns": args.conns,
+                "rate": args.rate,
+                "hold_s": args.hold,
+                "broadcasts_asked": args.broadcasts,
+                "target": args.target or "comet1m service (python -m service)",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                },
+                "preflight": [c.__dict__ for c in checks],
+                "preflight_verdict": verdict(checks),
             }
-            report["latency_ms"] = st.latency_summary()
-            report["msgs_total"] = st.msgs_total
-            report["worst_loop_lag_ms"] = run.worst_lag_ms
-            if run.frames:
-                report["server_workers"] = len(run.frames[-1].get("workers") or [])
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            if pool is not None:
-                await pool.close()
-            if svc is not None and svc.proc is not None:
-                await asyncio.get_running_loop().run_in_executor(None, svc.stop)
-    report["broadcasts"] = run.broadcasts
-    write_outputs(out, report, run, svc)
-    return report
+        )
+        print_preflight(console, checks)
+        if args.target:
+            pids = listening_pids(port) if host in ("127.0.0.1", "localhost", "::1") else []
+            svc = self.svc = Service(None, port, None, None, pids)
+        else:
+            svc = self.svc = await start_service(args, out, self.run_dir)
+            report["service_pid"] = svc.proc.pid if svc.proc else None
+            port = svc.port
+            assert svc.socket_path is not None
+            self.watcher = asyncio.create_task(watch_frames(svc.socket_path, run))
+        if svc.socket_path is not None:
+            # The baseline must include every worker's start-up RSS: at 54 workers the
+            # service answers health while most are still importing, and a baseline taken
+            # then put ~0.8 KB of interpreter start-up into every connection's share.
+            await wait_workers_up(svc.socket_path, args.workers_expected)
+        await asyncio.sleep(1.0)  # a baseline after start-up settles
+        slab0, rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
+        config = EngineConfig(0, host, port, path, args.concurrency)
+        pool = self.pool = ProcessPool(
+            config, sources, None if args.procs == "auto" else int(args.procs)
+        )
+        await pool.grow(pool.fixed or auto_procs(args.conns, pool.capacity))
+        if args.client_nice:
+            # On one box the load generator stands in for remote machines: give the service
+            # the CPU first so its loop lag is not the clients' doing.
+            for child in pool.children:
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(child.proc.pid).nice(args.client_nice)
+        report["client_nice"] = args.client_nice
+        await pool.apply(config)
+        report["client_rss0"] = tree_rss([c.proc.pid for c in pool.children])
+        report["client_procs"] = pool.procs
+        report.update(await ramp(args, console, pool, config, run, svc, slab0, rss0))
+        await hold(args, pool, run, svc, slab0, rss0, report)
+        await broadcasts(args, pool, run, svc, report, slab0, rss0)
+        st = await pool.stats()
+        if args.ramp_down:
+            await ramp_down(args, pool, run, svc, report, slab0, rss0)
+        report["errors"] = {
+            "errors_req": st.errors_req,
+            "errors_resp": st.errors_resp,
+            "ended_req": st.ended_req,
+        }
+        report["latency_ms"] = st.latency_summary()
+        report["msgs_total"] = st.msgs_total
+        report["worst_loop_lag_ms"] = run.worst_lag_ms
+        if run.frames:
+            report["server_workers"] = len(run.frames[-1].get("workers") or [])
+
+    async def close(self) -> None:
+        """Stop the frame watcher, the engine processes and the service; remove the run dir."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self.watcher
+        if self.pool is not None:
+            await self.pool.close()
+        if self.svc is not None and self.svc.proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.svc.stop)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def finish(self) -> dict[str, Any]:
+        """The report, with the outputs written (after :meth:`close`: the service log is whole)."""
+        self.report["broadcasts"] = self.run.broadcasts
+        write_outputs(Path(self.args.out), self.report, self.run, self.svc)
+        return self.report
+
+
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived; everything started has been stopped."""
+
+
+async def run_bench(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    """Run the phases as a task that a signal cancels (again and again, until it has ended),
+    then stop everything from here, outside that task, whatever way it ended."""
+    loop = asyncio.get_running_loop()
+    b = Bench(args, console)
+    # Handlers first, then anything that spawns: the task does not start before the next await.
+    task = loop.create_task(b.phases())
+    signals: list[int] = []
+
+    def cancel_until_done() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(0.2, cancel_until_done)
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            cancel_until_done()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await asyncio.wait({task})
+    finally:
+        await b.close()
+    if signals:
+        raise Interrupted(signal.Signals(signals[0]).name)
+    task.result()  # the phases' own error, if any
+    return b.finish()
 
 
 async def ramp(
@@ -1202,19 +1264,11 @@ def main(argv: list[str] | None = None) -> None:
         print_preflight(console, checks)
         sys.exit(0 if all(c.ok or not c.stops for c in checks) else 1)
     install_uvloop()
-
-    async def runner() -> dict[str, Any]:
-        task = asyncio.current_task()
-        assert task is not None
-        # SIGTERM behaves like Ctrl-C: unwind through the finally blocks that stop everything.
-        # SIGHUP (the terminal went away) too: otherwise the service would outlive the bench.
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
-        return await bench(args, console)
-
     try:
-        report = asyncio.run(runner())
-    except (KeyboardInterrupt, asyncio.CancelledError):
+        report = asyncio.run(run_bench(args, console))
+    except (KeyboardInterrupt, Interrupted, asyncio.CancelledError):
+        # KeyboardInterrupt/CancelledError: a Ctrl-C before the handlers were in (nothing had
+        # been started yet).
         console.print("[yellow]comet-bench: interrupted; every started process was stopped[/]")
         sys.exit(130)
     except (BenchError, OSError, ValueError) as exc:

@@ -129,8 +129,17 @@ def test_bench_bad_arguments():
     assert r.returncode == 0 and "ephemeral ports" in r.stdout
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP, signal.SIGKILL])
-def test_bench_interrupted_stops_everything(tmp_path, sig):
+@pytest.mark.parametrize(
+    ("sig", "delay"),
+    [
+        (signal.SIGINT, 1.5),
+        (signal.SIGINT, 0.0),
+        (signal.SIGTERM, 0.0),
+        (signal.SIGHUP, 1.5),
+        (signal.SIGKILL, 1.5),
+    ],
+)
+def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
     """Ctrl-C, a closed terminal, even kill -9: nothing the bench started outlives it."""
     proc = subprocess.Popen(
         [
@@ -161,8 +170,13 @@ def test_bench_interrupted_stops_everything(tmp_path, sig):
                 break
         assert service_pid, "the bench did not start the service"
         me = psutil.Process(proc.pid)
-        wait_until(lambda: len(me.children()) >= 1, 20, "engine processes")
-        time.sleep(1.5)  # mid-ramp
+
+        def engines() -> list[psutil.Process]:
+            # The service is a child too: only a process running the engine counts.
+            return [c for c in me.children() if "loadgen.client" in " ".join(c.cmdline())]
+
+        wait_until(lambda: len(engines()) >= 1, 30, "engine processes")
+        time.sleep(delay)  # at start-up (0: engines spawning) or mid-ramp
         started = [service_pid] + [c.pid for c in me.children(recursive=True)]
         started += [c.pid for c in psutil.Process(service_pid).children(recursive=True)]
         assert len(started) >= 3  # service supervisor, its workers, an engine process
