@@ -942,8 +942,11 @@ async def _child_main(index: int, source_ips: list[str]) -> None:
         except (ValueError, KeyError, TypeError) as exc:
             answer = {"ok": False, "error": str(exc)}
         # Answers are small and the parent reads them at once: a blocking write is fine.
-        out.write(json.dumps(answer).encode() + b"\n")
-        out.flush()
+        try:
+            out.write(json.dumps(answer).encode() + b"\n")
+            out.flush()
+        except BrokenPipeError:
+            break  # the parent stopped listening (it is shutting down): nothing to answer
     await engine.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -172,8 +173,14 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
         me = psutil.Process(proc.pid)
 
         def engines() -> list[psutil.Process]:
-            # The service is a child too: only a process running the engine counts.
-            return [c for c in me.children() if "loadgen.client" in " ".join(c.cmdline())]
+            # The service is a child too (and so is a short-lived `ss`): only a process running
+            # the engine counts.
+            found = []
+            for c in me.children():
+                with contextlib.suppress(psutil.Error):
+                    if "loadgen.client" in " ".join(c.cmdline()):
+                        found.append(c)
+            return found
 
         wait_until(lambda: len(engines()) >= 1, 30, "engine processes")
         time.sleep(delay)  # at start-up (0: engines spawning) or mid-ramp
