@@ -12,9 +12,9 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The service's channel-name rule (docs/architecture.md, subscriber contract); event names share it
-# because they end up on an SSE ``event:`` line, where a newline would forge a second field.
-NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+from service.contracts import NAME_PATTERN
+
+__all__ = ["NAME_PATTERN", "AdminSettings", "get_settings"]
 
 
 class AdminSettings(BaseSettings):

@@ -13,19 +13,18 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import stat
 from typing import Any, Protocol
 
 from service.bus import BusUnavailable
+from service.contracts import NAME_RE, NAME_RULE, text_problem
 
 log = logging.getLogger("comet.control")
 
 LIMIT_LINE = 1024 * 1024
 # A watcher that stops reading is dropped once this much is queued for it.
 LIMIT_WATCH_BUFFER = 4 * 1024 * 1024
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class RequestError(Exception):
@@ -230,14 +229,15 @@ class ControlServer:
         data = req["data"]
         if not isinstance(data, str):
             raise RequestError("field 'data' must be a string")
+        problem = text_problem(data)
+        if problem is not None:
+            raise RequestError(f"field 'data': {problem}")
         if len(data.encode()) > self.limit_message_bytes:
             raise RequestError(f"field 'data' is over {self.limit_message_bytes} bytes")
         channel = req.get("channel")
-        if channel is not None and (
-            not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel)
-        ):
-            raise RequestError("field 'channel' must be null or match [A-Za-z0-9_.:-]{1,64}")
+        if channel is not None and (not isinstance(channel, str) or not NAME_RE.fullmatch(channel)):
+            raise RequestError(f"field 'channel' must be null or match {NAME_RULE}")
         event = req.get("event")
-        if event is not None and (not isinstance(event, str) or not CHANNEL_RE.fullmatch(event)):
-            raise RequestError("field 'event' must be null or match [A-Za-z0-9_.:-]{1,64}")
+        if event is not None and (not isinstance(event, str) or not NAME_RE.fullmatch(event)):
+            raise RequestError(f"field 'event' must be null or match {NAME_RULE}")
         return data, channel, event

@@ -19,6 +19,8 @@ from urllib.parse import parse_qsl
 
 import httptools
 
+from service.contracts import NAME_RE, NAME_RULE
+
 __all__ = [
     "DEFAULT_CHANNEL",
     "HttpError",
@@ -30,7 +32,6 @@ __all__ = [
 ]
 
 DEFAULT_CHANNEL = "default"
-CHANNEL_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # method SP request-target SP HTTP/1.x ; the token charset is RFC 9110's tchar.
 _REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.[01]")
 _ALLOWED_METHODS = (b"GET", b"HEAD")
@@ -78,12 +79,13 @@ class Route:
 class _Collector:
     """httptools callbacks for one head; lives only for the duration of :func:`parse_head`."""
 
-    __slots__ = ("url", "headers", "count", "too_many", "limit")
+    __slots__ = ("url", "headers", "count", "hosts", "too_many", "limit")
 
     def __init__(self, limit: int) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.count = 0
+        self.hosts = 0  # Host fields seen: RFC 9112 3.2 wants exactly one in HTTP/1.1
         self.too_many = False
         self.limit = limit
 
@@ -96,6 +98,8 @@ class _Collector:
             self.too_many = True
             return
         key = name.lower()
+        if key == b"host":
+            self.hosts += 1
         if key in self.headers:
             # Repeated fields we care about (Content-Length, Transfer-Encoding) are kept joined so
             # that "Content-Length: 0" + "Content-Length: 5" cannot hide a body.
@@ -173,6 +177,10 @@ def parse_head(buf: bytes | bytearray, limits: Limits) -> Request | HttpError | 
         return HttpError(400, "non-ASCII request target or Last-Event-ID")
     accept = h.get(b"accept", b"")
     http11 = parser.get_http_version() == "1.1"
+    if c.hosts > 1:
+        return HttpError(400, "more than one Host header")
+    if http11 and c.hosts == 0:
+        return HttpError(400, "an HTTP/1.1 request needs a Host header")
     # llhttp only answers should_keep_alive() once a message is complete, so decide here.
     conn_tokens = {t.strip() for t in h.get(b"connection", b"").lower().split(b",")}
     keep_alive = b"close" not in conn_tokens if http11 else b"keep-alive" in conn_tokens
@@ -207,13 +215,17 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
         return HttpError(400, "malformed request target")
     path = (url.path or b"").decode("ascii")
     try:
-        query = dict(
-            parse_qsl(
-                (url.query or b"").decode("ascii"), keep_blank_values=True, strict_parsing=False
-            )
+        pairs = parse_qsl(
+            (url.query or b"").decode("ascii"), keep_blank_values=True, strict_parsing=False
         )
     except ValueError:
         return HttpError(400, "malformed query string")
+    query: dict[str, str] = {}
+    for name, value in pairs:
+        # One rule for every parameter: given twice is ambiguous, so neither copy wins.
+        if name in query:
+            return HttpError(400, f"query parameter {ascii(name[:64])} given more than once")
+        query[name] = value
 
     if path == "/":
         kind, channel = "stream", DEFAULT_CHANNEL
@@ -223,8 +235,8 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
         kind, channel = "poll", path[6:]
     else:
         return HttpError(404, "unknown path")
-    if CHANNEL_RE.fullmatch(channel) is None:
-        return HttpError(400, "bad channel name (expected [A-Za-z0-9_.:-]{1,64})")
+    if NAME_RE.fullmatch(channel) is None:
+        return HttpError(400, f"bad channel name (expected {NAME_RULE})")
 
     if kind == "poll":
         since: int | None = None

@@ -136,7 +136,9 @@ class Conn(asyncio.Protocol):
             self.close()
             return
         if rest:
-            self.close()  # bytes after a subscribe request
+            # A subscriber only listens: bytes after its request are a client bug worth a
+            # clear answer, not a silent close.
+            self.fail(HttpError(400, "bytes after a subscribe request"))
             return
         t.write(framing.welcome(fmt, hub.config.sse_retry_ms))
         if r.sse and r.last_event_id is not None:

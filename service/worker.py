@@ -108,15 +108,19 @@ class Worker:
         self.port = sock.getsockname()[1]
         self.hub.start_pings()
         self.lag.start()
+        capped = (
+            f" (asked {self.config.backlog}, capped by net.core.somaxconn)"
+            if self.backlog < self.config.backlog
+            else ""
+        )
         log.info(
-            "worker %d (pid %d) listening on %s:%d, backlog %d (asked %d, somaxconn caps it), "
-            "connection cap %d",
+            "worker %d (pid %d) listening on %s:%d, backlog %d%s, connection cap %d",
             self.index,
             os.getpid(),
             self.config.host,
             self.port,
             self.backlog,
-            self.config.backlog,
+            capped,
             self.hub.cap,
         )
 

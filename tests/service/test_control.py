@@ -116,6 +116,8 @@ def test_stats_health_channels(svc):
         (b'{"op": "broadcast", "data": "x", "channel": "bad channel!"}', "'channel'"),
         (b'{"op": "broadcast", "data": "x", "event": "a\\nb"}', "'event'"),
         (b"\xff\xfe not utf-8", "not valid JSON"),
+        (b'{"op": "broadcast", "data": "\\ud800"}', "unpaired surrogate"),
+        (b'{"op": "broadcast", "data": "x", "channel": "news\\n"}', "'channel'"),
     ],
 )
 def test_bad_requests_get_clean_errors_and_the_connection_stays_usable(svc, raw, error):
@@ -150,6 +152,19 @@ def test_oversized_line_is_answered_before_its_newline_arrives(svc):
         assert c.ask({"op": "health"})["ok"] is True
     finally:
         c.close()
+
+
+def test_surrogate_data_leaves_no_traceback_in_the_log(svc):
+    c = svc.control()
+    try:
+        answer = c.ask(b'{"op": "broadcast", "data": "a\\udfffb"}')
+        assert answer == {
+            "ok": False,
+            "error": "field 'data': unpaired surrogate at character 1: not valid Unicode text",
+        }
+    finally:
+        c.close()
+    assert "Traceback" not in svc.log() and "UnicodeEncodeError" not in svc.log()
 
 
 def test_data_over_the_message_cap_is_refused(svc):

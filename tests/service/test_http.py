@@ -48,25 +48,27 @@ def test_bytes_after_head_are_not_part_of_it() -> None:
 def test_request_line_limit_414() -> None:
     small = Limits(request_line=64)
     assert status(b"GET /" + b"a" * 100, small) == 414  # no newline yet, already too long
-    assert status(b"GET /" + b"a" * 100 + b" HTTP/1.1\r\n\r\n", small) == 414
-    assert status(b"GET /" + b"a" * 40 + b" HTTP/1.1\r\n\r\n", small) == 404  # under: routed
-    assert status(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n") == 414
+    assert status(b"GET /" + b"a" * 100 + b" HTTP/1.1\r\nHost: t\r\n\r\n", small) == 414
+    assert (
+        status(b"GET /" + b"a" * 40 + b" HTTP/1.1\r\nHost: t\r\n\r\n", small) == 404
+    )  # under: routed
+    assert status(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n") == 414
 
 
 def test_header_bytes_limit_431() -> None:
     big = b"X-Big: " + b"v" * 17000 + b"\r\n"
-    assert status(b"GET / HTTP/1.1\r\n" + big + b"\r\n") == 431
-    assert status(b"GET / HTTP/1.1\r\n" + big) == 431  # incomplete but already too big
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + big + b"\r\n") == 431
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + big) == 431  # incomplete but already too big
     ok = b"X-Big: " + b"v" * 15000 + b"\r\n"
-    assert status(b"GET / HTTP/1.1\r\n" + ok + b"\r\n") == 200
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + ok + b"\r\n") == 200
 
 
 def test_header_count_limit_431() -> None:
     many = b"".join(b"X-%d: v\r\n" % i for i in range(101))
-    assert status(b"GET / HTTP/1.1\r\n" + many + b"\r\n") == 431
-    assert status(b"GET / HTTP/1.1\r\n" + many) == 431
-    hundred = b"".join(b"X-%d: v\r\n" % i for i in range(100))
-    assert status(b"GET / HTTP/1.1\r\n" + hundred + b"\r\n") == 200
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n") == 431
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + many) == 431
+    hundred = b"".join(b"X-%d: v\r\n" % i for i in range(99))  # + Host = 100
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\n" + hundred + b"\r\n") == 200
 
 
 @pytest.mark.parametrize(
@@ -77,9 +79,9 @@ def test_header_count_limit_431() -> None:
         b"GET /\r\n\r\n",
         b"GET / HTTP/1.1\n\n",  # bare LF
         b"GET / HTTP/2.0\r\n\r\n",
-        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
-        b"GET / HTTP/1.1\r\n: novalue\r\n\r\n",
-        b" GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: t\r\n: novalue\r\n\r\n",
+        b" GET / HTTP/1.1\r\nHost: t\r\n\r\n",
     ],
 )
 def test_malformed_400(raw: bytes) -> None:
@@ -92,19 +94,19 @@ def test_garbage_is_rejected_before_a_newline() -> None:
 
 @pytest.mark.parametrize("method", [b"POST", b"PUT", b"DELETE", b"OPTIONS", b"FOO"])
 def test_other_methods_405(method: bytes) -> None:
-    assert status(method + b" / HTTP/1.1\r\n\r\n") == 405
+    assert status(method + b" / HTTP/1.1\r\nHost: t\r\n\r\n") == 405
     # decided as soon as the request line is in
-    assert status(method + b" / HTTP/1.1\r\n") == 405
+    assert status(method + b" / HTTP/1.1\r\nHost: t\r\n") == 405
 
 
 def test_head_allowed() -> None:
-    r = parse(b"HEAD /sub/a HTTP/1.1\r\n\r\n")
+    r = parse(b"HEAD /sub/a HTTP/1.1\r\nHost: t\r\n\r\n")
     assert isinstance(r, Request) and r.method == "HEAD"
 
 
 @pytest.mark.parametrize("path", [b"/nope", b"/sub", b"/subx/a", b"/poll", b"/favicon.ico"])
 def test_unknown_path_404(path: bytes) -> None:
-    assert status(b"GET " + path + b" HTTP/1.1\r\n\r\n") == 404
+    assert status(b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n") == 404
 
 
 @pytest.mark.parametrize(
@@ -112,16 +114,16 @@ def test_unknown_path_404(path: bytes) -> None:
     [b"/sub/", b"/sub/a/b", b"/sub/" + b"a" * 65, b"/sub/%41", b"/sub/a b", b"/poll/bad!"],
 )
 def test_bad_channel_400(target: bytes) -> None:
-    assert status(b"GET " + target + b" HTTP/1.1\r\n\r\n") in (400,)
+    assert status(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n") in (400,)
 
 
 def test_body_and_cl_te_400() -> None:
-    assert status(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello") == 400
-    assert status(b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n") == 400
-    both = b"GET / HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello") == 400
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n") == 400
+    both = b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n"
     assert status(both) == 400
-    assert status(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n") == 200
-    assert status(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n") == 400
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n") == 200
+    assert status(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n") == 400
 
 
 def test_routes() -> None:
@@ -132,17 +134,21 @@ def test_routes() -> None:
         assert isinstance(out, Route), out
         return out
 
-    assert rt(b"GET / HTTP/1.1\r\n\r\n") == Route("stream", "default")
-    sse = rt(b"GET /sub/a HTTP/1.1\r\nAccept: text/event-stream\r\nLast-Event-ID: 7\r\n\r\n")
+    assert rt(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n") == Route("stream", "default")
+    sse = rt(
+        b"GET /sub/a HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\nLast-Event-ID: 7\r\n\r\n"
+    )
     assert sse == Route("stream", "a", sse=True, last_event_id=7)
-    q = rt(b"GET /sub/a.b:c-d_e?format=sse&last_event_id=9 HTTP/1.1\r\n\r\n")
+    q = rt(b"GET /sub/a.b:c-d_e?format=sse&last_event_id=9 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert q == Route("stream", "a.b:c-d_e", sse=True, last_event_id=9)
-    plain = rt(b"GET /sub/a?format=plain HTTP/1.1\r\nAccept: text/event-stream\r\n\r\n")
+    plain = rt(b"GET /sub/a?format=plain HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
     assert not plain.sse
-    p = rt(b"GET /poll/a?since=3&timeout=1.5 HTTP/1.1\r\n\r\n")
+    p = rt(b"GET /poll/a?since=3&timeout=1.5 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert p == Route("poll", "a", since=3, timeout=1.5)
-    assert rt(b"GET /poll/a HTTP/1.1\r\n\r\n") == Route("poll", "a", since=None, timeout=30.0)
-    assert rt(b"GET /poll/a?timeout=999 HTTP/1.1\r\n\r\n").timeout == 120.0
+    assert rt(b"GET /poll/a HTTP/1.1\r\nHost: t\r\n\r\n") == Route(
+        "poll", "a", since=None, timeout=30.0
+    )
+    assert rt(b"GET /poll/a?timeout=999 HTTP/1.1\r\nHost: t\r\n\r\n").timeout == 120.0
 
 
 @pytest.mark.parametrize(
@@ -157,17 +163,17 @@ def test_routes() -> None:
     ],
 )
 def test_bad_parameters_400(target: bytes) -> None:
-    assert status(b"GET " + target + b" HTTP/1.1\r\n\r\n") == 400
+    assert status(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n") == 400
 
 
 def test_bad_last_event_id_header_400() -> None:
-    assert status(b"GET /sub/a HTTP/1.1\r\nLast-Event-ID: nope\r\n\r\n") == 400
+    assert status(b"GET /sub/a HTTP/1.1\r\nHost: t\r\nLast-Event-ID: nope\r\n\r\n") == 400
 
 
 def test_http10_keepalive_flags() -> None:
     r = parse(b"GET / HTTP/1.0\r\n\r\n")
     assert isinstance(r, Request) and not r.http11 and not r.keep_alive
-    r = parse(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+    r = parse(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
     assert isinstance(r, Request) and not r.keep_alive
 
 
@@ -180,3 +186,32 @@ def test_byte_by_byte_feed_matches_whole() -> None:
         results.append(parse_head(buf, L))
     assert all(r is None for r in results[:-1])
     assert results[-1] == parse(raw)
+
+
+def test_host_header_rules() -> None:
+    # RFC 9112 3.2: an HTTP/1.1 request carries exactly one Host; HTTP/1.0 may omit it.
+    assert status(b"GET / HTTP/1.1\r\n\r\n") == 400
+    assert status(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n") == 400
+    assert status(b"GET / HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n") == 400
+    assert status(b"GET / HTTP/1.0\r\n\r\n") == 200
+    err = parse(b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n")
+    assert isinstance(err, HttpError) and "Host" in err.reason
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "format=sse&format=plain",
+        "last_event_id=1&last_event_id=2",
+        "format=sse&x=1&x=2",
+    ],
+)
+def test_repeated_query_parameter_is_400(query: str) -> None:
+    raw = f"GET /sub/a?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    r = parse(raw)
+    assert isinstance(r, Request)
+    err = route(r, L)
+    assert isinstance(err, HttpError) and err.status == 400 and "more than once" in err.reason
+    poll = parse(b"GET /poll/a?since=1&since=2 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert isinstance(poll, Request)
+    assert isinstance(route(poll, L), HttpError)

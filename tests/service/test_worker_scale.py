@@ -115,7 +115,7 @@ def test_control_protocol_init_stats_broadcast_channels_drain() -> None:
         assert w.ask("init", last_id=6, history=history) == {"rid": 1, "ok": True}
         # The history from init is replayed to a resuming SSE client.
         with connect(w.port) as s:
-            s.sendall(b"GET /sub/c?format=sse&last_event_id=4 HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /sub/c?format=sse&last_event_id=4 HTTP/1.1\r\nHost: t\r\n\r\n")
             got = read_until(s, b"data: six\n\n")
             assert b"id: 5\ndata: five\n\n" in got and b"id: 6\nevent: e\ndata: six" in got
             assert w.ask("channels")["channels"] == {"c": 1}
@@ -146,7 +146,7 @@ def test_control_pipe_closed_means_drain_and_exit() -> None:
     w = SubprocessWorker(ping_interval=30.0)
     try:
         with connect(w.port) as s:
-            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             read_until(s, b"Welcome!")
             w.close_control()  # the supervisor went away
             read_until(s, b"reconnect\n")
@@ -175,7 +175,7 @@ def test_standalone_worker_numbers_messages_itself() -> None:
 
     with running_worker() as tw:
         with connect(tw.port) as s:
-            s.sendall(b"GET /sub/n?format=sse HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /sub/n?format=sse HTTP/1.1\r\nHost: t\r\n\r\n")
             read_until(s, b"Welcome!")
             deadline = time.monotonic() + 5
             assert tw.worker is not None

@@ -179,7 +179,7 @@ def test_sse_reset_when_history_lost(w: ThreadWorker) -> None:
 
 
 def test_head_request(w: ThreadWorker) -> None:
-    resp = request(w.port, b"HEAD /sub/x HTTP/1.1\r\n\r\n")
+    resp = request(w.port, b"HEAD /sub/x HTTP/1.1\r\nHost: t\r\n\r\n")
     head, body = split_head(resp)
     assert head.startswith(b"HTTP/1.1 200 OK") and b"text/plain" in head and body == b""
 
@@ -205,8 +205,11 @@ def test_bytes_after_request_close_stream(w: ThreadWorker) -> None:
         rest = read_all(s)  # the server closes
         assert b"hello" not in rest
     with connect(w.port) as s:  # pipelined bytes together with the request
-        s.sendall(b"GET /sub/chatty HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n")
-        assert b"Welcome" not in read_all(s)
+        s.sendall(b"GET /sub/chatty HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        resp = read_all(s)
+        # A clear 400 before the close, not a silent one.
+        assert status_of(resp) == 400 and b"Welcome" not in resp
+        assert b"bytes after a subscribe request" in resp
 
 
 def test_stream_client_that_closes_is_gone_at_once() -> None:
@@ -242,7 +245,7 @@ def test_long_poll_immediate_wait_and_keepalive(w: ThreadWorker) -> None:
         assert r["messages"][0]["channel"] == "lp" and isinstance(r["messages"][0]["ts"], float)
         # Same connection: wait for the next one.
         t0 = time.monotonic()
-        s.sendall(f"GET /poll/lp?since={last}&timeout=5 HTTP/1.1\r\n\r\n".encode())
+        s.sendall(f"GET /poll/lp?since={last}&timeout=5 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         time.sleep(0.2)
         w.broadcast("p2", channel="lp")
         data = read_until(s, b"p2")
@@ -256,7 +259,7 @@ def test_long_poll_immediate_wait_and_keepalive(w: ThreadWorker) -> None:
 
 def test_long_poll_answered_after_client_half_close(w: ThreadWorker) -> None:
     with connect(w.port) as s:
-        s.sendall(b"GET /poll/lphc?timeout=5 HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /poll/lphc?timeout=5 HTTP/1.1\r\nHost: t\r\n\r\n")
         s.shutdown(socket.SHUT_WR)
         time.sleep(0.2)
         w.broadcast("after-eof", channel="lphc")
@@ -266,7 +269,7 @@ def test_long_poll_answered_after_client_half_close(w: ThreadWorker) -> None:
 def test_long_poll_since_absent_means_only_new(w: ThreadWorker) -> None:
     w.broadcast("old", channel="lpn")
     with connect(w.port) as s:
-        s.sendall(b"GET /poll/lpn?timeout=0.3 HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /poll/lpn?timeout=0.3 HTTP/1.1\r\nHost: t\r\n\r\n")
         body = split_head(read_until(s, b"}"))[1]
         assert json.loads(body)["messages"] == []
 
@@ -276,14 +279,26 @@ def test_long_poll_since_absent_means_only_new(w: ThreadWorker) -> None:
     ("raw", "code"),
     [
         (b"garbage\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", 400),
-        (b"GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 400),
-        (b"GET /sub/bad%20name HTTP/1.1\r\n\r\n", 400),
-        (b"GET /nowhere HTTP/1.1\r\n\r\n", 404),
-        (b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405),
-        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
-        (b"GET / HTTP/1.1\r\nX: " + b"v" * 17000 + b"\r\n\r\n", 431),
-        (b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\nabc",
+            400,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc", 400),
+        (b"GET /sub/bad%20name HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        (b"GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n", 404),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET /sub/x?format=sse&format=plain HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n", 405),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: t\r\nX: " + b"v" * 17000 + b"\r\n\r\n", 431),
+        (
+            b"GET / HTTP/1.1\r\nHost: t\r\n"
+            + b"".join(b"H%d: v\r\n" % i for i in range(101))
+            + b"\r\n",
+            431,
+        ),
     ],
 )
 def test_bad_input_status_and_close(w: ThreadWorker, raw: bytes, code: int) -> None:
@@ -301,7 +316,7 @@ def test_header_deadline_408_drip_cannot_extend(w: ThreadWorker) -> None:
     with connect(w.port) as s:
         s.settimeout(0.1)
         got = b""
-        for byte in b"GET / HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+        for byte in b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"a" * 200:
             try:
                 s.send(bytes([byte]))
             except (BrokenPipeError, ConnectionResetError):
@@ -338,7 +353,7 @@ def test_slow_consumer_is_dropped() -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", w.port))
         with s:
-            s.sendall(b"GET /sub/slow HTTP/1.1\r\n\r\n")
+            s.sendall(b"GET /sub/slow HTTP/1.1\r\nHost: t\r\n\r\n")
             read_until(s, b"Welcome!")
             wait_for(lambda: channel_count(w, "slow") == 1)
             big = "x" * 100_000
@@ -359,7 +374,7 @@ def test_over_cap_503_held_connections_unaffected() -> None:
         try:
             for s in held:
                 read_until(s, b"Welcome!")
-            resp = request(w.port, b"GET /sub/cap HTTP/1.1\r\n\r\n")
+            resp = request(w.port, b"GET /sub/cap HTTP/1.1\r\nHost: t\r\n\r\n")
             assert status_of(resp) == 503 and b"Retry-After: " in resp
             assert w.stats()["rejected_total"] == 1
             assert w.broadcast("still-here", channel="cap") == 3
