@@ -7,10 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-import uvicorn
 from pydantic import ValidationError
 
-from .main import AdminServer, create_app
+from .main import create_app
+from .server import AdminServer, server_config
 from .settings import AdminSettings
 from .token import TokenError, is_loopback, resolve_token, token_configured
 
@@ -101,14 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.control_socket,
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        server_header=False,
-        timeout_graceful_shutdown=2,
-    )
+    config = server_config(app, settings.host, settings.port, settings.log_level.lower())
     AdminServer(config, app).run()
     return 0
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .control import ControlClient, FrameWatcher
+from .middleware import bearer_problem, unauthorized
 from .settings import AdminSettings, get_settings
 
 SettingsDep = Annotated[AdminSettings, Depends(get_settings)]
@@ -27,25 +28,21 @@ ControlDep = Annotated[ControlClient, Depends(get_control)]
 WatcherDep = Annotated[FrameWatcher, Depends(get_watcher)]
 
 
-def _unauthorized(detail: str, error: str | None = None) -> HTTPException:
-    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
-    return HTTPException(
-        status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": challenge}
-    )
+# Declares the scheme in the OpenAPI document; the check itself is bearer_problem, shared with
+# the BearerAuth middleware that runs before the body is parsed.
+bearer_scheme = HTTPBearer(auto_error=False, description="the admin token (COMET_ADMIN_TOKEN)")
 
 
-def require_token(request: Request, settings: SettingsDep) -> None:
+def require_token(
+    request: Request,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
+) -> None:
     """401 unless ``Authorization: Bearer <token>`` carries the configured token."""
-    header = request.headers.get("authorization")
-    if not header:
-        raise _unauthorized("missing Authorization: Bearer <token> header")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        raise _unauthorized("expected Authorization: Bearer <token>", "invalid_request")
     expected = settings.token.get_secret_value() if settings.token is not None else ""
-    # compare_digest on bytes: it rejects non-ASCII str, and a client may send anything.
-    if not expected or not secrets.compare_digest(credentials.strip().encode(), expected.encode()):
-        raise _unauthorized("wrong token", "invalid_token")
+    problem = bearer_problem(request.headers.get("authorization"), expected)
+    if problem is not None:
+        raise unauthorized(*problem)
 
 
 Authorized = Depends(require_token)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import uvicorn
-from fastapi import FastAPI, HTTPException, Request, status
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .control import (
     BusUnavailable,
@@ -20,101 +18,11 @@ from .control import (
     ServiceTimeout,
     ServiceUnavailable,
 )
+from .middleware import BearerAuth, BodyCheck, HeaderCount, SecurityHeaders
 from .routers import broadcast, cluster, dashboard, health, metrics, stats
 from .settings import AdminSettings, get_settings
 
-# Headers for every response. The token lives in the page's storage, so the page must never run
-# script from anywhere but this origin; uPlot sizes its elements through style attributes.
-SECURITY_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
-    ),
-    (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"x-frame-options", b"DENY"),
-]
-
-
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with 413 before they are buffered in memory.
-
-    The per-field cap (``max_message_bytes`` of ``data``) is checked by the route; this only keeps
-    a multi-gigabyte upload from being read at all, whether sized or chunked."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    # Raised inside the route's body read: FastAPI passes HTTPException through
-                    # to the exception middleware, which answers 413.
-                    raise HTTPException(
-                        status.HTTP_413_CONTENT_TOO_LARGE, f"request body over {self.limit} bytes"
-                    )
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _refuse(self, send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"request body over {self.limit} bytes"},
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            headers={"Connection": "close"},
-        )
-        await response({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
-
-
-class SecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
-
-
-class AdminServer(uvicorn.Server):
-    """uvicorn that ends the open SSE streams first when it shuts down, so that a restart of the
-    sidecar takes milliseconds instead of the whole graceful-shutdown timeout."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self.admin_app = app
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        watcher = getattr(self.admin_app.state, "watcher", None)
-        if isinstance(watcher, FrameWatcher):
-            watcher.close_viewers()
-        await super().shutdown(sockets)
+LIMIT_HEADER_COUNT = 100
 
 
 def _error(status_code: int, exc: Exception, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -159,6 +67,17 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         return _error(status.HTTP_502_BAD_GATEWAY, exc)
 
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        # Only where and what: echoing the input back could not even be encoded when it holds
+        # a lone surrogate (a 500), and a client has its own copy.
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ServiceUnavailable, unavailable)
     # The service answered, but the Redis it shares with the other nodes did not: still a 503.
     app.add_exception_handler(BusUnavailable, unavailable)
@@ -169,8 +88,10 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
 
-    # JSON escaping can turn one byte of data into six characters (\u00XX).
-    body_limit = 6 * settings.max_message_bytes + 4096
-    app.add_middleware(BodyLimit, limit=body_limit)
+    # Innermost first. JSON escaping can turn one byte of data into six characters (\u00XX).
+    app.add_middleware(BodyCheck, limit=6 * settings.max_message_bytes + 4096)
+    assert resolved.token is not None
+    app.add_middleware(BearerAuth, token=resolved.token.get_secret_value())
+    app.add_middleware(HeaderCount, limit=LIMIT_HEADER_COUNT)
     app.add_middleware(SecurityHeaders)
     return app

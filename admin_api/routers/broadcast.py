@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+
+from service.contracts import text_problem
 
 from ..deps import Authorized, ControlDep, SettingsDep
+from ..responses import BODY_ERRORS, SERVICE_ERRORS, TOKEN_ERRORS
 from ..settings import NAME_PATTERN
 
-router = APIRouter(prefix="/api", tags=["broadcast"], dependencies=[Authorized])
+router = APIRouter(
+    prefix="/api",
+    tags=["broadcast"],
+    dependencies=[Authorized],
+    responses={**TOKEN_ERRORS, **BODY_ERRORS, **SERVICE_ERRORS},
+)
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
 
@@ -22,6 +30,15 @@ class BroadcastIn(BaseModel):
     data: StrictStr = Field(description="the message; each line becomes a line on the stream")
     channel: Name | None = Field(None, description="one channel, or null for every connection")
     event: Name | None = Field(None, description="SSE event name, or null for a plain message")
+
+    @field_validator("data")
+    @classmethod
+    def _text(cls, value: str) -> str:
+        # JSON can carry a lone surrogate ("\\ud800"); no stream can carry it as UTF-8.
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class BroadcastOut(BaseModel):

@@ -7,8 +7,14 @@ from typing import Any
 from fastapi import APIRouter
 
 from ..deps import Authorized, ControlDep
+from ..responses import SERVICE_ERRORS, TOKEN_ERRORS
 
-router = APIRouter(prefix="/api", tags=["cluster"], dependencies=[Authorized])
+router = APIRouter(
+    prefix="/api",
+    tags=["cluster"],
+    dependencies=[Authorized],
+    responses={**TOKEN_ERRORS, **SERVICE_ERRORS},
+)
 
 
 @router.get("/cluster")

@@ -8,8 +8,9 @@ from fastapi import APIRouter
 
 from ..control import ControlError
 from ..deps import ControlDep
+from ..responses import HEAD_ERRORS
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], responses=HEAD_ERRORS)
 
 
 @router.get("/healthz")

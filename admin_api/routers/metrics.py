@@ -7,8 +7,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import Authorized, ControlDep
 from ..metrics import render
+from ..responses import SERVICE_ERRORS, TOKEN_ERRORS
 
-router = APIRouter(tags=["metrics"], dependencies=[Authorized])
+router = APIRouter(
+    tags=["metrics"], dependencies=[Authorized], responses={**TOKEN_ERRORS, **SERVICE_ERRORS}
+)
 
 
 @router.get("/metrics", response_class=Response)

@@ -11,8 +11,14 @@ from fastapi.responses import StreamingResponse
 
 from ..control import FrameWatcher, ServiceUnavailable, WatchState
 from ..deps import Authorized, ControlDep, WatcherDep
+from ..responses import SERVICE_ERRORS, TOKEN_ERRORS
 
-router = APIRouter(prefix="/api", tags=["stats"], dependencies=[Authorized])
+router = APIRouter(
+    prefix="/api",
+    tags=["stats"],
+    dependencies=[Authorized],
+    responses={**TOKEN_ERRORS, **SERVICE_ERRORS},
+)
 
 # Comment lines keep idle proxies and the browser's fetch() from timing the stream out while the
 # service is down and no frames flow.

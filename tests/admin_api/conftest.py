@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from pydantic import SecretStr
 
-from admin_api.main import AdminServer, create_app
+from admin_api.main import create_app
+from admin_api.server import AdminServer, server_config
 from admin_api.settings import AdminSettings
 
 from .fake_control import FakeControl
@@ -50,9 +50,9 @@ class ThreadedServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on"
-        )
+        # The sidecar's own protocol and limits (comet-admin's configuration).
+        config = server_config(app, "127.0.0.1", self.port, "warning")
+        config.timeout_graceful_shutdown = 1
         self.server = AdminServer(config, app)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
