@@ -522,9 +522,11 @@ class Supervisor:
             log.error("CSV log disabled: cannot write in %s: %s", self.config.log_dir, exc)
         self.screen = _make_screen(self.config)
 
-        self.slots = [WorkerSlot(self, i) for i in range(count)]
-        for slot in self.slots:
-            slot.start()
+        # A signal during start-up (the awaits above) has set _stop: spawn nothing then.
+        if not self._stop.is_set():
+            self.slots = [WorkerSlot(self, i) for i in range(count)]
+            for slot in self.slots:
+                slot.start()
 
         ticker = asyncio.create_task(self._tick_forever())
         try:
