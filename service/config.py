@@ -14,7 +14,7 @@ import math
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 ScreenMode = Literal["auto", "on", "off"]
 
@@ -46,6 +46,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8888
     backlog: int = 65535
+    allow_shared_port: bool = False  # start although another process listens on the port
 
     # Process model
     workers: str = "auto"  # "auto" or a positive integer, see worker_count()
@@ -153,6 +154,10 @@ _HELP = {
     "host": "address to listen on",
     "port": "subscriber port (shared by all workers with SO_REUSEPORT)",
     "backlog": "listen backlog (the kernel caps it at net.core.somaxconn)",
+    "allow_shared_port": (
+        "start even when another process already listens on --port (SO_REUSEPORT then "
+        "splits new connections between them); off: refuse with the listener's pid"
+    ),
     "workers": "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))), or N",
     "target_connections": "connections the host should hold; sizes --workers auto",
     "fd_reserve": "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
@@ -189,13 +194,39 @@ _HELP = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that states a bad flag in one line (and where --help is), not under a usage block
+    of every option."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {'/'.join(_TRUE + _FALSE)}, got {raw!r}")
+
+
+def _kind(default: Any) -> Any:
+    return parse_bool if isinstance(default, bool) else type(default)
+
+
 def build_parser(prog: str = "comet-service") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=prog,
         description=(
             "comet1m Comet service: a supervisor and uvloop workers holding HTTP streaming "
             "connections on one port. Every option can also be set as COMET_<OPTION> in the "
-            "environment (e.g. COMET_PING_INTERVAL=5); a flag wins over the environment."
+            "environment (e.g. COMET_PING_INTERVAL=5, COMET_ALLOW_SHARED_PORT=1); a flag wins "
+            "over the environment."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -203,33 +234,48 @@ def build_parser(prog: str = "comet-service") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        kind = type(default)
-        parser.add_argument(
-            flag, dest=f.name, type=kind, default=default, help=_HELP.get(f.name, f.name)
-        )
+        help_text = _HELP.get(f.name, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag, dest=f.name, type=_kind(default), default=default, help=help_text
+            )
     return parser
 
 
-def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
-    for action in parser._actions:
-        if not action.option_strings or action.dest in ("help",):
+def env_defaults(environ: dict[str, str]) -> dict[str, Any]:
+    """The ``COMET_<NAME>`` values in ``environ``, parsed as their field's type; ValueError names
+    the variable."""
+    defaults = Config()
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        env = "COMET_" + f.name.upper()
+        if env not in environ:
             continue
-        env = "COMET_" + action.dest.upper()
-        if env in environ:
-            raw = environ[env]
-            try:
-                value: Any = action.type(raw) if callable(action.type) else raw
-            except ValueError:
-                parser.error(
-                    f"{env}={raw!r}: not a valid {getattr(action.type, '__name__', 'value')}"
-                )
-            action.default = value
+        raw = environ[env]
+        kind = _kind(getattr(defaults, f.name))
+        what = "bool" if kind is parse_bool else getattr(kind, "__name__", "value")
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{env}={raw!r}: not a valid {what}") from None
+    return values
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
     """CLI flags over COMET_* environment over defaults; exits with a clear message on bad input."""
     parser = build_parser()
-    _env_defaults(parser, dict(os.environ if environ is None else environ))
+    try:
+        parser.set_defaults(**env_defaults(dict(os.environ if environ is None else environ)))
+    except ValueError as exc:
+        parser.error(str(exc))
     ns = parser.parse_args(argv)
     config = Config(**vars(ns))
     try:

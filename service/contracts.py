@@ -26,3 +26,8 @@ def text_problem(value: str) -> str | None:
     except UnicodeEncodeError as exc:
         return f"unpaired surrogate at character {exc.start}: not valid Unicode text"
     return None
+
+
+# A worker's exit status when it cannot listen on the service port (EX_CONFIG): the supervisor
+# stops instead of restarting it, since another try cannot succeed.
+EXIT_CANNOT_LISTEN = 78

@@ -141,6 +141,11 @@ class ControlServer:
             await self._serve_lines(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            # close() cancels the connections it shuts down. Ending the task normally matters:
+            # on 3.11, asyncio's stream callback calls exception() on a cancelled handler task
+            # and logs a CancelledError traceback at every Ctrl-C.
+            pass
         finally:
             self._conns.discard(task)
             self._watchers.discard(writer)

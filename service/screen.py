@@ -1,16 +1,21 @@
 """What the supervisor shows on its stdout once a second.
 
-On a terminal: a top-like live screen (rich) with the node's totals, host numbers and one row per
-worker. Otherwise (a container log, a pipe) a short log line every few seconds, so logs stay
-readable at a million connections and a 1 Hz frame rate.
+On a terminal: a top-like live screen (rich) with the node's totals, host numbers, one row per
+worker and the latest log events. Log lines written to the same terminal would tear the screen
+(half frames stacked, lines overwritten), so while it is up every log record of the supervisor and
+the workers goes to ``<log dir>/comet-service.log`` instead, and the last few are shown in the
+screen's event pane. Otherwise (a container log, a pipe) logs stay on stderr and a short summary
+line is logged every few seconds, so logs stay readable at a million connections.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import sys
 import time
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 log = logging.getLogger("comet.screen")
 
@@ -18,7 +23,14 @@ LOG_EVERY = 5.0
 MB = 1024 * 1024
 
 
+EVENTS = 8  # log lines shown in the live screen's event pane
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class Screen(Protocol):
+    # Where the workers' stderr goes (None: inherit the supervisor's).
+    worker_stderr: IO[bytes] | None
+
     def update(self, frame: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...
@@ -40,6 +52,8 @@ def summary(frame: dict[str, Any]) -> str:
 class LogScreen:
     """Non-terminal output: a summary line every LOG_EVERY seconds."""
 
+    worker_stderr: IO[bytes] | None = None
+
     def __init__(self) -> None:
         self._last = 0.0
 
@@ -53,25 +67,74 @@ class LogScreen:
         return None
 
 
-class LiveScreen:
-    """The top-like screen, redrawn with every frame."""
+class RecentEvents(logging.Handler):
+    """Keeps the last few formatted log records for the screen's event pane."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = EVENTS) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record).splitlines()[0])
+
+
+class LiveScreen:
+    """The top-like screen, redrawn with every frame, with the log moved off the terminal."""
+
+    def __init__(self, log_dir: str) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        self._console = Console()
+        self.worker_stderr: IO[bytes] | None = None
+        self.log_path: str | None = None
+        self.events = RecentEvents()
+        root = logging.getLogger()
+        self._moved: list[logging.Handler] = []
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            path = os.path.join(log_dir, "comet-service.log")
+            self.worker_stderr = open(path, "ab")  # noqa: SIM115 - closed in close()
+            file_handler = logging.FileHandler(path)
+            file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            self.log_path = path
+        except OSError as exc:
+            log.warning("no log file in %s (%s): logs stay on the terminal", log_dir, exc)
+        else:
+            for h in list(root.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    root.removeHandler(h)
+                    self._moved.append(h)
+            root.addHandler(file_handler)
+            self._file_handler: logging.Handler | None = file_handler
+        root.addHandler(self.events)
+        # --screen on draws even when stdout is not a terminal (a pipe, tmux capture, a test).
+        self._console = Console(force_terminal=True)
         self._live = Live(console=self._console, auto_refresh=False, screen=False, transient=False)
         self._live.start()
+        if self.log_path is not None:
+            log.info("log: %s (the live screen shows the latest lines)", self.log_path)
 
     def update(self, frame: dict[str, Any]) -> None:
-        self._live.update(render(frame), refresh=True)
+        self._live.update(render(frame, list(self.events.lines), self.log_path), refresh=True)
 
     def close(self) -> None:
         self._live.stop()
+        root = logging.getLogger()
+        root.removeHandler(self.events)
+        handler = getattr(self, "_file_handler", None)
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
+        for h in self._moved:
+            root.addHandler(h)  # the last lines (stopped, exit status) reach the terminal
+        if self.worker_stderr is not None:
+            self.worker_stderr.close()
 
 
-def render(frame: dict[str, Any]) -> Any:
+def render(
+    frame: dict[str, Any], events: list[str] | None = None, log_path: str | None = None
+) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -139,10 +202,17 @@ def render(frame: dict[str, Any]) -> Any:
             str(w.get("restarts", 0)),
             style=style,
         )
-    return Group(head, table)
+    if events is None:
+        return Group(head, table)
+    pane = Text()
+    pane.append(f"\nlatest events (all in {log_path or 'stderr'}):\n", style="bold")
+    for line in events or ["-"]:
+        warn = " WARNING " in line or " ERROR " in line
+        pane.append(line + "\n", style="yellow" if warn else None)
+    return Group(head, table, pane)
 
 
-def make_screen(mode: str) -> Screen:
+def make_screen(mode: str, log_dir: str = "logs") -> Screen:
     if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
-        return LiveScreen()
+        return LiveScreen(log_dir)
     return LogScreen()

@@ -32,9 +32,11 @@ from typing import Any
 
 from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.config import Config, raise_nofile_limit
+from service.contracts import EXIT_CANNOT_LISTEN
 from service.control import ControlServer
 from service.csvlog import CsvLog
 from service.metrics import FrameBuilder, WorkerView, read_limits
+from service.portcheck import check_port
 
 log = logging.getLogger("comet.supervisor")
 
@@ -128,6 +130,7 @@ class WorkerSlot:
         self.state = "down"
         self.stats: dict[str, Any] | None = None
         self.restarts = 0
+        self.exit_code: int | None = None
         self.started_at = 0.0
         self._fails = 0
         self._writer: asyncio.StreamWriter | None = None
@@ -158,6 +161,10 @@ class WorkerSlot:
                     break
             lived = await self._one_life()
             if self.sup.stopping:
+                break
+            if self.exit_code == EXIT_CANNOT_LISTEN:
+                # Its port is not ours (see the worker's log line): restarting cannot help.
+                self.sup.fail(f"worker {self.index} cannot listen on port {self.sup.config.port}")
                 break
             self._fails = 0 if lived >= STABLE_AFTER else self._fails + 1
             delay = min(BACKOFF_MAX, BACKOFF_FIRST * (2 ** max(0, self._fails - 1)))
@@ -198,6 +205,8 @@ class WorkerSlot:
                 # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
                 # drains the workers in order instead of racing them.
                 start_new_session=True,
+                # Beside a live screen the workers log to its file, not over it.
+                stderr=self.sup.screen.worker_stderr if self.sup.screen is not None else None,
             )
         except OSError as exc:
             log.error("worker %d: cannot start: %s", self.index, exc)
@@ -230,7 +239,7 @@ class WorkerSlot:
             writer.close()
             self._writer = None
             self._fail_pending()
-            code = await self._reap(proc)
+            code = self.exit_code = await self._reap(proc)
             lived = time.monotonic() - self.started_at
             if not self.sup.stopping:
                 log.warning(
@@ -370,6 +379,7 @@ class Supervisor:
         )
         self.frames = FrameBuilder(config.target_connections, config.node_id)
         self.slots: list[WorkerSlot] = []
+        self.failed = False
         self.control = ControlServer(config.control_socket, self, config.limit_message_bytes)
         self.csv: CsvLog | None = None
         self.screen: Any = None
@@ -481,6 +491,12 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
+    def fail(self, reason: str) -> None:
+        """Stop the service because it cannot work; ``run`` then returns 1."""
+        log.error("%s: stopping", reason)
+        self.failed = True
+        self.request_stop("error")
+
     def request_stop(self, signame: str = "") -> None:
         if not self.stopping:
             log.info(
@@ -503,6 +519,7 @@ class Supervisor:
         for warning in host_warnings(self.config, count, read_limits()):
             log.warning("host limit: %s", warning)
 
+        check_port(self.config.host, self.config.port, self.config.allow_shared_port)
         if self.config.port == 0:
             self._port_sock = reserve_port(self.config.host)
             port = self._port_sock.getsockname()[1]
@@ -536,7 +553,7 @@ class Supervisor:
             with contextlib.suppress(BaseException):
                 await ticker
             await self._shutdown()
-        return 0
+        return 1 if self.failed else 0
 
     async def _reseed_workers(self) -> None:
         """The bus found its history only after the workers started (Redis was down then):
@@ -636,7 +653,7 @@ class Supervisor:
 def _make_screen(config: Config) -> Any:
     from service.screen import make_screen
 
-    return make_screen(config.screen)
+    return make_screen(config.screen, config.log_dir)
 
 
 def run(config: Config) -> int:

@@ -32,6 +32,7 @@ import uvloop
 
 from service import framing
 from service.config import Config, parse_args, raise_nofile_limit
+from service.contracts import EXIT_CANNOT_LISTEN
 from service.http import Limits
 from service.hub import Hub
 from service.lag import LagSampler
@@ -302,7 +303,11 @@ class ControlChannel:
 async def serve(config: Config, index: int = 0, control_fd: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     worker = Worker(config, loop, index)
-    await worker.start()
+    try:
+        await worker.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
+        sys.exit(EXIT_CANNOT_LISTEN)
 
     def on_signal() -> None:
         loop.create_task(worker.drain())
