@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from service.config import Parser
+
 from .main import create_app
 from .server import AdminServer, server_config
 from .settings import AdminSettings
@@ -33,7 +35,7 @@ GET /metrics. GET / serves the dashboard, which asks for the token.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="comet-admin",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -12,6 +12,7 @@ from loadgen import fleet
 from loadgen.agent import AgentOptions, apply_params, main_agent
 from loadgen.client import EngineConfig, parse_source_ips
 from loadgen.guard import LOOPBACK_RULES, TOKEN_ENV, Guard, TargetRule, is_loopback_bind, load_token
+from service.config import Parser
 
 
 def _procs(raw: str) -> str | int:
@@ -27,7 +28,7 @@ def _procs(raw: str) -> str | int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="comet-loadgen",
         description="comet1m load generator: an agent that holds HTTP streaming connections, "
         "and a fleet command that drives many agents over their control API.",

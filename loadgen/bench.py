@@ -56,6 +56,7 @@ from loadgen.client import (
     nofile_capacity,
     parse_source_ips,
 )
+from service.config import Parser
 
 SERVICE_FD_RESERVE = 500
 KERNEL_BYTES_PER_PAIR = 10_000  # measured on this machine kind (MACHINE-NOTES.md)
@@ -1160,7 +1161,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="comet-bench",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Run the comet1m service and local load generators on this box, ramp to "
@@ -1219,10 +1220,10 @@ def build_parser() -> argparse.ArgumentParser:
         "message in $COMET_BENCH_DATA and in place of {data} (shell-quoted)",
     )
     p.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress display while ramping",
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a progress display while ramping (--no-progress: none)",
     )
     p.add_argument(
         "--client-nice",

@@ -2,8 +2,11 @@
 
 ``memory.png``: RSS and system memory used (MB) with the connection count dotted on a second axis.
 ``cpu.png``: CPU user / sys (% of the machine) and the service's process CPU % with the connection
-count dotted. Columns are those of docs/architecture.md "CSV log"; rotated logs can be given
-together (``comet-plot logs/comet-*.csv``) and are concatenated in order.
+count dotted. Columns are those of docs/architecture.md "CSV log". Several logs can be given
+together (``comet-plot logs/comet-*.csv*``, rotated ones included): their rows are put in time order
+and split into runs wherever the clock jumps by more than RUN_GAP seconds or the supervisor's step
+starts again, and each run gets its own pair of graphs (``memory-<start>.png``, ``cpu-<start>.png``)
+instead of one axis with straight lines drawn across the gap between runs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 
 REQUIRED = ("conns", "cpu_user", "cpu_sys", "proc_cpu_pct", "mem_used_mb", "rss_mb")
+RUN_GAP = 10.0  # seconds between rows that separate two runs (the log writes one a second)
 
 
 class PlotError(Exception):
@@ -60,6 +65,25 @@ def read_log(paths: Sequence[str]) -> dict[str, list[float]]:
     if rows == 0:
         raise PlotError("no data rows in " + ", ".join(paths))
     return cols
+
+
+def split_runs(cols: dict[str, list[float]]) -> list[dict[str, list[float]]]:
+    """The rows in time order, cut into runs (a new supervisor, or a gap of over RUN_GAP s)."""
+    t = cols.get("t")
+    if not t or any(x != x for x in t):  # no (or incomplete) unix times: one run, as given
+        return [cols]
+    order = sorted(range(len(t)), key=lambda i: t[i])
+    step = cols.get("step")
+    runs: list[list[int]] = []
+    for i in order:
+        if runs:
+            prev = runs[-1][-1]
+            restarted = step is not None and step[i] < step[prev]
+            if not restarted and t[i] - t[prev] <= RUN_GAP:
+                runs[-1].append(i)
+                continue
+        runs.append([i])
+    return [{k: [v[i] for i in run] for k, v in cols.items()} for run in runs]
 
 
 def _x_axis(cols: dict[str, list[float]]) -> tuple[list[float], str]:
@@ -132,11 +156,26 @@ def plot_cpu(cols: dict[str, list[float]], out: Path, title: str) -> Path:
 
 
 def plot_log(paths: Sequence[str], out_dir: str, title: str | None = None) -> list[Path]:
-    cols = read_log(paths)
+    """memory.png and cpu.png for one run; for several, a pair per run named by its start."""
+    runs = split_runs(read_log(paths))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    name = title or Path(paths[0]).name
-    return [plot_memory(cols, out, name), plot_cpu(cols, out, name)]
+    if len(runs) == 1:
+        name = title or ", ".join(Path(p).name for p in paths[:3]) + (
+            " …" if len(paths) > 3 else ""
+        )
+        return [plot_memory(runs[0], out, name), plot_cpu(runs[0], out, name)]
+    written = []
+    for run in runs:
+        start = time.strftime("%Y%m%d-%H%M%S", time.localtime(run["t"][0]))
+        length = run["t"][-1] - run["t"][0]
+        name = f"{title + ' — ' if title else ''}run from {start} ({length:.0f} s)"
+        memory, cpu = plot_memory(run, out, name), plot_cpu(run, out, name)
+        written += [
+            memory.rename(out / f"memory-{start}.png"),
+            cpu.rename(out / f"cpu-{start}.png"),
+        ]
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,3 +67,45 @@ def test_plot_errors_are_clear(tmp_path):
         timeout=60,
     )
     assert r.returncode == 1 and "No such file" in r.stderr
+
+
+def _write_run(path, start: float, seconds: int, first_step: int = 1) -> None:
+    from service.csvlog import COLUMNS
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for i in range(seconds):
+            row = dict.fromkeys(COLUMNS, "1")
+            row.update(step=str(first_step + i), t=str(start + i), conns=str(10 * i))
+            w.writerow(row)
+
+
+def test_two_runs_get_a_pair_of_graphs_each_not_one_stitched_axis(tmp_path):
+    from loadgen.plot import read_log, split_runs
+
+    first, second = tmp_path / "comet-a.csv", tmp_path / "comet-b.csv"
+    _write_run(first, 1_800_000_000.0, 30)
+    _write_run(second, 1_800_000_000.0 + 18 * 60, 20)  # 18 minutes later
+    # Given in the wrong order: rows are put in time order, then split at the gap.
+    runs = split_runs(read_log([str(second), str(first)]))
+    assert [len(r["t"]) for r in runs] == [30, 20]
+    out = tmp_path / "plots"
+    r = subprocess.run(
+        [sys.executable, "-m", "loadgen.plot", str(first), str(second), "-o", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 4 and not (out / "memory.png").exists(), written
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1_800_000_000.0))
+    assert f"memory-{stamp}.png" in written and f"cpu-{stamp}.png" in written
+    # One run spread over two files (a rotation: the older rows in .1) stays one run.
+    older, newer = tmp_path / "comet-c.csv.1", tmp_path / "comet-c.csv"
+    _write_run(older, 1_800_000_000.0, 30)
+    _write_run(newer, 1_800_000_030.0, 30, first_step=31)
+    (run,) = split_runs(read_log([str(newer), str(older)]))
+    assert run["step"] == [float(i) for i in range(1, 61)]

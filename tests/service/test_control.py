@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 import stat
@@ -257,3 +258,32 @@ def test_stale_socket_file_is_replaced_and_a_live_one_is_not_stolen(tmp_path):
     finally:
         assert svc.stop() == 0, svc.log()
     wait_for(lambda: not path.exists(), 5, "the socket file removed at exit")
+
+
+def test_the_ask_command_talks_to_the_socket(svc):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.ask",
+            "--socket",
+            svc.control_path,
+            '{"op":"health"}',
+            '{"op":"channels"}',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    health, channels = (json.loads(line) for line in r.stdout.splitlines())
+    assert health["ok"] and health["workers"] == 1 and channels["ok"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "service.ask", "--socket", svc.control_path, "{nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "not JSON" in bad.stderr
