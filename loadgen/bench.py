@@ -1042,9 +1042,29 @@ def plot_bench(path: Path, report: dict[str, Any], run: Run) -> None:
         label="kernel Slab growth (MB)",
     )
     ax2.set_ylabel("MB")
+    # Each broadcast on the timeline, at its publish time.
+    t0 = report.get("t0")
+    for i, b in enumerate(run.broadcasts):
+        if t0 is not None and b.get("published"):
+            ax.axvline(
+                b["published"] - t0,
+                color="tab:green",
+                linestyle="--",
+                alpha=0.7,
+                label="broadcast" if i == 0 else None,
+            )
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize="small")
+    # Below the axes: inside, it covered the ramp.
+    ax.legend(
+        h1 + h2,
+        l1 + l2,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=5,
+        fontsize="small",
+        frameon=False,
+    )
     ax.set_title(
         f"comet-bench: {report.get('reached', 0):,} of {report['conns']:,} connections, "
         f"ramp {report.get('ramp_s', '-')} s"

@@ -40,6 +40,10 @@ const series = { t: [] };
 
 // labels: series names; a name ending in "@host" goes on a second, right-hand axis (host-wide
 // numbers dwarf the service's own, e.g. GiB of host memory against MiB of service RSS).
+function fromZero(u, min, max) {
+  return [0, max > 0 ? max * 1.1 : 1];
+}
+
 function makeChart(id, labels) {
   const el = $(id);
   const axis = { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" } };
@@ -49,7 +53,12 @@ function makeChart(id, labels) {
     cursor: { drag: { x: false, y: false } },
     legend: { live: false },
     // At least a minute of x axis: one or two points would otherwise stretch over years.
-    scales: { x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] } },
+    // Every y axis starts at 0: an auto-scaled 51.052-51.054 MiB axis makes noise look like a step.
+    scales: {
+      x: { time: true, range: (u, min, max) => [Math.min(min, max - 60), max] },
+      y: { range: fromZero },
+      host: { range: fromZero },
+    },
     axes: [axis, { ...axis, size: 60 }].concat(twoScales
       ? [{ ...axis, scale: "host", side: 1, size: 60, grid: { show: false } }] : []),
     series: [{}, ...labels.map((label, i) => ({
@@ -123,9 +132,11 @@ function onFrame(frame) {
   const body = $("workers").tBodies[0];
   body.replaceChildren(...workers.map((w, i) => {
     const tr = document.createElement("tr");
-    const cells = [w.index ?? i, w.pid, int(w.conns), mib(w.rss_bytes), fixed(w.cpu_percent),
-      fixed(dig(w, "lag_ms", "avg"), 2), fixed(dig(w, "lag_ms", "p90"), 2),
-      fixed(dig(w, "lag_ms", "max"), 2), int(w.msgs_sent_total)];
+    const cells = [w.index ?? i, w.pid, w.state, int(w.restarts ?? 0), int(w.conns),
+      mib(w.rss_bytes), fixed(w.cpu_percent), fixed(dig(w, "lag_ms", "avg"), 2),
+      fixed(dig(w, "lag_ms", "p90"), 2), fixed(dig(w, "lag_ms", "max"), 2),
+      int(w.msgs_sent_total)];
+    if (w.state && w.state !== "up") tr.className = "down"; // starting, draining, down
     for (const v of cells) {
       const td = document.createElement("td");
       td.textContent = String(v ?? "–"); // textContent: frame values are never parsed as HTML

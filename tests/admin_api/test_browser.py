@@ -87,7 +87,10 @@ def test_dashboard_end_to_end_with_the_real_service(tmp: Path, page) -> None:
             wait_for(lambda: shown_conns(page) == "4", 20, "4 connections on the page", every=0.25)
             wait_for(lambda: all("Welcome!" in t for t in curls.texts()), 10, "welcome lines")
             cells = page.locator("#workers tbody tr td").all_inner_texts()
-            assert cells[2] == "4"  # the per-worker table follows the stream too
+            # The per-worker table follows the stream too, with each worker's state and restarts.
+            assert cells[2:5] == ["up", "0", "4"], cells
+            # Memory is drawn from 0, not auto-scaled around a few kB of noise.
+            assert page.evaluate("charts['chart-mem'].plot.scales.y.min") == 0
 
             page.fill("#bc-data", "hello from chromium")
             page.click("#bc-send")
