@@ -19,22 +19,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from service.contracts import Msg
 from service.hub import Counters
+from service.store import Store
+
+__all__ = ["Msg", "Bus", "BusUnavailable", "LocalBus", "RedisBus", "make_bus"]
 
 log = logging.getLogger("comet.bus")
-
-
-class Msg(TypedDict):
-    """MSG of docs/architecture.md, the unit a worker writes to its subscribers."""
-
-    id: int
-    channel: str | None
-    event: str | None
-    data: str
-    ts: float
 
 
 RemoteHandler = Callable[[Msg], Awaitable[None]]
@@ -72,6 +66,11 @@ class Bus(Protocol):
     def last_id(self) -> int: ...
 
     def history(self) -> list[Msg]: ...
+
+    def resume_limits(self) -> dict[str, Any]:
+        """What a worker needs beside the history to answer a resume it cannot honour with a
+        reset (docs/architecture.md, init): ``pruned`` and ``hole``, or nothing."""
+        ...
 
     def status(self) -> dict[str, Any] | None:
         """Extra frame section (``"bus"``) or None when there is nothing to report."""
@@ -137,16 +136,31 @@ class LocalBus:
     kind = "local"
     delivers_own = False
 
-    def __init__(self, history_size: int, history_max_age: float, first_id: int = 0) -> None:
+    def __init__(
+        self,
+        history_size: int,
+        history_max_age: float,
+        first_id: int = 0,
+        store: Store | None = None,
+    ) -> None:
         self._last_id = first_id
         self._history = History(history_size, history_max_age)
+        self.store = store
+        self._limits: dict[str, Any] = {}
+        if store is not None:
+            loaded = store.open()
+            self._last_id = max(first_id, loaded.last_id)
+            for msg in loaded.history:
+                self._history.add(msg)
+            self._limits = {"pruned": loaded.pruned, "hole": loaded.hole}
 
     async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
         # One node: nobody else publishes, so there is nothing to listen to.
         return None
 
     async def close(self) -> None:
-        return None
+        if self.store is not None:
+            self.store.close()
 
     async def publish(self, data: str, channel: str | None, event: str | None) -> Msg:
         self._last_id += 1
@@ -158,7 +172,12 @@ class LocalBus:
             "ts": time.time(),
         }
         self._history.add(msg)
+        if self.store is not None:
+            self.store.append(msg)  # committed before the id is answered
         return msg
+
+    def resume_limits(self) -> dict[str, Any]:
+        return self._limits
 
     @property
     def last_id(self) -> int:
@@ -407,6 +426,9 @@ class RedisBus:
 
     def history(self) -> list[Msg]:
         return self._history.snapshot()
+
+    def resume_limits(self) -> dict[str, Any]:
+        return {}
 
     def delivered(self, msg: Msg) -> None:
         self._history.add(msg)
@@ -664,10 +686,11 @@ def make_bus(
     history_max_age: float,
     node_id: str = "",
     node_ttl: float = 5.0,
+    store: Store | None = None,
 ) -> Bus:
-    """The bus a ``--bus`` value names."""
+    """The bus a ``--bus`` value names (a local one keeps its history in ``store``)."""
     if url == "local":
-        return LocalBus(history_size, history_max_age)
+        return LocalBus(history_size, history_max_age, store=store)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisBus(url, history_size, history_max_age, node_id or "node", node_ttl)
     raise ValueError(f"bus: expected 'local' or a redis:// URL, got {url!r}")

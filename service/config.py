@@ -76,6 +76,7 @@ class Config:
     # Supervisor
     control_socket: str = "/run/comet/control.sock"
     log_dir: str = "logs"
+    state_dir: str = ""  # durable history (SQLite); "" = <log_dir>/state
     log_max_bytes: int = 50 * 1024 * 1024
     log_backups: int = 5
     grace: float = 30.0
@@ -106,6 +107,9 @@ class Config:
         ncpu = cpus if cpus is not None else (os.cpu_count() or 1)
         per_worker = max(1, limit - self.fd_reserve)
         return max(ncpu, math.ceil(self.target_connections / per_worker))
+
+    def state_path(self) -> str:
+        return self.state_dir or os.path.join(self.log_dir, "state")
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad option."""
@@ -182,6 +186,9 @@ _HELP = {
     "timeout_keepalive": "seconds an idle keep-alive connection is kept between long-polls",
     "control_socket": "Unix control socket for the admin sidecar (mode 0660)",
     "log_dir": "directory of the per-second CSV log",
+    "state_dir": (
+        "directory of the durable message history (SQLite, WAL); empty = <log-dir>/state"
+    ),
     "log_max_bytes": "CSV log size before rotation",
     "log_backups": "rotated CSV logs kept",
     "grace": "seconds to drain on SIGTERM/SIGINT before exiting",

@@ -7,6 +7,7 @@ without loading the worker's hot path.
 from __future__ import annotations
 
 import re
+from typing import TypedDict
 
 # Channel names (docs/architecture.md, subscriber contract). Event names share the rule because
 # they end up on an SSE ``event:`` line, where a newline would forge a second field. Match with
@@ -31,3 +32,13 @@ def text_problem(value: str) -> str | None:
 # A worker's exit status when it cannot listen on the service port (EX_CONFIG): the supervisor
 # stops instead of restarting it, since another try cannot succeed.
 EXIT_CANNOT_LISTEN = 78
+
+
+class Msg(TypedDict):
+    """MSG of docs/architecture.md, the unit a worker writes to its subscribers."""
+
+    id: int
+    channel: str | None
+    event: str | None
+    data: str
+    ts: float

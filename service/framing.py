@@ -90,8 +90,10 @@ def frame_message(msg: Mapping[str, Any]) -> Frames:
     return _both(plain, sse)
 
 
-def reset_frames(last_event_id: int, oldest_id: int | None) -> Frames:
-    payload = json.dumps({"last_event_id": last_event_id, "oldest_id": oldest_id})
+def reset_frames(last_event_id: int, oldest_id: int | None, newest_id: int) -> Frames:
+    payload = json.dumps(
+        {"last_event_id": last_event_id, "oldest_id": oldest_id, "newest_id": newest_id}
+    )
     sse = sse_event(payload, "reset")
     return _both(sse, sse)  # only SSE streams resume, the plain slots are never used
 

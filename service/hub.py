@@ -234,6 +234,8 @@ class Hub:
         self.rings: dict[str, Ring] = {}
         self.last_id = 0
         self.pruned_evicted = 0  # highest id ever evicted from a ring that was then removed
+        # Ids in (lo, hi] were never stored by the previous run (service/store.py): unknown.
+        self.hole: tuple[int, int] | None = None
         self.draining = False
         self.on_empty: asyncio.Future[None] | None = None  # set while draining
         self._jobs: deque[_Job] = deque()
@@ -291,7 +293,14 @@ class Hub:
     # -- history -------------------------------------------------------------------------------
     def record(self, msg: Mapping[str, Any]) -> Entry:
         m = dict(msg)
-        entry = Entry(int(m["id"]), time.time(), m, framing.frame_message(m))
+        # Aged by its publish time: history loaded at start keeps its age.
+        at = m.get("ts")
+        entry = Entry(
+            int(m["id"]),
+            float(at) if isinstance(at, (int, float)) else time.time(),
+            m,
+            framing.frame_message(m),
+        )
         channel = m.get("channel")
         if channel is None:
             self.global_ring.append(entry)
@@ -305,11 +314,26 @@ class Hub:
             self.last_id = entry.id
         return entry
 
+    def limit_resumes(self, pruned: Mapping[str, int], hole: tuple[int, int] | None) -> None:
+        """What the store pruned (highest id per group, ``*`` = to every channel) and the ids it
+        never held: a resume into either gets a reset, as after a ring's own eviction."""
+        for group, upto in pruned.items():
+            ring = self.global_ring if group == "*" else self.rings.get(group)
+            if ring is not None:
+                ring.evicted_max = max(ring.evicted_max, upto)
+            else:
+                self.pruned_evicted = max(self.pruned_evicted, upto)
+        self.hole = hole
+
     def history_since(self, channel: str, after: int) -> tuple[list[Entry], bool, int | None]:
         """(entries of ``channel`` with id > after in id order, gap?, first id still held > after).
 
-        There is a gap when a ring evicted (by size or age) a message newer than ``after``.
+        There is a gap when a ring evicted (by size or age) a message newer than ``after``, when
+        ``after`` lies in the ids the previous run's store never held, and when it is above the
+        newest id issued (state lost, another node's id, a typo): never a silent one.
         """
+        if after > self.last_id:
+            return [], True, None
         oldest_at = time.time() - self.config.history_max_age
         rings = [self.global_ring]
         ring = self.rings.get(channel)
@@ -326,7 +350,9 @@ class Hub:
                 entries.extend(e for e in r.items if e.id > after)
         if len(rings) > 1:
             entries.sort(key=lambda e: e.id)
-        return entries, after < evicted, entries[0].id if entries else None
+        hole = self.hole
+        lost = after < evicted or (hole is not None and hole[0] < after <= hole[1])
+        return entries, lost, entries[0].id if entries else None
 
     # -- broadcast -----------------------------------------------------------------------------
     def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:

@@ -144,7 +144,7 @@ class Conn(asyncio.Protocol):
         if r.sse and r.last_event_id is not None:
             entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
             if gap:
-                t.write(framing.reset_frames(r.last_event_id, oldest)[fmt])
+                t.write(framing.reset_frames(r.last_event_id, oldest, hub.last_id)[fmt])
             for e in entries:
                 t.write(e.frames[fmt])
             hub.counters.msgs_sent_total += len(entries)
@@ -164,8 +164,9 @@ class Conn(asyncio.Protocol):
         self.poll = (since, r.channel, req.http11, req.keep_alive)
         self.buf = rest
         self.state = POLL
-        entries, _, _ = hub.history_since(r.channel, since)
-        if entries or r.timeout <= 0 or hub.draining:
+        entries, gap, _ = hub.history_since(r.channel, since)
+        # A gap is told at once ("reset": true), so the client can go on from last_id.
+        if entries or gap or r.timeout <= 0 or hub.draining:
             self.answer_poll()
             return
         subs = self.subs = hub.poll_set(r.channel)
@@ -192,7 +193,10 @@ class Conn(asyncio.Protocol):
             }
             for e in entries
         ]
-        payload = {"messages": msgs, "last_id": entries[-1].id if entries else since, "reset": gap}
+        # Past the newest id (state lost, a typo): last_id tells the client where to go on from,
+        # so its next poll waits instead of being answered empty at once again and again.
+        last = entries[-1].id if entries else min(since, hub.last_id)
+        payload = {"messages": msgs, "last_id": last, "reset": gap}
         keep = keep_alive and not hub.draining
         data = framing.poll_response(payload, http11, keep)
         self.transport.write(data)

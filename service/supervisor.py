@@ -37,6 +37,7 @@ from service.control import ControlServer
 from service.csvlog import CsvLog
 from service.metrics import FrameBuilder, WorkerView, read_limits
 from service.portcheck import check_port
+from service.store import Store
 
 log = logging.getLogger("comet.supervisor")
 
@@ -267,7 +268,13 @@ class WorkerSlot:
         # this worker after it is up: never both, never neither.
         async with self.sup.broadcast_lock:
             await self.request(
-                {"op": "init", "last_id": bus.last_id, "history": bus.history()}, 30.0
+                {
+                    "op": "init",
+                    "last_id": bus.last_id,
+                    "history": bus.history(),
+                    **bus.resume_limits(),
+                },
+                30.0,
             )
             self.state = "up"
         self._release_gate()
@@ -374,8 +381,19 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.worker_config = config
+        # One node keeps its history in its own store; a Redis bus keeps it in Redis.
+        self.store = (
+            Store(config.state_path(), config.history_size, config.history_max_age)
+            if config.bus == "local"
+            else None
+        )
         self.bus: Bus = make_bus(
-            config.bus, config.history_size, config.history_max_age, config.node_id, config.node_ttl
+            config.bus,
+            config.history_size,
+            config.history_max_age,
+            config.node_id,
+            config.node_ttl,
+            self.store,
         )
         self.frames = FrameBuilder(config.target_connections, config.node_id)
         self.slots: list[WorkerSlot] = []
@@ -409,6 +427,7 @@ class Supervisor:
             "port": self.worker_config.port,
             "pids": [s.pid for s in self.slots],
             "node_id": self.config.node_id,
+            "store": self.store.status() if self.store is not None else None,
         }
 
     async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
@@ -560,7 +579,12 @@ class Supervisor:
         hand it to them again, before the bus delivers its first message."""
         async with self.broadcast_lock:
             slots = [s for s in self.slots if s.usable]
-            init = {"op": "init", "last_id": self.bus.last_id, "history": self.bus.history()}
+            init = {
+                "op": "init",
+                "last_id": self.bus.last_id,
+                "history": self.bus.history(),
+                **self.bus.resume_limits(),
+            }
             answers = await asyncio.gather(
                 *(s.request(init, 30.0) for s in slots), return_exceptions=True
             )
@@ -636,7 +660,11 @@ class Supervisor:
             stats = ans.get("stats")
             if isinstance(stats, dict):
                 slot.stats = stats
+        if self.store is not None:
+            self.store.prune()
         frame = self.frames.build([s.view() for s in self.slots], self.bus.status())
+        if self.store is not None:
+            frame["store"] = self.store.status()
         self._frame = frame
         self.control.publish_frame(frame)
         await self.bus.publish_frame(frame)

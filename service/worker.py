@@ -125,11 +125,19 @@ class Worker:
             self.hub.cap,
         )
 
-    def init(self, last_id: int, history: list[Mapping[str, Any]]) -> None:
-        """Take the supervisor's id sequence and history (sent once, before any broadcast)."""
+    def init(
+        self,
+        last_id: int,
+        history: list[Mapping[str, Any]],
+        pruned: Mapping[str, int] | None = None,
+        hole: tuple[int, int] | None = None,
+    ) -> None:
+        """Take the supervisor's id sequence and history (sent once, before any broadcast), and
+        what its store pruned or never held (service/store.py): resumes into those get a reset."""
         for msg in sorted(history, key=lambda m: int(m["id"])):
             self.hub.record(msg)
         self.hub.last_id = max(self.hub.last_id, int(last_id))
+        self.hub.limit_resumes(pruned or {}, hole)
 
     def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:
         """Write a message to its channel (``channel`` None = everyone); resolves to recipients.
@@ -266,7 +274,13 @@ class ControlChannel:
         w = self.worker
         try:
             if op == "init":
-                w.init(int(req.get("last_id", 0)), list(req.get("history") or []))
+                hole = req.get("hole")
+                w.init(
+                    int(req.get("last_id", 0)),
+                    list(req.get("history") or []),
+                    {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
+                    (int(hole[0]), int(hole[1])) if hole else None,
+                )
                 self.send({"rid": rid, "ok": True})
             elif op == "stats":
                 self.send({"rid": rid, "ok": True, "stats": w.stats()})

@@ -69,9 +69,10 @@ def test_event_name_cannot_inject_lines() -> None:
 
 
 def test_reset_frame() -> None:
-    body = framing.reset_frames(3, 10)[SSE_RAW]
+    body = framing.reset_frames(3, 10, 12)[SSE_RAW]
     assert body.startswith(b"event: reset\ndata: ")
-    assert json.loads(body.split(b"data: ", 1)[1]) == {"last_event_id": 3, "oldest_id": 10}
+    payload = json.loads(body.split(b"data: ", 1)[1])
+    assert payload == {"last_event_id": 3, "oldest_id": 10, "newest_id": 12}
 
 
 def test_reconnect() -> None:

@@ -75,7 +75,9 @@ def test_help_lists_every_option_with_its_default():
         check=True,
     ).stdout
     options = out.split("options:", 1)[1]
-    entries = {e.split()[0]: " ".join(e.split()) for e in re.split(r"\n  (?=-)", options)[1:]}
+    entries = {
+        e.split()[0].rstrip(","): " ".join(e.split()) for e in re.split(r"\n  (?=-)", options)[1:]
+    }
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         assert flag in entries, f"{flag} missing from --help"

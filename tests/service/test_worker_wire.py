@@ -172,7 +172,11 @@ def test_sse_reset_when_history_lost(w: ThreadWorker) -> None:
         reset_line = got.split(b"event: reset\ndata: ", 1)[1].split(b"\n", 1)[0]
         info = json.loads(reset_line)
         # oldest_id: the first message still held after the asked id (what is replayed next)
-        assert info == {"last_event_id": start + 1, "oldest_id": start + 4}
+        assert info == {
+            "last_event_id": start + 1,
+            "oldest_id": start + 4,
+            "newest_id": start + 8,
+        }
         datas = [ln[6:] for ln in got.split(b"\n") if ln.startswith(b"data: h")]
         assert datas == [b"h3", b"h4", b"h5", b"h6", b"h7"]
         assert got.index(b"event: reset") < got.index(b"data: h3")
