@@ -5,11 +5,13 @@
 #       -t comet1m:latest .            # where PyPI is reached through a TLS-intercepting proxy
 #
 # Runs with a read-only root filesystem: the only writable paths are /run/comet (control socket,
-# shared with the sidecar through a volume), /var/log/comet (CSV logs) and /tmp, all mounted by
-# the caller: named volumes (they take the image's ownership) or tmpfs owned by the comet user:
+# shared with the sidecar through a volume), /var/log/comet (CSV logs), /var/lib/comet (the durable
+# message history: a named volume, so ids and history survive a new container) and /tmp, all
+# mounted by the caller: named volumes (they take the image's ownership) or tmpfs owned by the
+# comet user:
 #   docker run --read-only --network host --ulimit nofile=20000:20000 \
 #       --tmpfs /run/comet:uid=10001,gid=10001,mode=0770 --tmpfs /var/log/comet:uid=10001,gid=10001 \
-#       --tmpfs /tmp comet1m:latest
+#       -v comet-state:/var/lib/comet --tmpfs /tmp comet1m:latest
 
 # ---- base: Debian's python3, shared by both stages so the interpreter paths match --------------
 FROM debian:bookworm-slim AS base
@@ -53,8 +55,8 @@ ARG COMET_UID=10001
 RUN groupadd --system --gid "${COMET_UID}" comet \
     && useradd --system --uid "${COMET_UID}" --gid comet --home-dir /nonexistent --no-create-home \
        --shell /usr/sbin/nologin comet \
-    && mkdir -p /run/comet /var/log/comet \
-    && chown comet:comet /run/comet /var/log/comet \
+    && mkdir -p /run/comet /var/log/comet /var/lib/comet \
+    && chown comet:comet /run/comet /var/log/comet /var/lib/comet \
     && chmod 0770 /run/comet
 COPY --from=builder /opt/comet /opt/comet
 ENV PATH=/opt/comet/bin:$PATH \
@@ -64,6 +66,7 @@ ENV PATH=/opt/comet/bin:$PATH \
     COMET_CONTROL_SOCKET=/run/comet/control.sock \
     COMET_ADMIN_CONTROL_SOCKET=/run/comet/control.sock \
     COMET_LOG_DIR=/var/log/comet \
+    COMET_STATE_DIR=/var/lib/comet \
     COMET_SCREEN=off
 USER 10001:10001
 WORKDIR /var/log/comet

@@ -46,6 +46,9 @@ STATS_TIMEOUT = 0.8  # stats answers later than this miss the frame (the worker 
 BROADCAST_TIMEOUT = 120.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
+# A request written to a worker and not answered yet: its id and the future of its answer.
+Pending = tuple[int, "asyncio.Future[dict[str, Any]]"]
+
 STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's backoff
 PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy worker)
 DELIVERED_KEEP = 4096  # recipients of recent bus deliveries, for publishers that answer late
@@ -338,6 +341,11 @@ class WorkerSlot:
 
     async def request(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request, wait for its answer; raise WorkerGone / TimeoutError."""
+        return await self.reply(self.send(body), timeout)
+
+    def send(self, body: dict[str, Any]) -> Pending:
+        """Write one request now (requests reach the worker in the order they are sent); what
+        to give :meth:`reply`. Raises WorkerGone."""
         writer = self._writer
         if writer is None or writer.is_closing():
             raise WorkerGone("not running")
@@ -345,8 +353,14 @@ class WorkerSlot:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         writer.write(json.dumps({"rid": rid, **body}, separators=(",", ":")).encode() + b"\n")
+        return rid, fut
+
+    async def reply(self, pending: Pending, timeout: float) -> dict[str, Any]:
+        """The answer to a sent request; raise WorkerGone / TimeoutError / RuntimeError."""
+        rid, fut = pending
         try:
-            await writer.drain()
+            if self._writer is not None:
+                await self._writer.drain()
             answer = await asyncio.wait_for(fut, timeout)
         finally:
             self._pending.pop(rid, None)
@@ -436,12 +450,40 @@ class Supervisor:
             # wait for ours so the answer counts this node's recipients like a local broadcast.
             msg = await self.bus.publish(data, channel, event)
             return {"id": msg["id"], "recipients": await self._delivery(msg["id"])}
-        # One broadcast at a time: every worker then sees messages in id order, which SSE
-        # resume relies on; a second broadcast waits for the first to be written.
+        if channel is not None or len(self.slots) <= self.fanout_parallel:
+            # Few workers, no waves: number the message and write it to every worker's pipe
+            # under the lock (so each worker reads ids in order, which SSE resume relies on),
+            # then wait for the answers outside it, so broadcasts pipeline.
+            async with self.broadcast_lock:
+                msg = await self.bus.publish(data, channel, event)
+                sent = self._send_all({"op": "broadcast", "msg": msg})
+            return {"id": msg["id"], "recipients": await self._recipients(msg, sent)}
+        # One broadcast at a time, handed out in waves: a second broadcast waits for the first
+        # to be written.
         async with self.broadcast_lock:
             msg = await self.bus.publish(data, channel, event)
             recipients = await self._fan_out(msg)
         return {"id": msg["id"], "recipients": recipients}
+
+    def _send_all(self, body: dict[str, Any]) -> list[tuple[WorkerSlot, Pending]]:
+        sent = []
+        for slot in self.slots:
+            if slot.usable:
+                with contextlib.suppress(WorkerGone):
+                    sent.append((slot, slot.send(body)))
+        return sent
+
+    async def _recipients(self, msg: Msg, sent: list[tuple[WorkerSlot, Pending]]) -> int:
+        answers = await asyncio.gather(
+            *(slot.reply(rid, BROADCAST_TIMEOUT) for slot, rid in sent), return_exceptions=True
+        )
+        total = 0
+        for (slot, _rid), ans in zip(sent, answers, strict=True):
+            if isinstance(ans, BaseException):
+                log.warning("worker %d: broadcast %d failed: %r", slot.index, msg["id"], ans)
+                continue
+            total += int(ans.get("recipients", 0))
+        return total
 
     async def _delivery(self, msg_id: int) -> int:
         if msg_id in self._delivered:

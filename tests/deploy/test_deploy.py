@@ -32,7 +32,7 @@ VENV_BIN = Path(sys.executable).parent
 CI_INVENTORY = ANSIBLE / "inventory" / "ci.yml"
 DOCKER = "/usr/bin/docker"  # Debian's 20.10 client: builds with BuildKit without buildx
 CONTAINERS = ("comet-service", "comet-admin", "comet-loadgen-agent")
-VOLUMES = ("comet-run", "comet-logs")
+VOLUMES = ("comet-run", "comet-logs", "comet-state")
 SERVICE_PORT, ADMIN_PORT, AGENT_PORT = 8888, 8080, 8889
 DOCKERD_PIDFILE = Path("/run/dockerd.pid")
 
@@ -474,3 +474,40 @@ def test_second_converge_changes_nothing(converged: dict[str, object]) -> None:
             changed.append(task)
     assert counts["changed"] == 0, f"second converge changed {counts['changed']}: {changed}"
     assert counts["failed"] == 0
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_history_and_ids_survive_a_new_service_container(converged: dict[str, object]) -> None:
+    """The state volume: a new container (removed, then converged again) resumes and numbers on."""
+    token = str(_inventory_vars()["comet_admin_token"])
+    auth = {"Authorization": f"Bearer {token}"}
+    url = f"http://127.0.0.1:{ADMIN_PORT}"
+    ids = [
+        httpx.post(
+            f"{url}/api/broadcast", json={"data": f"kept {i}", "channel": "kept"}, headers=auth
+        ).json()["id"]
+        for i in range(3)
+    ]
+    assert _run([DOCKER, "rm", "-f", "comet-service"], timeout=120).returncode == 0
+    _out, counts = _converge(Path(str(converged["source"])))
+    assert counts["failed"] == 0
+
+    def answered() -> bool:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return bool(r["service"]["reachable"])
+
+    deadline = time.monotonic() + 120
+    while not answered():
+        assert time.monotonic() < deadline, "the new service container did not come up"
+        time.sleep(1)
+    poll = httpx.get(
+        f"http://127.0.0.1:{SERVICE_PORT}/poll/kept?since={ids[0]}&timeout=0", timeout=10
+    ).json()
+    assert [m["data"] for m in poll["messages"]] == ["kept 1", "kept 2"] and not poll["reset"]
+    after = httpx.post(f"{url}/api/broadcast", json={"data": "new"}, headers=auth).json()["id"]
+    assert after > ids[-1]

@@ -135,7 +135,8 @@ def test_live_screen_keeps_logs_off_the_terminal_and_shows_the_latest(tmp_path):
             return log.exists() and text in log.read_text()
 
         deadline = time.monotonic() + 30
-        while not logged("worker 1 up"):
+        # Workers come up in any order: wait for both.
+        while not (logged("worker 0 up") and logged("worker 1 up")):
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.1)
         pid = next(
@@ -153,9 +154,9 @@ def test_live_screen_keeps_logs_off_the_terminal_and_shows_the_latest(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
-    assert proc.stderr is not None
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
     # Nothing was written over the screen while it was up; the last lines come after it.
     assert "worker 0 up" not in err and "Traceback" not in err
     assert "stopped" in err

@@ -1,0 +1,261 @@
+"""Durable history benchmarks (issue 13): publish throughput with every message on disk before its
+id is answered, and restart-to-serving time with a full history.
+
+    .venv/bin/python benchmarks/durable_bench.py --seconds 60 --rate 5000 --subscribers 10
+
+Throughput: the real service (supervisor + 1 worker, --state-dir in a temp dir), ``--subscribers``
+SSE streams on one channel read by a thread, and ``--publishers`` control-socket connections
+sending broadcasts paced to ``--rate`` per second in total for ``--seconds``. Reported: the rate
+achieved, the answer latency p50/p99, and whether every subscriber got every message. The same run
+with the store turned off (--state-dir on a path that cannot be a directory) gives the ratio.
+
+Restart: ``--channels`` channels × ``history_size`` messages (the default ring, full), then
+SIGTERM and a new supervisor on the same state dir; the time from SIGTERM to the new one's
+``health`` answer with the history loaded, median of ``--restarts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SSE_REQUEST = b"GET /sub/%s HTTP/1.1\r\nHost: b\r\nAccept: text/event-stream\r\n\r\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Service:
+    def __init__(self, tmp: Path, port: int, state_dir: str, *extra: str) -> None:
+        self.sock = str(tmp / "control.sock")
+        self.port = port
+        self.log = open(tmp / "service.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--workers",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--control-socket",
+                self.sock,
+                "--log-dir",
+                str(tmp / "logs"),
+                "--state-dir",
+                state_dir,
+                "--screen",
+                "off",
+                *extra,
+            ],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=self.log,
+        )
+
+    def ask(self, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(self.sock)
+            s.sendall(json.dumps(req).encode() + b"\n")
+            return dict(json.loads(s.makefile("rb").readline()))
+
+    def wait_health(self, timeout: float = 30.0, want_messages: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                h = self.ask({"op": "health"}, 1.0)
+                store = h.get("store") or {}
+                if h.get("workers") == 1 and store.get("messages", 0) >= want_messages:
+                    return h
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.005)
+        raise RuntimeError("service did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+        self.log.close()
+
+
+class Subscribers(threading.Thread):
+    """``n`` SSE streams on ``channel``; counts ``id:`` lines per stream."""
+
+    def __init__(self, port: int, channel: str, n: int) -> None:
+        super().__init__(daemon=True)
+        self.counts = [0] * n
+        self.sel = selectors.DefaultSelector()
+        self.stop = threading.Event()
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(SSE_REQUEST % channel.encode())
+            s.setblocking(False)
+            self.sel.register(s, selectors.EVENT_READ, i)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for key, _ in self.sel.select(0.2):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                self.counts[key.data] += data.count(b"\nid: ") + data.startswith(b"id: ")
+
+
+def publisher(svc: Service, rate: float, seconds: float, lat: list[float], ids: list[int]) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(svc.sock)
+        f = s.makefile("rb")
+        start = time.perf_counter()
+        i = 0
+        while True:
+            due = start + i / rate
+            now = time.perf_counter()
+            if now - start >= seconds:
+                break
+            if due > now:
+                time.sleep(due - now)
+            t0 = time.perf_counter()
+            s.sendall(b'{"op":"broadcast","data":"x","channel":"bench","event":null}\n')
+            answer = json.loads(f.readline())
+            lat.append(time.perf_counter() - t0)
+            ids.append(int(answer["id"]))
+            i += 1
+
+
+def throughput(args: argparse.Namespace, durable: bool) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="durable-bench-"))
+    if durable:
+        state = str(tmp / "state")
+    else:
+        (tmp / "not-a-dir").write_text("x")
+        state = str(tmp / "not-a-dir")
+    svc = Service(tmp, free_port(), state)
+    try:
+        svc.wait_health()
+        subs = Subscribers(svc.port, "bench", args.subscribers)
+        subs.start()
+        time.sleep(0.5)
+        lats: list[list[float]] = [[] for _ in range(args.publishers)]
+        ids: list[list[int]] = [[] for _ in range(args.publishers)]
+        threads = [
+            threading.Thread(
+                target=publisher,
+                args=(svc, args.rate / args.publishers, args.seconds, lats[i], ids[i]),
+            )
+            for i in range(args.publishers)
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        sent = sum(len(x) for x in ids)
+        deadline = time.monotonic() + 30
+        while min(subs.counts) < sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+        subs.stop.set()
+        all_lat = sorted(x for lat in lats for x in lat)
+        store = svc.ask({"op": "health"})["store"]
+        return {
+            "durable": durable,
+            "store_durable": store["durable"],
+            "sent": sent,
+            "rate": round(sent / elapsed, 1),
+            "answer_p50_ms": round(statistics.median(all_lat) * 1000, 3),
+            "answer_p99_ms": round(all_lat[int(len(all_lat) * 0.99)] * 1000, 3),
+            "every_subscriber_got_all": min(subs.counts) >= sent,
+            "min_received": min(subs.counts),
+        }
+    finally:
+        svc.stop()
+
+
+def restart(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="durable-restart-"))
+    port = free_port()
+    state = str(tmp / "state")
+    svc = Service(tmp, port, state)
+    svc.wait_health()
+    per = 1000  # the default --history-size
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(svc.sock)
+        f = s.makefile("rb")
+        for c in range(args.channels):
+            for _ in range(per):
+                s.sendall(
+                    json.dumps({"op": "broadcast", "data": "y" * 100, "channel": f"c{c}"}).encode()
+                    + b"\n"
+                )
+            for _ in range(per):
+                f.readline()
+    want = args.channels * per
+    svc.wait_health(want_messages=want)
+    times = []
+    for _ in range(args.restarts):
+        t0 = time.perf_counter()
+        svc.stop()
+        svc = Service(tmp, port, state)
+        h = svc.wait_health(want_messages=want)
+        times.append(time.perf_counter() - t0)
+    svc.stop()
+    return {
+        "messages": h["store"]["messages"],
+        "restart_to_health_s": [round(t, 2) for t in times],
+        "median_s": round(statistics.median(times), 2),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--rate", type=float, default=5000.0)
+    p.add_argument("--subscribers", type=int, default=10)
+    p.add_argument("--publishers", type=int, default=4)
+    p.add_argument(
+        "--channels", type=int, default=20, help="channels of full history to restart with"
+    )
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--skip-off", action="store_true", help="no run with the store off")
+    args = p.parse_args()
+    out: dict[str, Any] = {"cpu": _cpu_model()}
+    out["durable"] = throughput(args, True)
+    if not args.skip_off:
+        out["store_off"] = throughput(args, False)
+    out["restart"] = restart(args)
+    print(json.dumps(out, indent=2))
+
+
+def _cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return os.uname().machine
+
+
+if __name__ == "__main__":
+    main()
