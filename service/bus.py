@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from service.contracts import Msg
 from service.hub import Counters
-from service.store import Store
+from service.store import Store, clock_floor
 
 __all__ = ["Msg", "Bus", "BusUnavailable", "LocalBus", "RedisBus", "make_bus"]
 
@@ -370,6 +371,9 @@ class RedisBus:
         self.k_chan = prefix + "hist:c:"
         self.k_channels = prefix + "channels"
         self.k_node = prefix + "node:"
+        # A Redis that lost its data (restarted without persistence, flushed) has no epoch key.
+        self.k_epoch = prefix + "epoch"
+        self._hole: tuple[int, int] | None = None  # ids a resume cannot be honoured for
         self._history = History(history_size, history_max_age)
         self._last_id = 0  # the last id read from the feed (or seeded)
         self._delivered_id = 0  # the last id handed to this node's workers (or seeded)
@@ -428,7 +432,7 @@ class RedisBus:
         return self._history.snapshot()
 
     def resume_limits(self) -> dict[str, Any]:
-        return {}
+        return {} if self._hole is None else {"hole": list(self._hole)}
 
     def delivered(self, msg: Msg) -> None:
         self._history.add(msg)
@@ -564,6 +568,19 @@ class RedisBus:
             # Connections pooled before an outage are dead; start every command on a fresh one.
             await self._redis.connection_pool.disconnect()
         await self._redis.ping()
+        fresh = bool(await self._redis.set(self.k_epoch, os.urandom(8).hex(), nx=True))
+        if fresh:
+            # A new or emptied Redis: without a floor, a cluster restarted together with it would
+            # number from 1 again. The clock floor is above every id issued before (store.py).
+            floor = clock_floor()
+            before = int(await self._raise_seq_script(keys=[self.k_seq], args=[floor]))
+            log.warning(
+                "bus: Redis at %s had no epoch (new, restarted without its data, or flushed); "
+                "id sequence raised from %d to %d so ids never go back",
+                self.url,
+                before,
+                floor,
+            )
         if not self._seeded:
             await self._seed()
             self._seeded = True
@@ -623,6 +640,10 @@ class RedisBus:
                 self._history.add(msg)
         self._last_id = max(self._last_id, upto)
         self._delivered_id = max(self._delivered_id, upto)
+        # What was before the oldest message seeded is unknown here: a resume from there gets a
+        # reset (a client at id a needs (a, ...]; we hold [oldest, ...]).
+        held = [m["id"] for m in msgs if m["id"] <= upto]
+        self._hole = (0, (min(held) - 2) if held else (upto - 1))
         log.info(
             "bus: seeded %d messages of history from Redis (last id %d)",
             sum(1 for m in msgs if m["id"] <= upto),

@@ -323,7 +323,11 @@ class Hub:
                 ring.evicted_max = max(ring.evicted_max, upto)
             else:
                 self.pruned_evicted = max(self.pruned_evicted, upto)
-        self.hole = hole
+        if hole is not None and hole[1] > hole[0]:
+            old = self.hole
+            if old is not None and hole[0] <= old[1] and old[0] <= hole[1]:
+                hole = (min(old[0], hole[0]), max(old[1], hole[1]))  # overlapping: one hole
+            self.hole = hole
 
     def history_since(self, channel: str, after: int) -> tuple[list[Entry], bool, int | None]:
         """(entries of ``channel`` with id > after in id order, gap?, first id still held > after).
