@@ -68,6 +68,10 @@ class Bus(Protocol):
 
     def history(self) -> list[Msg]: ...
 
+    async def committed(self) -> None:
+        """Wait until every message published so far is durable (before its id is answered)."""
+        ...
+
     def resume_limits(self) -> dict[str, Any]:
         """What a worker needs beside the history to answer a resume it cannot honour with a
         reset (docs/architecture.md, init): ``pruned`` and ``hole``, or nothing."""
@@ -179,6 +183,10 @@ class LocalBus:
 
     def resume_limits(self) -> dict[str, Any]:
         return self._limits
+
+    async def committed(self) -> None:
+        if self.store is not None:
+            await self.store.committed()
 
     @property
     def last_id(self) -> int:
@@ -433,6 +441,9 @@ class RedisBus:
 
     def resume_limits(self) -> dict[str, Any]:
         return {} if self._hole is None else {"hole": list(self._hole)}
+
+    async def committed(self) -> None:
+        return None  # publish() returns once Redis has the message
 
     def delivered(self, msg: Msg) -> None:
         self._history.add(msg)

@@ -10,8 +10,10 @@ and ``/poll?since=`` resume across SIGTERM, kill -9 and a new container on the s
 
 Durability: WAL with ``synchronous=NORMAL``. A commit is in the WAL file, so it survives the
 process dying (kill -9, OOM, a crash) but not necessarily a power loss of the host; fsync per
-message (``FULL``) would cap publishing at the disk's flush rate. Nothing per connection is ever
-written.
+message (``FULL``) would cap publishing at the disk's flush rate. Group commit: the messages
+appended in one turn of the event loop share one transaction, committed at the end of that turn;
+a broadcast's id is answered only after :meth:`committed` (a commit per message cost 70 µs of the
+supervisor's loop, more than the rest of a broadcast). Nothing per connection is ever written.
 
 Ids never go back. The next id after a start is ``max(last stored id, clock floor) + 1``, where the
 clock floor is the start time in microseconds: with the state kept, ids go on from it (the floor is
@@ -28,6 +30,7 @@ million messages a second. What a worker cannot honour it answers with an explic
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -54,6 +57,14 @@ CREATE INDEX IF NOT EXISTS msgs_grp ON msgs (grp, id);
 CREATE TABLE IF NOT EXISTS pruned (grp TEXT PRIMARY KEY, id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running loop, or None (outside one, every append commits by itself)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def clock_floor(now: float | None = None) -> int:
@@ -85,6 +96,7 @@ class Store:
         self.oldest_id: int | None = None
         self.newest_id: int | None = None
         self._groups: set[str] = set()
+        self._commit: asyncio.Future[None] | None = None  # the open group commit, if any
 
     @property
     def durable(self) -> bool:
@@ -163,6 +175,11 @@ class Store:
             return
         grp = ALL if msg["channel"] is None else msg["channel"]
         try:
+            if self._commit is None and _running_loop() is not None:
+                loop = asyncio.get_running_loop()
+                self.db.execute("BEGIN")
+                self._commit = loop.create_future()
+                loop.call_soon(self.flush)
             self.db.execute(
                 "INSERT INTO msgs VALUES (?, ?, ?, ?, ?)",
                 (msg["id"], grp, msg["event"], msg["data"], msg["ts"]),
@@ -176,8 +193,27 @@ class Store:
         if self.oldest_id is None:
             self.oldest_id = msg["id"]
 
+    async def committed(self) -> None:
+        """Wait until what was appended so far is committed (or durability is off)."""
+        if self._commit is not None:
+            await asyncio.shield(self._commit)
+
+    def flush(self) -> None:
+        """Commit the open group commit now and wake its waiters."""
+        fut, self._commit = self._commit, None
+        if fut is None:
+            return
+        if self.db is not None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._fail("commit", exc)
+        if not fut.done():
+            fut.set_result(None)
+
     def prune(self, now: float | None = None) -> None:
         """Drop what the rings would have dropped, remembering the highest id dropped per group."""
+        self.flush()
         if self.db is None:
             return
         try:
@@ -246,6 +282,7 @@ class Store:
             self.db = None
 
     def close(self) -> None:
+        self.flush()
         if self.db is not None:
             try:
                 self.db.close()

@@ -457,12 +457,15 @@ class Supervisor:
             async with self.broadcast_lock:
                 msg = await self.bus.publish(data, channel, event)
                 sent = self._send_all({"op": "broadcast", "msg": msg})
-            return {"id": msg["id"], "recipients": await self._recipients(msg, sent)}
+            recipients = await self._recipients(msg, sent)
+            await self.bus.committed()  # on disk before its id is answered
+            return {"id": msg["id"], "recipients": recipients}
         # One broadcast at a time, handed out in waves: a second broadcast waits for the first
         # to be written.
         async with self.broadcast_lock:
             msg = await self.bus.publish(data, channel, event)
             recipients = await self._fan_out(msg)
+        await self.bus.committed()
         return {"id": msg["id"], "recipients": recipients}
 
     def _send_all(self, body: dict[str, Any]) -> list[tuple[WorkerSlot, Pending]]:
