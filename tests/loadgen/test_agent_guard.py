@@ -261,3 +261,30 @@ def test_latency_counters_are_per_run_and_refuse_impossible_ts(service, agents):
     s = a.stats()
     assert s["latency_ms"]["count"] == 0 and s["latency_ms"]["invalid"] == 0
     assert s["deliveries"] == {}
+
+
+def test_fleet_sends_the_token(agents, fixture_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMET_LOADGEN_TOKEN", TOKEN)
+    a = agents("--port", str(fixture_server), "--n", "2", "--procs", "0")
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+
+    def fleet(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "loadgen", "fleet", "--agents", f"127.0.0.1:{a.port}", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
+    import os
+
+    bare = {k: v for k, v in os.environ.items() if k != "COMET_LOADGEN_TOKEN"}
+    r = fleet("set", "n=3", env=bare)
+    assert r.returncode == 1 and "HTTP 401" in r.stdout, r.stdout
+    r = fleet("--token-file", str(token_file), "set", "n=3", env=bare)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = fleet("status", "--once", env={**bare, "COMET_LOADGEN_TOKEN": TOKEN})
+    assert r.returncode == 0 and "Traceback" not in r.stdout + r.stderr

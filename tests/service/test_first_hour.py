@@ -160,3 +160,22 @@ def test_live_screen_keeps_logs_off_the_terminal_and_shows_the_latest(tmp_path):
     # Nothing was written over the screen while it was up; the last lines come after it.
     assert "worker 0 up" not in err and "Traceback" not in err
     assert "stopped" in err
+
+
+def test_the_backlog_log_line_says_capped_only_when_it_is(tmp_path):
+    with open("/proc/sys/net/core/somaxconn") as f:
+        somaxconn = int(f.read())
+    svc = Service(tmp_path, "--workers", "1", "--backlog", str(min(128, somaxconn)))
+    try:
+        svc.wait_up(1)
+        line = next(ln for ln in svc.log().splitlines() if "listening on" in ln)
+        assert f"backlog {min(128, somaxconn)}," in line and "capped" not in line, line
+    finally:
+        svc.stop()
+    svc = Service(tmp_path, "--workers", "1", "--backlog", str(somaxconn + 1))
+    try:
+        svc.wait_up(1)
+        line = next(ln for ln in svc.log().splitlines() if "listening on" in ln)
+        assert f"asked {somaxconn + 1}, capped by net.core.somaxconn" in line, line
+    finally:
+        svc.stop()
