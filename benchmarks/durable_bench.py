@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import selectors
 import signal
@@ -26,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -99,21 +99,26 @@ class Service:
         self.log.close()
 
 
-class Subscribers(threading.Thread):
-    """``n`` SSE streams on ``channel``; counts ``id:`` lines per stream."""
+class Subscribers(mp.Process):
+    """``n`` SSE streams on ``channel``, in a process of their own (the GIL would make the
+    benchmark's own Python the limit); counts ``id:`` lines per stream in shared memory."""
 
     def __init__(self, port: int, channel: str, n: int) -> None:
         super().__init__(daemon=True)
-        self.counts = [0] * n
+        self.counts = mp.Array("q", n)
+        self.stop = mp.Event()
+        self.ready = mp.Event()
+        self.port, self.channel, self.n = port, channel, n
+
+    def run(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.stop = threading.Event()
-        for i in range(n):
+        port, channel = self.port, self.channel
+        for i in range(self.n):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(SSE_REQUEST % channel.encode())
             s.setblocking(False)
             self.sel.register(s, selectors.EVENT_READ, i)
-
-    def run(self) -> None:
+        self.ready.set()
         while not self.stop.is_set():
             for key, _ in self.sel.select(0.2):
                 sock = key.fileobj
@@ -125,9 +130,13 @@ class Subscribers(threading.Thread):
                 self.counts[key.data] += data.count(b"\nid: ") + data.startswith(b"id: ")
 
 
-def publisher(svc: Service, rate: float, seconds: float, lat: list[float], ids: list[int]) -> None:
+def publisher(path: str, rate: float, seconds: float, out: Any) -> None:
+    """One control-socket connection in a process of its own, paced to ``rate``; puts
+    (latencies, ids) on ``out`` at the end."""
+    lat: list[float] = []
+    ids: list[int] = []
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(svc.sock)
+        s.connect(path)
         f = s.makefile("rb")
         start = time.perf_counter()
         i = 0
@@ -144,6 +153,7 @@ def publisher(svc: Service, rate: float, seconds: float, lat: list[float], ids: 
             lat.append(time.perf_counter() - t0)
             ids.append(int(answer["id"]))
             i += 1
+    out.put((lat, ids))
 
 
 def throughput(args: argparse.Namespace, durable: bool) -> dict[str, Any]:
@@ -158,27 +168,31 @@ def throughput(args: argparse.Namespace, durable: bool) -> dict[str, Any]:
         svc.wait_health()
         subs = Subscribers(svc.port, "bench", args.subscribers)
         subs.start()
+        subs.ready.wait(10)
         time.sleep(0.5)
-        lats: list[list[float]] = [[] for _ in range(args.publishers)]
-        ids: list[list[int]] = [[] for _ in range(args.publishers)]
-        threads = [
-            threading.Thread(
+        results: Any = mp.Queue()
+        procs = [
+            mp.Process(
                 target=publisher,
-                args=(svc, args.rate / args.publishers, args.seconds, lats[i], ids[i]),
+                args=(svc.sock, args.rate / args.publishers, args.seconds, results),
             )
-            for i in range(args.publishers)
+            for _ in range(args.publishers)
         ]
         t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=args.seconds + 60) for _ in procs]
         elapsed = time.perf_counter() - t0
+        for p in procs:
+            p.join(10)
+        lats = [lat for lat, _ids in got]
+        ids = [i for _lat, i in got]
         sent = sum(len(x) for x in ids)
         deadline = time.monotonic() + 30
         while min(subs.counts) < sent and time.monotonic() < deadline:
             time.sleep(0.1)
         subs.stop.set()
+        subs.join(10)
         all_lat = sorted(x for lat in lats for x in lat)
         store = svc.ask({"op": "health"})["store"]
         return {

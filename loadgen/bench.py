@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -57,6 +56,7 @@ from loadgen.client import (
     parse_source_ips,
 )
 from service.config import Parser
+from service.portcheck import ss_listeners
 
 SERVICE_FD_RESERVE = 500
 KERNEL_BYTES_PER_PAIR = 10_000  # measured on this machine kind (MACHINE-NOTES.md)
@@ -339,17 +339,9 @@ def listening_pids(port: int) -> list[int]:
     ``ss`` filters in the kernel (fast even with a million sockets); psutil walks every fd of
     every process, which takes seconds on a loaded box, so it is only the fallback.
     """
-    try:
-        out = subprocess.run(
-            ["ss", "-Hltnp", f"sport = :{port}"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-        return sorted({int(m) for m in re.findall(r"pid=(\d+)", out)})
-    except (OSError, subprocess.SubprocessError):
-        pass
+    found = ss_listeners(port)
+    if found is not None:
+        return sorted({pid for pid, _name in found})
     pids = set()
     for c in psutil.net_connections(kind="tcp"):
         if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:

@@ -274,15 +274,13 @@ class Store:
                 reason,
             )
         self.last_error = reason
-        if self.db is not None:
-            try:
-                self.db.close()
-            except sqlite3.Error:
-                pass
-            self.db = None
+        self._close_db()
 
     def close(self) -> None:
         self.flush()
+        self._close_db()
+
+    def _close_db(self) -> None:
         if self.db is not None:
             try:
                 self.db.close()
