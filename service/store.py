@@ -95,7 +95,8 @@ class Store:
         self.messages = 0
         self.oldest_id: int | None = None
         self.newest_id: int | None = None
-        self._groups: set[str] = set()
+        # Groups that got messages since the last prune (all of them at start).
+        self._dirty: set[str] = set()
         self._commit: asyncio.Future[None] | None = None  # the open group commit, if any
 
     @property
@@ -149,6 +150,7 @@ class Store:
         last = int(row[0]) if row else 0
         newest = db.execute("SELECT MAX(id) FROM msgs").fetchone()[0]
         last = max(last, int(newest or 0))
+        self._dirty = {str(g) for (g,) in db.execute("SELECT DISTINCT grp FROM msgs")}
         self._prune(db, now)
         pruned = {str(g): int(i) for g, i in db.execute("SELECT grp, id FROM pruned")}
         history: list[Msg] = []
@@ -164,7 +166,6 @@ class Store:
                     "ts": float(ts),
                 }
             )
-            self._groups.add(str(grp))
         self._count(db)
         return last, history, pruned
 
@@ -187,7 +188,7 @@ class Store:
         except sqlite3.Error as exc:
             self._fail("write", exc)
             return
-        self._groups.add(grp)
+        self._dirty.add(grp)
         self.messages += 1
         self.newest_id = msg["id"]
         if self.oldest_id is None:
@@ -217,36 +218,61 @@ class Store:
         if self.db is None:
             return
         try:
-            self._prune(self.db, now)
-            self._count(self.db)
+            dropped = self._prune(self.db, now)
+            if dropped:
+                self.messages -= dropped
+                self.oldest_id = self.db.execute("SELECT MIN(id) FROM msgs").fetchone()[0]
+                if self.oldest_id is None:
+                    self.newest_id = None
         except sqlite3.Error as exc:
             self._fail("prune", exc)
 
-    def _prune(self, db: sqlite3.Connection, now: float | None) -> None:
+    def _prune(self, db: sqlite3.Connection, now: float | None) -> int:
+        """Age: ids grow with publish time, so what aged out is an id range from the start,
+        found by walking the primary key from the oldest row. Size: only the groups that got
+        messages since the last prune can be over ``history_size``. The work is proportional
+        to what is dropped and to the active groups, not to the whole history."""
         cutoff = (time.time() if now is None else now) - self.history_max_age
-        groups = self._groups or {str(g) for (g,) in db.execute("SELECT DISTINCT grp FROM msgs")}
         db.execute("BEGIN")
+        dropped = 0
         try:
-            for grp in groups:
-                by_age = db.execute(
-                    "SELECT MAX(id) FROM msgs WHERE grp = ? AND ts < ?", (grp, cutoff)
-                ).fetchone()[0]
-                by_size = db.execute(
+            cuts: dict[str, int] = {}
+            fresh = db.execute(
+                "SELECT id FROM msgs WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)
+            ).fetchone()
+            aged_upto = (
+                (int(fresh[0]) - 1)
+                if fresh
+                else int(db.execute("SELECT COALESCE(MAX(id), 0) FROM msgs").fetchone()[0])
+            )
+            if aged_upto > 0:
+                for grp, upto in db.execute(
+                    "SELECT grp, MAX(id) FROM msgs WHERE id <= ? GROUP BY grp", (aged_upto,)
+                ):
+                    cuts[str(grp)] = int(upto)
+                dropped += db.execute("DELETE FROM msgs WHERE id <= ?", (aged_upto,)).rowcount
+            for grp in self._dirty:
+                over = db.execute(
                     "SELECT id FROM msgs WHERE grp = ? ORDER BY id DESC LIMIT 1 OFFSET ?",
                     (grp, self.history_size),
                 ).fetchone()
-                upto = max(int(by_age or 0), int(by_size[0]) if by_size else 0)
-                if upto:
-                    db.execute("DELETE FROM msgs WHERE grp = ? AND id <= ?", (grp, upto))
-                    db.execute(
-                        "INSERT INTO pruned VALUES (?, ?) "
-                        "ON CONFLICT (grp) DO UPDATE SET id = MAX(id, excluded.id)",
-                        (grp, upto),
-                    )
+                if over:
+                    dropped += db.execute(
+                        "DELETE FROM msgs WHERE grp = ? AND id <= ?", (grp, int(over[0]))
+                    ).rowcount
+                    cuts[grp] = max(cuts.get(grp, 0), int(over[0]))
+            for grp, upto in cuts.items():
+                db.execute(
+                    "INSERT INTO pruned VALUES (?, ?) "
+                    "ON CONFLICT (grp) DO UPDATE SET id = MAX(id, excluded.id)",
+                    (grp, upto),
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._dirty.clear()
+        return dropped
 
     def _count(self, db: sqlite3.Connection) -> None:
         count, oldest, newest = db.execute("SELECT COUNT(*), MIN(id), MAX(id) FROM msgs").fetchone()
