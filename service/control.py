@@ -4,6 +4,12 @@ Each request line gets exactly one answer line, in order. A bad line (not JSON, 
 missing field, over 1 MiB) is answered with ``{"ok": false, "error": ...}`` and the connection
 stays usable: an oversized line is skipped up to its newline rather than cutting the stream.
 A ``watch`` makes the connection also receive every new frame until it closes.
+
+Requests pipeline: a client may send the next line before the answer to the previous one. Each
+request is started as soon as its line is read (up to ``LIMIT_IN_FLIGHT`` per connection; past
+that the connection is not read until the oldest answers), and the answers are written in request
+order. One publisher with a window of broadcasts in flight thus gets what many connections would,
+and the supervisor numbers, stores and hands out every line read in one loop turn together.
 """
 
 from __future__ import annotations
@@ -15,16 +21,23 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from service.bus import BusUnavailable
 from service.contracts import NAME_RE, NAME_RULE, text_problem
+from service.corked import Corked
 
 log = logging.getLogger("comet.control")
 
 LIMIT_LINE = 1024 * 1024
 # A watcher that stops reading is dropped once this much is queued for it.
 LIMIT_WATCH_BUFFER = 4 * 1024 * 1024
+# Requests of one connection being answered at once (the pipelining window).
+LIMIT_IN_FLIGHT = 256
+
+Answer = dict[str, Any] | None
 
 
 class RequestError(Exception):
@@ -154,40 +167,54 @@ class ControlServer:
     async def _serve_lines(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        answers = _InOrder(writer)
         buf = bytearray()
         skipping = False  # inside an oversized line, dropping bytes until its newline
-        while True:
-            chunk = await reader.read(65536)
-            if not chunk:
-                return
-            buf += chunk
+        try:
             while True:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    if len(buf) > LIMIT_LINE:
-                        # Answer now (the client may be waiting), then drop the rest of the
-                        # line up to its newline without answering it a second time.
-                        if not skipping:
-                            skipping = True
-                            writer.write(_dump({"ok": False, "error": "request line over 1 MiB"}))
-                        buf.clear()
-                    break
-                line = bytes(buf[:nl])
-                del buf[: nl + 1]
-                if skipping:
-                    skipping = False
-                    continue
-                if len(line) > LIMIT_LINE:
-                    writer.write(_dump({"ok": False, "error": "request line over 1 MiB"}))
-                    continue
-                if not line.strip():
-                    continue
-                answer = await self._answer(line, writer)
-                if answer is not None:
-                    writer.write(_dump(answer))
-            await writer.drain()
+                chunk = await reader.read(65536)
+                if not chunk:
+                    # The client is gone; what it asked for still happens (a broadcast it
+                    # sent is published), nobody reads the answers.
+                    await answers.wait_all()
+                    return
+                buf += chunk
+                while True:
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if len(buf) > LIMIT_LINE:
+                            # Answer now (the client may be waiting), then drop the rest of the
+                            # line up to its newline without answering it a second time.
+                            if not skipping:
+                                skipping = True
+                                answers.put({"ok": False, "error": "request line over 1 MiB"})
+                            buf.clear()
+                        break
+                    line = bytes(buf[:nl])
+                    del buf[: nl + 1]
+                    if skipping:
+                        skipping = False
+                        continue
+                    if len(line) > LIMIT_LINE:
+                        answers.put({"ok": False, "error": "request line over 1 MiB"})
+                        continue
+                    if not line.strip():
+                        continue
+                    started = self._start(line, writer)
+                    if isinstance(started, asyncio.Future):
+                        answers.put_task(started)
+                    else:
+                        answers.put(started)
+                    if answers.in_flight >= LIMIT_IN_FLIGHT:
+                        await answers.wait_oldest()
+                # What was answered at once leaves now, before any later frame of a watch.
+                answers.flush()
+                await writer.drain()
+        finally:
+            answers.cancel()
 
-    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> dict[str, Any] | None:
+    def _start(self, line: bytes, writer: asyncio.StreamWriter) -> Answer | asyncio.Task[Answer]:
+        """Answer a request that needs no waiting at once; start the others as a task."""
         try:
             try:
                 req = json.loads(line)
@@ -209,24 +236,38 @@ class ControlServer:
                 # Every watch line carries a frame: before the first tick, the first frame
                 # published is the answer.
                 return None if frame is None else {"ok": True, "frame": frame}
-            if op == "broadcast":
-                data, channel, event = self._broadcast_args(req)
-                result = await self.backend.broadcast(data, channel, event)
-                return {"ok": True, **result}
-            if op == "channels":
-                return {"ok": True, "channels": await self.backend.channels()}
             if op == "health":
                 return {"ok": True, **self.backend.health()}
+            if op == "broadcast":
+                data, channel, event = self._broadcast_args(req)
+                return asyncio.ensure_future(
+                    self._waited(self.backend.broadcast(data, channel, event), None)
+                )
+            if op == "channels":
+                return asyncio.ensure_future(self._waited(self.backend.channels(), "channels"))
             if op == "cluster":
-                return {"ok": True, "cluster": await self.backend.cluster()}
+                return asyncio.ensure_future(self._waited(self.backend.cluster(), "cluster"))
             raise RequestError(
                 f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, cluster"
             )
-        except (RequestError, BusUnavailable) as exc:
+        except RequestError as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # never a traceback to the client; the log keeps it
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+
+    @staticmethod
+    async def _waited(work: Awaitable[Any], key: str | None) -> Answer:
+        """The answer of a request that waits on the supervisor (``key``: where its result goes;
+        None: the result is the answer's fields)."""
+        try:
+            result = await work
+        except (RequestError, BusUnavailable) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+        return {"ok": True, **result} if key is None else {"ok": True, key: result}
 
     def _broadcast_args(self, req: dict[str, Any]) -> tuple[str, str | None, str | None]:
         if "data" not in req:
@@ -246,3 +287,60 @@ class ControlServer:
         if event is not None and (not isinstance(event, str) or not NAME_RE.fullmatch(event)):
             raise RequestError(f"field 'event' must be null or match {NAME_RULE}")
         return data, channel, event
+
+
+class _InOrder:
+    """The answers of one connection, written in request order as each becomes ready."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._out = Corked(writer)  # answers of one loop turn leave in one write
+        self._queue: deque[asyncio.Future[Answer] | Answer] = deque()
+        self.in_flight = 0
+
+    def put(self, answer: Answer) -> None:
+        self._queue.append(answer)
+        self._flush()
+
+    def put_task(self, task: asyncio.Future[Answer]) -> None:
+        self.in_flight += 1
+        self._queue.append(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, _task: asyncio.Future[Answer]) -> None:
+        self.in_flight -= 1
+        self._flush()
+
+    def _flush(self) -> None:
+        q = self._queue
+        while q:
+            head = q[0]
+            if isinstance(head, asyncio.Future):
+                if not head.done():
+                    return
+                answer = None if head.cancelled() else head.result()
+            else:
+                answer = head
+            q.popleft()
+            if answer is not None and not self.writer.is_closing():
+                self._out.write(_dump(answer))
+
+    def flush(self) -> None:
+        self._out.flush()
+
+    async def wait_oldest(self) -> None:
+        for item in self._queue:
+            if isinstance(item, asyncio.Future) and not item.done():
+                await asyncio.wait([item])
+                return
+
+    async def wait_all(self) -> None:
+        pending = [f for f in self._queue if isinstance(f, asyncio.Future) and not f.done()]
+        if pending:
+            await asyncio.wait(pending)
+
+    def cancel(self) -> None:
+        """The connection is closing (the supervisor stops): stop what it still waits for."""
+        for item in self._queue:
+            if isinstance(item, asyncio.Future):
+                item.cancel()

@@ -34,6 +34,7 @@ from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.config import Config, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN
 from service.control import ControlServer
+from service.corked import Corked
 from service.csvlog import CsvLog
 from service.metrics import FrameBuilder, WorkerView, read_limits
 from service.portcheck import check_port
@@ -138,6 +139,7 @@ class WorkerSlot:
         self.started_at = 0.0
         self._fails = 0
         self._writer: asyncio.StreamWriter | None = None
+        self._out: Corked | None = None  # requests of one loop turn leave in one write
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._rids = itertools.count(1)
         self._ready: asyncio.Future[dict[str, Any]] | None = None
@@ -226,6 +228,7 @@ class WorkerSlot:
         self._ready = asyncio.get_running_loop().create_future()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=PIPE_LIMIT)
         self._writer = writer
+        self._out = Corked(writer)
         read_task = asyncio.create_task(self._read(reader))
         try:
             await self._handshake()
@@ -241,7 +244,7 @@ class WorkerSlot:
             with contextlib.suppress(BaseException):
                 await read_task
             writer.close()
-            self._writer = None
+            self._writer = self._out = None
             self._fail_pending()
             code = self.exit_code = await self._reap(proc)
             lived = time.monotonic() - self.started_at
@@ -346,13 +349,13 @@ class WorkerSlot:
     def send(self, body: dict[str, Any]) -> Pending:
         """Write one request now (requests reach the worker in the order they are sent); what
         to give :meth:`reply`. Raises WorkerGone."""
-        writer = self._writer
-        if writer is None or writer.is_closing():
+        out = self._out
+        if out is None or out.is_closing():
             raise WorkerGone("not running")
         rid = next(self._rids)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        writer.write(json.dumps({"rid": rid, **body}, separators=(",", ":")).encode() + b"\n")
+        out.write(json.dumps({"rid": rid, **body}, separators=(",", ":")).encode() + b"\n")
         return rid, fut
 
     async def reply(self, pending: Pending, timeout: float) -> dict[str, Any]:
@@ -477,6 +480,13 @@ class Supervisor:
         return sent
 
     async def _recipients(self, msg: Msg, sent: list[tuple[WorkerSlot, Pending]]) -> int:
+        if len(sent) == 1:  # one worker: no gather (a task per worker) on the publish path
+            slot, rid = sent[0]
+            try:
+                return int((await slot.reply(rid, BROADCAST_TIMEOUT)).get("recipients", 0))
+            except (WorkerGone, TimeoutError, RuntimeError, ConnectionError) as exc:
+                log.warning("worker %d: broadcast %d failed: %r", slot.index, msg["id"], exc)
+                return 0
         answers = await asyncio.gather(
             *(slot.reply(rid, BROADCAST_TIMEOUT) for slot, rid in sent), return_exceptions=True
         )
