@@ -74,6 +74,6 @@ EXPOSE 8888 8080
 # The service is healthy when a subscriber gets its `Welcome!` line. The admin container
 # overrides this with a GET /healthz check (see ansible/roles/comet).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python3", "-c", "import os,socket,sys; s=socket.create_connection(('127.0.0.1', int(os.environ.get('COMET_PORT', '8888'))), 3); s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); f=s.makefile('rb'); sys.exit(0 if any(b'Welcome!' in f.readline() for _ in range(30)) else 1)"]
+    CMD ["python3", "-m", "service.probe"]
 STOPSIGNAL SIGTERM
 CMD ["comet-service"]

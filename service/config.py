@@ -91,6 +91,15 @@ class Config:
     # Supervisor fan-out (appended by the supervisor issue)
     fanout_parallel: int = 0  # workers writing one broadcast at once; 0 = one per CPU core
 
+    # Who may listen (service/auth.py) and over what
+    cors_origins: str = "*"  # "*", a comma-separated list of origins, or "" (no CORS headers)
+    private_channels: str = ""  # comma-separated glob patterns of channels that need a token
+    require_token: bool = False  # every channel needs a token
+    token_secret_file: str = ""  # HS256 secret (or COMET_TOKEN_SECRET); never a flag value
+    token_public_key_file: str = ""  # PEM public key for RS256 / ES256 tokens
+    tls_cert: str = ""  # PEM certificate chain: serve HTTPS on --port
+    tls_key: str = ""  # PEM private key of --tls-cert
+
     # ---- derived values ----------------------------------------------------------------------
     def connection_cap(self, nofile: int | None = None) -> int:
         """Connections one worker accepts before answering 503."""
@@ -145,6 +154,25 @@ class Config:
             raise ValueError(f"screen: expected auto|on|off, got {self.screen!r}")
         if self.bus != "local" and not self.bus.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"bus: expected 'local' or a redis:// URL, got {self.bus!r}")
+        self.validate_access()
+
+    def validate_access(self, environ: Any = None) -> None:
+        """Check the token keys and the TLS files now, so a bad path is one line at start-up
+        and not a worker restart loop."""
+        from service import auth, tls
+
+        keys = auth.load_keys(self.token_secret_file, self.token_public_key_file, environ)
+        if (self.private_channels.strip() or self.require_token) and (
+            keys.secret is None and keys.public_key is None
+        ):
+            raise ValueError(
+                "private-channels / require-token: no key to check tokens with (set "
+                f"--token-secret-file, {auth.ENV_SECRET} or --token-public-key-file)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls-cert and tls-key: give both or neither")
+        if self.tls_cert:
+            tls.server_context(self.tls_cert, self.tls_key)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -198,6 +226,22 @@ _HELP = {
     "node_id": "this node's name in a multi-node cluster",
     "node_ttl": "seconds a node's published frame lives in the cluster view",
     "fanout_parallel": "workers writing one broadcast at the same time (0 = one per CPU core)",
+    "cors_origins": (
+        "origins whose pages may subscribe: '*' (any, without credentials), a comma-separated "
+        "list (those only, with credentials), or '' (no CORS headers)"
+    ),
+    "private_channels": (
+        "comma-separated glob patterns (e.g. 'private-*') of channels that need a subscriber "
+        "token (JWT, ?token= or Authorization: Bearer)"
+    ),
+    "require_token": "every channel needs a subscriber token",
+    "token_secret_file": (
+        "file with the HS256 secret tokens are signed with (or COMET_TOKEN_SECRET in the "
+        "environment; never the secret itself as a flag)"
+    ),
+    "token_public_key_file": "PEM public key for RS256 / ES256 subscriber tokens",
+    "tls_cert": "PEM certificate (chain) file: serve HTTPS on --port (needs --tls-key)",
+    "tls_key": "PEM private key file of --tls-cert",
 }
 
 

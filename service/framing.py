@@ -38,27 +38,28 @@ def _both(plain: bytes, sse: bytes) -> Frames:
     return (chunk(plain), plain, chunk(sse), sse)
 
 
-def stream_head(fmt: int) -> bytes:
+def stream_head(fmt: int, extra: bytes = b"") -> bytes:
+    """The response head of a stream; ``extra``: more CRLF-terminated header lines (CORS)."""
     sse = fmt >= SSE_CHUNKED
     ctype = b"text/event-stream" if sse else b"text/plain; charset=utf-8"
     if fmt in (PLAIN_CHUNKED, SSE_CHUNKED):
         return (
             b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nTransfer-Encoding: chunked\r\n"
-            b"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n\r\n"
+            b"Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n" + extra + b"\r\n"
         )
     return (
         b"HTTP/1.0 200 OK\r\nContent-Type: " + ctype + b"\r\nCache-Control: no-cache\r\n"
-        b"Connection: close\r\n\r\n"
+        b"Connection: close\r\n" + extra + b"\r\n"
     )
 
 
-def welcome(fmt: int, retry_ms: int) -> bytes:
+def welcome(fmt: int, retry_ms: int, extra: bytes = b"") -> bytes:
     """Response head plus the first body bytes of a new stream."""
     if fmt >= SSE_CHUNKED:
         body = b"retry: %d\n\nevent: welcome\ndata: Welcome!\n\n" % retry_ms
     else:
         body = b"Welcome!\n"
-    return stream_head(fmt) + (chunk(body) if fmt in (PLAIN_CHUNKED, SSE_CHUNKED) else body)
+    return stream_head(fmt, extra) + (chunk(body) if fmt in (PLAIN_CHUNKED, SSE_CHUNKED) else body)
 
 
 PING: Frames = _both(b"ping\n", b": ping\n\n")
@@ -104,13 +105,29 @@ def reconnect(fmt: int, retry_ms: int) -> bytes:
         body = b"retry: %d\nevent: reconnect\ndata: reconnect\n\n" % retry_ms
     else:
         body = b"reconnect\n"
+    return _last(fmt, body)
+
+
+def token_expired(fmt: int) -> bytes:
+    """The last bytes of a stream whose subscriber token expired (a reconnect needs a new one)."""
+    if fmt >= SSE_CHUNKED:
+        body = b"event: token-expired\ndata: token expired\n\n"
+    else:
+        body = b"token-expired\n"
+    return _last(fmt, body)
+
+
+def _last(fmt: int, body: bytes) -> bytes:
     if fmt in (PLAIN_CHUNKED, SSE_CHUNKED):
         return chunk(body) + END_CHUNKED
     return body
 
 
-def error_response(status: int, reason: str, extra: Iterable[tuple[str, str]] = ()) -> bytes:
-    """A complete plain-text error response that ends with the connection closing."""
+def error_response(
+    status: int, reason: str, extra: Iterable[tuple[str, str]] = (), raw: bytes = b""
+) -> bytes:
+    """A complete plain-text error response that ends with the connection closing (``raw``: more
+    CRLF-terminated header lines, e.g. CORS)."""
     body = (reason + "\n").encode("utf-8")
     phrase = HTTPStatus(status).phrase
     lines = [
@@ -120,19 +137,26 @@ def error_response(status: int, reason: str, extra: Iterable[tuple[str, str]] = 
         "Connection: close",
     ]
     lines.extend(f"{k}: {v}" for k, v in extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1") + raw + b"\r\n" + body
 
 
-def poll_response(payload: Mapping[str, Any], http11: bool, keep_alive: bool) -> bytes:
+def poll_response(
+    payload: Mapping[str, Any], http11: bool, keep_alive: bool, extra: bytes = b""
+) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode("utf-8")
     version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
     conn = b"keep-alive" if keep_alive else b"close"
     return (
         version + b" 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-cache\r\n"
-        b"Content-Length: %d\r\nConnection: %s\r\n\r\n" % (len(body), conn)
+        b"Content-Length: %d\r\nConnection: %s\r\n%s\r\n" % (len(body), conn, extra)
     ) + body
 
 
-def poll_head_only(http11: bool) -> bytes:
+def poll_head_only(http11: bool, extra: bytes = b"") -> bytes:
     version = b"HTTP/1.1" if http11 else b"HTTP/1.0"
-    return version + b" 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    return (
+        version
+        + b" 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + extra
+        + b"\r\n"
+    )

@@ -34,7 +34,7 @@ __all__ = [
 DEFAULT_CHANNEL = "default"
 # method SP request-target SP HTTP/1.x ; the token charset is RFC 9110's tchar.
 _REQUEST_LINE_RE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (\S+) HTTP/1\.[01]")
-_ALLOWED_METHODS = (b"GET", b"HEAD")
+_ALLOWED_METHODS = (b"GET", b"HEAD", b"OPTIONS")  # OPTIONS: CORS preflight
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class HttpError:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    method: str  # "GET" or "HEAD"
+    method: str  # "GET", "HEAD" or "OPTIONS"
     target: str  # raw request target, e.g. "/sub/news?format=sse"
     http11: bool
     keep_alive: bool
@@ -64,6 +64,8 @@ class Request:
     last_event_id: str | None
     has_body: bool  # Content-Length > 0 or any Transfer-Encoding
     head_len: int  # bytes of the head; anything after it is body or the next request
+    origin: str | None = None  # the Origin header (CORS)
+    bearer: str | None = None  # the token of an "Authorization: Bearer" header
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,7 @@ class Route:
     last_event_id: int | None = None  # stream resume point
     since: int | None = None  # poll: messages with id > since; None = only new ones
     timeout: float = 0.0  # poll wait in seconds
+    token: str | None = None  # ?token= (a subscriber token; EventSource cannot set headers)
 
 
 class _Collector:
@@ -173,8 +176,10 @@ def parse_head(buf: bytes | bytearray, limits: Limits) -> Request | HttpError | 
     try:
         target = c.url.decode("ascii")
         last_event_id = h[b"last-event-id"].decode("ascii") if b"last-event-id" in h else None
+        origin = h[b"origin"].decode("ascii") if b"origin" in h else None
+        bearer = _bearer(h[b"authorization"].decode("ascii")) if b"authorization" in h else None
     except UnicodeDecodeError:
-        return HttpError(400, "non-ASCII request target or Last-Event-ID")
+        return HttpError(400, "non-ASCII request target, Last-Event-ID, Origin or Authorization")
     accept = h.get(b"accept", b"")
     http11 = parser.get_http_version() == "1.1"
     if c.hosts > 1:
@@ -193,7 +198,14 @@ def parse_head(buf: bytes | bytearray, limits: Limits) -> Request | HttpError | 
         last_event_id=last_event_id,
         has_body=has_body,
         head_len=head_len,
+        origin=origin,
+        bearer=bearer,
     )
+
+
+def _bearer(value: str) -> str | None:
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def _plausible_prefix(buf: bytes | bytearray) -> bool:
@@ -238,6 +250,7 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
     if NAME_RE.fullmatch(channel) is None:
         return HttpError(400, f"bad channel name (expected {NAME_RULE})")
 
+    token = query.get("token") or req.bearer
     if kind == "poll":
         since: int | None = None
         if query.get("since", "") != "":
@@ -253,7 +266,7 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
             if not math.isfinite(timeout) or timeout < 0:
                 return HttpError(400, "bad timeout (expected seconds)")
             timeout = min(timeout, limits.poll_max)
-        return Route("poll", channel, since=since, timeout=timeout)
+        return Route("poll", channel, since=since, timeout=timeout, token=token)
 
     fmt = query.get("format", "")
     if fmt not in ("", "sse", "plain"):
@@ -265,7 +278,7 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
         last_id = _int_param(raw_id.strip())
         if last_id is None:
             return HttpError(400, "bad Last-Event-ID (expected an integer >= 0)")
-    return Route("stream", channel, sse=sse, last_event_id=last_id)
+    return Route("stream", channel, sse=sse, last_event_id=last_id, token=token)
 
 
 def _int_param(text: str) -> int | None:

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from service import framing
+from service.auth import Cors, TokenCheck, load_keys
 from service.framing import Frames
 
 if TYPE_CHECKING:
@@ -69,6 +70,10 @@ class Counters:
         "slow_dropped_total",
         "msgs_sent_total",
         "bytes_sent_total",
+        "token_missing_total",  # 401: a private channel asked for without a token
+        "token_invalid_total",  # 403: bad signature, algorithm or claims
+        "token_expired_total",  # 403 at subscribe, or a stream ended at its token's exp
+        "token_forbidden_total",  # 403: the token does not name the channel
     )
 
     def __init__(self) -> None:
@@ -79,6 +84,10 @@ class Counters:
         self.slow_dropped_total = 0
         self.msgs_sent_total = 0
         self.bytes_sent_total = 0
+        self.token_missing_total = 0
+        self.token_invalid_total = 0
+        self.token_expired_total = 0
+        self.token_forbidden_total = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -155,6 +164,7 @@ class Deadlines:
         self._seq = itertools.count()
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
+        self._compact_at = 1024  # heap size at which stale entries are dropped
 
     def add_fixed(self, conn: Conn, token: object, delay: float) -> None:
         q = self.fifos.get(delay)
@@ -173,7 +183,14 @@ class Deadlines:
 
     def add(self, conn: Conn, token: object, delay: float) -> None:
         when = self.loop.time() + delay
-        heapq.heappush(self.heap, (when, next(self._seq), conn, token))
+        heap = self.heap
+        if len(heap) >= self._compact_at:
+            # Entries of connections that moved on stay until due; a token's expiry can be hours
+            # away, so drop the stale ones whenever the heap has doubled since the last time.
+            heap[:] = [e for e in heap if e[2].buf is e[3]]
+            heapq.heapify(heap)
+            self._compact_at = max(1024, 2 * len(heap))
+        heapq.heappush(heap, (when, next(self._seq), conn, token))
         self._maybe_arm(when)
 
     def _maybe_arm(self, when: float) -> None:
@@ -247,6 +264,14 @@ class Hub:
         self._housekept_at = 0.0
         self.deadlines = Deadlines(loop)
         self.cap = config.connection_cap()
+        # Who may listen (service/auth.py): decided per request head, nothing per connection.
+        self.cors = Cors(config.cors_origins)
+        self.tokens = TokenCheck(
+            config.private_channels,
+            config.require_token,
+            load_keys(config.token_secret_file, config.token_public_key_file),
+            self.counters,
+        )
 
     # -- subscriptions -------------------------------------------------------------------------
     def stream_set(self, channel: str) -> set[Conn]:

@@ -10,6 +10,7 @@ shared deadline table (one timer per worker).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import ClassVar, cast
 
 from service import framing
@@ -24,6 +25,9 @@ DONE = 6  # closing or closed
 REJECTED = 7  # refused at accept time (over the cap or draining); never counted as held
 
 _KEEPALIVE = ()  # marks a connection that already served a long-poll (idle close is silent)
+# The deadline token of a stream whose subscriber token expires: one shared object, so a held
+# private stream costs its deadline entry and nothing else (its ``buf`` is otherwise unused).
+_EXPIRES = bytearray()
 
 
 class Conn(asyncio.Protocol):
@@ -38,7 +42,8 @@ class Conn(asyncio.Protocol):
     state: int
     subs: set[Conn] | None  # the hub set this connection is in (stream or poll waiters)
     buf: bytearray | None  # request bytes while reading a head / waiting on a poll
-    poll: tuple[int, str, bool, bool] | tuple[()] | None  # (since, channel, http11, keep_alive)
+    # (since, channel, http11, keep_alive, cors header lines)
+    poll: tuple[int, str, bool, bool, bytes] | tuple[()] | None
 
     # -- Protocol interface ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -122,17 +127,37 @@ class Conn(asyncio.Protocol):
             return
         rest = buf[result.head_len :]
         self.buf = None  # frees the head bytes and invalidates its deadline
+        hub = self.hub
+        if result.method == "OPTIONS":
+            answer = hub.cors.preflight(result.origin)
+            if isinstance(answer, HttpError):
+                self.fail(answer)
+            else:
+                self.transport.write(answer)
+                self.close()
+            return
+        cors = hub.cors.headers(result.origin)
+        expires = 0.0
+        tokens = hub.tokens
+        if tokens.active and tokens.needs_token(r.channel):
+            checked = tokens.check(r.channel, r.token)
+            if isinstance(checked, HttpError):
+                self.fail(checked, cors)
+                return
+            expires = checked
         if r.kind == "stream":
-            self._start_stream(result, r, rest)
+            self._start_stream(result, r, rest, cors, expires)
         else:
-            self._start_poll(result, r, rest)
+            self._start_poll(result, r, rest, cors)
 
-    def _start_stream(self, req: Request, r: Route, rest: bytearray) -> None:
+    def _start_stream(
+        self, req: Request, r: Route, rest: bytearray, cors: bytes, expires: float
+    ) -> None:
         hub = self.hub
         fmt = framing.fmt_index(r.sse, req.http11)
         t = self.transport
         if req.method == "HEAD":
-            t.write(framing.stream_head(fmt))
+            t.write(framing.stream_head(fmt, cors))
             self.close()
             return
         if rest:
@@ -140,7 +165,7 @@ class Conn(asyncio.Protocol):
             # clear answer, not a silent close.
             self.fail(HttpError(400, "bytes after a subscribe request"))
             return
-        t.write(framing.welcome(fmt, hub.config.sse_retry_ms))
+        t.write(framing.welcome(fmt, hub.config.sse_retry_ms, cors))
         if r.sse and r.last_event_id is not None:
             entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
             if gap:
@@ -151,17 +176,21 @@ class Conn(asyncio.Protocol):
         self.state = fmt
         subs = self.subs = hub.stream_set(r.channel)
         subs.add(self)
+        if expires:
+            # Ended at the token's exp by the shared deadline timer: no timer of its own.
+            self.buf = _EXPIRES
+            hub.add_deadline(self, _EXPIRES, max(0.0, expires - time.time()))
         if t.get_write_buffer_size() > hub.config.limit_write_buffer:
             self.drop_slow()
 
-    def _start_poll(self, req: Request, r: Route, rest: bytearray) -> None:
+    def _start_poll(self, req: Request, r: Route, rest: bytearray, cors: bytes) -> None:
         hub = self.hub
         if req.method == "HEAD":
-            self.transport.write(framing.poll_head_only(req.http11))
+            self.transport.write(framing.poll_head_only(req.http11, cors))
             self.close()
             return
         since = hub.last_id if r.since is None else r.since
-        self.poll = (since, r.channel, req.http11, req.keep_alive)
+        self.poll = (since, r.channel, req.http11, req.keep_alive, cors)
         self.buf = rest
         self.state = POLL
         entries, gap, _ = hub.history_since(r.channel, since)
@@ -178,7 +207,7 @@ class Conn(asyncio.Protocol):
         if self.state != POLL or not self.poll:
             return
         hub = self.hub
-        since, channel, http11, keep_alive = self.poll
+        since, channel, http11, keep_alive, cors = self.poll
         if self.subs is not None:
             self.subs.discard(self)
             self.subs = None
@@ -198,7 +227,7 @@ class Conn(asyncio.Protocol):
         last = entries[-1].id if entries else min(since, hub.last_id)
         payload = {"messages": msgs, "last_id": last, "reset": gap}
         keep = keep_alive and not hub.draining
-        data = framing.poll_response(payload, http11, keep)
+        data = framing.poll_response(payload, http11, keep, cors)
         self.transport.write(data)
         hub.counters.bytes_sent_total += len(data)
         hub.counters.msgs_sent_total += len(msgs)
@@ -223,13 +252,17 @@ class Conn(asyncio.Protocol):
                 self.fail(HttpError(408, "request head not received in time"))
         elif self.state == POLL:
             self.answer_poll()
+        elif token is _EXPIRES and self.state <= 3:
+            self.hub.counters.token_expired_total += 1
+            self.transport.write(framing.token_expired(self.state))
+            self.close()
 
     # -- closing ---------------------------------------------------------------------------------
-    def fail(self, err: HttpError) -> None:
+    def fail(self, err: HttpError, cors: bytes = b"") -> None:
         extra: list[tuple[str, str]] = []
         if err.status == 405:
-            extra.append(("Allow", "GET, HEAD"))
-        self.transport.write(framing.error_response(err.status, err.reason, extra))
+            extra.append(("Allow", "GET, HEAD, OPTIONS"))
+        self.transport.write(framing.error_response(err.status, err.reason, extra, cors))
         self.close()
 
     def close(self) -> None:

@@ -33,10 +33,12 @@ import uvloop
 from service import framing
 from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN
+from service.corked import Corked
 from service.http import Limits
 from service.hub import Hub
 from service.lag import LagSampler
 from service.protocol import Conn
+from service.tls import server_context as tls_context
 
 log = logging.getLogger("comet.worker")
 
@@ -103,8 +105,15 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         sock = self._sock or make_listener(self.config.host, self.config.port)
+        cfg = self.config
+        tls = tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         self._server = await self.loop.create_server(
-            self.protocol_class, sock=sock, backlog=self.backlog
+            self.protocol_class,
+            sock=sock,
+            backlog=self.backlog,
+            ssl=tls,
+            # The handshake gets the request head's deadline: a silent TLS client is cut as soon.
+            ssl_handshake_timeout=cfg.timeout_header if tls is not None else None,
         )
         self.port = sock.getsockname()[1]
         self.hub.start_pings()
@@ -115,11 +124,12 @@ class Worker:
             else ""
         )
         log.info(
-            "worker %d (pid %d) listening on %s:%d, backlog %d%s, connection cap %d",
+            "worker %d (pid %d) listening on %s:%d%s, backlog %d%s, connection cap %d",
             self.index,
             os.getpid(),
             self.config.host,
             self.port,
+            " (TLS)" if tls is not None else "",
             self.backlog,
             capped,
             self.hub.cap,
@@ -235,12 +245,14 @@ class ControlChannel:
         self.worker = worker
         self.fd = fd
         self.writer: asyncio.StreamWriter | None = None
+        self._out: Corked | None = None  # answers of one loop turn leave in one write
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         sock = socket.socket(fileno=self.fd)
         reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
         self.writer = writer
+        self._out = Corked(writer)
         self.send({"op": "ready", "pid": os.getpid(), "index": self.worker.index})
         while True:
             try:
@@ -265,8 +277,8 @@ class ControlChannel:
         await self.worker.drain()
 
     def send(self, obj: Mapping[str, Any]) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        if self._out is not None and not self._out.is_closing():
+            self._out.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
 
     async def handle(self, req: dict[str, Any]) -> None:
         rid = req.get("rid")
@@ -302,6 +314,8 @@ class ControlChannel:
                 grace = req.get("grace")
                 await w.drain(None if grace is None else float(grace))
                 self.send({"rid": rid, "ok": True})
+                if self._out is not None:
+                    self._out.flush()
                 if self.writer is not None:
                     await self.writer.drain()
             else:

@@ -21,7 +21,9 @@ from tests.service.supervisor_helpers import free_port  # noqa: E402
 def dev_env(tmp: Path) -> dict[str, str]:
     return {
         **os.environ,
-        "COMET_VENV": str(Path(sys.executable).resolve().parents[1]),
+        # The virtualenv running the tests (sys.prefix; resolving sys.executable's symlink would
+        # name the system Python and make ./dev install into it).
+        "COMET_VENV": sys.prefix,
         "COMET_PORT": str(free_port()),
         "COMET_ADMIN_PORT": str(free_port()),
         "COMET_CONTROL_SOCKET": str(tmp / "c.sock"),

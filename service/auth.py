@@ -1,0 +1,248 @@
+"""Who may listen: CORS for browsers on other origins, and signed subscriber tokens (JWT).
+
+Both are decided once per request head, on the accept path; nothing here lives per connection.
+
+CORS (``--cors-origins``): ``*`` answers any origin with ``Access-Control-Allow-Origin: *`` and
+no credentials; a comma-separated list answers only those origins, echoing the one that asked, with
+``Access-Control-Allow-Credentials: true`` (``EventSource(url, {withCredentials: true})``); an empty
+value sends no CORS headers at all. A preflight ``OPTIONS`` gets 204 with the methods and headers a
+subscriber uses (``Last-Event-ID``, ``Authorization``, ``Cache-Control``), or 403 for an origin
+outside the list.
+
+Tokens: channels matching ``--private-channels`` (comma-separated glob patterns such as
+``private-*``), or every channel with ``--require-token``, need a JWT given as ``?token=`` (an
+``EventSource`` cannot set headers) or ``Authorization: Bearer``. It is checked with PyJWT: HS256
+with the shared secret (``--token-secret-file`` or ``COMET_TOKEN_SECRET``; never a flag, so it
+never shows in ``ps``), or RS256 / ES256 with ``--token-public-key-file``. Claims: ``exp``
+(required), ``sub`` (optional), ``channels`` (names or glob patterns the token may read).
+Missing → 401; a bad signature, an expired token or a channel the token does not name → 403;
+each with a one-line reason and its own counter. The token itself is never logged.
+
+A decoded token is remembered (bounded, keyed by its text) so a client that reconnects with the
+same token costs a dictionary look-up, not another signature check; its ``exp`` is checked again
+on every use.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from service.http import HttpError
+
+ENV_SECRET = "COMET_TOKEN_SECRET"
+HMAC_ALGORITHMS = ("HS256",)
+KEY_ALGORITHMS = ("RS256", "ES256")
+CACHE_SIZE = 4096
+PREFLIGHT_HEADERS = "Last-Event-ID, Authorization, Cache-Control, Accept"
+PREFLIGHT_METHODS = "GET, HEAD, OPTIONS"
+
+
+def _patterns(text: str) -> re.Pattern[str] | None:
+    """Comma-separated glob patterns as one regex (None: no pattern)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in parts))
+
+
+# ---- CORS ----------------------------------------------------------------------------------------
+class Cors:
+    """The CORS answer of every subscriber route, computed once per origin list."""
+
+    __slots__ = ("any", "origins", "_any_bytes", "_bytes", "_other")
+
+    def __init__(self, origins: str) -> None:
+        text = origins.strip()
+        self.any = text == "*"
+        self.origins = (
+            frozenset() if self.any else frozenset(o.strip() for o in text.split(",") if o.strip())
+        )
+        self._any_bytes = b"Access-Control-Allow-Origin: *\r\n"
+        # Built once per allowed origin: answering a request allocates nothing.
+        self._bytes = {
+            o: b"Access-Control-Allow-Origin: %s\r\nAccess-Control-Allow-Credentials: true\r\n"
+            b"Vary: Origin\r\n" % o.encode("latin-1")
+            for o in self.origins
+        }
+        self._other = b"Vary: Origin\r\n" if self.origins else b""
+
+    @property
+    def enabled(self) -> bool:
+        return self.any or bool(self.origins)
+
+    def allowed(self, origin: str | None) -> bool:
+        return origin is not None and (self.any or origin in self.origins)
+
+    def headers(self, origin: str | None) -> bytes:
+        """Header lines (CRLF-terminated) for a response to a request from ``origin``."""
+        if origin is None:
+            return b""
+        if self.any:
+            return self._any_bytes
+        return self._bytes.get(origin, self._other)
+
+    def preflight(self, origin: str | None) -> bytes | HttpError:
+        """The whole answer to an ``OPTIONS`` request."""
+        if not self.allowed(origin):
+            why = "no Origin header" if origin is None else f"origin {origin!r} is not allowed"
+            return HttpError(403, f"CORS preflight refused: {why}")
+        return (
+            b"HTTP/1.1 204 No Content\r\n"
+            + self.headers(origin)
+            + b"Access-Control-Allow-Methods: "
+            + PREFLIGHT_METHODS.encode()
+            + b"\r\n"
+            b"Access-Control-Allow-Headers: " + PREFLIGHT_HEADERS.encode() + b"\r\n"
+            b"Access-Control-Max-Age: 600\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+
+
+# ---- tokens --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Keys:
+    secret: bytes | None
+    public_key: Any | None  # a cryptography public key object
+
+
+def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Keys:
+    """The verification keys; ValueError names the option that is wrong."""
+    env = os.environ if environ is None else environ
+    secret: bytes | None = None
+    if secret_file:
+        try:
+            with open(secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise ValueError(
+                f"token-secret-file: cannot read {secret_file}: {exc.strerror or exc}"
+            ) from None
+        if not secret:
+            raise ValueError(f"token-secret-file: {secret_file} is empty")
+    elif env.get(ENV_SECRET):
+        secret = env[ENV_SECRET].strip().encode()
+    if secret is not None and len(secret) < 32:
+        raise ValueError(
+            "token secret: at least 32 bytes are needed for HS256 (e.g. `openssl rand -hex 32`)"
+        )
+    public_key = None
+    if public_key_file:
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        try:
+            with open(public_key_file, "rb") as f:
+                public_key = load_pem_public_key(f.read())
+        except OSError as exc:
+            raise ValueError(
+                f"token-public-key-file: cannot read {public_key_file}: {exc.strerror or exc}"
+            ) from None
+        except ValueError as exc:
+            raise ValueError(
+                f"token-public-key-file: {public_key_file} is not a PEM public key ({exc})"
+            ) from None
+    return Keys(secret, public_key)
+
+
+class TokenCheck:
+    """Decides whether a subscribe request may read its channel. Counts each refusal."""
+
+    def __init__(
+        self, private_channels: str, require_token: bool, keys: Keys, counters: Any = None
+    ) -> None:
+        self.require_all = require_token
+        self.private = _patterns(private_channels)
+        self.keys = keys
+        self.counters = counters
+        self._cache: OrderedDict[str, tuple[float, re.Pattern[str] | None]] = OrderedDict()
+        algorithms: list[str] = []
+        if keys.secret is not None:
+            algorithms += HMAC_ALGORITHMS
+        if keys.public_key is not None:
+            algorithms += KEY_ALGORITHMS
+        self.algorithms = algorithms
+
+    @property
+    def active(self) -> bool:
+        return self.require_all or self.private is not None
+
+    def needs_token(self, channel: str) -> bool:
+        return self.require_all or (self.private is not None and bool(self.private.match(channel)))
+
+    def check(self, channel: str, token: str | None, now: float | None = None) -> float | HttpError:
+        """The token's expiry (unix seconds) if it may read ``channel``, else the refusal."""
+        ctr = self.counters
+        if not token:
+            if ctr is not None:
+                ctr.token_missing_total += 1
+            return HttpError(401, f"channel {channel!r} needs a token (?token= or Bearer)")
+        now = time.time() if now is None else now
+        claims = self._cache.get(token)
+        if claims is None:
+            decoded = self._decode(token)
+            if isinstance(decoded, HttpError):
+                return decoded
+            claims = decoded
+            self._cache[token] = claims
+            if len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        exp, allowed = claims
+        if exp <= now:
+            if ctr is not None:
+                ctr.token_expired_total += 1
+            return HttpError(403, "token expired")
+        if allowed is None or not allowed.match(channel):
+            if ctr is not None:
+                ctr.token_forbidden_total += 1
+            return HttpError(403, f"token does not grant channel {channel!r}")
+        return exp
+
+    def _decode(self, token: str) -> tuple[float, re.Pattern[str] | None] | HttpError:
+        ctr = self.counters
+        try:
+            alg = jwt.get_unverified_header(token).get("alg")
+            if alg in HMAC_ALGORITHMS and self.keys.secret is not None:
+                key: Any = self.keys.secret
+            elif alg in KEY_ALGORITHMS and self.keys.public_key is not None:
+                key = self.keys.public_key
+            else:
+                raise jwt.InvalidAlgorithmError(f"algorithm {alg!r} is not accepted here")
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options={"require": ["exp"], "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            if ctr is not None:
+                ctr.token_expired_total += 1
+            return HttpError(403, "token expired")
+        except jwt.InvalidSignatureError:
+            if ctr is not None:
+                ctr.token_invalid_total += 1
+            return HttpError(403, "token signature does not verify")
+        except jwt.MissingRequiredClaimError as exc:
+            if ctr is not None:
+                ctr.token_invalid_total += 1
+            return HttpError(403, f"token has no '{exc.claim}' claim")
+        except jwt.PyJWTError as exc:
+            if ctr is not None:
+                ctr.token_invalid_total += 1
+            return HttpError(403, f"token rejected: {_one_line(str(exc))}")
+        channels = claims.get("channels")
+        if isinstance(channels, str):
+            channels = [channels]
+        allowed = None
+        if isinstance(channels, list) and all(isinstance(c, str) for c in channels):
+            allowed = _patterns(",".join(channels))
+        return float(claims["exp"]), allowed
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:200]

@@ -1,0 +1,155 @@
+"""Cross-origin subscribers in a real headless Chromium: a page served from another port opens an
+``EventSource`` to the real service (with ``withCredentials`` against an explicit origin list),
+receives broadcasts, and resumes after every worker is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.service.supervisor_helpers import Service, free_port, wait_for
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./dev test)"),
+]
+
+PAGE = """<!doctype html><html><body><script>
+window.got = []; window.opened = 0; window.errors = 0; window.resets = 0;
+const es = new EventSource(%(url)s, {withCredentials: %(creds)s});
+es.onopen = () => { window.opened += 1; };
+es.onerror = () => { window.errors += 1; window.state = es.readyState; };
+es.onmessage = (e) => { window.got.push([Number(e.lastEventId), e.data]); };
+es.addEventListener('reset', () => { window.resets += 1; });
+</script></body></html>"""
+
+
+class PageServer:
+    """Serves one HTML page on its own port: another origin than the service."""
+
+    def __init__(self, html: str, port: int = 0) -> None:
+        body = html.encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.origin = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> PageServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def page_html(svc: Service, creds: bool) -> str:
+    url = f"http://localhost:{svc.port}/sub/xo?format=sse"
+    return PAGE % {"url": repr(url), "creds": "true" if creds else "false"}
+
+
+def published(svc: Service, data: str) -> int:
+    answer = svc.ask({"op": "broadcast", "data": data, "channel": "xo"})
+    assert answer["ok"], answer
+    return int(answer["id"])
+
+
+def test_a_page_of_another_origin_subscribes_and_resumes_after_a_crash(
+    tmp_path: Path, browser: Any
+) -> None:
+    svc = Service(tmp_path, "--workers", "2", "--sse-retry-ms", "300")
+    try:
+        svc.wait_up(2)
+        html = page_html(svc, creds=False)
+        with PageServer(html) as site:
+            tab = browser.new_page()
+            tab.goto(site.origin + "/")
+            tab.wait_for_function("window.opened >= 1", timeout=15_000)
+            wait_for(
+                lambda: svc.ask({"op": "channels"})["channels"].get("xo") == 1, 10, "subscriber"
+            )
+            ids = [published(svc, f"m{i}") for i in range(3)]
+            tab.wait_for_function("window.got.length >= 3", timeout=10_000)
+            # Every worker killed: the browser reconnects (with Last-Event-ID, across origins)
+            # and gets what was published while it was away, then live messages.
+            health = svc.health()
+            assert health is not None
+            for pid in health["pids"]:
+                os.kill(pid, signal.SIGKILL)
+            ids += [published(svc, f"m{i}") for i in range(3, 5)]
+            svc.wait_up(2)
+            tab.wait_for_function("window.got.length >= 5", timeout=20_000)
+            wait_for(
+                lambda: svc.ask({"op": "channels"})["channels"].get("xo") == 1, 10, "resubscribed"
+            )
+            ids.append(published(svc, "m5"))
+            tab.wait_for_function("window.got.length >= 6", timeout=10_000)
+            got = tab.evaluate("window.got")
+            assert got == [[i, f"m{n}"] for n, i in enumerate(ids)]
+            assert tab.evaluate("window.opened") >= 2 and tab.evaluate("window.resets") == 0
+    finally:
+        svc.stop()
+
+
+def test_with_credentials_against_an_explicit_origin(tmp_path: Path, browser: Any) -> None:
+    # The page's origin must be known before the service starts: reserve the port first.
+    page_port = free_port()
+    allowed_origin = f"http://127.0.0.1:{page_port}"
+    svc = Service(tmp_path, "--workers", "1", "--cors-origins", allowed_origin)
+    try:
+        svc.wait_up(1)
+        html = page_html(svc, creds=True)
+        with PageServer(html, page_port) as allowed, PageServer(html) as other:
+            tab = browser.new_page()
+            tab.goto(allowed.origin + "/")
+            tab.wait_for_function("window.opened >= 1", timeout=15_000)
+            published(svc, "hello")
+            tab.wait_for_function("window.got.length >= 1", timeout=10_000)
+            assert tab.evaluate("window.got")[0][1] == "hello"
+            # A page of an origin not in the list: the browser refuses the stream for good.
+            bad = browser.new_page()
+            bad.goto(other.origin + "/")
+            bad.wait_for_function("window.errors >= 1 && window.state === 2", timeout=15_000)
+            assert bad.evaluate("window.opened") == 0
+    finally:
+        svc.stop()

@@ -1,0 +1,124 @@
+"""HTTPS on the service port: the real supervisor with a test CA's certificate (trustme), curl and
+the load generator as clients, and the start-up errors of a bad certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from loadgen.client import Engine, EngineConfig
+from tests.service.supervisor_helpers import Service, wait_for
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca.cert_pem.write_to_path(d / "ca.pem")
+    cert.private_key_pem.write_to_path(d / "key.pem")
+    cert.cert_chain_pems[0].write_to_path(d / "cert.pem")
+    for extra in cert.cert_chain_pems[1:]:
+        with open(d / "cert.pem", "ab") as f:
+            f.write(extra.bytes())
+    return {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
+
+
+@pytest.fixture(scope="module")
+def tls_service(
+    tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]
+) -> Iterator[Service]:
+    svc = Service(
+        tmp_path_factory.mktemp("tls"),
+        "--workers",
+        "2",
+        "--tls-cert",
+        str(pki["cert"]),
+        "--tls-key",
+        str(pki["key"]),
+    )
+    try:
+        svc.wait_up(2)
+        yield svc
+    finally:
+        svc.stop()
+
+
+def curl(*args: str, timeout: float = 20.0) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        ["curl", "-sS", "-N", "--max-time", str(timeout), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def test_curl_with_the_test_ca_gets_welcome_and_a_broadcast(
+    tls_service: Service, pki: dict[str, Path]
+) -> None:
+    url = f"https://localhost:{tls_service.port}/sub/secure"
+    proc = curl("--cacert", str(pki["ca"]), url, timeout=8)
+    try:
+        wait_for(
+            lambda: tls_service.ask({"op": "channels"})["channels"].get("secure", 0) == 1,
+            10,
+            "the curl subscriber",
+        )
+        answer = tls_service.ask({"op": "broadcast", "data": "over tls", "channel": "secure"})
+        assert answer["ok"] and answer["recipients"] == 1
+    finally:
+        out, err = proc.communicate(timeout=15)
+    assert out.startswith(b"Welcome!\n"), (out, err)
+    assert b"over tls\n" in out
+    # Without the CA, curl refuses the certificate; plain HTTP on the TLS port gets no stream.
+    bad = curl(url, timeout=5)
+    out, err = bad.communicate(timeout=15)
+    assert bad.returncode == 60 and b"Welcome" not in out, err  # 60: certificate problem
+    plain = curl(f"http://127.0.0.1:{tls_service.port}/", timeout=5)
+    out, _ = plain.communicate(timeout=15)
+    assert b"Welcome" not in out
+
+
+def test_the_load_generator_holds_https_streams(tls_service: Service, pki: dict[str, Path]) -> None:
+    async def run() -> tuple[int, int]:
+        engine = Engine(
+            EngineConfig(
+                30, "127.0.0.1", tls_service.port, "/sub/lg", tls=True, tls_ca=str(pki["ca"])
+            ),
+            [],
+        )
+        engine.start()
+        try:
+            deadline = time.monotonic() + 20
+            while engine.stats().clients < 30 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            held = engine.stats().clients
+            answer = await asyncio.to_thread(
+                tls_service.ask, {"op": "broadcast", "data": "lg", "channel": "lg"}
+            )
+            deadline = time.monotonic() + 10
+            while engine.stats().msgs_total < 30 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert answer["recipients"] == 30
+            return held, engine.stats().msgs_total
+        finally:
+            await engine.close()
+
+    held, msgs = asyncio.run(run())
+    assert held == 30 and msgs >= 30
+
+
+def test_a_bad_certificate_path_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    svc = Service(
+        tmp_path, "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(tmp_path / "k")
+    )
+    code = svc.proc.wait(30)
+    log = svc.log()
+    svc.stop()
+    assert code == 2
+    assert f"cannot read {tmp_path / 'missing.pem'}" in log and "Traceback" not in log
