@@ -30,7 +30,8 @@ configured (COMET_ADMIN_TOKEN or an existing token file); a freshly generated on
 
 Routes: GET /healthz (no auth); with 'Authorization: Bearer <token>': GET /api/stats,
 GET /api/stats/stream (SSE), GET /api/channels, POST /api/broadcast {"data","channel","event"},
-GET /metrics. GET / serves the dashboard, which asks for the token.
+POST /api/tokens {"channels","ttl","sub"} (a subscriber token for private channels), GET /metrics.
+GET / serves the dashboard, which asks for the token.
 """
 
 

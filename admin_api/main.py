@@ -19,7 +19,7 @@ from .control import (
     ServiceUnavailable,
 )
 from .middleware import BearerAuth, BodyCheck, HeaderCount, SecurityHeaders
-from .routers import broadcast, cluster, dashboard, health, metrics, stats
+from .routers import broadcast, cluster, dashboard, health, metrics, stats, tokens
 from .settings import AdminSettings, get_settings
 
 LIMIT_HEADER_COUNT = 100
@@ -84,7 +84,7 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceTimeout, timed_out)
     app.add_exception_handler(ServiceRefused, refused)
 
-    for module in (health, stats, cluster, broadcast, metrics, dashboard):
+    for module in (health, stats, cluster, broadcast, tokens, metrics, dashboard):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
 

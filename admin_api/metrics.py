@@ -24,6 +24,22 @@ TOTAL_COUNTERS = (
     ("slow_dropped_total", "comet_slow_dropped_connections", "Slow subscribers dropped"),
     ("msgs_sent_total", "comet_messages_sent", "Messages written to subscribers"),
     ("bytes_sent_total", "comet_bytes_sent", "Bytes written to subscribers"),
+    (
+        "token_missing_total",
+        "comet_token_missing",
+        "Private-channel requests without a token (401)",
+    ),
+    ("token_invalid_total", "comet_token_invalid", "Tokens with a bad signature or claims (403)"),
+    (
+        "token_expired_total",
+        "comet_token_expired",
+        "Expired tokens, at subscribe or while connected",
+    ),
+    (
+        "token_forbidden_total",
+        "comet_token_forbidden",
+        "Tokens that do not grant the channel (403)",
+    ),
 )
 LAG_STATS = ("avg", "p90", "max")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.contracts import NAME_PATTERN
@@ -47,6 +47,26 @@ class AdminSettings(BaseSettings):
         description="seconds to wait for a broadcast to be written to every subscriber",
     )
     log_level: str = Field(default="info", description="debug, info, warning or error")
+    subscriber_secret_file: Path | None = Field(
+        default=None,
+        description=(
+            "file with the HS256 secret POST /api/tokens signs subscriber tokens with (the "
+            "service's --token-secret-file); unset: COMET_TOKEN_SECRET, as the service reads it"
+        ),
+    )
+    subscriber_private_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key (RSA: RS256, EC P-256: ES256) to sign subscriber tokens",
+    )
+    subscriber_token_max_ttl: int = Field(
+        default=3600, gt=0, description="longest lifetime in seconds POST /api/tokens grants"
+    )
+
+    @field_validator("subscriber_secret_file", "subscriber_private_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A deployment sets every variable and leaves the unused ones empty.
+        return None if value == "" else value
 
 
 @lru_cache

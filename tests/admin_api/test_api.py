@@ -19,6 +19,7 @@ PROTECTED = [
     ("GET", "/api/stats/stream"),
     ("GET", "/api/channels"),
     ("POST", "/api/broadcast"),
+    ("POST", "/api/tokens"),
     ("GET", "/metrics"),
 ]
 
@@ -171,7 +172,9 @@ def test_service_refusal_is_502_with_its_reason(client: httpx.Client, fake: Fake
     assert "workers are draining" in r.json()["detail"]
 
 
-@pytest.mark.parametrize(("method", "path"), [p for p in PROTECTED if p[1] != "/api/stats/stream"])
+@pytest.mark.parametrize(
+    ("method", "path"), [p for p in PROTECTED if p[1] not in ("/api/stats/stream", "/api/tokens")]
+)
 def test_unreachable_service_is_503_naming_the_socket(
     client: httpx.Client, fake: FakeControl, method: str, path: str
 ) -> None:
