@@ -37,12 +37,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SECRET = "worker-bench-secret-0123456789abcdef"
+
+
 class CometServer:
-    def __init__(self, port: int, timeout_header: float) -> None:
+    def __init__(self, port: int, timeout_header: float, **extra: Any) -> None:
         from service.config import Config
 
         cfg = Config(
-            host="127.0.0.1", port=port, ping_interval=3600.0, timeout_header=timeout_header
+            host="127.0.0.1",
+            port=port,
+            ping_interval=3600.0,
+            timeout_header=timeout_header,
+            **extra,
         )
         ours, theirs = socket.socketpair()
         self.ctl = ours
@@ -51,7 +58,12 @@ class CometServer:
             [PY, "-m", "service.worker", "--control-fd", str(theirs.fileno())],
             cwd=ROOT,
             pass_fds=[theirs.fileno()],
-            env={**os.environ, "COMET_WORKER_CONFIG": cfg.to_json(), "COMET_WORKER_INDEX": "0"},
+            env={
+                **os.environ,
+                "COMET_WORKER_CONFIG": cfg.to_json(),
+                "COMET_WORKER_INDEX": "0",
+                "COMET_TOKEN_SECRET": SECRET,
+            },
             stderr=subprocess.DEVNULL,
         )
         theirs.close()
@@ -92,10 +104,21 @@ class BareServer:
             self.proc.stdout.close()
 
 
-def start_clients(port: int, n: int, k: int) -> list[subprocess.Popen[str]]:
+def start_clients(
+    port: int, n: int, k: int, tls: bool = False, private: int = 0, tokens_file: str = ""
+) -> list[subprocess.Popen[str]]:
+    """``k`` client processes for ``n`` connections; ``private`` of them (in processes of their
+    own) subscribe to a private channel, each with its own token from ``tokens_file``."""
     procs = []
+    groups: list[tuple[int, list[str]]] = []
+    public = n - private
     for i in range(k):
-        share = n // k + (1 if i < n % k else 0)
+        share = public // k + (1 if i < public % k else 0)
+        if share:
+            groups.append((share, []))
+    if private:
+        groups.append((private, ["--path", "/sub/private-bench", "--tokens-file", tokens_file]))
+    for i, (share, extra) in enumerate(groups):
         procs.append(
             subprocess.Popen(
                 [
@@ -107,6 +130,8 @@ def start_clients(port: int, n: int, k: int) -> list[subprocess.Popen[str]]:
                     str(share),
                     "--src",
                     f"127.0.0.{2 + i}",
+                    *(["--tls"] if tls else []),
+                    *extra,
                 ],
                 cwd=ROOT,
                 stdin=subprocess.PIPE,
@@ -145,18 +170,66 @@ def rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-def run_once(kind: str, n: int, k: int, settle: float, timeout_header: float) -> dict[str, float]:
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def tls_files() -> dict[str, str]:
+    """A throw-away certificate for 127.0.0.1 (trustme, a test CA)."""
+    import tempfile
+
+    import trustme
+
+    d = tempfile.mkdtemp(prefix="worker-bench-tls-")
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.private_key_pem.write_to_path(os.path.join(d, "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(os.path.join(d, "cert.pem"))
+    return {"tls_cert": os.path.join(d, "cert.pem"), "tls_key": os.path.join(d, "key.pem")}
+
+
+def token_file(n: int) -> str:
+    """``n`` distinct subscriber tokens (HS256), one a line: each client has its own, as an
+    application's users would."""
+    import tempfile
+
+    import jwt
+
+    exp = int(time.time()) + 3600
+    fd, path = tempfile.mkstemp(prefix="worker-bench-tokens-")
+    with os.fdopen(fd, "w") as f:
+        for i in range(n):
+            claims = {"sub": f"user-{i}", "channels": ["private-*"], "exp": exp}
+            f.write(jwt.encode(claims, SECRET, algorithm="HS256") + "\n")
+    return path
+
+
+def run_once(
+    kind: str,
+    n: int,
+    k: int,
+    settle: float,
+    timeout_header: float,
+    tls: bool = False,
+    private: int = 0,
+) -> dict[str, float]:
     port = free_port()
     server: CometServer | BareServer
-    server = CometServer(port, timeout_header) if kind == "comet" else BareServer(port)
+    extra: dict[str, Any] = tls_files() if tls else {}
+    if private:
+        extra["private_channels"] = "private-*"
+    tokens = token_file(private) if private else ""
+    server = CometServer(port, timeout_header, **extra) if kind == "comet" else BareServer(port)
     pid = server.proc.pid
     clients: list[subprocess.Popen[str]] = []
     try:
         time.sleep(0.5)
         r0 = rss(pid)
+        c0 = cpu_s(pid)
         t_conn = time.perf_counter()
-        clients = start_clients(port, n, k)
+        clients = start_clients(port, n, k, tls, private, tokens)
         connect_s = time.perf_counter() - t_conn
+        c1 = cpu_s(pid)
         r_ready = rss(pid)
         time.sleep(settle)
         r1 = rss(pid)
@@ -165,6 +238,9 @@ def run_once(kind: str, n: int, k: int, settle: float, timeout_header: float) ->
             "rss0_mb": r0 / 2**20,
             "rss_ready_per_conn": (r_ready - r0) / n,
             "rss_per_conn": (r1 - r0) / n,
+            # The server process's own CPU (user + sys) per accepted connection: accept, TLS
+            # handshake when on, head parse and token check, welcome write.
+            "cpu_per_accept_us": (c1 - c0) / n * 1e6,
         }
         if isinstance(server, CometServer):
             st = server.ask("stats")["stats"]
@@ -204,12 +280,27 @@ def main() -> None:
     ap.add_argument("--server", choices=["comet", "bare", "both"], default="both")
     ap.add_argument("--timeout-header", type=float, default=10.0)
     ap.add_argument("--settle", type=float, default=11.0, help="seconds before the RSS read")
+    ap.add_argument("--tls", action="store_true", help="HTTPS: the worker with a test certificate")
+    ap.add_argument(
+        "--private",
+        type=int,
+        default=0,
+        help="of the n connections, this many subscribe to a private channel with a token each",
+    )
     args = ap.parse_args()
     kinds = ["comet", "bare"] if args.server == "both" else [args.server]
     for kind in kinds:
         runs = []
         for i in range(args.runs):
-            r = run_once(kind, args.n, args.clients, args.settle, args.timeout_header)
+            r = run_once(
+                kind,
+                args.n,
+                args.clients,
+                args.settle,
+                args.timeout_header,
+                args.tls,
+                args.private,
+            )
             runs.append(r)
             print(
                 f"{kind} run {i + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.items()),

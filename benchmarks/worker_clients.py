@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import itertools
 import socket
+import ssl
 import sys
 import time
+from typing import Any
 
 import uvloop
 
@@ -21,13 +25,17 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("transport", "state", "tail")
+    __slots__ = ("transport", "state", "tail", "__dict__")
     marker = b""
     counts = {"ready": 0, "got": 0}
     t_last = 0.0
     request = b""
     expect = 0
     all_got: asyncio.Event | None = None
+
+    def __init__(self, request: bytes | None = None) -> None:
+        if request is not None:
+            self.request = request  # type: ignore[misc]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -57,9 +65,23 @@ async def main() -> None:
     ap.add_argument("--src", default="127.0.0.2", help="source address to bind")
     ap.add_argument("--path", default="/")
     ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument(
+        "--tokens-file", help="one subscriber token a line; connection i adds ?token=<line i>"
+    )
+    ap.add_argument("--tls", action="store_true", help="HTTPS (the certificate is not checked)")
     args = ap.parse_args()
     Client.request = f"GET {args.path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    tokens: list[str] = []
+    if args.tokens_file:
+        with open(args.tokens_file) as f:
+            tokens = [t.strip() for t in f if t.strip()]
+    ctx = None
+    if args.tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
     loop = asyncio.get_running_loop()
+    count = itertools.count()
     sem = asyncio.Semaphore(args.concurrency)
     transports: list[asyncio.BaseTransport] = []
 
@@ -76,7 +98,12 @@ async def main() -> None:
                     s.close()
                     await asyncio.sleep(0.05 * (attempt + 1))
                     continue
-                t, _ = await loop.create_connection(Client, sock=s)
+                factory: Any = Client
+                if tokens:
+                    tok = tokens[next(count) % len(tokens)]
+                    req = f"GET {args.path}?token={tok} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+                    factory = functools.partial(Client, req)
+                t, _ = await loop.create_connection(factory, sock=s, ssl=ctx)
                 transports.append(t)
                 return
             raise SystemExit("could not connect")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="hold n connections, controlled over HTTP (port 8889)",
         description="Hold n streaming connections to host:port/path and serve the control API: "
-        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=&head_timeout= (ip= is "
+        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls= (ip= is "
         "an alias of host=), GET /restart. The API listens on 127.0.0.1 unless --bind says "
         "otherwise, and a non-loopback --bind needs a token (--token-file or "
         f"{TOKEN_ENV}), then required on every request as 'Authorization: Bearer <token>' or "
@@ -63,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds a connection may wait for the response head before it counts as an error",
+    )
+    agent.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with HTTPS (TLS); /set?tls=0|1 changes it later",
+    )
+    agent.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="PEM",
+        help="CA certificate(s) to check the server's certificate with (default: the system's)",
     )
     agent.add_argument("--control-port", type=int, default=8889, help="control API port (0 = any)")
     agent.add_argument(
@@ -139,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(n, host, port, path, concurrency, head_timeout)",
     )
     st_set.add_argument(
-        "key", metavar="KEY[=VALUE]", help="n, host, port, path, concurrency, head_timeout"
+        "key", metavar="KEY[=VALUE]", help="n, host, port, path, concurrency, head_timeout, tls"
     )
     st_set.add_argument("value", nargs="?", help="the value (or give KEY=VALUE)")
     fsub.add_parser("restart", help="every agent drops its connections and reconnects")
@@ -157,8 +169,13 @@ def agent_options(args: argparse.Namespace) -> AgentOptions:
             ("path", args.path),
             ("concurrency", str(args.concurrency)),
             ("head_timeout", str(args.head_timeout)),
+            ("tls", "1" if args.tls else "0"),
         ],
     )
+    if args.tls_ca:
+        if not os.access(args.tls_ca, os.R_OK):
+            raise ValueError(f"--tls-ca: cannot read {args.tls_ca}")
+        config = replace(config, tls_ca=os.path.abspath(args.tls_ca))
     sources = parse_source_ips(args.source_ips, config.host)
     token = load_token(args.token_file, dict(os.environ))
     if token is None and not is_loopback_bind(args.bind):

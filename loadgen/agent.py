@@ -1,6 +1,6 @@
 """The load-generator agent: a pool of engines behind the classic fleet control API.
 
-``GET /`` → stats JSON, ``GET /set?n=&host=&port=&path=&concurrency=&head_timeout=`` (``ip`` is
+``GET /`` → stats JSON, ``GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls=`` (``ip`` is
 an alias of ``host``, as in the classic fleet scripts) → the new config, ``GET /restart`` → drop
 every connection and reconnect to ``n``. A bad parameter gets a 400 with a JSON error naming it;
 the control server never sends a traceback.
@@ -29,7 +29,7 @@ MAX_N = 10_000_000
 MAX_HEAD = 16384
 MAX_HEADERS = 100
 TIMEOUT_HEAD = 10.0
-PARAMS = ("n", "host", "ip", "port", "path", "concurrency", "head_timeout")
+PARAMS = ("n", "host", "ip", "port", "path", "concurrency", "head_timeout", "tls")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -89,6 +89,10 @@ def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineC
             if not 0.1 <= seconds <= 600:
                 raise BadParam(name, f"must be 0.1..600 seconds, got {raw}")
             changes["head_timeout"] = seconds
+        elif name == "tls":
+            if raw not in ("0", "1"):
+                raise BadParam(name, f"expected 0 or 1, got {raw!r}")
+            changes["tls"] = raw == "1"
         else:
             raise BadParam(name, f"unknown parameter (use {', '.join(PARAMS)})")
     return replace(config, **changes)

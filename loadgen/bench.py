@@ -459,6 +459,8 @@ async def _start_service_on(
         "--grace",
         "5",
     ]
+    if args.tls_cert:
+        cmd += ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key]
     logf = open(out / "service.log", "wb")  # noqa: SIM115 - handed to the child, closed below
     try:
         # Own session: a terminal Ctrl-C reaches only the bench, which then stops the service.
@@ -651,12 +653,16 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         if args.target:
             u = urlsplit(args.target)
-            if u.scheme != "http" or not u.hostname:
-                raise BenchError(f"--target: expected http://host:port/path, got {args.target!r}")
-            host, port = u.hostname, u.port or 80
+            if u.scheme not in ("http", "https") or not u.hostname:
+                raise BenchError(
+                    f"--target: expected http(s)://host:port/path, got {args.target!r}"
+                )
+            tls = u.scheme == "https"
+            host, port = u.hostname, u.port or (443 if tls else 80)
             path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         else:
             host, port, path = "127.0.0.1", 0, args.path
+            tls = bool(args.tls_cert)
         sources = parse_source_ips(args.source_ips, host)
         checks = preflight(args.conns, len(sources), remote=False, concurrency=args.concurrency)
         report = self.report
@@ -693,7 +699,10 @@ class Bench:
             await wait_workers_up(svc.socket_path, args.workers_expected)
         await asyncio.sleep(1.0)  # a baseline after start-up settles
         slab0, rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
-        config = EngineConfig(0, host, port, path, args.concurrency)
+        config = EngineConfig(
+            0, host, port, path, args.concurrency, tls=tls, tls_ca=args.tls_ca or ""
+        )
+        report["tls"] = tls
         pool = self.pool = ProcessPool(
             config, sources, None if args.procs == "auto" else int(args.procs)
         )
@@ -1224,7 +1233,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="client source addresses (auto = 127.0.0.2-127.0.0.41 for loopback)",
     )
     p.add_argument(
-        "--target", help="http://host:port/path of another streaming server (no service is started)"
+        "--target",
+        help="http(s)://host:port/path of another streaming server (no service is started)",
+    )
+    p.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="start the service with HTTPS (its --tls-cert); the clients then use TLS",
+    )
+    p.add_argument("--tls-key", metavar="PEM", help="the service's --tls-key")
+    p.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA the clients check the server certificate with (default: the system's)",
     )
     p.add_argument(
         "--publish-cmd",
@@ -1268,6 +1289,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--target needs --publish-cmd to broadcast (or --broadcasts 0)")
     if args.publish_cmd and not args.target:
         parser.error("--publish-cmd only goes with --target")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert and args.target:
+        parser.error("--tls-cert starts the service with TLS; with --target use https://")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(args, name)
+        if path and not os.access(path, os.R_OK):
+            parser.error(f"--{name.replace('_', '-')}: cannot read {path}")
+        if path:
+            setattr(args, name, os.path.abspath(path))
     console = Console()
     if args.preflight_only:
         host = urlsplit(args.target).hostname or "127.0.0.1" if args.target else "127.0.0.1"

@@ -34,6 +34,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Iterable
@@ -67,9 +68,26 @@ class EngineConfig:
     concurrency: int = 100
     # Seconds a connection may wait for the response head before it counts as an error.
     head_timeout: float = 10.0
+    # HTTPS: TLS to the target, its certificate checked against tls_ca (a PEM file; "" = the
+    # system's CAs) and the host name.
+    tls: bool = False
+    tls_ca: str = ""
 
-    def target(self) -> tuple[str, int, str]:
-        return (self.host, self.port, self.path)
+    def target(self) -> tuple[str, int, str, bool]:
+        return (self.host, self.port, self.path, self.tls)
+
+
+_TLS_CONTEXTS: dict[str, ssl.SSLContext] = {}
+
+
+def tls_context(ca_file: str) -> ssl.SSLContext:
+    """One client context per CA file per process (a context per connection would cost ~KBs)."""
+    ctx = _TLS_CONTEXTS.get(ca_file)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+        ctx.set_alpn_protocols(["http/1.1"])
+        _TLS_CONTEXTS[ca_file] = ctx
+    return ctx
 
 
 @dataclass
@@ -497,7 +515,8 @@ class Engine:
         self._closed = True
         if self._tick is not None:
             self._tick.cancel()
-        self.config = EngineConfig(0, self.config.host, self.config.port, self.config.path)
+        c = self.config
+        self.config = EngineConfig(0, c.host, c.port, c.path, tls=c.tls, tls_ca=c.tls_ca)
         self.drop_all()
         await asyncio.sleep(0)
 
@@ -577,11 +596,20 @@ class Engine:
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((src, 0))
             await asyncio.wait_for(loop.sock_connect(sock, (c.host, c.port)), CONNECT_TIMEOUT)
-            await loop.create_connection(factory, sock=sock)
+            if c.tls:
+                await loop.create_connection(
+                    factory,
+                    sock=sock,
+                    ssl=tls_context(c.tls_ca),
+                    server_hostname=c.host,
+                    ssl_handshake_timeout=CONNECT_TIMEOUT,
+                )
+            else:
+                await loop.create_connection(factory, sock=sock)
             sock = None
             if made and self.config.target() != c.target():
                 self._abort(made[0])  # retargeted while this one was connecting
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError):  # ssl.SSLError (a bad certificate) is an OSError
             self.errors_req += 1
             self.back_off()
         finally:
@@ -926,6 +954,8 @@ async def _child_main(index: int, source_ips: list[str]) -> None:
                         path=str(msg["path"]),
                         concurrency=int(msg["concurrency"]),
                         head_timeout=float(msg["head_timeout"]),
+                        tls=bool(msg.get("tls", False)),
+                        tls_ca=str(msg.get("tls_ca", "")),
                     )
                 )
                 answer: dict[str, Any] = {"ok": True}
