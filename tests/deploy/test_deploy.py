@@ -214,7 +214,7 @@ def _snapshot_sources(dest: Path) -> Path:
     return dest
 
 
-def _converge(source_dir: Path) -> tuple[str, dict[str, int]]:
+def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
     res = _run(
         [
             _tool("ansible-playbook"),
@@ -222,7 +222,7 @@ def _converge(source_dir: Path) -> tuple[str, dict[str, int]]:
             str(CI_INVENTORY),
             "site.yml",
             "-e",
-            json.dumps({"comet_source_dir": str(source_dir)}),
+            json.dumps({"comet_source_dir": str(source_dir), **extra}),
         ],
         cwd=ANSIBLE,
         env=_ansible_env(),
@@ -511,3 +511,74 @@ def test_history_and_ids_survive_a_new_service_container(converged: dict[str, ob
     assert [m["data"] for m in poll["messages"]] == ["kept 1", "kept 2"] and not poll["reset"]
     after = httpx.post(f"{url}/api/broadcast", json={"data": "new"}, headers=auth).json()["id"]
     assert after > ids[-1]
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tls_and_private_channels_through_the_role(
+    converged: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """comet_tls_cert/key are mounted read-only and served on the port; private channels get a
+    generated secret that the sidecar mints tokens with; then back to the CI defaults."""
+    import trustme
+
+    pki = Path("/etc/comet1m/test-tls")
+    pki.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(pki / "cert.pem")
+    cert.private_key_pem.write_to_path(pki / "key.pem")
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    uid = 10001  # the image's user (comet_uid) reads the key
+    for f in ("cert.pem", "key.pem"):
+        os.chown(pki / f, uid, uid)
+        os.chmod(pki / f, 0o400)
+    source = Path(str(converged["source"]))
+    try:
+        _out, counts = _converge(
+            source,
+            comet_tls_cert=str(pki / "cert.pem"),
+            comet_tls_key=str(pki / "key.pem"),
+            comet_private_channels="private-*",
+        )
+        assert counts["failed"] == 0 and counts["changed"] > 0
+        service = _inspect("comet-service")
+        mounts = {m["Destination"]: m for m in service["Mounts"]}  # type: ignore[index, union-attr]
+        assert mounts["/run/secrets/comet-tls/key.pem"]["RW"] is False
+        assert service["State"]["Health"]["Status"] == "healthy"  # type: ignore[index]
+        token = str(_inventory_vars()["comet_admin_token"])
+        minted = httpx.post(
+            f"http://127.0.0.1:{ADMIN_PORT}/api/tokens",
+            json={"channels": ["private-*"], "ttl": 60},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert minted.status_code == 200, minted.text
+        base = f"https://localhost:{SERVICE_PORT}/sub/private-x"
+        denied = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca_file), base],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert denied.stdout == "401", denied
+        held = subprocess.run(
+            [
+                "curl",
+                "-sN",
+                "--max-time",
+                "3",
+                "--cacert",
+                str(ca_file),
+                f"{base}?token={minted.json()['token']}",
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        assert held.stdout.startswith(b"Welcome!"), held
+    finally:
+        _out, counts = _converge(source)
+        assert counts["failed"] == 0
+        shutil.rmtree(pki, ignore_errors=True)
