@@ -675,6 +675,7 @@ class Bench:
                 "broadcasts_asked": args.broadcasts,
                 "target": args.target or "comet1m service (python -m service)",
                 "machine": {
+                    "cpu_model": cpu_model(),
                     "cpus": os.cpu_count(),
                     "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
                 },
@@ -1106,6 +1107,18 @@ def print_preflight(console: Console, checks: list[Check]) -> None:
     console.print(verdict(checks))
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo): a result is only comparable on the same model."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return os.uname().machine
+
+
 def print_report(console: Console, r: dict[str, Any]) -> None:
     def fmt(x: Any, unit: str = "") -> str:
         if x is None:
@@ -1116,7 +1129,12 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
             return f"{x:,}{unit}"
         return f"{x}{unit}"
 
-    t = Table(title=f"comet-bench — {r['target']}")
+    machine = r.get("machine") or {}
+    t = Table(
+        title=f"comet-bench — {r['target']}",
+        caption=f"{machine.get('cpu_model', '?')}, {machine.get('cpus', '?')} CPUs, "
+        f"{machine.get('mem_gib', '?')} GiB",
+    )
     t.add_column("measure")
     t.add_column("value", justify="right")
     lat = r.get("latency_ms") or {}

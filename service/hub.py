@@ -18,7 +18,10 @@ may cost per-connection objects beyond the protocol instance itself:
   either in the snapshot (gets it live) or not (finds it in history), never both, never neither.
   The paced part writes the frames to ``fanout_slice`` connections per loop iteration
   (``call_soon`` chain, no Task); jobs run strictly one after the other so every subscriber sees
-  messages in id order.
+  messages in id order. Small jobs queued together (a burst of broadcasts to a small channel)
+  are written as one batch within the same slice budget: each connection gets all of its frames
+  in one write instead of one write per message (5,000 broadcasts a second to 10 subscribers
+  was 50,000 sends a second).
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
   them at a time, the slices spread evenly over the first quarter of the interval (a 18,500-stream
   worker: 37 slices of 500, one every ~135 ms), so ~54 workers add up to a flat ~50,000 pings a
@@ -410,10 +413,16 @@ class Hub:
             self.loop.call_soon(self._pump)
 
     def _pump(self) -> None:
-        if not self._jobs:
+        jobs = self._jobs
+        if not jobs:
             return
-        job = self._jobs[0]
         n = self.config.fanout_slice
+        if len(jobs) > 1 and self._batchable(jobs[0]) and len(jobs[0].conns) < n:
+            self._write_batch(n)
+            if jobs:
+                self.loop.call_soon(self._pump)
+            return
+        job = jobs[0]
         end = min(job.pos + n, len(job.conns))
         if job.each is not None:
             for c in job.conns[job.pos : end]:
@@ -428,6 +437,57 @@ class Hub:
                 job.done.set_result(job.sent)
         if self._jobs:
             self.loop.call_soon(self._pump)
+
+    @staticmethod
+    def _batchable(job: _Job) -> bool:
+        return job.each is None and job.pos == 0
+
+    def _write_batch(self, budget: int) -> None:
+        """A burst of small broadcasts (say 5,000 a second to a channel of 10) queued together:
+        each connection gets all of its frames in one write, not a write per message. As many
+        whole jobs as fit in one slice's budget of connections, in id order per connection."""
+        jobs = self._jobs
+        batch: list[_Job] = []
+        total = 0
+        while jobs and self._batchable(jobs[0]) and (
+            not batch or total + len(jobs[0].conns) <= budget
+        ):
+            job = jobs.popleft()
+            batch.append(job)
+            total += len(job.conns)
+        out: dict[Conn, list[bytes]] = {}
+        nbytes = msgs = 0
+        for job in batch:
+            frames = job.frames
+            sent = 0
+            for c in job.conns:
+                fmt = c.state
+                if fmt > 3:  # closed, or not a stream any more
+                    continue
+                data = frames[fmt]
+                parts = out.get(c)
+                if parts is None:
+                    out[c] = [data]
+                else:
+                    parts.append(data)
+                nbytes += len(data)
+                sent += 1
+            job.sent += sent
+            if job.is_msg:
+                msgs += sent
+        limit = self.config.limit_write_buffer
+        for c, parts in out.items():
+            t = c.transport
+            t.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            if t.get_write_buffer_size() > limit:
+                c.drop_slow()
+        ctr = self.counters
+        ctr.bytes_sent_total += nbytes
+        ctr.msgs_sent_total += msgs
+        for job in batch:
+            job.conns = []
+            if job.done is not None and not job.done.done():
+                job.done.set_result(job.sent)
 
     def _write_many(
         self, conns: list[Conn], start: int, end: int, frames: Frames, msg: bool

@@ -420,3 +420,48 @@ def test_drain_sends_reconnect_and_closes() -> None:
         for s in (plain, sse, old, idle):
             s.close()
         w.stop()
+
+
+def test_a_burst_of_small_broadcasts_arrives_in_order_in_few_writes() -> None:
+    """Broadcasts queued in one loop turn to a small channel are written together: every
+    subscriber gets every message once, in id order, and the worker makes far fewer writes."""
+    with running_worker(ping_interval=30.0) as w:
+        assert w.worker is not None
+        worker = w.worker
+        socks = [subscribe(w, "/sub/burst?format=sse") for _ in range(3)]
+        plain = subscribe(w, "/sub/burst")
+        for s in [*socks, plain]:
+            read_until(s, b"Welcome!")
+        wait_for(lambda: channel_count(w, "burst") == 4)
+        writes = {"n": 0}
+
+        class Counting:
+            """The connection's transport, counting writes."""
+
+            def __init__(self, t: object) -> None:
+                self._t = t
+
+            def write(self, data: bytes) -> None:
+                writes["n"] += 1
+                self._t.write(data)  # type: ignore[attr-defined]
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(self._t, name)
+
+        def burst() -> list[object]:
+            for c in worker.hub.streams["burst"]:
+                c.transport = Counting(c.transport)  # type: ignore[assignment]
+            return [worker.broadcast({"data": f"b{i}", "channel": "burst"}) for i in range(40)]
+
+        futures = w.call(burst)
+        last = int(w.call(lambda: worker.hub.last_id))
+        for s in socks:
+            raw = read_until(s, f"id: {last}\n".encode())
+            ids = [int(x) for x in re.findall(rb"id: (\d+)\n", raw)]
+            assert ids == list(range(last - 39, last + 1))
+        body = dechunk(read_until(plain, b"b39\n"))
+        assert body.endswith(b"".join(b"b%d\n" % i for i in range(40)))
+        assert all(f.done() and f.result() == 4 for f in futures)  # type: ignore[attr-defined]
+        assert writes["n"] <= 8, writes  # 4 connections: one write each per batch, not 160
+        for s in [*socks, plain]:
+            s.close()

@@ -1,0 +1,35 @@
+"""Write a throw-away test CA and a certificate for 127.0.0.1/localhost (trustme), for TLS runs:
+
+    .venv/bin/python benchmarks/make_test_cert.py /tmp/tls     # → ca.pem, cert.pem, key.pem
+    .venv/bin/comet-bench --conns 100000 --tls-cert /tmp/tls/cert.pem --tls-key /tmp/tls/key.pem \\
+        --tls-ca /tmp/tls/ca.pem
+
+Never for production: the CA's key is thrown away, but the certificate is only as good as the
+machine it was made on.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import trustme
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_test_cert.py OUTDIR")
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca.cert_pem.write_to_path(str(out / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(out / "key.pem"))
+    with open(out / "cert.pem", "wb") as f:
+        for pem in cert.cert_chain_pems:
+            f.write(pem.bytes())
+    print(f"{out}/ca.pem {out}/cert.pem {out}/key.pem")
+
+
+if __name__ == "__main__":
+    main()
