@@ -22,7 +22,7 @@ import os
 import socket
 import stat
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from service.bus import BusUnavailable
@@ -201,10 +201,14 @@ class ControlServer:
                     if not line.strip():
                         continue
                     started = self._start(line, writer)
-                    if isinstance(started, asyncio.Future):
-                        answers.put_task(started)
-                    else:
+                    if not isinstance(started, Coroutine):
                         answers.put(started)
+                    elif answers.in_flight == 0 and b"\n" not in buf:
+                        # Nothing else asked or waiting: answer inline, without a task (and the
+                        # loop turn a new task waits for before its first step).
+                        answers.put(await started)
+                    else:
+                        answers.put_task(asyncio.ensure_future(started))
                     if answers.in_flight >= LIMIT_IN_FLIGHT:
                         await answers.wait_oldest()
                 # What was answered at once leaves now, before any later frame of a watch.
@@ -213,8 +217,10 @@ class ControlServer:
         finally:
             answers.cancel()
 
-    def _start(self, line: bytes, writer: asyncio.StreamWriter) -> Answer | asyncio.Task[Answer]:
-        """Answer a request that needs no waiting at once; start the others as a task."""
+    def _start(
+        self, line: bytes, writer: asyncio.StreamWriter
+    ) -> Answer | Coroutine[Any, Any, Answer]:
+        """Answer a request that needs no waiting at once; the others as a coroutine to run."""
         try:
             try:
                 req = json.loads(line)
@@ -240,13 +246,11 @@ class ControlServer:
                 return {"ok": True, **self.backend.health()}
             if op == "broadcast":
                 data, channel, event = self._broadcast_args(req)
-                return asyncio.ensure_future(
-                    self._waited(self.backend.broadcast(data, channel, event), None)
-                )
+                return self._waited(self.backend.broadcast(data, channel, event), None)
             if op == "channels":
-                return asyncio.ensure_future(self._waited(self.backend.channels(), "channels"))
+                return self._waited(self.backend.channels(), "channels")
             if op == "cluster":
-                return asyncio.ensure_future(self._waited(self.backend.cluster(), "cluster"))
+                return self._waited(self.backend.cluster(), "cluster")
             raise RequestError(
                 f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, cluster"
             )

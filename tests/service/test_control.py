@@ -287,3 +287,25 @@ def test_the_ask_command_talks_to_the_socket(svc):
         timeout=30,
     )
     assert bad.returncode == 2 and "not JSON" in bad.stderr
+
+
+def test_requests_pipeline_and_answers_come_back_in_request_order(svc):
+    """Many lines in one write (a publisher with a window): each is answered once, in order,
+    with a bad line and a health request in between keeping their places."""
+    lines = [
+        json.dumps({"op": "broadcast", "data": f"p{i}", "channel": "pipe"}).encode()
+        for i in range(300)  # more than the 256 a connection may have in flight
+    ]
+    lines.insert(10, b"not json")
+    lines.insert(150, json.dumps({"op": "health"}).encode())
+    c = svc.control()
+    try:
+        c.send_raw(b"\n".join(lines) + b"\n")
+        answers = [c.read() for _ in lines]
+    finally:
+        c.close()
+    assert answers[10] == {"ok": False, "error": "request is not valid JSON"}
+    assert answers[150]["ok"] and answers[150]["workers"] == 1
+    ids = [a["id"] for i, a in enumerate(answers) if i not in (10, 150)]
+    assert ids == list(range(ids[0], ids[0] + 300))  # numbered in the order they were sent
+    assert all(a["ok"] for i, a in enumerate(answers) if i != 10)
