@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -104,11 +105,31 @@ def meminfo_kb(key: str) -> int:
     return 0
 
 
+def untracked_ports() -> set[int]:
+    """TCP ports exempt from connection tracking by a raw-table NOTRACK rule (host_tuning's
+    ``host_tuning_notrack_ports``); empty where the rules cannot be read (not root, no iptables)."""
+    ports: set[int] = set()
+    for argv in (
+        ["iptables", "-t", "raw", "-S"],
+        ["nft", "list", "table", "inet", "comet1m_notrack"],
+    ):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            if "NOTRACK" in line or "notrack" in line:
+                ports.update(int(m) for m in re.findall(r"[ds]port\D{1,4}(\d+)", line))
+    return ports
+
+
 def preflight(
-    conns: int, sources: int, remote: bool = False, concurrency: int = 200
+    conns: int, sources: int, remote: bool = False, concurrency: int = 200, port: int = 0
 ) -> list[Check]:
-    """Every limit that could stop ``conns`` loopback connections, checked against the machine."""
+    """Every limit that could stop ``conns`` loopback connections, checked against the machine.
+    A ``port`` exempt from connection tracking needs no conntrack entries."""
     checks = []
+    untracked = port in untracked_ports() if port else False
     try:
         lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
@@ -124,6 +145,11 @@ def preflight(
         )
     )
     ct_max = _read_int("/proc/sys/net/netfilter/nf_conntrack_max")
+    if untracked:
+        checks.append(
+            Check("connection tracking", f"port {port} untracked (raw NOTRACK)", "-", True, "")
+        )
+        ct_max = None  # neither the table's size nor its hash matters for this port
     if ct_max is not None:
         ct_now = _read_int("/proc/sys/net/netfilter/nf_conntrack_count") or 0
         need = conns + ct_now
@@ -664,7 +690,13 @@ class Bench:
             host, port, path = "127.0.0.1", 0, args.path
             tls = bool(args.tls_cert)
         sources = parse_source_ips(args.source_ips, host)
-        checks = preflight(args.conns, len(sources), remote=False, concurrency=args.concurrency)
+        checks = preflight(
+            args.conns,
+            len(sources),
+            remote=False,
+            concurrency=args.concurrency,
+            port=port or args.port,
+        )
         report = self.report
         report.update(
             {
@@ -1321,7 +1353,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.preflight_only:
         host = urlsplit(args.target).hostname or "127.0.0.1" if args.target else "127.0.0.1"
         checks = preflight(
-            args.conns, len(parse_source_ips(args.source_ips, host)), concurrency=args.concurrency
+            args.conns,
+            len(parse_source_ips(args.source_ips, host)),
+            concurrency=args.concurrency,
+            port=(urlsplit(args.target).port or 0) if args.target else args.port,
         )
         print_preflight(console, checks)
         sys.exit(0 if all(c.ok or not c.stops for c in checks) else 1)

@@ -90,6 +90,9 @@ class Config:
 
     # Supervisor fan-out (appended by the supervisor issue)
     fanout_parallel: int = 0  # workers writing one broadcast at once; 0 = one per CPU core
+    # The port skips connection tracking (raw NOTRACK, host_tuning_notrack_ports): set by the
+    # comet role, since the service (non-root in its container) cannot read the host's rules.
+    port_untracked: bool = False
 
     # Who may listen (service/auth.py) and over what
     cors_origins: str = "*"  # "*", a comma-separated list of origins, or "" (no CORS headers)
@@ -226,6 +229,10 @@ _HELP = {
     "node_id": "this node's name in a multi-node cluster",
     "node_ttl": "seconds a node's published frame lives in the cluster view",
     "fanout_parallel": "workers writing one broadcast at the same time (0 = one per CPU core)",
+    "port_untracked": (
+        "the port is exempt from connection tracking (a raw-table NOTRACK rule, as the "
+        "host_tuning role sets): no nf_conntrack_max warning"
+    ),
     "cors_origins": (
         "origins whose pages may subscribe: '*' (any, without credentials), a comma-separated "
         "list (those only, with credentials), or '' (no CORS headers)"

@@ -79,7 +79,7 @@ def host_warnings(config: Config, workers: int, limits: dict[str, Any]) -> list[
             f"fs.file-max={file_max} is below the {need_files:,} file handles the target needs "
             f"(sysctl -w fs.file-max={max(need_files * 2, 2_097_152)})"
         )
-    conntrack = limits.get("conntrack_max")
+    conntrack = None if config.port_untracked else limits.get("conntrack_max")
     if conntrack is not None and conntrack < target:
         out.append(
             f"net.netfilter.nf_conntrack_max={conntrack} is below the target of {target:,} "

@@ -513,6 +513,42 @@ def test_history_and_ids_survive_a_new_service_container(converged: dict[str, ob
     assert after > ids[-1]
 
 
+def _conntrack_growth(port: int, n: int = 300) -> int:
+    """How many conntrack entries ``n`` held connections to ``port`` add."""
+    count = Path("/proc/sys/net/netfilter/nf_conntrack_count")
+    before = int(count.read_text())
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.5)
+        return int(count.read_text()) - before
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_service_port_skips_connection_tracking(converged: dict[str, object]) -> None:
+    """host_tuning_notrack_ports (the comet group's port): NOTRACK rules in the raw table, and
+    held connections to the port add no conntrack entries (those to the admin port do)."""
+    rules = _run(["iptables", "-t", "raw", "-S"], timeout=30).stdout
+    for chain in ("PREROUTING", "OUTPUT"):
+        for way in ("dport", "sport"):
+            assert (
+                f"-A {chain} -p tcp -m tcp --{way} {SERVICE_PORT} -m comment --comment "
+                "comet1m-notrack -j NOTRACK" in rules
+            ), rules
+    if not Path("/proc/sys/net/netfilter/nf_conntrack_count").exists():
+        pytest.skip("no conntrack table on this host")
+    tracked = _conntrack_growth(ADMIN_PORT)
+    untracked = _conntrack_growth(SERVICE_PORT)
+    assert tracked >= 250, tracked  # the measurement sees tracked connections
+    assert untracked < 30, untracked
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(900)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,3 +215,24 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iptables") is None, reason="needs root")
+def test_preflight_skips_conntrack_for_an_untracked_port() -> None:
+    """A port with raw-table NOTRACK rules (host_tuning_notrack_ports) needs no conntrack entries:
+    the preflight says so instead of asking for nf_conntrack_max."""
+    from loadgen.bench import preflight, untracked_ports
+
+    port = 18899
+    rule = ["-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", "comet1m-notrack",
+            "-j", "NOTRACK"]  # fmt: skip
+    subprocess.run(["iptables", "-t", "raw", "-A", "PREROUTING", *rule], check=True)
+    try:
+        assert port in untracked_ports()
+        names = [c.name for c in preflight(10_000_000, 40, port=port)]
+        assert "connection tracking" in names and "nf_conntrack_max" not in names
+        tracked = [c.name for c in preflight(10_000_000, 40, port=port + 1)]
+        if os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
+            assert "nf_conntrack_max" in tracked
+    finally:
+        subprocess.run(["iptables", "-t", "raw", "-D", "PREROUTING", *rule], check=True)

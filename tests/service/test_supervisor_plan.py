@@ -64,6 +64,10 @@ def test_host_warnings_name_the_sysctl():
     assert host_warnings(small, 4, tuned) == []
     # No conntrack module loaded (None) is not a problem.
     assert host_warnings(small, 4, {**tuned, "conntrack_max": None}) == []
+    # Neither is a small table when the port skips tracking (host_tuning_notrack_ports).
+    untracked = Config(target_connections=50_000, backlog=65535, port_untracked=True)
+    assert host_warnings(untracked, 4, {**tuned, "conntrack_max": 262_144}) == []
+    assert host_warnings(small, 4, {**tuned, "conntrack_max": 20_000}) != []
 
 
 def test_help_lists_every_option_with_its_default():
