@@ -170,6 +170,15 @@ def rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
+def slab_kb() -> int:
+    """The kernel's slab memory (socket structures live there), from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Slab:"):
+                return int(line.split()[1])
+    return 0
+
+
 def cpu_s(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
@@ -225,6 +234,7 @@ def run_once(
     try:
         time.sleep(0.5)
         r0 = rss(pid)
+        k0 = slab_kb()
         c0 = cpu_s(pid)
         t_conn = time.perf_counter()
         clients = start_clients(port, n, k, tls, private, tokens)
@@ -233,6 +243,7 @@ def run_once(
         r_ready = rss(pid)
         time.sleep(settle)
         r1 = rss(pid)
+        k1 = slab_kb()
         out = {
             "connect_s": connect_s,
             "rss0_mb": r0 / 2**20,
@@ -241,6 +252,8 @@ def run_once(
             # The server process's own CPU (user + sys) per accepted connection: accept, TLS
             # handshake when on, head parse and token check, welcome write.
             "cpu_per_accept_us": (c1 - c0) / n * 1e6,
+            # Kernel slab per connection pair (both ends are on this machine).
+            "kernel_per_conn": (k1 - k0) * 1024 / n,
         }
         if isinstance(server, CometServer):
             st = server.ask("stats")["stats"]

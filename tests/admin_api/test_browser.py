@@ -11,23 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.browser import launch, needs_chromium
+
 from .conftest import TOKEN, ThreadedServer, make_settings
 from .fake_control import FakeControl
 from .processes import CurlClients, RealService, Sidecar, wait_for
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./dev test)"),
+    needs_chromium,
     pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (./dev test)"),
 ]
 
@@ -44,7 +36,7 @@ def page():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(pw)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
             tab = context.new_page()

@@ -24,21 +24,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser import launch, needs_chromium
+
 from .processes import ROOT, Sidecar, control_ask, free_port, stop_process, wait_for
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
 NODE_TTL = 2.0
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 class Node:
@@ -394,12 +387,12 @@ def test_cluster_view_sums_the_nodes(cluster: Cluster) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./dev test)")
+@needs_chromium
 def test_dashboard_lists_the_nodes(cluster: Cluster) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(pw)
         try:
             tab = browser.new_page()
             errors: list[str] = []

@@ -14,21 +14,12 @@ from typing import Any
 
 import pytest
 
+from tests.browser import launch, needs_chromium
 from tests.service.supervisor_helpers import Service, free_port, wait_for
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (./dev test)"),
+    needs_chromium,
 ]
 
 PAGE = """<!doctype html><html><body><script>
@@ -76,7 +67,7 @@ def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = launch(pw)
         try:
             yield b
         finally:
