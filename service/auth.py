@@ -33,8 +33,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from service.http import HttpError
 
 ENV_SECRET = "COMET_TOKEN_SECRET"
@@ -161,6 +159,13 @@ class TokenCheck:
         self.keys = keys
         self.counters = counters
         self._cache: OrderedDict[str, tuple[float, re.Pattern[str] | None]] = OrderedDict()
+        # PyJWT (and the cryptography it loads, ~10 MB of RSS) only in a worker that checks
+        # tokens: at 54 workers that is half a gigabyte nobody else needs.
+        self._jwt: Any = None
+        if self.active:
+            import jwt as _jwt
+
+            self._jwt = _jwt
         algorithms: list[str] = []
         if keys.secret is not None:
             algorithms += HMAC_ALGORITHMS
@@ -205,6 +210,7 @@ class TokenCheck:
 
     def _decode(self, token: str) -> tuple[float, re.Pattern[str] | None] | HttpError:
         ctr = self.counters
+        jwt = self._jwt
         try:
             alg = jwt.get_unverified_header(token).get("alg")
             if alg in HMAC_ALGORITHMS and self.keys.secret is not None:

@@ -322,3 +322,18 @@ def test_secret_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         s.close()
         stats = w.stats()
         assert json.dumps(stats).count("token_") == 4
+
+
+def test_a_worker_without_tokens_does_not_load_pyjwt() -> None:
+    """PyJWT and cryptography cost ~10 MB of RSS a process: only a worker that checks tokens
+    loads them (54 workers at a million)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from service.config import Config; from service.hub import Hub; "
+        "import asyncio; Hub(Config(), asyncio.new_event_loop()); "
+        "print('jwt' in sys.modules, 'cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out
