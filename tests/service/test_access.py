@@ -36,11 +36,12 @@ def token(
     exp_in: float | None = 300.0,
     key: Any = SECRET,
     alg: str = "HS256",
+    **claims: Any,
 ) -> str:
     body: dict[str, Any] = {"sub": "alice", "channels": list(channels)}
     if exp_in is not None:
         body["exp"] = int(time.time() + exp_in)
-    return jwt.encode(body, key, algorithm=alg)
+    return jwt.encode({**body, **claims}, key, algorithm=alg)
 
 
 @pytest.fixture
@@ -136,8 +137,20 @@ def test_public_channels_need_no_token(secret_env: None) -> None:
         (lambda: "not.a.jwt", 403, "token rejected", "token_invalid_total"),
         (lambda: token(exp_in=None), 403, "no 'exp' claim", "token_invalid_total"),
         (lambda: token(alg="HS512", key=SECRET * 2), 403, "not accepted", "token_invalid_total"),
+        (lambda: token(nbf=int(time.time()) + 600), 403, "not valid yet", "token_invalid_total"),
+        (lambda: token(exp="soon"), 403, "not a number", "token_invalid_total"),
     ],
-    ids=["none", "expired", "wrong-key", "wrong-channel", "garbage", "no-exp", "other-alg"],
+    ids=[
+        "none",
+        "expired",
+        "wrong-key",
+        "wrong-channel",
+        "garbage",
+        "no-exp",
+        "other-alg",
+        "not-yet",
+        "exp-text",
+    ],
 )
 def test_a_private_channel_refuses_bad_tokens(
     secret_env: None,
