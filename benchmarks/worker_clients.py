@@ -103,7 +103,9 @@ async def main() -> None:
                     tok = tokens[next(count) % len(tokens)]
                     req = f"GET {args.path}?token={tok} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
                     factory = functools.partial(Client, req)
-                t, _ = await loop.create_connection(factory, sock=s, ssl=ctx)
+                t, _ = await loop.create_connection(
+                    factory, sock=s, ssl=ctx, server_hostname="127.0.0.1" if ctx else None
+                )
                 transports.append(t)
                 return
             raise SystemExit("could not connect")

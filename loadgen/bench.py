@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -856,7 +857,7 @@ async def ramp(
             target = min(args.conns, int(args.rate * (now - start)) + 1)
             if target != pool.config.n:
                 await pool.set_config(
-                    EngineConfig(target, config.host, config.port, config.path, config.concurrency)
+                    dataclasses.replace(config, n=target)
                 )
             st = await pool.stats()
             if st.clients > best:
@@ -1000,7 +1001,7 @@ async def ramp_down(
     """Close every client connection and time until the service holds none (bounded: 120 s)."""
     c = pool.config
     start = time.monotonic()
-    await pool.set_config(EngineConfig(0, c.host, c.port, c.path, c.concurrency))
+    await pool.set_config(dataclasses.replace(c, n=0))
     deadline = start + 120
     done_at: float | None = None
     while time.monotonic() < deadline:

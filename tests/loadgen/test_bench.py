@@ -236,3 +236,29 @@ def test_preflight_skips_conntrack_for_an_untracked_port() -> None:
             assert "nf_conntrack_max" in tracked
     finally:
         subprocess.run(["iptables", "-t", "raw", "-D", "PREROUTING", *rule], check=True)
+
+
+def test_bench_over_tls(tmp_path):
+    """--tls-cert/--tls-key start the service with HTTPS and every client (in engine processes)
+    speaks TLS, checked against --tls-ca, through the ramp, the hold and a broadcast."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    out = tmp_path / "out"
+    r = bench(
+        "--conns", "300", "--rate", "300", "--hold", "1", "--broadcasts", "1",
+        "--procs", "2", "--out", str(out), "--no-progress",
+        "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+        "--tls-ca", str(tmp_path / "ca.pem"),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["tls"] is True
+    assert report["reached"] == 300 and report["held"] == 300, report
+    assert report["errors"]["errors_req"] == 0 and report["errors"]["errors_resp"] == 0
+    assert report["broadcasts"][0]["delivered"] == 300
+    assert "(TLS)" in (out / "service.log").read_text()
