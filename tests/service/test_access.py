@@ -44,6 +44,12 @@ def token(
     return jwt.encode({**body, **claims}, key, algorithm=alg)
 
 
+def crit_token() -> str:
+    """A correctly signed token that asks for a JWS extension we do not implement."""
+    claims = {"channels": ["private-*"], "exp": int(time.time()) + 60}
+    return jwt.encode(claims, SECRET, algorithm="HS256", headers={"crit": ["exp"]})
+
+
 @pytest.fixture
 def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMET_TOKEN_SECRET", SECRET)
@@ -134,11 +140,15 @@ def test_public_channels_need_no_token(secret_env: None) -> None:
         (lambda: token(exp_in=-5), 403, "token expired", "token_expired_total"),
         (lambda: token(key="k" * 40), 403, "signature", "token_invalid_total"),
         (lambda: token(channels=["public-*"]), 403, "does not grant", "token_forbidden_total"),
-        (lambda: "not.a.jwt", 403, "token rejected", "token_invalid_total"),
+        (lambda: "not.a.jwt", 403, "not base64url", "token_invalid_total"),
         (lambda: token(exp_in=None), 403, "no 'exp' claim", "token_invalid_total"),
         (lambda: token(alg="HS512", key=SECRET * 2), 403, "not accepted", "token_invalid_total"),
         (lambda: token(nbf=int(time.time()) + 600), 403, "not valid yet", "token_invalid_total"),
         (lambda: token(exp="soon"), 403, "not a number", "token_invalid_total"),
+        (lambda: token(key=None, alg="none"), 403, "not accepted", "token_invalid_total"),
+        (lambda: crit_token(), 403, "critical", "token_invalid_total"),
+        (lambda: token()[:-3] + "*" + token()[-2:], 403, "base64url", "token_invalid_total"),
+        (lambda: token() + ".x", 403, "three parts", "token_invalid_total"),
     ],
     ids=[
         "none",
@@ -150,6 +160,10 @@ def test_public_channels_need_no_token(secret_env: None) -> None:
         "other-alg",
         "not-yet",
         "exp-text",
+        "alg-none",
+        "crit",
+        "bad-base64",
+        "four-parts",
     ],
 )
 def test_a_private_channel_refuses_bad_tokens(
@@ -350,3 +364,21 @@ def test_a_worker_without_tokens_does_not_load_pyjwt() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out
+
+
+def test_a_public_key_of_another_kind_is_a_start_up_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pem = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (tmp_path / "ed.pem").write_bytes(pem)
+    with pytest.raises(SystemExit):
+        parse_args(
+            ["--private-channels", "p-*", "--token-public-key-file", str(tmp_path / "ed.pem")]
+        )
+    assert "must be an RSA (RS256) or EC P-256 (ES256) public key" in capsys.readouterr().err
