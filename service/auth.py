@@ -11,7 +11,8 @@ outside the list.
 
 Tokens: channels matching ``--private-channels`` (comma-separated glob patterns such as
 ``private-*``), or every channel with ``--require-token``, need a JWT given as ``?token=`` (an
-``EventSource`` cannot set headers) or ``Authorization: Bearer``. It is checked with PyJWT: HS256
+``EventSource`` cannot set headers) or ``Authorization: Bearer``. Its signature is checked with
+PyJWT's algorithm objects (see :meth:`TokenCheck._decode` for why not ``jwt.decode``): HS256
 with the shared secret (``--token-secret-file`` or ``COMET_TOKEN_SECRET``; never a flag, so it
 never shows in ``ps``), or RS256 / ES256 with ``--token-public-key-file``. Claims: ``exp``
 (required), ``sub`` (optional), ``channels`` (names or glob patterns the token may read).
