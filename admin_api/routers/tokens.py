@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import jwt
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
 from service.auth import ENV_SECRET
 
@@ -45,6 +45,14 @@ class TokenIn(BaseModel):
     )
     ttl: StrictInt = Field(300, gt=0, description="lifetime in seconds (capped by the settings)")
     sub: StrictStr | None = Field(None, max_length=200, description="who the token is for")
+
+    @field_validator("ttl", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        # JSON Schema's integer includes 300.0; a string stays a 422 (strict).
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
 
 class TokenOut(BaseModel):

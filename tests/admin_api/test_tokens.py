@@ -98,6 +98,7 @@ def test_without_a_key_it_is_503_naming_the_settings(unconfigured: ThreadedServe
         {"channels": ["bad name"]},
         {"channels": ["a"], "ttl": 0},
         {"channels": ["a"], "ttl": "5"},
+        {"channels": ["a"], "ttl": 5.5},
         {"channels": ["a"], "extra": 1},
     ],
 )
