@@ -26,7 +26,6 @@ on every use.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import fnmatch
 import functools
@@ -178,6 +177,7 @@ class TokenCheck:
         # PyJWT (and the cryptography it loads, ~10 MB of RSS) only in a worker that checks
         # tokens: at 54 workers that is half a gigabyte nobody else needs.
         self._verifiers: dict[str, tuple[Any, Any]] = {}  # alg → (PyJWT algorithm, its key)
+        self._headers: dict[str, Any] = {}  # base64url header → parsed (a few per issuer)
         if self.active:
             self._verifiers = _verifiers(keys)
         self.algorithms = sorted(self._verifiers)
@@ -233,7 +233,12 @@ class TokenCheck:
             return self._refuse("token_invalid_total", "token is not a JWT (three parts)")
         head_b64, body_b64, sig_b64 = parts
         try:
-            header = json.loads(_b64decode(head_b64))
+            # An issuer's tokens share one header (alg, typ): parsed once, then looked up.
+            header = self._headers.get(head_b64)
+            if header is None:
+                header = json.loads(_b64decode(head_b64))
+                if isinstance(header, dict) and len(self._headers) < 64:
+                    self._headers[head_b64] = header
             signature = _b64decode(sig_b64)
             signed = f"{head_b64}.{body_b64}".encode("ascii")
         except (ValueError, binascii.Error):
@@ -299,9 +304,15 @@ def _verifiers(keys: Keys) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+_URL_TO_STD = str.maketrans("-_", "+/")
+
+
 def _b64decode(text: str) -> bytes:
     """Strict base64url (RFC 7515: no padding; any character outside the alphabet is an error)."""
-    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    if "+" in text or "/" in text:
+        raise ValueError("not base64url")
+    std = text.translate(_URL_TO_STD) + "=" * (-len(text) % 4)
+    return binascii.a2b_base64(std.encode("ascii"), strict_mode=True)
 
 
 def _number(value: object) -> bool:
