@@ -856,9 +856,7 @@ async def ramp(
             now = time.monotonic()
             target = min(args.conns, int(args.rate * (now - start)) + 1)
             if target != pool.config.n:
-                await pool.set_config(
-                    dataclasses.replace(config, n=target)
-                )
+                await pool.set_config(dataclasses.replace(config, n=target))
             st = await pool.stats()
             if st.clients > best:
                 best, best_at = st.clients, now

@@ -449,8 +449,10 @@ class Hub:
         jobs = self._jobs
         batch: list[_Job] = []
         total = 0
-        while jobs and self._batchable(jobs[0]) and (
-            not batch or total + len(jobs[0].conns) <= budget
+        while (
+            jobs
+            and self._batchable(jobs[0])
+            and (not batch or total + len(jobs[0].conns) <= budget)
         ):
             job = jobs.popleft()
             batch.append(job)

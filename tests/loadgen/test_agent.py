@@ -101,8 +101,11 @@ def test_control_api_and_bad_input(fixture_server, agents):
         "path": "/",
         "concurrency": 100,
         "head_timeout": 10.0,
+        "tls": False,
+        "tls_ca": "",
     }
     for query, name in (
+        ("tls=yes", "tls"),
         ("n=abc", "n"),
         ("n=-1", "n"),
         ("port=0", "port"),

@@ -54,11 +54,8 @@ def test_small_bench_produces_every_output(tmp_path):
     assert report["ramp_complete"] is True and report["ramp_s"] > 0
     assert report["errors"]["errors_req"] == 0 and report["errors"]["errors_resp"] == 0
     assert report["server_rss_mb"] > 0
-    cpu = next(
-        line.split(":", 1)[1].strip()
-        for line in open("/proc/cpuinfo")
-        if line.startswith("model name")
-    )
+    with open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     assert report["machine"]["cpu_model"] == cpu  # results compare only on the same CPU model
     assert report["server_rss_per_conn_bytes"] is not None
     assert "kernel_bytes_per_conn" in report
