@@ -36,6 +36,8 @@ LIMIT_LINE = 1024 * 1024
 LIMIT_WATCH_BUFFER = 4 * 1024 * 1024
 # Requests of one connection being answered at once (the pipelining window).
 LIMIT_IN_FLIGHT = 256
+# Seconds close() lets requests under way finish and answer before it cuts connections.
+LIMIT_CLOSE_WAIT = 2.0
 
 Answer = dict[str, Any] | None
 
@@ -72,6 +74,8 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._watchers: set[asyncio.StreamWriter] = set()
         self._conns: set[asyncio.Task[None]] = set()
+        self._answering: set[_InOrder] = set()
+        self._closing = False
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,10 +120,18 @@ class ControlServer:
         raise RuntimeError(f"another supervisor is serving {self.path}")
 
     async def close(self) -> None:
+        """Stop: refuse new requests, let those under way answer (bounded), then close."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
         for w in list(self._watchers):
             w.close()
+        # A broadcast already numbered and stored must get its answer, or its publisher would
+        # think it lost and send it again under a new id.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LIMIT_CLOSE_WAIT
+        while any(a.busy for a in self._answering) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         for task in list(self._conns):
             task.cancel()
         for task in list(self._conns):
@@ -168,6 +180,7 @@ class ControlServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         answers = _InOrder(writer)
+        self._answering.add(answers)
         buf = bytearray()
         skipping = False  # inside an oversized line, dropping bytes until its newline
         try:
@@ -206,7 +219,12 @@ class ControlServer:
                     elif answers.in_flight == 0 and b"\n" not in buf:
                         # Nothing else asked or waiting: answer inline, without a task (and the
                         # loop turn a new task waits for before its first step).
-                        answers.put(await started)
+                        answers.inline = True
+                        try:
+                            answer = await started
+                        finally:
+                            answers.inline = False
+                        answers.put(answer)
                     else:
                         answers.put_task(asyncio.ensure_future(started))
                     if answers.in_flight >= LIMIT_IN_FLIGHT:
@@ -215,6 +233,8 @@ class ControlServer:
                 answers.flush()
                 await writer.drain()
         finally:
+            self._answering.discard(answers)
+            answers.flush()  # answers held for the next turn leave before the close
             answers.cancel()
 
     def _start(
@@ -222,6 +242,8 @@ class ControlServer:
     ) -> Answer | Coroutine[Any, Any, Answer]:
         """Answer a request that needs no waiting at once; the others as a coroutine to run."""
         try:
+            if self._closing:
+                raise RequestError("the service is stopping; send it again to the new one")
             try:
                 req = json.loads(line)
             except (ValueError, UnicodeDecodeError):
@@ -301,6 +323,11 @@ class _InOrder:
         self._out = Corked(writer)  # answers of one loop turn leave in one write
         self._queue: deque[asyncio.Future[Answer] | Answer] = deque()
         self.in_flight = 0
+        self.inline = False  # a request is being answered in the connection's own task
+
+    @property
+    def busy(self) -> bool:
+        return self.inline or self.in_flight > 0
 
     def put(self, answer: Answer) -> None:
         self._queue.append(answer)
