@@ -40,8 +40,6 @@ from typing import Any
 from service.http import HttpError
 
 ENV_SECRET = "COMET_TOKEN_SECRET"
-HMAC_ALGORITHMS = ("HS256",)
-KEY_ALGORITHMS = ("RS256", "ES256")
 CACHE_SIZE = 4096
 PREFLIGHT_HEADERS = "Last-Event-ID, Authorization, Cache-Control, Accept"
 PREFLIGHT_METHODS = "GET, HEAD, OPTIONS"
@@ -76,10 +74,6 @@ class Cors:
             for o in self.origins
         }
         self._other = b"Vary: Origin\r\n" if self.origins else b""
-
-    @property
-    def enabled(self) -> bool:
-        return self.any or bool(self.origins)
 
     def allowed(self, origin: str | None) -> bool:
         return origin is not None and (self.any or origin in self.origins)
@@ -180,7 +174,6 @@ class TokenCheck:
         self._headers: dict[str, Any] = {}  # base64url header → parsed (a few per issuer)
         if self.active:
             self._verifiers = _verifiers(keys)
-        self.algorithms = sorted(self._verifiers)
 
     @property
     def active(self) -> bool:
