@@ -16,10 +16,8 @@ from pathlib import Path
 import trustme
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_test_cert.py OUTDIR")
-    out = Path(sys.argv[1])
+def write(out: Path) -> dict[str, Path]:
+    """ca.pem, cert.pem (the chain) and key.pem in ``out``; their paths."""
     out.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -28,7 +26,13 @@ def main() -> None:
     with open(out / "cert.pem", "wb") as f:
         for pem in cert.cert_chain_pems:
             f.write(pem.bytes())
-    print(f"{out}/ca.pem {out}/cert.pem {out}/key.pem")
+    return {"ca": out / "ca.pem", "cert": out / "cert.pem", "key": out / "key.pem"}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: make_test_cert.py OUTDIR")
+    print(" ".join(str(path) for path in write(Path(sys.argv[1])).values()))
 
 
 if __name__ == "__main__":

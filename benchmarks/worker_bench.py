@@ -185,16 +185,14 @@ def cpu_s(pid: int) -> float:
 
 
 def tls_files() -> dict[str, str]:
-    """A throw-away certificate for 127.0.0.1 (trustme, a test CA)."""
+    """A throw-away certificate for 127.0.0.1 (benchmarks/make_test_cert.py, trustme)."""
     import tempfile
+    from pathlib import Path
 
-    import trustme
+    from make_test_cert import write  # this folder is on sys.path when run as a script
 
-    d = tempfile.mkdtemp(prefix="worker-bench-tls-")
-    cert = trustme.CA().issue_cert("127.0.0.1")
-    cert.private_key_pem.write_to_path(os.path.join(d, "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(os.path.join(d, "cert.pem"))
-    return {"tls_cert": os.path.join(d, "cert.pem"), "tls_key": os.path.join(d, "key.pem")}
+    files = write(Path(tempfile.mkdtemp(prefix="worker-bench-tls-")))
+    return {"tls_cert": str(files["cert"]), "tls_key": str(files["key"])}
 
 
 def token_file(n: int) -> str:

@@ -184,11 +184,10 @@ class TokenCheck:
 
     def check(self, channel: str, token: str | None, now: float | None = None) -> float | HttpError:
         """The token's expiry (unix seconds) if it may read ``channel``, else the refusal."""
-        ctr = self.counters
         if not token:
-            if ctr is not None:
-                ctr.token_missing_total += 1
-            return HttpError(401, f"channel {channel!r} needs a token (?token= or Bearer)")
+            return self._refuse(
+                "token_missing_total", f"channel {channel!r} needs a token (?token= or Bearer)", 401
+            )
         now = time.time() if now is None else now
         claims = self._cache.get(token)
         if claims is None:
@@ -201,13 +200,11 @@ class TokenCheck:
                 self._cache.popitem(last=False)
         exp, allowed = claims
         if exp <= now:
-            if ctr is not None:
-                ctr.token_expired_total += 1
-            return HttpError(403, "token expired")
+            return self._refuse("token_expired_total", "token expired")
         if allowed is None or not allowed.match(channel):
-            if ctr is not None:
-                ctr.token_forbidden_total += 1
-            return HttpError(403, f"token does not grant channel {channel!r}")
+            return self._refuse(
+                "token_forbidden_total", f"token does not grant channel {channel!r}"
+            )
         return exp
 
     def _decode(self, token: str, now: float) -> tuple[float, re.Pattern[str] | None] | HttpError:
@@ -273,10 +270,10 @@ class TokenCheck:
             allowed = _patterns(",".join(channels))
         return float(exp), allowed
 
-    def _refuse(self, counter: str, reason: str) -> HttpError:
+    def _refuse(self, counter: str, reason: str, status: int = 403) -> HttpError:
         if self.counters is not None:
             setattr(self.counters, counter, getattr(self.counters, counter) + 1)
-        return HttpError(403, reason)
+        return HttpError(status, reason)
 
 
 def _verifiers(keys: Keys) -> dict[str, tuple[Any, Any]]:

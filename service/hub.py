@@ -146,6 +146,12 @@ class _Job:
         self.t0 = time.perf_counter()
         self.each = each
 
+    def finish(self) -> None:
+        """Every connection was written: drop the snapshot, tell the waiter how many got it."""
+        self.conns = []
+        if self.done is not None and not self.done.done():
+            self.done.set_result(self.sent)
+
 
 class Deadlines:
     """Every timeout of every connection behind one armed timer.
@@ -432,9 +438,7 @@ class Hub:
         job.pos = end
         if end >= len(job.conns):
             self._jobs.popleft()
-            job.conns = []
-            if job.done is not None and not job.done.done():
-                job.done.set_result(job.sent)
+            job.finish()
         if self._jobs:
             self.loop.call_soon(self._pump)
 
@@ -487,9 +491,7 @@ class Hub:
         ctr.bytes_sent_total += nbytes
         ctr.msgs_sent_total += msgs
         for job in batch:
-            job.conns = []
-            if job.done is not None and not job.done.done():
-                job.done.set_result(job.sent)
+            job.finish()
 
     def _write_many(
         self, conns: list[Conn], start: int, end: int, frames: Frames, msg: bool
