@@ -67,8 +67,12 @@ class Control:
         return self.read()
 
     def close(self) -> None:
-        self.file.close()
-        self.sock.close()
+        # A line still buffered when the service went away makes file.close() raise
+        # (its flush fails): close the socket anyway, or it leaks until GC warns.
+        try:
+            self.file.close()
+        finally:
+            self.sock.close()
 
 
 class Service:

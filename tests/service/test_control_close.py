@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +64,38 @@ def test_close_answers_what_is_under_way_and_refuses_the_rest() -> None:
             await w.wait_closed()
 
     asyncio.run(main())
+
+
+def test_the_test_client_closes_its_socket_when_the_service_went_away_mid_line() -> None:
+    """The race behind a flaky restart test: the publisher's line was still buffered when the
+    service stopped, so flushing it at close raised and the socket was left for GC to find
+    (a ResourceWarning, an error under this suite's filterwarnings)."""
+    import gc
+    import socket
+
+    from tests.service.supervisor_helpers import Control
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "c.sock")
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(path)
+            server.listen()
+            client = Control(path, timeout=5)
+            peer, _ = server.accept()
+            peer.close()
+            client.file.write(b"x" * 10)
+            try:
+                client.file.flush()
+                time.sleep(0.05)
+                client.file.write(b"y")
+                client.file.flush()
+            except OSError:
+                pass  # broken pipe: "y" or both lines are still in the buffer
+            client.file.write(b"z")  # whatever happened above, a line is buffered now
+            try:
+                client.close()
+            except OSError:
+                pass  # the flush at close fails: the service is gone
+            assert client.sock.fileno() == -1
+            del client
+            gc.collect()
