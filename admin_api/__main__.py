@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource
 
 from service.config import Parser
 
@@ -35,44 +35,47 @@ GET / serves the dashboard, which asks for the token.
 """
 
 
+# The token never comes from a flag: flags show in ``ps`` to every user of the host.
+NEVER_FLAGS = ("token",)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
+    return Parser(
         prog="comet-admin",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    fields = AdminSettings.model_fields
-    for name, kind in (
-        ("host", str),
-        ("port", int),
-        ("control_socket", Path),
-        ("token_file", Path),
-        ("max_message_bytes", int),
-        ("control_timeout", float),
-        ("broadcast_timeout", float),
-        ("log_level", str),
-    ):
-        info = fields[name]
-        env = "COMET_ADMIN_" + name.upper()
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=kind,
-            default=None,
-            help=f"{info.description} (env {env}, default {info.default})",
-        )
-    return parser
+
+
+def read_settings(argv: list[str]) -> AdminSettings:
+    """Flags (from AdminSettings' own fields, by pydantic-settings) over COMET_ADMIN_* over
+    defaults. ValueError: a flag that must not be one; ValidationError: a bad value."""
+    for arg in argv:
+        name = arg.removeprefix("--").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("--") and name in NEVER_FLAGS:
+            raise ValueError(
+                f"--{name.replace('_', '-')} is never a flag (ps shows flags to every user): "
+                f"set COMET_ADMIN_{name.upper()} or use the token file"
+            )
+    cli: CliSettingsSource[AdminSettings] = CliSettingsSource(
+        AdminSettings,
+        root_parser=build_parser(),
+        cli_kebab_case=True,
+        cli_hide_none_type=True,
+        cli_show_env_vars=True,
+    )
+    return AdminSettings(_cli_settings_source=cli(args=argv))  # type: ignore[call-arg]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        settings = AdminSettings(**overrides)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        print(f"comet-admin: {where}: {first['msg']}", file=sys.stderr)
+        settings = read_settings(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as exc:  # ValidationError is one
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            exc = ValueError(f"{where}: {first['msg']}")
+        print(f"comet-admin: {exc}", file=sys.stderr)
         return 2
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

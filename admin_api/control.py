@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.contracts import ErrorCode
+
 log = logging.getLogger("comet.admin.control")
 
 # Answers can be much larger than requests (a channel map of a busy node); the contract caps
@@ -58,8 +60,20 @@ class ServiceRefused(ControlError):
     """The service answered ``{"ok": false, "error": ...}`` (or something unreadable)."""
 
 
-class BusUnavailable(ControlError):
+class ServiceBusy(ControlError):
+    """The service answered but cannot do it now (it is stopping, or has no frame yet): 503."""
+
+
+class BusUnavailable(ServiceBusy):
     """The service is up but its multi-node bus (Redis) is not: ``bus unavailable: ...``."""
+
+
+# The ``code`` of a refusal (service.contracts.ErrorCode) that a retry may cure.
+_UNAVAILABLE: dict[Any, type[ControlError]] = {
+    ErrorCode.BUS_UNAVAILABLE: BusUnavailable,
+    ErrorCode.STOPPING: ServiceBusy,
+    ErrorCode.NOT_READY: ServiceBusy,
+}
 
 
 def describe_os_error(exc: BaseException) -> str:
@@ -86,9 +100,7 @@ def _decode_answer(line: bytes) -> dict[str, Any]:
         raise ServiceRefused("the service sent a JSON value that is not an object")
     if answer.get("ok") is not True:
         error = str(answer.get("error") or "the service refused the request")
-        if error.startswith("bus unavailable:"):
-            raise BusUnavailable(error)
-        raise ServiceRefused(error)
+        raise _UNAVAILABLE.get(answer.get("code"), ServiceRefused)(error)
     return answer
 
 

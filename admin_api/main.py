@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from .control import (
-    BusUnavailable,
     ControlClient,
     FrameWatcher,
+    ServiceBusy,
     ServiceRefused,
     ServiceTimeout,
     ServiceUnavailable,
@@ -79,8 +79,9 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
 
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ServiceUnavailable, unavailable)
-    # The service answered, but the Redis it shares with the other nodes did not: still a 503.
-    app.add_exception_handler(BusUnavailable, unavailable)
+    # The service answered but cannot do it now (the Redis it shares with the other nodes is
+    # down, it is stopping, it has no frame yet): still a 503.
+    app.add_exception_handler(ServiceBusy, unavailable)
     app.add_exception_handler(ServiceTimeout, timed_out)
     app.add_exception_handler(ServiceRefused, refused)
 

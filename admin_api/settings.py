@@ -10,9 +10,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliSuppress, SettingsConfigDict
 
-from service.contracts import NAME_PATTERN
+from service.contracts import MESSAGE_MAX_BYTES, NAME_PATTERN
 
 __all__ = ["NAME_PATTERN", "AdminSettings", "get_settings"]
 
@@ -22,7 +22,7 @@ class AdminSettings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address the HTTP server binds")
     port: int = Field(default=8080, ge=0, le=65535, description="HTTP port")
-    token: SecretStr | None = Field(
+    token: CliSuppress[SecretStr | None] = Field(
         default=None,
         description="bearer token; when unset it is read from (or generated into) token_file",
     )
@@ -34,7 +34,7 @@ class AdminSettings(BaseSettings):
         default=Path("/run/comet/control.sock"), description="the supervisor's Unix control socket"
     )
     max_message_bytes: int = Field(
-        default=64 * 1024,
+        default=MESSAGE_MAX_BYTES,
         gt=0,
         description="largest broadcast payload (UTF-8 bytes) accepted, else 413",
     )

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from service.supervisor import run
+    from service.supervisor.process import run
 
     sys.exit(run(config))
 

@@ -14,12 +14,14 @@ import math
 import os
 import resource
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
+
+from service.contracts import ENV_TOKEN_SECRET, MESSAGE_MAX_BYTES
 
 ScreenMode = Literal["auto", "on", "off"]
 
 # Sockets a worker keeps for itself (listener, control pipe, logs, /proc reads, ...) on top of the
-# connections it holds. The capacity formula in DESIGN.md subtracts this from RLIMIT_NOFILE.
+# connections it holds. The capacity formula (worker_count) subtracts this from RLIMIT_NOFILE.
 DEFAULT_FD_RESERVE = 500
 
 
@@ -40,68 +42,147 @@ def raise_nofile_limit() -> int:
     return nofile_limit()
 
 
+T = TypeVar("T")
+
+
+def opt(default: T, help: str) -> T:
+    """A Config field: its default and the --help text of its flag (and COMET_ variable)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # Listener
-    host: str = "0.0.0.0"
-    port: int = 8888
-    backlog: int = 65535
-    allow_shared_port: bool = False  # start although another process listens on the port
+    host: str = opt("0.0.0.0", "address to listen on")
+    port: int = opt(8888, "subscriber port (shared by all workers with SO_REUSEPORT)")
+    backlog: int = opt(65535, "listen backlog (the kernel caps it at net.core.somaxconn)")
+    allow_shared_port: bool = opt(
+        False,
+        (
+            "start even when another process already listens on --port (SO_REUSEPORT then "
+            "splits new connections between them); off: refuse with the listener's pid"
+        ),
+    )
 
     # Process model
-    workers: str = "auto"  # "auto" or a positive integer, see worker_count()
-    target_connections: int = 1_000_000
-    fd_reserve: int = DEFAULT_FD_RESERVE
-    limit_connections: int = 0  # per worker; 0 = RLIMIT_NOFILE - fd_reserve
+    workers: str = opt(
+        "auto",
+        "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))), or N",
+    )
+    target_connections: int = opt(
+        1_000_000,
+        "connections the host should hold; sizes --workers auto",
+    )
+    fd_reserve: int = opt(
+        DEFAULT_FD_RESERVE,
+        "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
+    )
+    limit_connections: int = opt(
+        0,
+        "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",
+    )
 
     # Streams
-    ping_interval: float = 20.0
-    ping_slice: int = 500  # connections pinged at a time; a sweep's slices spread over interval/4
-    fanout_slice: int = 500  # connections written per loop iteration by a broadcast
-    limit_write_buffer: int = 256 * 1024  # unsent bytes before a slow subscriber is dropped
-    sse_retry_ms: int = 3000
-    history_size: int = 1000  # messages kept per channel for SSE resume / long-poll
-    history_max_age: float = 300.0  # seconds a message stays resumable
-    limit_message_bytes: int = 1024 * 1024
+    ping_interval: float = opt(20.0, "seconds between pings on every stream")
+    ping_slice: int = opt(
+        500,
+        (
+            "connections pinged at a time; a sweep's slices are spread evenly over the first "
+            "quarter of the ping interval"
+        ),
+    )
+    fanout_slice: int = opt(500, "connections written per event-loop iteration during a broadcast")
+    limit_write_buffer: int = opt(
+        256 * 1024,
+        "unsent bytes after which a slow subscriber is dropped",
+    )
+    sse_retry_ms: int = opt(3000, "SSE reconnect hint (retry:) in milliseconds")
+    history_size: int = opt(1000, "messages kept per channel for SSE resume and long-poll")
+    history_max_age: float = opt(300.0, "seconds a message stays in the history ring")
+    limit_message_bytes: int = opt(
+        MESSAGE_MAX_BYTES, "largest broadcast payload accepted, in UTF-8 bytes"
+    )
 
     # Request limits
-    timeout_header: float = 10.0  # absolute deadline for the whole request head
-    limit_request_line: int = 8192
-    limit_headers_bytes: int = 16384
-    limit_headers_count: int = 100
-    timeout_poll_default: float = 30.0
-    timeout_poll_max: float = 120.0
-    timeout_keepalive: float = 15.0  # idle keep-alive between long-poll requests
+    timeout_header: float = opt(10.0, "absolute deadline in seconds for the request head (408)")
+    limit_request_line: int = opt(8192, "longest request line in bytes (414)")
+    limit_headers_bytes: int = opt(16384, "largest total header size in bytes (431)")
+    limit_headers_count: int = opt(100, "most header fields (431)")
+    timeout_poll_default: float = opt(30.0, "long-poll wait when ?timeout= is absent")
+    timeout_poll_max: float = opt(120.0, "longest long-poll wait a client may ask for")
+    timeout_keepalive: float = opt(
+        15.0,
+        "seconds an idle keep-alive connection is kept between long-polls",
+    )
 
     # Supervisor
-    control_socket: str = "/run/comet/control.sock"
-    log_dir: str = "logs"
-    state_dir: str = ""  # durable history (SQLite); "" = <log_dir>/state
-    log_max_bytes: int = 50 * 1024 * 1024
-    log_backups: int = 5
-    grace: float = 30.0
-    screen: ScreenMode = "auto"
-    log_level: str = "info"
+    control_socket: str = opt(
+        "/run/comet/control.sock",
+        "Unix control socket for the admin sidecar (mode 0660)",
+    )
+    log_dir: str = opt("logs", "directory of the per-second CSV log")
+    state_dir: str = opt(
+        "",
+        "directory of the durable message history (SQLite, WAL); empty = <log-dir>/state",
+    )
+    log_max_bytes: int = opt(50 * 1024 * 1024, "CSV log size before rotation")
+    log_backups: int = opt(5, "rotated CSV logs kept")
+    grace: float = opt(30.0, "seconds to drain on SIGTERM/SIGINT before exiting")
+    screen: ScreenMode = opt(
+        "auto",
+        "live top-like screen: auto (when stdout is a terminal), on, off",
+    )
+    log_level: str = opt("info", "logging level: debug, info, warning, error")
 
     # Scale-out
-    bus: str = "local"  # "local" or a redis:// URL
-    node_id: str = field(default_factory=lambda: os.uname().nodename)
-    node_ttl: float = 5.0
+    bus: str = opt("local", "broadcast bus: 'local' or a redis:// URL for multi-node")
+    node_id: str = field(
+        default_factory=lambda: os.uname().nodename,
+        metadata={"help": "this node's name in a multi-node cluster"},
+    )
+    node_ttl: float = opt(5.0, "seconds a node's published frame lives in the cluster view")
 
-    # Supervisor fan-out (appended by the supervisor issue)
-    fanout_parallel: int = 0  # workers writing one broadcast at once; 0 = one per CPU core
+    # Supervisor fan-out
+    fanout_parallel: int = opt(
+        0,
+        "workers writing one broadcast at the same time (0 = one per CPU core)",
+    )
     # The port skips connection tracking (raw NOTRACK, host_tuning_notrack_ports): set by the
     # comet role, since the service (non-root in its container) cannot read the host's rules.
-    port_untracked: bool = False
+    port_untracked: bool = opt(
+        False,
+        (
+            "the port is exempt from connection tracking (a raw-table NOTRACK rule, as the "
+            "host_tuning role sets): no nf_conntrack_max warning"
+        ),
+    )
 
     # Who may listen (service/auth.py) and over what
-    cors_origins: str = "*"  # "*", a comma-separated list of origins, or "" (no CORS headers)
-    private_channels: str = ""  # comma-separated glob patterns of channels that need a token
-    require_token: bool = False  # every channel needs a token
-    token_secret_file: str = ""  # HS256 secret (or COMET_TOKEN_SECRET); never a flag value
-    token_public_key_file: str = ""  # PEM public key for RS256 / ES256 tokens
-    tls_cert: str = ""  # PEM certificate chain: serve HTTPS on --port
-    tls_key: str = ""  # PEM private key of --tls-cert
+    cors_origins: str = opt(
+        "*",
+        (
+            "origins whose pages may subscribe: '*' (any, without credentials), a "
+            "comma-separated list (those only, with credentials), or '' (no CORS headers)"
+        ),
+    )
+    private_channels: str = opt(
+        "",
+        (
+            "comma-separated glob patterns (e.g. 'private-*') of channels that need a subscriber "
+            "token (JWT, ?token= or Authorization: Bearer)"
+        ),
+    )
+    require_token: bool = opt(False, "every channel needs a subscriber token")
+    token_secret_file: str = opt(
+        "",
+        (
+            "file with the HS256 secret tokens are signed with (or COMET_TOKEN_SECRET in the "
+            "environment; never the secret itself as a flag)"
+        ),
+    )
+    token_public_key_file: str = opt("", "PEM public key for RS256 / ES256 subscriber tokens")
+    tls_cert: str = opt("", "PEM certificate (chain) file: serve HTTPS on --port (needs --tls-key)")
+    tls_key: str = opt("", "PEM private key file of --tls-cert")
 
     # ---- derived values ----------------------------------------------------------------------
     def connection_cap(self, nofile: int | None = None) -> int:
@@ -112,7 +193,7 @@ class Config:
         return max(1, limit - self.fd_reserve)
 
     def worker_count(self, nofile: int | None = None, cpus: int | None = None) -> int:
-        """DESIGN.md: max(cpu_count, ceil(target / (nofile - reserve))) for ``auto``."""
+        """max(cpu_count, ceil(target / (nofile - reserve))) for ``auto`` (docs/architecture.md)."""
         if self.workers != "auto":
             return int(self.workers)
         limit = nofile if nofile is not None else nofile_limit()
@@ -162,7 +243,7 @@ class Config:
     def validate_access(self, environ: Any = None) -> None:
         """Check the token keys and the TLS files now, so a bad path is one line at start-up
         and not a worker restart loop."""
-        from service import auth, tls
+        from service.worker import auth, tls
 
         keys = auth.load_keys(self.token_secret_file, self.token_public_key_file, environ)
         if (self.private_channels.strip() or self.require_token) and (
@@ -170,7 +251,7 @@ class Config:
         ):
             raise ValueError(
                 "private-channels / require-token: no key to check tokens with (set "
-                f"--token-secret-file, {auth.ENV_SECRET} or --token-public-key-file)"
+                f"--token-secret-file, {ENV_TOKEN_SECRET} or --token-public-key-file)"
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("tls-cert and tls-key: give both or neither")
@@ -183,73 +264,6 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> Config:
         return cls(**json.loads(text))
-
-
-_HELP = {
-    "host": "address to listen on",
-    "port": "subscriber port (shared by all workers with SO_REUSEPORT)",
-    "backlog": "listen backlog (the kernel caps it at net.core.somaxconn)",
-    "allow_shared_port": (
-        "start even when another process already listens on --port (SO_REUSEPORT then "
-        "splits new connections between them); off: refuse with the listener's pid"
-    ),
-    "workers": "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))), or N",
-    "target_connections": "connections the host should hold; sizes --workers auto",
-    "fd_reserve": "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
-    "limit_connections": "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",
-    "ping_interval": "seconds between pings on every stream",
-    "ping_slice": (
-        "connections pinged at a time; a sweep's slices are spread evenly over the first "
-        "quarter of the ping interval"
-    ),
-    "fanout_slice": "connections written per event-loop iteration during a broadcast",
-    "limit_write_buffer": "unsent bytes after which a slow subscriber is dropped",
-    "sse_retry_ms": "SSE reconnect hint (retry:) in milliseconds",
-    "history_size": "messages kept per channel for SSE resume and long-poll",
-    "history_max_age": "seconds a message stays in the history ring",
-    "limit_message_bytes": "largest broadcast payload accepted",
-    "timeout_header": "absolute deadline in seconds for the request head (408)",
-    "limit_request_line": "longest request line in bytes (414)",
-    "limit_headers_bytes": "largest total header size in bytes (431)",
-    "limit_headers_count": "most header fields (431)",
-    "timeout_poll_default": "long-poll wait when ?timeout= is absent",
-    "timeout_poll_max": "longest long-poll wait a client may ask for",
-    "timeout_keepalive": "seconds an idle keep-alive connection is kept between long-polls",
-    "control_socket": "Unix control socket for the admin sidecar (mode 0660)",
-    "log_dir": "directory of the per-second CSV log",
-    "state_dir": (
-        "directory of the durable message history (SQLite, WAL); empty = <log-dir>/state"
-    ),
-    "log_max_bytes": "CSV log size before rotation",
-    "log_backups": "rotated CSV logs kept",
-    "grace": "seconds to drain on SIGTERM/SIGINT before exiting",
-    "screen": "live top-like screen: auto (when stdout is a terminal), on, off",
-    "log_level": "logging level: debug, info, warning, error",
-    "bus": "broadcast bus: 'local' or a redis:// URL for multi-node",
-    "node_id": "this node's name in a multi-node cluster",
-    "node_ttl": "seconds a node's published frame lives in the cluster view",
-    "fanout_parallel": "workers writing one broadcast at the same time (0 = one per CPU core)",
-    "port_untracked": (
-        "the port is exempt from connection tracking (a raw-table NOTRACK rule, as the "
-        "host_tuning role sets): no nf_conntrack_max warning"
-    ),
-    "cors_origins": (
-        "origins whose pages may subscribe: '*' (any, without credentials), a comma-separated "
-        "list (those only, with credentials), or '' (no CORS headers)"
-    ),
-    "private_channels": (
-        "comma-separated glob patterns (e.g. 'private-*') of channels that need a subscriber "
-        "token (JWT, ?token= or Authorization: Bearer)"
-    ),
-    "require_token": "every channel needs a subscriber token",
-    "token_secret_file": (
-        "file with the HS256 secret tokens are signed with (or COMET_TOKEN_SECRET in the "
-        "environment; never the secret itself as a flag)"
-    ),
-    "token_public_key_file": "PEM public key for RS256 / ES256 subscriber tokens",
-    "tls_cert": "PEM certificate (chain) file: serve HTTPS on --port (needs --tls-key)",
-    "tls_key": "PEM private key file of --tls-cert",
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -292,7 +306,7 @@ def build_parser(prog: str = "comet-service") -> argparse.ArgumentParser:
     for f in dataclasses.fields(Config):
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        help_text = _HELP.get(f.name, f.name)
+        help_text = f.metadata["help"]
         if isinstance(default, bool):
             parser.add_argument(
                 flag,

@@ -42,3 +42,40 @@ class Msg(TypedDict):
     event: str | None
     data: str
     ts: float
+
+
+# The counters every worker keeps (``WSTATS``) and the frame's ``totals`` add up: the worker's
+# ``Counters`` has exactly these slots; the frame, the cluster view, the CSV log and the sidecar's
+# /metrics read them by these names. ``conns`` is a level, the ``_total`` ones only grow.
+COUNTER_NAMES = (
+    "conns",
+    "accepted_total",
+    "closed_total",
+    "rejected_total",
+    "slow_dropped_total",
+    "msgs_sent_total",
+    "bytes_sent_total",
+    "token_missing_total",  # 401: a private channel asked for without a token
+    "token_invalid_total",  # 403: bad signature, algorithm or claims
+    "token_expired_total",  # 403 at subscribe, or a stream ended at its token's exp
+    "token_forbidden_total",  # 403: the token does not name the channel
+)
+TOTAL_NAMES = tuple(name for name in COUNTER_NAMES if name.endswith("_total"))
+
+# One cap on a broadcast's ``data`` in UTF-8 bytes, the default of the service's
+# ``--limit-message-bytes`` and of the sidecar's ``COMET_ADMIN_MAX_MESSAGE_BYTES``.
+MESSAGE_MAX_BYTES = 64 * 1024
+
+# The environment variable that carries the subscriber-token secret to the service and sidecar.
+ENV_TOKEN_SECRET = "COMET_TOKEN_SECRET"
+
+
+class ErrorCode:
+    """The ``code`` of a refused control request (``{"ok": false, "code": ..., "error": ...}``):
+    what the sidecar maps to an HTTP status, so no side matches error text."""
+
+    BAD_REQUEST = "bad_request"  # the request itself is wrong: 400
+    BUS_UNAVAILABLE = "bus_unavailable"  # the shared bus (Redis) cannot take it now: 503
+    STOPPING = "stopping"  # the service is shutting down: 503
+    NOT_READY = "not_ready"  # just started, no stats frame yet: 503
+    INTERNAL = "internal"  # a bug on our side: 500

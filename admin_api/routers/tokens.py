@@ -16,7 +16,7 @@ import jwt
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from service.auth import ENV_SECRET
+from service.contracts import ENV_TOKEN_SECRET
 
 from ..deps import Authorized, SettingsDep
 from ..responses import BODY_ERRORS, TOKEN_ERRORS, Problem
@@ -77,7 +77,7 @@ def signing_key(settings: AdminSettings) -> tuple[Any, str]:
         if settings.subscriber_secret_file is not None:
             secret = settings.subscriber_secret_file.read_bytes().strip()
         else:
-            secret = os.environ.get(ENV_SECRET, "").strip().encode()
+            secret = os.environ.get(ENV_TOKEN_SECRET, "").strip().encode()
     except (OSError, ValueError) as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"cannot read the signing key: {exc}"
@@ -86,7 +86,7 @@ def signing_key(settings: AdminSettings) -> tuple[Any, str]:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             detail="token signing is not configured: set COMET_ADMIN_SUBSCRIBER_SECRET_FILE, "
-            f"{ENV_SECRET} or COMET_ADMIN_SUBSCRIBER_PRIVATE_KEY_FILE",
+            f"{ENV_TOKEN_SECRET} or COMET_ADMIN_SUBSCRIBER_PRIVATE_KEY_FILE",
         )
     return secret, "HS256"
 

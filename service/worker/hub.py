@@ -55,45 +55,38 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from service import framing
-from service.auth import Cors, TokenCheck, load_keys
-from service.framing import Frames
+from service.contracts import COUNTER_NAMES
+from service.worker import framing
+from service.worker.auth import Cors, TokenCheck, load_keys
+from service.worker.framing import Frames
 
 if TYPE_CHECKING:
     from service.config import Config
-    from service.protocol import Conn
+    from service.worker.protocol import Conn
 
 
 class Counters:
-    __slots__ = (
-        "conns",
-        "accepted_total",
-        "closed_total",
-        "rejected_total",
-        "slow_dropped_total",
-        "msgs_sent_total",
-        "bytes_sent_total",
-        "token_missing_total",  # 401: a private channel asked for without a token
-        "token_invalid_total",  # 403: bad signature, algorithm or claims
-        "token_expired_total",  # 403 at subscribe, or a stream ended at its token's exp
-        "token_forbidden_total",  # 403: the token does not name the channel
-    )
+    """The worker's counters, named once in ``contracts.COUNTER_NAMES``."""
+
+    __slots__ = COUNTER_NAMES
+    conns: int
+    accepted_total: int
+    closed_total: int
+    rejected_total: int
+    slow_dropped_total: int
+    msgs_sent_total: int
+    bytes_sent_total: int
+    token_missing_total: int
+    token_invalid_total: int
+    token_expired_total: int
+    token_forbidden_total: int
 
     def __init__(self) -> None:
-        self.conns = 0
-        self.accepted_total = 0
-        self.closed_total = 0
-        self.rejected_total = 0
-        self.slow_dropped_total = 0
-        self.msgs_sent_total = 0
-        self.bytes_sent_total = 0
-        self.token_missing_total = 0
-        self.token_invalid_total = 0
-        self.token_expired_total = 0
-        self.token_forbidden_total = 0
+        for name in COUNTER_NAMES:
+            setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in COUNTER_NAMES}
 
 
 class Entry(NamedTuple):

@@ -30,15 +30,15 @@ from typing import Any
 
 import uvloop
 
-from service import framing
 from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN
 from service.corked import Corked
-from service.http import Limits
-from service.hub import Hub
-from service.lag import LagSampler
-from service.protocol import Conn
-from service.tls import server_context as tls_context
+from service.worker import framing
+from service.worker.http import Limits
+from service.worker.hub import Hub
+from service.worker.lag import LagSampler
+from service.worker.protocol import Conn
+from service.worker.tls import server_context as tls_context
 
 log = logging.getLogger("comet.worker")
 
@@ -380,7 +380,3 @@ def main(argv: list[str] | None = None) -> None:
     )
     raise_nofile_limit()
     uvloop.run(serve(config, index, ns.control_fd))
-
-
-if __name__ == "__main__":
-    main()

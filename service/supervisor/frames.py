@@ -13,14 +13,10 @@ from typing import Any
 
 import psutil
 
-from service.hub import Counters
+from service.contracts import TOTAL_NAMES
 
 LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
 LAG_KEYS = tuple(LAG_ZERO)
-
-# Counters a worker reports as running totals; the supervisor keeps what dead workers had counted
-# so the node's totals never go backwards when a worker is replaced.
-TOTAL_KEYS = tuple(k for k in Counters.__slots__ if k.endswith("_total"))
 
 
 def _read(path: str) -> str | None:
@@ -107,7 +103,7 @@ class FrameBuilder:
     started: float = field(default_factory=time.time)
     step: int = 0
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
-    _retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTAL_KEYS, 0))
+    _retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTAL_NAMES, 0))
     _last_limits: dict[str, Any] = field(default_factory=dict)
     _limits_at: float = 0.0
 
@@ -118,10 +114,11 @@ class FrameBuilder:
         self._self.cpu_percent(None)
 
     def retire(self, stats: dict[str, Any] | None) -> None:
-        """A worker died: keep its running totals in the node's totals."""
+        """A worker died: keep its running totals in the node's totals, so they never go back
+        when a worker is replaced."""
         if not stats:
             return
-        for key in TOTAL_KEYS:
+        for key in TOTAL_NAMES:
             self._retired[key] += int(stats.get(key, 0) or 0)
 
     def _proc(self, pid: int) -> psutil.Process | None:
@@ -179,7 +176,7 @@ class FrameBuilder:
             cpu_total += cpu
             conns = int(stats.get("conns", 0) or 0)
             totals["conns"] += conns
-            for key in TOTAL_KEYS:
+            for key in TOTAL_NAMES:
                 totals[key] += int(stats.get(key, 0) or 0)
             lag = stats.get("lag_ms") or LAG_ZERO
             if w.stats is not None:

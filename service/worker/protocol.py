@@ -2,7 +2,7 @@
 
 A held stream costs: the uvloop transport (~1.2 KB, fixed by uvloop), this object (five slots,
 ~80 bytes with the GC header) and its entry in one hub set. No Task, no timer, no dict, no
-parser per connection: the request head is parsed with :func:`service.http.parse_head` from a
+parser per connection: the request head is parsed with :func:`service.worker.http.parse_head` from a
 bytearray that is dropped once the head is in, and every timeout lives in the hub's
 shared deadline table (one timer per worker).
 """
@@ -13,9 +13,9 @@ import asyncio
 import time
 from typing import ClassVar, cast
 
-from service import framing
-from service.http import HttpError, Limits, Request, Route, parse_head, route
-from service.hub import Hub
+from service.worker import framing
+from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
+from service.worker.hub import Hub
 
 # Connection states. 0..3 are stream formats (indices into every framing.Frames tuple), so the
 # fan-out loop reads the state and uses it as the frame index directly.

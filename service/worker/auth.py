@@ -37,9 +37,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from service.http import HttpError
+from service.contracts import ENV_TOKEN_SECRET
+from service.worker.http import HttpError
 
-ENV_SECRET = "COMET_TOKEN_SECRET"
 CACHE_SIZE = 4096
 PREFLIGHT_HEADERS = "Last-Event-ID, Authorization, Cache-Control, Accept"
 PREFLIGHT_METHODS = "GET, HEAD, OPTIONS"
@@ -123,8 +123,8 @@ def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Ke
             ) from None
         if not secret:
             raise ValueError(f"token-secret-file: {secret_file} is empty")
-    elif env.get(ENV_SECRET):
-        secret = env[ENV_SECRET].strip().encode()
+    elif env.get(ENV_TOKEN_SECRET):
+        secret = env[ENV_TOKEN_SECRET].strip().encode()
     if secret is not None and len(secret) < 32:
         raise ValueError(
             "token secret: at least 32 bytes are needed for HS256 (e.g. `openssl rand -hex 32`)"

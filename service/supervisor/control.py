@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from service.bus import BusUnavailable
-from service.contracts import NAME_RE, NAME_RULE, text_problem
+from service.contracts import NAME_RE, NAME_RULE, ErrorCode, text_problem
 from service.corked import Corked
 
 log = logging.getLogger("comet.control")
@@ -43,7 +43,25 @@ Answer = dict[str, Any] | None
 
 
 class RequestError(Exception):
-    """A request the server understood to be wrong; the message goes back to the client."""
+    """A request the server refuses; the message and its ``code`` go back to the client."""
+
+    def __init__(self, message: str, code: str = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def refused(message: str, code: str = ErrorCode.BAD_REQUEST) -> dict[str, Any]:
+    """The answer to a refused request (docs/architecture.md, control socket)."""
+    return {"ok": False, "code": code, "error": message}
+
+
+def _refused_by(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, RequestError):
+        return refused(str(exc), exc.code)
+    if isinstance(exc, BusUnavailable):
+        return refused(str(exc), ErrorCode.BUS_UNAVAILABLE)
+    log.error("control request failed", exc_info=exc)  # never a traceback to the client
+    return refused(f"internal error: {type(exc).__name__}", ErrorCode.INTERNAL)
 
 
 class Backend(Protocol):
@@ -200,7 +218,7 @@ class ControlServer:
                             # line up to its newline without answering it a second time.
                             if not skipping:
                                 skipping = True
-                                answers.put({"ok": False, "error": "request line over 1 MiB"})
+                                answers.put(refused("request line over 1 MiB"))
                             buf.clear()
                         break
                     line = bytes(buf[:nl])
@@ -209,7 +227,7 @@ class ControlServer:
                         skipping = False
                         continue
                     if len(line) > LIMIT_LINE:
-                        answers.put({"ok": False, "error": "request line over 1 MiB"})
+                        answers.put(refused("request line over 1 MiB"))
                         continue
                     if not line.strip():
                         continue
@@ -243,7 +261,9 @@ class ControlServer:
         """Answer a request that needs no waiting at once; the others as a coroutine to run."""
         try:
             if self._closing:
-                raise RequestError("the service is stopping; send it again to the new one")
+                raise RequestError(
+                    "the service is stopping; send it again to the new one", ErrorCode.STOPPING
+                )
             try:
                 req = json.loads(line)
             except (ValueError, UnicodeDecodeError):
@@ -256,7 +276,7 @@ class ControlServer:
             if op == "stats":
                 frame = self.backend.latest_frame()
                 if frame is None:
-                    raise RequestError("no frame yet, try again in a second")
+                    raise RequestError("no frame yet, try again in a second", ErrorCode.NOT_READY)
                 return {"ok": True, "frame": frame}
             if op == "watch":
                 self._watchers.add(writer)
@@ -276,11 +296,8 @@ class ControlServer:
             raise RequestError(
                 f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, cluster"
             )
-        except RequestError as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # never a traceback to the client; the log keeps it
-            log.exception("control request failed")
-            return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+        except Exception as exc:
+            return _refused_by(exc)
 
     @staticmethod
     async def _waited(work: Awaitable[Any], key: str | None) -> Answer:
@@ -288,11 +305,8 @@ class ControlServer:
         None: the result is the answer's fields)."""
         try:
             result = await work
-        except (RequestError, BusUnavailable) as exc:
-            return {"ok": False, "error": str(exc)}
         except Exception as exc:
-            log.exception("control request failed")
-            return {"ok": False, "error": f"internal error: {type(exc).__name__}"}
+            return _refused_by(exc)
         return {"ok": True, **result} if key is None else {"ok": True, key: result}
 
     def _broadcast_args(self, req: dict[str, Any]) -> tuple[str, str | None, str | None]:
