@@ -11,7 +11,8 @@ from rich.console import Console
 
 from loadgen import fleet
 from loadgen.agent import AgentOptions, apply_params, main_agent
-from loadgen.client import EngineConfig, parse_source_ips
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.sources import parse_source_ips
 from loadgen.guard import LOOPBACK_RULES, TOKEN_ENV, Guard, TargetRule, is_loopback_bind, load_token
 from service.config import Parser
 

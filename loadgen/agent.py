@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from loadgen.client import EngineConfig, Pool, install_uvloop, make_pool
+from loadgen.engine.child import install_uvloop
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.pool import Pool, make_pool
 from loadgen.guard import Guard, Refusal, resolve
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")

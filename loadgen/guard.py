@@ -17,7 +17,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadgen.client import EngineConfig, nofile_capacity
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.sources import nofile_capacity
 
 TOKEN_ENV = "COMET_LOADGEN_TOKEN"
 

@@ -1,0 +1,426 @@
+"""One bench run: its phases (set-up, ramp, hold, broadcasts, ramp-down) as methods of a
+:class:`BenchRun` that carries their state, and :func:`run_bench`, which runs them as a task a
+signal can cancel and always stops what they started."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loadgen.bench.options import BenchError, Options
+from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
+from loadgen.bench.record import Record
+from loadgen.bench.report import cpu_model, write_outputs
+from loadgen.bench.service import (
+    Service,
+    listening_pids,
+    publish,
+    start_service,
+    tree_cpu,
+    tree_rss,
+    wait_workers_up,
+    watch_frames,
+)
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.pool import ProcessPool
+from loadgen.engine.sources import auto_procs, parse_source_ips
+from loadgen.engine.stats import Stats
+
+
+class Interrupted(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived; everything started has been stopped."""
+
+
+class BenchRun:
+    """One run's state, carried from phase to phase; :meth:`close` stops whatever was started.
+
+    The phases run as their own task and :meth:`close` runs outside it (see :func:`run_bench`),
+    so stopping everything never depends on a cancellation arriving inside the phases: Python
+    3.11's ``asyncio.wait_for`` can swallow one when its inner call completes in the same loop
+    turn.
+    """
+
+    def __init__(self, opts: Options, console: Console) -> None:
+        self.opts = opts
+        self.console = console
+        self.out = Path(opts.out)
+        self.record = Record()
+        self.report: dict[str, Any] = {}
+        self.svc: Service | None = None
+        self.pool: ProcessPool | None = None
+        self.config = EngineConfig()
+        self.watcher: asyncio.Task[None] | None = None
+        self.run_dir = tempfile.mkdtemp(prefix="comet-bench-")
+        # Baselines taken before the first client connects.
+        self.t0 = time.time()
+        self.slab0 = 0
+        self.rss0 = 0
+        self.client_rss0 = 0
+
+    # ---- the phases ---------------------------------------------------------------------------
+    async def phases(self) -> None:
+        await self.setup()
+        await self.ramp()
+        await self.hold()
+        await self.broadcasts()
+        assert self.pool is not None
+        st = await self.pool.stats()
+        if self.opts.ramp_down:
+            await self.ramp_down()
+        self.report["errors"] = {
+            "errors_req": st.errors_req,
+            "errors_resp": st.errors_resp,
+            "ended_req": st.ended_req,
+        }
+        self.report["latency_ms"] = st.latency_summary()
+        self.report["msgs_total"] = st.msgs_total
+        self.report["worst_loop_lag_ms"] = self.record.worst_lag_ms
+        if self.record.frames:
+            self.report["server_workers"] = len(self.record.frames[-1].get("workers") or [])
+
+    async def setup(self) -> None:
+        """Preflight, the service (or the target's listeners), the engine processes, baselines."""
+        opts, report = self.opts, self.report
+        self.out.mkdir(parents=True, exist_ok=True)
+        where = opts.where()
+        sources = parse_source_ips(opts.source_ips, where.host)
+        checks = preflight(
+            opts.conns,
+            len(sources),
+            remote=False,
+            concurrency=opts.concurrency,
+            port=where.port or opts.port,
+        )
+        report.update(
+            {
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "conns": opts.conns,
+                "rate": opts.rate,
+                "hold_s": opts.hold,
+                "broadcasts_asked": opts.broadcasts,
+                "target": opts.target or "comet1m service (python -m service)",
+                "machine": {
+                    "cpu_model": cpu_model(),
+                    "cpus": os.cpu_count(),
+                    "mem_gib": round(psutil.virtual_memory().total / 2**30, 1),
+                },
+                "preflight": [c.__dict__ for c in checks],
+                "preflight_verdict": verdict(checks),
+            }
+        )
+        print_preflight(self.console, checks)
+        port = where.port
+        if opts.target:
+            local = where.host in ("127.0.0.1", "localhost", "::1")
+            svc = self.svc = Service(None, port, None, None, listening_pids(port) if local else [])
+        else:
+            svc = self.svc = await start_service(opts, self.out, self.run_dir)
+            report["service_pid"] = svc.proc.pid if svc.proc else None
+            port = svc.port
+            assert svc.socket_path is not None
+            self.watcher = asyncio.create_task(watch_frames(svc.socket_path, self.record))
+        if svc.socket_path is not None:
+            # The baseline must include every worker's start-up RSS: at 54 workers the
+            # service answers health while most are still importing, and a baseline taken
+            # then put ~0.8 KB of interpreter start-up into every connection's share.
+            await wait_workers_up(svc.socket_path, svc.workers)
+        await asyncio.sleep(1.0)  # a baseline after start-up settles
+        self.slab0, self.rss0 = meminfo_kb("Slab"), tree_rss(svc.pids)
+        self.config = EngineConfig(
+            0,
+            where.host,
+            port,
+            where.path,
+            opts.concurrency,
+            tls=where.tls,
+            tls_ca=opts.tls_ca or "",
+        )
+        report["tls"] = where.tls
+        pool = self.pool = ProcessPool(
+            self.config, sources, None if opts.procs == "auto" else int(opts.procs)
+        )
+        await pool.grow(pool.fixed or auto_procs(opts.conns, pool.capacity))
+        if opts.client_nice:
+            # On one box the load generator stands in for remote machines: give the service
+            # the CPU first so its loop lag is not the clients' doing.
+            for child in pool.children:
+                with contextlib.suppress(psutil.Error):
+                    psutil.Process(child.proc.pid).nice(opts.client_nice)
+        report["client_nice"] = opts.client_nice
+        await pool.apply(self.config)
+        self.client_rss0 = tree_rss(self.client_pids())
+        report["client_procs"] = pool.procs
+
+    async def ramp(self) -> None:
+        """Raise the clients to ``--conns`` at ``--rate`` a second (bounded in time)."""
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        self.t0 = time.time()
+        start = time.monotonic()
+        best, best_at = 0, start
+        reached_at: float | None = None
+        # A ramp may take twice its nominal time (+60 s, or --ramp-timeout) and stall 30 s at
+        # most before we give up.
+        deadline = start + (opts.ramp_timeout or opts.conns / opts.rate * 2 + 60)
+        progress = Progress(
+            TextColumn("ramp"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not opts.progress,
+            transient=False,
+        )
+        last_sample = 0.0
+        with progress:
+            task = progress.add_task("ramp", total=opts.conns, info="")
+            while True:
+                now = time.monotonic()
+                target = min(opts.conns, int(opts.rate * (now - start)) + 1)
+                if target != pool.config.n:
+                    await pool.set_config(dataclasses.replace(self.config, n=target))
+                st = await pool.stats()
+                if st.clients > best:
+                    best, best_at = st.clients, now
+                progress.update(
+                    task,
+                    completed=st.clients,
+                    info=f"inproc {st.inproc:,} err {st.errors_req + st.errors_resp:,} "
+                    f"ended {st.ended_req:,}",
+                )
+                if now - last_sample >= 1.0:
+                    self.sample("ramp", target, st)
+                    last_sample = now
+                    self.check_memory()
+                if st.clients >= opts.conns:
+                    reached_at = now
+                    break
+                if now > deadline or (target == opts.conns and now - best_at > 30):
+                    break
+                await asyncio.sleep(0.2)
+        self.record.timeline[-1:] = []  # replaced by the final sample below
+        self.sample("ramp", opts.conns, st)
+        self.report.update(
+            {
+                "t0": self.t0,
+                "ramp_s": round((reached_at or time.monotonic()) - start, 2),
+                "ramp_complete": reached_at is not None,
+                "reached": best,
+            }
+        )
+
+    async def hold(self) -> None:
+        """Hold ``--hold`` seconds, then measure memory per connection and idle CPU."""
+        opts, pool, svc, report = self.opts, self.pool, self.svc, self.report
+        assert pool is not None and svc is not None
+        end = time.monotonic() + opts.hold
+        hold_t0 = time.time()
+        client_cpu0 = tree_cpu(self.client_pids())
+        host_cpu0 = psutil.cpu_times()
+        while True:
+            st = await pool.stats()
+            self.sample("hold", opts.conns, st)
+            self.check_memory()
+            if time.monotonic() >= end:
+                break
+            await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
+        # CPU while idle-holding (pings only): % of one core, from the service's frames (its own
+        # psutil readings per worker) and from the load generator's and the host's CPU times.
+        dt = max(0.001, time.time() - hold_t0)
+        host_cpu1 = psutil.cpu_times()
+        busy = sum(host_cpu1) - sum(host_cpu0) - (host_cpu1.idle - host_cpu0.idle)
+        busy -= getattr(host_cpu1, "iowait", 0.0) - getattr(host_cpu0, "iowait", 0.0)
+        frames = [f for f in self.record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
+        svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
+        report["hold_cpu"] = {
+            "seconds": round(dt, 1),
+            "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
+            "load_generator_pct_of_core": round(
+                100 * (tree_cpu(self.client_pids()) - client_cpu0) / dt, 1
+            ),
+            "host_busy_pct_of_core": round(100 * busy / dt, 1),
+            "cores": os.cpu_count(),
+            "service_lag": self.record.lag_in(hold_t0, time.time() - 1.0),
+        }
+        held = max(1, st.clients)
+        rss = tree_rss(svc.pids)
+        slab = meminfo_kb("Slab")
+        report["held"] = st.clients
+        report["server_rss_mb"] = round(rss / 2**20, 1)
+        report["server_rss_per_conn_bytes"] = round((rss - self.rss0) / held) if svc.pids else None
+        report["kernel_slab_delta_mb"] = round((slab - self.slab0) / 1024, 1)
+        # Slab grows for both ends of every loopback connection: this is per connection *pair*.
+        report["kernel_bytes_per_conn"] = round((slab - self.slab0) * 1024 / held)
+        client_rss = tree_rss(self.client_pids())
+        report["client_rss_mb"] = round(client_rss / 2**20, 1)
+        report["client_rss_per_conn_bytes"] = round((client_rss - self.client_rss0) / held)
+
+    async def broadcasts(self) -> None:
+        """``--broadcasts`` timed broadcasts, each waited for until every client has it."""
+        opts, pool, svc = self.opts, self.pool, self.svc
+        assert pool is not None and svc is not None
+        for seq in range(1, opts.broadcasts + 1):
+            before = await pool.stats()
+            expect = before.clients
+            ts = time.time()
+            data = json.dumps({"ts": ts, "seq": seq, "bench": "comet1m"})
+            recipients = await publish(opts, svc, data)
+            answered = time.time()
+            deadline = time.monotonic() + opts.broadcast_timeout
+            st = before
+            while time.monotonic() < deadline:
+                st = await pool.stats()
+                if st.deliveries.get(seq, 0) >= expect:
+                    break
+                await asyncio.sleep(0.05)
+            delivered = st.deliveries.get(seq, 0)
+            last = st.last_delivery.get(seq)
+            first = st.first_delivery.get(seq)
+            # The frames covering the fan-out arrive once a second: wait for the one after it.
+            await asyncio.sleep(1.2)
+            lag = self.record.lag_in(ts, last or time.time())
+            self.record.broadcasts.append(
+                {
+                    "seq": seq,
+                    "published": ts,
+                    "recipients": recipients,
+                    "expected": expect,
+                    "delivered": delivered,
+                    "first_delivery_ms": round((first - ts) * 1000, 1) if first else None,
+                    "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
+                    "answer_ms": round((answered - ts) * 1000, 1),
+                    "lag_p90_ms": lag["p90"],
+                    "lag_p99_ms": lag["p99"],
+                    "lag_max_ms": lag["max"],
+                }
+            )
+            self.sample("broadcast", opts.conns, st)
+            self.check_memory()
+            await asyncio.sleep(opts.broadcast_gap)
+
+    async def ramp_down(self) -> None:
+        """Close every client connection and time until the service holds none (bounded:
+        120 s)."""
+        pool = self.pool
+        assert pool is not None
+        start = time.monotonic()
+        await pool.set_config(dataclasses.replace(pool.config, n=0))
+        deadline = start + 120
+        done_at: float | None = None
+        while time.monotonic() < deadline:
+            st = await pool.stats()
+            server = self.sample("ramp-down", 0, st)["server_conns"]
+            # The frame is up to a second old: count the service as empty on a frame taken
+            # after the clients reached 0.
+            if st.clients == 0 and done_at is None:
+                done_at = time.monotonic()
+            if done_at is not None and server == 0 and time.monotonic() - done_at > 1.1:
+                break
+            await asyncio.sleep(0.5)
+        self.report["ramp_down_s"] = round((done_at or time.monotonic()) - start, 2)
+        self.report["ramp_down_server_conns_left"] = self.record.timeline[-1]["server_conns"]
+
+    # ---- what every phase does ----------------------------------------------------------------
+    def client_pids(self) -> list[int]:
+        return [c.proc.pid for c in self.pool.children] if self.pool is not None else []
+
+    def sample(self, phase: str, target: int, st: Stats) -> dict[str, Any]:
+        """One timeline row: the clients' counts, the service's latest frame, memory."""
+        last = self.record.frames[-1] if self.record.frames else {}
+        totals = last.get("totals") or {}
+        server_pids = self.svc.pids if self.svc is not None else []
+        rss = tree_rss(server_pids)
+        row = {
+            "elapsed_s": round(time.time() - self.t0, 2),
+            "phase": phase,
+            "target": target,
+            "clients": st.clients,
+            "inproc": st.inproc,
+            "errors_req": st.errors_req,
+            "errors_resp": st.errors_resp,
+            "ended_req": st.ended_req,
+            "msgs_total": st.msgs_total,
+            "server_conns": totals.get("conns", ""),
+            "server_rss_mb": round(rss / 2**20, 1),
+            "server_rss_delta_mb": round((rss - self.rss0) / 2**20, 1),
+            "slab_delta_mb": round((meminfo_kb("Slab") - self.slab0) / 1024, 1),
+            "lag_p99_ms": ((totals.get("lag_ms") or {}).get("p99", "")),
+            "lag_max_ms": ((totals.get("lag_ms") or {}).get("max", "")),
+            "mem_available_mb": meminfo_kb("MemAvailable") // 1024,
+        }
+        self.record.timeline.append(row)
+        return row
+
+    def check_memory(self) -> None:
+        """Stop the run (bounded) before the box runs out of memory: others share it."""
+        avail = meminfo_kb("MemAvailable") * 1024
+        if avail < self.opts.min_available_gib * 2**30:
+            raise BenchError(
+                f"MemAvailable {avail / 2**30:.2f} GiB fell below --min-available-gib "
+                f"{self.opts.min_available_gib}: stopping the run (fewer --conns, or free memory)"
+            )
+
+    # ---- the end ------------------------------------------------------------------------------
+    async def close(self) -> None:
+        """Stop the frame watcher, the engine processes and the service; remove the run dir."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self.watcher
+        if self.pool is not None:
+            await self.pool.close()
+        if self.svc is not None and self.svc.proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.svc.stop)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def finish(self) -> dict[str, Any]:
+        """The report, with the outputs written (after :meth:`close`: the service log is
+        whole)."""
+        self.report["broadcasts"] = self.record.broadcasts
+        write_outputs(self.out, self.report, self.record, self.svc)
+        return self.report
+
+
+async def run_bench(opts: Options, console: Console) -> dict[str, Any]:
+    """Run the phases as a task that a signal cancels (again and again, until it has ended),
+    then stop everything from here, outside that task, whatever way it ended."""
+    loop = asyncio.get_running_loop()
+    b = BenchRun(opts, console)
+    # Handlers first, then anything that spawns: the task does not start before the next await.
+    task = loop.create_task(b.phases())
+    signals: list[int] = []
+
+    def cancel_until_done() -> None:
+        if not task.done():
+            task.cancel()
+            loop.call_later(0.2, cancel_until_done)
+
+    def on_signal(signum: int) -> None:
+        signals.append(signum)
+        if len(signals) == 1:
+            cancel_until_done()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await asyncio.wait({task})
+    finally:
+        await b.close()
+    if signals:
+        raise Interrupted(signal.Signals(signals[0]).name)
+    task.result()  # the phases' own error, if any
+    return b.finish()

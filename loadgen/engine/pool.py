@@ -1,0 +1,231 @@
+"""Many engine processes as one: ``ProcessPool`` drives ``python -m loadgen.engine.child``
+processes over JSON lines on their stdin/stdout and merges their stats; ``InlinePool`` is one
+engine in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.engine import Engine
+from loadgen.engine.sources import auto_procs, nofile_capacity
+from loadgen.engine.stats import Stats
+
+
+def split_n(n: int, parts: int) -> list[int]:
+    """Spread n over parts as evenly as possible."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class _Child:
+    __slots__ = ("proc", "index", "lock", "last", "broken")
+
+    def __init__(self, proc: asyncio.subprocess.Process, index: int) -> None:
+        self.proc = proc
+        self.index = index
+        self.lock = asyncio.Lock()
+        self.last = Stats()  # its latest answer, kept if it dies
+        self.broken = False
+
+    async def call(self, msg: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        async with self.lock:
+            self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"client process {self.index} (pid {self.proc.pid}) exited")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+
+class ProcessPool:
+    """Spreads an engine over child processes; same interface as a single engine.
+
+    ``procs`` = None means auto: grow to ceil(n / capacity) processes whenever n rises.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        source_ips: list[str],
+        procs: int | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self.config = config
+        self.source_ips = source_ips
+        self.fixed = procs
+        self.capacity = capacity if capacity is not None else nofile_capacity()
+        self.children: list[_Child] = []
+        self.retired = Stats()  # counters of engine processes that died and were replaced
+        self.respawned = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def procs(self) -> int:
+        return len(self.children)
+
+    async def start(self) -> None:
+        await self.apply(self.config)
+
+    async def _spawn_one(self, i: int) -> _Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loadgen.engine.child",
+            "--child",
+            "--index",
+            str(i),
+            "--source-ips",
+            ",".join(self.source_ips) or "none",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,
+        )
+        child = _Child(proc, i)
+        hello = await child.call({"op": "stats"}, timeout=30.0)
+        if not hello.get("ok"):
+            raise RuntimeError(f"client process {i} did not start: {hello}")
+        return child
+
+    async def grow(self, count: int) -> None:
+        """Start engine processes until there are ``count`` (idle until :meth:`apply`)."""
+        while len(self.children) < count:
+            self.children.append(await self._spawn_one(len(self.children)))
+
+    async def _heal(self) -> None:
+        """Replace engine processes that died (OOM, kill): keep their counters, reconnect."""
+        async with self._lock:
+            shares = split_n(self.config.n, len(self.children)) if self.children else []
+            for i, c in enumerate(self.children):
+                if c.proc.returncode is None and not c.broken:
+                    continue
+                if c.proc.returncode is None:
+                    c.proc.kill()
+                    await c.proc.wait()
+                gone = c.last
+                gone.clients = gone.inproc = 0
+                self.retired.merge(gone)
+                self.respawned += 1
+                fresh = await self._spawn_one(i)
+                self.children[i] = fresh
+                await fresh.call({"op": "set", **asdict(self.config), "n": shares[i]})
+
+    async def _call_all(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        """``msg`` to every engine; one that fails is replaced and asked again."""
+        for attempt in (1, 2):
+            results = await asyncio.gather(
+                *(c.call(msg) for c in self.children), return_exceptions=True
+            )
+            failed = False
+            for c, r in zip(self.children, results, strict=True):
+                if isinstance(r, BaseException):
+                    c.broken = True
+                    failed = True
+            if not failed:
+                return [r for r in results if isinstance(r, dict)]
+            if attempt == 2:
+                break
+            await self._heal()
+        raise RuntimeError("engine processes keep failing; see the agent's stderr")
+
+    async def apply(self, config: EngineConfig) -> None:
+        async with self._lock:
+            self.config = config
+            want = self.fixed if self.fixed else auto_procs(config.n, self.capacity)
+            await self.grow(max(want, len(self.children)))
+            shares = split_n(config.n, len(self.children))
+            base = asdict(config)
+            results = await asyncio.gather(
+                *(
+                    c.call({"op": "set", **base, "n": share})
+                    for c, share in zip(self.children, shares, strict=True)
+                ),
+                return_exceptions=True,
+            )
+            for c, r in zip(self.children, results, strict=True):
+                if isinstance(r, BaseException):
+                    c.broken = True
+        if any(c.broken for c in self.children):
+            await self._heal()
+
+    async def set_config(self, config: EngineConfig) -> None:
+        await self.apply(config)
+
+    async def restart(self) -> None:
+        await self._call_all({"op": "restart"})
+
+    async def reset_latency(self) -> None:
+        self.retired.clear_latency()
+        await self._call_all({"op": "reset_latency"})
+
+    async def stats(self) -> Stats:
+        if any(c.proc.returncode is not None for c in self.children):
+            await self._heal()
+        total = Stats()
+        total.merge(self.retired)
+        for c, a in zip(self.children, await self._call_all({"op": "stats"}), strict=True):
+            c.last = Stats.from_wire(a["stats"])
+            total.merge(c.last)
+        return total
+
+    async def close(self) -> None:
+        for c in self.children:
+            if c.proc.returncode is None and c.proc.stdin is not None:
+                c.proc.stdin.close()  # the child drops its connections and exits
+        for c in self.children:
+            try:
+                await asyncio.wait_for(c.proc.wait(), 5.0)
+            except TimeoutError:
+                c.proc.kill()
+                await c.proc.wait()
+        self.children = []
+
+
+class InlinePool:
+    """One engine in this process, behind the pool interface (for ``--procs 0``)."""
+
+    def __init__(self, config: EngineConfig, source_ips: list[str]) -> None:
+        self.engine = Engine(config, source_ips)
+        self.procs = 0
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    async def start(self) -> None:
+        self.engine.start()
+        self.engine.set_config(self.engine.config)
+
+    async def set_config(self, config: EngineConfig) -> None:
+        self.engine.set_config(config)
+
+    async def restart(self) -> None:
+        self.engine.restart()
+
+    async def reset_latency(self) -> None:
+        self.engine.reset_latency()
+
+    async def stats(self) -> Stats:
+        return self.engine.stats()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+Pool = ProcessPool | InlinePool
+
+
+def make_pool(config: EngineConfig, source_ips: list[str], procs: str | int) -> Pool:
+    """``procs``: 'auto', 0 (in this process) or a fixed number of child processes."""
+    if procs == "auto":
+        return ProcessPool(config, source_ips, None)
+    count = int(procs)
+    if count == 0:
+        return InlinePool(config, source_ips)
+    return ProcessPool(config, source_ips, count)
