@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,34 +33,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIENTS = ROOT / "benchmarks" / "comet_clients.py"
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Control:
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(120)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rwb")
-
-    def ask(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.file.write(json.dumps(req).encode() + b"\n")
-        self.file.flush()
-        return dict(json.loads(self.file.readline()))
-
-    def close(self) -> None:
-        # A line still buffered when the service went away makes file.close() raise
-        # (its flush fails): close the socket anyway, or it leaks until GC warns.
-        try:
-            self.file.close()
-        finally:
-            self.sock.close()
+from tests.support.control import Control  # noqa: E402
+from tests.support.net import free_port, wait_for  # noqa: E402
+from tests.support.service import Clients, sources  # noqa: E402
 
 
 class Watcher(threading.Thread):
@@ -84,16 +60,6 @@ class Watcher(threading.Thread):
             return
 
 
-def wait_for(pred: Any, timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
-
-
 def _placement(nice: int, cpus: set[int] | None) -> Callable[[], None]:
     """A preexec_fn that sets the child's nice value and CPU affinity."""
 
@@ -104,61 +70,6 @@ def _placement(nice: int, cpus: set[int] | None) -> Callable[[], None]:
             os.sched_setaffinity(0, cpus)
 
     return place
-
-
-class ClientFleet:
-    def __init__(
-        self, port: int, n: int, procs: int, concurrency: int, nice: int, cpus: set[int] | None
-    ) -> None:
-        srcs = [f"127.0.0.{i}" for i in range(2, 42)]
-        per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
-        self.procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(CLIENTS),
-                    "--port",
-                    str(port),
-                    "--n",
-                    str(count),
-                    "--sources",
-                    ",".join(srcs[i::procs]),
-                    "--concurrency",
-                    str(concurrency),
-                ],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                preexec_fn=_placement(nice, cpus),
-            )
-            for i, count in enumerate(per)
-        ]
-
-    def stats(self) -> dict[str, Any]:
-        total: dict[str, Any] = {}
-        for p in self.procs:
-            assert p.stdin is not None and p.stdout is not None
-            p.stdin.write(b"stats\n")
-            p.stdin.flush()
-            for k, v in json.loads(p.stdout.readline()).items():
-                if isinstance(v, list):
-                    continue
-                total[k] = max(total.get(k, 0.0), v) if k.endswith("_t") else total.get(k, 0) + v
-        return total
-
-    def close(self) -> None:
-        for p in self.procs:
-            try:
-                assert p.stdin is not None
-                p.stdin.write(b"quit\n")
-                p.stdin.close()
-            except OSError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def one_run(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,7 +105,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         stderr=err,
         preexec_fn=_placement(0, {0} if args.split_cores else None),
     )
-    fleet: ClientFleet | None = None
+    fleet: Clients | None = None
     watcher: Watcher | None = None
     pids: list[int] = []
     try:
@@ -219,13 +130,14 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         idle_rss = ctl.ask({"op": "stats"})["frame"]["totals"]["rss_bytes"]
 
         t0 = time.time()
-        fleet = ClientFleet(
+        fleet = Clients(
             port,
             args.conns,
             args.clients,
-            args.concurrency,
-            args.client_nice,
-            {1} if args.split_cores else None,
+            sources(2, 40),
+            "--concurrency",
+            str(args.concurrency),
+            preexec_fn=_placement(args.client_nice, {1} if args.split_cores else None),
         )
         s = wait_for(
             lambda: (st := fleet.stats())["welcomed"] >= args.conns and st,

@@ -28,13 +28,11 @@ from typing import Any
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run as a script: the repository's shared helpers
+
+from tests.support.net import free_port  # noqa: E402
+
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 SECRET = "worker-bench-secret-0123456789abcdef"

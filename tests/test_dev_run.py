@@ -15,7 +15,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.service.supervisor_helpers import free_port  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 
 def dev_env(tmp: Path) -> dict[str, str]:

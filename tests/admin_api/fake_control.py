@@ -28,7 +28,9 @@ class FakeControl:
         self.channels: dict[str, int] = {"default": 0}
         self.broadcasts: list[dict[str, Any]] = []
         self.requests: list[dict[str, Any]] = []
-        self.fail_with: str | None = None  # answer every request {"ok": false, "error": ...}
+        # answer every request {"ok": false, "code": fail_code, "error": fail_with}
+        self.fail_with: str | None = None
+        self.fail_code = "bad_request"
         self.hang_ops: set[str] = set()  # ops never answered (a wedged supervisor)
         self.next_id = 1
         self.step = 0
@@ -122,7 +124,7 @@ class FakeControl:
 
     def answer(self, request: Any) -> dict[str, Any]:
         if self.fail_with is not None:
-            return {"ok": False, "error": self.fail_with}
+            return {"ok": False, "code": self.fail_code, "error": self.fail_with}
         if not isinstance(request, dict):
             return {"ok": False, "error": "request must be a JSON object"}
         op = request.get("op")

@@ -4,41 +4,37 @@ here is stopped by the same object (context managers), killed if it will not sto
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import net
+from tests.support.net import free_port
+from tests.support.service import ROOT, Service
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = [
+    "ROOT",
+    "free_port",
+    "wait_for",
+    "stop_process",
+    "real_service",
+    "Sidecar",
+    "CurlClients",
+]
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, httpx.HTTPError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+    """:func:`tests.support.net.wait_for`, with a server not up yet (refused, HTTP error, no
+    JSON yet) counting as not yet."""
+    return net.wait_for(
+        check, timeout, what, every, tolerate=(OSError, httpx.HTTPError, ValueError)
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
@@ -51,99 +47,26 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             proc.wait(5)
 
 
-def control_ask(path: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return dict(json.loads(data))
-
-
-class RealService:
-    """``python -m service --workers 1`` on a free port with its control socket in ``tmp``."""
-
-    def __init__(self, tmp: Path, workers: int = 1) -> None:
-        self.tmp = tmp
-        self.port = free_port()
-        self.control_socket = tmp / "control.sock"
-        self.workers = workers
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.tmp / "service.log"
-
-    def start(self) -> RealService:
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--workers",
-                str(self.workers),
-                "--port",
-                str(self.port),
-                "--control-socket",
-                str(self.control_socket),
-                "--ping-interval",
-                "1",
-                "--log-dir",
-                str(self.tmp / "logs"),
-                "--screen",
-                "off",
-                "--grace",
-                "3",
-                "--target-connections",
-                "1000",
-            ],
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for(self._healthy, 30, f"the service to answer on {self.control_socket}")
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"service exited: {self.log_path.read_text()[-2000:]}")
-        if not self.control_socket.exists():
-            return False
-        answer = control_ask(self.control_socket, {"op": "stats"})
-        return bool(answer.get("ok")) and answer.get("frame", {}).get("workers") is not None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> RealService:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def real_service(tmp: Path, workers: int = 1) -> Service:
+    """The service as these tests want it (pings every second, a short grace), up with a frame."""
+    return Service(
+        tmp,
+        "--workers",
+        str(workers),
+        "--ping-interval",
+        "1",
+        "--grace",
+        "3",
+        "--target-connections",
+        "1000",
+    ).up(workers)
 
 
 class Sidecar:
     """``python -m admin_api`` (the real entry point) on a free loopback port."""
 
     def __init__(
-        self, tmp: Path, control_socket: Path, token: str | None = "itest-token", **env: str
+        self, tmp: Path, control_socket: Path | str, token: str | None = "itest-token", **env: str
     ) -> None:
         self.tmp = tmp
         self.port = free_port()

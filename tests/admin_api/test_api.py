@@ -166,10 +166,23 @@ def test_huge_bodies_are_refused_before_reading(client: httpx.Client, fake: Fake
 
 
 def test_service_refusal_is_502_with_its_reason(client: httpx.Client, fake: FakeControl) -> None:
-    fake.fail_with = "workers are draining"
+    fake.fail_with = "something the sidecar did not expect"
     r = client.post("/api/broadcast", headers=AUTH, json={"data": "x"})
     assert r.status_code == 502
-    assert "workers are draining" in r.json()["detail"]
+    assert "something the sidecar did not expect" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("code", ["stopping", "not_ready", "bus_unavailable"])
+def test_a_refusal_a_retry_may_cure_is_503_by_its_code(
+    client: httpx.Client, fake: FakeControl, code: str
+) -> None:
+    """The sidecar reads the refusal's ``code``, never its text (which is for people)."""
+    fake.fail_with = "bus unavailable: text that no longer decides anything"
+    fake.fail_code = code
+    r = client.post("/api/broadcast", headers=AUTH, json={"data": "x"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    fake.fail_code = "bad_request"
+    assert client.post("/api/broadcast", headers=AUTH, json={"data": "x"}).status_code == 502
 
 
 @pytest.mark.parametrize(

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.browser import launch, needs_chromium
+from tests.support.browser import launch, needs_chromium
 
 from .conftest import TOKEN, ThreadedServer, make_settings
 from .fake_control import FakeControl
-from .processes import CurlClients, RealService, Sidecar, wait_for
+from .processes import CurlClients, Sidecar, real_service, wait_for
 
 pytestmark = [
     pytest.mark.browser,
     needs_chromium,
     pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (./dev test)"),
 ]
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cadm-b-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -68,14 +59,14 @@ def shown_conns(page) -> str:
     return str(page.get_attribute("#conns", "data-value"))
 
 
-def test_dashboard_end_to_end_with_the_real_service(tmp: Path, page) -> None:
-    with RealService(tmp) as service, Sidecar(tmp, service.control_socket) as admin:
+def test_dashboard_end_to_end_with_the_real_service(short_dir: Path, page) -> None:
+    with real_service(short_dir) as service, Sidecar(short_dir, service.control_path) as admin:
         assert admin.token is not None
         login(page, admin.url, admin.token)
         wait_for(lambda: shown_conns(page) == "0", 15, "0 connections on the page")
         assert page.locator("#workers tbody tr").count() == 1
 
-        with CurlClients(tmp, f"http://127.0.0.1:{service.port}/", 4) as curls:
+        with CurlClients(short_dir, f"http://127.0.0.1:{service.port}/", 4) as curls:
             wait_for(lambda: shown_conns(page) == "4", 20, "4 connections on the page", every=0.25)
             wait_for(lambda: all("Welcome!" in t for t in curls.texts()), 10, "welcome lines")
             cells = page.locator("#workers tbody tr td").all_inner_texts()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,13 +17,6 @@ from admin_api.token import is_loopback, resolve_token, token_configured
 from .processes import ROOT, Sidecar
 
 pytestmark = pytest.mark.filterwarnings("error")
-
-
-@pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cadm-c-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def run_admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -61,10 +51,10 @@ def test_help_explains_the_options() -> None:
     assert "--token " not in result.stdout  # the token is never a flag
 
 
-def test_generated_token_file_is_0600_and_not_logged(tmp: Path) -> None:
-    token_file = tmp / "sub" / "admin-token"
+def test_generated_token_file_is_0600_and_not_logged(short_dir: Path) -> None:
+    token_file = short_dir / "sub" / "admin-token"
     with Sidecar(
-        tmp, tmp / "nowhere.sock", token=None, COMET_ADMIN_TOKEN_FILE=str(token_file)
+        short_dir, short_dir / "nowhere.sock", token=None, COMET_ADMIN_TOKEN_FILE=str(token_file)
     ) as admin:
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
         token = token_file.read_text().strip()
@@ -84,8 +74,8 @@ def test_generated_token_file_is_0600_and_not_logged(tmp: Path) -> None:
     assert token not in log
 
 
-def test_existing_token_file_is_reused(tmp: Path) -> None:
-    token_file = tmp / "admin-token"
+def test_existing_token_file_is_reused(short_dir: Path) -> None:
+    token_file = short_dir / "admin-token"
     token_file.write_text("operator-chosen-token\n")
     token_file.chmod(0o600)
     settings = AdminSettings(token_file=token_file)
@@ -95,8 +85,8 @@ def test_existing_token_file_is_reused(tmp: Path) -> None:
     assert token_configured(settings)
 
 
-def test_unwritable_token_file_is_a_clear_error(tmp: Path) -> None:
-    blocker = tmp / "file"
+def test_unwritable_token_file_is_a_clear_error(short_dir: Path) -> None:
+    blocker = short_dir / "file"
     blocker.write_text("")
     # A path below a regular file cannot be read; one in /proc cannot be written, even by root.
     for path, says in (
@@ -110,8 +100,8 @@ def test_unwritable_token_file_is_a_clear_error(tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
-def test_non_loopback_without_token_is_refused(tmp: Path, host: str) -> None:
-    token_file = tmp / "admin-token"
+def test_non_loopback_without_token_is_refused(short_dir: Path, host: str) -> None:
+    token_file = short_dir / "admin-token"
     result = run_admin(
         "--host", host, "--port", "0", env={"COMET_ADMIN_TOKEN_FILE": str(token_file)}
     )
@@ -120,11 +110,11 @@ def test_non_loopback_without_token_is_refused(tmp: Path, host: str) -> None:
     assert not token_file.exists()  # refused before generating anything
 
 
-def test_non_loopback_with_a_configured_token_is_allowed(tmp: Path) -> None:
+def test_non_loopback_with_a_configured_token_is_allowed(short_dir: Path) -> None:
     # Bind the unspecified address (every interface; this host has no other exposure in CI),
     # with a configured token: it must start and serve.
     with Sidecar(
-        tmp, tmp / "nowhere.sock", token="configured-token", COMET_ADMIN_HOST="0.0.0.0"
+        short_dir, short_dir / "nowhere.sock", token="configured-token", COMET_ADMIN_HOST="0.0.0.0"
     ) as admin:
         assert httpx.get(admin.url + "/healthz").status_code == 200
 

@@ -8,12 +8,8 @@ file order: the Redis restart and the node kill come last.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,9 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser import launch, needs_chromium
+from tests.support.browser import launch, needs_chromium
+from tests.support.service import Service
 
-from .processes import ROOT, Sidecar, control_ask, free_port, stop_process, wait_for
+from .processes import Sidecar, wait_for
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -34,94 +31,34 @@ pytestmark = pytest.mark.redis
 NODE_TTL = 2.0
 
 
-class Node:
-    """``python -m service --bus redis://...`` on a free port with its own control socket."""
+class Node(Service):
+    """``python -m service --bus redis://...`` named ``name``, in its own folder under ``tmp``."""
 
     def __init__(self, tmp: Path, name: str, bus: str, workers: int = 1) -> None:
         self.name = name
-        self.dir = tmp / name
-        self.dir.mkdir()
-        self.port = free_port()
-        self.control = self.dir / "c.sock"
         self.workers = workers
-        self.log_path = self.dir / "service.log"
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--workers",
-                str(workers),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--control-socket",
-                str(self.control),
-                "--log-dir",
-                str(self.dir / "logs"),
-                "--screen",
-                "off",
-                "--grace",
-                "3",
-                "--ping-interval",
-                "1",
-                "--target-connections",
-                "1000",
-                "--bus",
-                bus,
-                "--node-id",
-                name,
-                "--node-ttl",
-                str(NODE_TTL),
-            ],
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            tmp / name,
+            "--workers",
+            str(workers),
+            "--grace",
+            "3",
+            "--ping-interval",
+            "1",
+            "--target-connections",
+            "1000",
+            "--bus",
+            bus,
+            "--node-id",
+            name,
+            "--node-ttl",
+            str(NODE_TTL),
         )
-        self.pids: set[int] = set()
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        return control_ask(self.control, request, timeout=10)
-
-    def frame(self) -> dict[str, Any]:
-        answer = self.ask({"op": "stats"})
-        assert answer["ok"], answer
-        return dict(answer["frame"])
-
-    def wait_up(self) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"node {self.name} exited:\n{self.log()[-3000:]}")
-            if not self.control.exists():
-                return False
-            health = self.ask({"op": "health"})
-            self.pids.update(p for p in health.get("pids", []) if p)
-            return bool(health["workers"] == self.workers and self.ask({"op": "stats"})["ok"])
-
-        wait_for(up, 60, f"node {self.name} up")
-
-    def kill(self) -> None:
-        """SIGKILL the supervisor and its workers: a node that dies without saying goodbye."""
-        for pid in [self.proc.pid, *self.pids]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        for pid in self.pids:  # workers a killed supervisor left behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._log.close()
+    def wait_up(  # type: ignore[override]
+        self, workers: int | None = None, timeout: float = 60.0, with_frame: bool = True
+    ) -> dict[str, Any]:
+        return super().wait_up(workers or self.workers, timeout, with_frame)
 
 
 class SSE:
@@ -235,7 +172,7 @@ def cluster() -> Iterator[Cluster]:
         ]
         for node in c.nodes:
             node.wait_up()
-        c.sidecar = Sidecar(tmp, c.nodes[0].control).__enter__()
+        c.sidecar = Sidecar(tmp, c.nodes[0].control_path).__enter__()
         yield c
     finally:
         c.drop_clients()
@@ -438,7 +375,8 @@ def test_redis_restart_nodes_serve_on_refuse_broadcasts_and_reconnect(cluster: C
     assert r.status_code == 503, r.text
     assert "bus unavailable" in r.json()["detail"] and "Redis" in r.json()["detail"]
     answer = n3.ask({"op": "broadcast", "data": "during", "channel": "news"})
-    assert answer["ok"] is False and answer["error"].startswith("bus unavailable: Redis at")
+    assert answer["ok"] is False and answer["code"] == "bus_unavailable"
+    assert answer["error"].startswith("bus unavailable: Redis at")
     assert cluster.view().status_code == 503
     metrics = httpx.get(cluster.api.url + "/metrics", headers=cluster.api.auth, timeout=10).text
     assert "comet_bus_up 0.0" in metrics
@@ -489,8 +427,10 @@ def test_a_killed_node_leaves_the_view_within_its_ttl(cluster: Cluster) -> None:
     c.wait(lambda c: "two nodes left" in c.data(), 10, "the broadcast after the kill")
 
 
-def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_comes_up() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="ccl-", dir="/tmp"))
+def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_comes_up(
+    short_dir: Path,
+) -> None:
+    tmp = short_dir
     redis = RedisServer(tmp, persist=True)
     nodes: list[Node] = []
     try:
@@ -515,7 +455,7 @@ def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_comes_up() 
         c = SSE(node.port)
         c.welcomed()
         answer = node.ask({"op": "broadcast", "data": "too early", "channel": "news"})
-        assert answer["ok"] is False and answer["error"].startswith("bus unavailable:")
+        assert answer["ok"] is False and answer["code"] == "bus_unavailable", answer
         assert "unreachable" in node.log()
 
         redis.start()
@@ -536,11 +476,10 @@ def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_comes_up() 
         for n in nodes:
             n.stop()
         redis.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def test_local_bus_cluster_view_is_this_node() -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="ccl-", dir="/tmp"))
+def test_local_bus_cluster_view_is_this_node(short_dir: Path) -> None:
+    tmp = short_dir
     node = Node(tmp, "solo", "local")
     try:
         node.wait_up()
@@ -550,4 +489,3 @@ def test_local_bus_cluster_view_is_this_node() -> None:
         assert "bus" not in node.frame()
     finally:
         node.stop()
-        shutil.rmtree(tmp, ignore_errors=True)

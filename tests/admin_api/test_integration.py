@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,27 +11,22 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .processes import CurlClients, RealService, Sidecar, wait_for
+from tests.support.service import Service
+
+from .processes import CurlClients, Sidecar, real_service, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl (./dev test)")
 
 
 @pytest.fixture
-def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cadm-i-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def service(tmp: Path) -> Iterator[RealService]:
-    with RealService(tmp) as svc:
+def service(short_dir: Path) -> Iterator[Service]:
+    with real_service(short_dir) as svc:
         yield svc
 
 
 @pytest.fixture
-def sidecar(tmp: Path, service: RealService) -> Iterator[Sidecar]:
-    with Sidecar(tmp, service.control_socket) as admin:
+def sidecar(short_dir: Path, service: Service) -> Iterator[Sidecar]:
+    with Sidecar(short_dir, service.control_path) as admin:
         yield admin
 
 
@@ -41,11 +35,11 @@ def conns(admin: Sidecar) -> int:
 
 
 def test_stats_broadcast_metrics_against_the_real_service(
-    tmp: Path, service: RealService, sidecar: Sidecar
+    short_dir: Path, service: Service, sidecar: Sidecar
 ) -> None:
     health = httpx.get(sidecar.url + "/healthz").json()
     assert health["service"] == {**health["service"], "reachable": True, "workers": 1}
-    with CurlClients(tmp, f"http://127.0.0.1:{service.port}/", 3) as curls:
+    with CurlClients(short_dir, f"http://127.0.0.1:{service.port}/", 3) as curls:
         wait_for(lambda: conns(sidecar) == 3, 20, "3 connections in the frame")
         wait_for(lambda: all("Welcome!" in t for t in curls.texts()), 10, "welcome lines")
         channels = httpx.get(sidecar.url + "/api/channels", headers=sidecar.auth).json()
@@ -71,7 +65,7 @@ def test_stats_broadcast_metrics_against_the_real_service(
 
 
 def test_stream_and_restart_of_the_real_service(
-    tmp: Path, service: RealService, sidecar: Sidecar
+    short_dir: Path, service: Service, sidecar: Sidecar
 ) -> None:
     with httpx.Client(base_url=sidecar.url, headers=sidecar.auth, timeout=15) as client:
         with client.stream("GET", "/api/stats/stream") as r:
@@ -96,15 +90,17 @@ def test_stream_and_restart_of_the_real_service(
             assert "unavailable" in events
             r503 = client.get("/api/stats")
             assert r503.status_code == 503
-            assert str(service.control_socket) in r503.json()["detail"]
+            assert str(service.control_path) in r503.json()["detail"]
 
-            service.start()  # same socket path, a new supervisor
-            resumed = None
-            for line in lines:
-                if line.startswith("data: "):
-                    data = json.loads(line[6:])
-                    if "step" in data:  # a frame, not the reconnected event's payload
-                        resumed = data
-                        break
-            assert resumed is not None and resumed["uptime_s"] < 30
-    assert httpx.get(sidecar.url + "/api/stats", headers=sidecar.auth).status_code == 200
+            # Same socket path, a new supervisor.
+            with real_service(short_dir):
+                resumed = None
+                for line in lines:
+                    if line.startswith("data: "):
+                        data = json.loads(line[6:])
+                        if "step" in data:  # a frame, not the reconnected event's payload
+                            resumed = data
+                            break
+                assert resumed is not None and resumed["uptime_s"] < 30
+                ok = httpx.get(sidecar.url + "/api/stats", headers=sidecar.auth)
+                assert ok.status_code == 200

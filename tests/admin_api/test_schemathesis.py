@@ -20,7 +20,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from .processes import RealService, Sidecar
+from tests.support.service import Service
+
+from .processes import Sidecar, real_service
 
 ENDLESS = {"/api/stats/stream"}
 FUZZ = settings(
@@ -33,10 +35,10 @@ FUZZ = settings(
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[tuple[RealService, Sidecar]]:
+def stack() -> Iterator[tuple[Service, Sidecar]]:
     tmp = Path(tempfile.mkdtemp(prefix="cadm-f-", dir="/tmp"))
     try:
-        with RealService(tmp) as svc, Sidecar(tmp, svc.control_socket) as admin:
+        with real_service(tmp) as svc, Sidecar(tmp, svc.control_path) as admin:
             yield svc, admin
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -60,7 +62,7 @@ def fuzz_each(admin: Sidecar, check: Callable[[schemathesis.Case], None]) -> set
     return fuzzed
 
 
-def test_every_answer_is_documented_and_no_500(stack: tuple[RealService, Sidecar]) -> None:
+def test_every_answer_is_documented_and_no_500(stack: tuple[Service, Sidecar]) -> None:
     svc, admin = stack
 
     def check(case: schemathesis.Case) -> None:
@@ -81,7 +83,7 @@ def test_every_answer_is_documented_and_no_500(stack: tuple[RealService, Sidecar
         assert "Traceback" not in text, text[-3000:]
 
 
-def test_without_the_token_every_protected_route_is_401(stack: tuple[RealService, Sidecar]) -> None:
+def test_without_the_token_every_protected_route_is_401(stack: tuple[Service, Sidecar]) -> None:
     _svc, admin = stack
 
     def check(case: schemathesis.Case) -> None:

@@ -557,16 +557,11 @@ def test_tls_and_private_channels_through_the_role(
 ) -> None:
     """comet_tls_cert/key are mounted read-only and served on the port; private channels get a
     generated secret that the sidecar mints tokens with; then back to the CI defaults."""
-    import trustme
+    from benchmarks.make_test_cert import write
 
     pki = Path("/etc/comet1m/test-tls")
-    pki.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(pki / "cert.pem")
-    cert.private_key_pem.write_to_path(pki / "key.pem")
     ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
-    ca.cert_pem.write_to_path(ca_file)
+    ca_file.write_bytes(write(pki)["ca"].read_bytes())
     uid = 10001  # the image's user (comet_uid) reads the key
     for f in ("cert.pem", "key.pem"):
         os.chown(pki / f, uid, uid)

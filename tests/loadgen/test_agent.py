@@ -9,11 +9,11 @@ import urllib.request
 
 import psutil
 
-from tests.loadgen.conftest import Service, control, get_json, wait_until
+from tests.loadgen.conftest import Service, control, get_json, start_service, wait_for
 
 
 def server_conns(svc: Service) -> int:
-    frame = control(svc.sock, {"op": "stats"}).get("frame") or {}
+    frame = control(svc.control_path, {"op": "stats"}).get("frame") or {}
     return int((frame.get("totals") or {}).get("conns", -1))
 
 
@@ -24,22 +24,22 @@ def test_agent_ramps_up_down_and_to_zero_against_the_service(service, agents):
     s = a.wait_clients(300)
     assert s["errors_req"] == 0 and s["errors_resp"] == 0
     assert s["procs"] == 1  # auto: 300 connections fit in one engine process
-    wait_until(lambda: server_conns(service) == 300, 15, "the service to count 300")
+    wait_for(lambda: server_conns(service) == 300, 15, "the service to count 300")
     # Every stream starts with Welcome! and pings every second (--ping-interval 1).
     before = a.stats()["msgs_total"]
     assert before >= 300
-    wait_until(lambda: a.stats()["msgs_total"] >= before + 300, 10, "pings to arrive")
+    wait_for(lambda: a.stats()["msgs_total"] >= before + 300, 10, "pings to arrive")
 
     status, cfg = a.get("/set?n=100")
     assert status == 200 and cfg["n"] == 100
     s = a.wait_clients(100)
     assert s["ended_req"] == 0  # the surplus was aborted by us, not ended by the server
-    wait_until(lambda: server_conns(service) == 100, 15, "the service to count 100")
+    wait_for(lambda: server_conns(service) == 100, 15, "the service to count 100")
 
     status, cfg = a.get("/set?n=0")
     assert status == 200
     a.wait_clients(0)
-    wait_until(lambda: server_conns(service) == 0, 15, "the service to count 0")
+    wait_for(lambda: server_conns(service) == 0, 15, "the service to count 0")
 
     status, _ = a.get("/set?n=250&concurrency=10")
     assert status == 200
@@ -54,7 +54,7 @@ def test_timed_broadcasts_give_latency_and_last_delivery(service, agents):
     for seq in (1, 2, 3):
         ts = time.time()
         answer = control(
-            service.sock,
+            service.control_path,
             {
                 "op": "broadcast",
                 "channel": None,
@@ -64,8 +64,11 @@ def test_timed_broadcasts_give_latency_and_last_delivery(service, agents):
         )
         assert answer["ok"] and answer["recipients"] >= 200
         sent.append(ts)
-    control(service.sock, {"op": "broadcast", "data": "not timed", "channel": None, "event": None})
-    s = wait_until(
+    control(
+        service.control_path,
+        {"op": "broadcast", "data": "not timed", "channel": None, "event": None},
+    )
+    s = wait_for(
         lambda: (st := a.stats())["latency_ms"]["count"] >= 600 and st, 15, "600 timed deliveries"
     )
     lat = s["latency_ms"]
@@ -135,7 +138,7 @@ def test_control_api_and_bad_input(fixture_server, agents):
     # Retargeting to a path the server rejects counts response errors, not clients.
     status, _ = a.get("/set?path=/bad")
     assert status == 200
-    wait_until(lambda: a.stats()["errors_resp"] >= 20, 10, "404s counted as errors_resp")
+    wait_for(lambda: a.stats()["errors_resp"] >= 20, 10, "404s counted as errors_resp")
     assert a.stats()["clients"] == 0
 
 
@@ -172,26 +175,26 @@ def test_a_killed_engine_process_is_replaced(fixture_server, agents):
 
 
 def test_service_restart_mid_run_agent_reconnects_to_n(tmp_path, agents):
-    svc = Service(tmp_path).start()
+    svc = start_service(tmp_path)
     try:
         a = agents("--port", str(svc.port), "--n", "200", "--concurrency", "50")
         a.wait_clients(200)
         svc.stop()  # SIGTERM: the workers drain and close every stream
-        wait_until(lambda: a.stats()["clients"] == 0, 20, "the agent to see the streams end")
+        wait_for(lambda: a.stats()["clients"] == 0, 20, "the agent to see the streams end")
         ended = a.stats()["ended_req"]
         assert ended >= 200
         time.sleep(1.0)  # the agent retries (and counts errors_req) while nothing listens
         assert a.stats()["errors_req"] > 0
-        svc.start()  # same port
+        svc = start_service(tmp_path, port=svc.port)
         s = a.wait_clients(200, timeout=60)
         assert s["ended_req"] == ended
-        wait_until(lambda: server_conns(svc) == 200, 15, "the new service to count 200")
+        wait_for(lambda: server_conns(svc) == 200, 15, "the new service to count 200")
 
         # A worker crash: the supervisor restarts it and the agent climbs back to n again.
         assert svc.proc is not None
         worker = psutil.Process(svc.proc.pid).children()[0]
         worker.kill()
-        wait_until(lambda: a.stats()["ended_req"] >= ended + 200, 20, "the streams to end")
+        wait_for(lambda: a.stats()["ended_req"] >= ended + 200, 20, "the streams to end")
         a.wait_clients(200, timeout=60)
     finally:
         svc.stop()
@@ -231,7 +234,7 @@ def test_unreachable_target_counts_errors(agents):
     from tests.loadgen.conftest import free_port
 
     a = agents("--port", str(free_port()), "--n", "10", "--procs", "0")
-    wait_until(lambda: a.stats()["errors_req"] >= 10, 10, "connect errors")
+    wait_for(lambda: a.stats()["errors_req"] >= 10, 10, "connect errors")
     s = a.stats()
     assert s["clients"] == 0
     # Backoff: failures are retried politely, not in a hot loop.

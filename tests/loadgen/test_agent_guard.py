@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from loadgen.client import EngineConfig
+from loadgen.engine.config import EngineConfig
 from loadgen.guard import Guard, TargetRule, host_capacity
-from tests.loadgen.conftest import ROOT, control, wait_until
+from tests.loadgen.conftest import ROOT, control, wait_for
 
 TOKEN = "agent-token-0123456789"
 
@@ -220,7 +220,7 @@ def test_head_timeout_against_a_server_that_never_answers(agents):
     sink = SilentSink()
     try:
         a = agents("--port", str(sink.port), "--n", "20", "--procs", "0", "--head-timeout", "0.5")
-        s = wait_until(lambda: (st := a.stats())["errors_resp"] >= 20 and st, 20, "head timeouts")
+        s = wait_for(lambda: (st := a.stats())["errors_resp"] >= 20 and st, 20, "head timeouts")
         assert s["clients"] == 0
         # The engine backs off instead of re-dialling at full speed, and holds nothing for long.
         time.sleep(1.0)
@@ -240,7 +240,7 @@ def test_latency_counters_are_per_run_and_refuse_impossible_ts(service, agents):
 
     def send(obj: dict[str, Any]) -> None:
         answer = control(
-            service.sock,
+            service.control_path,
             {"op": "broadcast", "channel": None, "event": None, "data": json.dumps(obj)},
         )
         assert answer["ok"], answer
@@ -248,11 +248,11 @@ def test_latency_counters_are_per_run_and_refuse_impossible_ts(service, agents):
     send({"ts": 1, "seq": 1})  # 1970
     send({"ts": time.time() + 3600, "seq": 2})  # an hour ahead
     send({"ts": time.time(), "seq": 3})
-    s = wait_until(
+    s = wait_for(
         lambda: (st := a.stats())["latency_ms"]["count"] >= 50 and st, 15, "50 good samples"
     )
     lat = s["latency_ms"]
-    wait_until(lambda: a.stats()["latency_ms"]["invalid"] >= 100, 15, "100 invalid samples")
+    wait_for(lambda: a.stats()["latency_ms"]["invalid"] >= 100, 15, "100 invalid samples")
     assert lat["count"] == 50 and lat["p50"] < 10_000 and lat["max"] < 10_000
     assert set(s["deliveries"]) == {"3"}
     # A /set starts a new run: the counters start from zero.

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.loadgen.conftest import ROOT, wait_until
+from tests.loadgen.conftest import ROOT, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -182,11 +182,11 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
             found = []
             for c in me.children():
                 with contextlib.suppress(psutil.Error):
-                    if "loadgen.client" in " ".join(c.cmdline()):
+                    if "loadgen.engine.child" in " ".join(c.cmdline()):
                         found.append(c)
             return found
 
-        wait_until(lambda: len(engines()) >= 1, 30, "engine processes")
+        wait_for(lambda: len(engines()) >= 1, 30, "engine processes")
         time.sleep(delay)  # at start-up (0: engines spawning) or mid-ramp
         started = [service_pid] + [c.pid for c in me.children(recursive=True)]
         started += [c.pid for c in psutil.Process(service_pid).children(recursive=True)]
@@ -205,7 +205,7 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
                 psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in started
             )
 
-        wait_until(all_gone, 30, "every started process to exit")
+        wait_for(all_gone, 30, "every started process to exit")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -218,7 +218,7 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
 def test_preflight_skips_conntrack_for_an_untracked_port() -> None:
     """A port with raw-table NOTRACK rules (host_tuning_notrack_ports) needs no conntrack entries:
     the preflight says so instead of asking for nf_conntrack_max."""
-    from loadgen.bench import preflight, untracked_ports
+    from loadgen.bench.preflight import preflight, untracked_ports
 
     port = 18899
     rule = ["-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", "comet1m-notrack",
@@ -238,13 +238,9 @@ def test_preflight_skips_conntrack_for_an_untracked_port() -> None:
 def test_bench_over_tls(tmp_path):
     """--tls-cert/--tls-key start the service with HTTPS and every client (in engine processes)
     speaks TLS, checked against --tls-ca, through the ramp, the hold and a broadcast."""
-    import trustme
+    from benchmarks.make_test_cert import write
 
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    write(tmp_path)
     out = tmp_path / "out"
     r = bench(
         "--conns", "300", "--rate", "300", "--hold", "1", "--broadcasts", "1",

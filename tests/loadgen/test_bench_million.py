@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from loadgen.bench import preflight, verdict
+from loadgen.bench.preflight import preflight, verdict
 from tests.loadgen.conftest import ROOT
 
 

@@ -9,15 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadgen.client import (
-    Engine,
-    EngineConfig,
-    Stats,
-    StreamConn,
-    auto_procs,
-    parse_source_ips,
-    split_n,
-)
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.connection import StreamConn
+from loadgen.engine.engine import Engine
+from loadgen.engine.pool import split_n
+from loadgen.engine.sources import auto_procs, parse_source_ips
+from loadgen.engine.stats import Stats
 
 
 class FakeTransport:

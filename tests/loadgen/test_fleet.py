@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from loadgen import fleet
-from tests.loadgen.conftest import ROOT, free_port, wait_until
+from tests.loadgen.conftest import ROOT, free_port, wait_for
 
 
 def run_fleet(*args: str) -> subprocess.CompletedProcess[str]:
@@ -97,7 +97,7 @@ def test_fleet_status_refreshes(agents, fixture_server):
     assert code == 0
     # The second and third refresh know the message rate (pings every 0.5 s on 5 streams).
     assert "msgs/s" in buf.getvalue()
-    wait_until(lambda: a.stats()["msgs_total"] > 5, 5, "pings")
+    wait_for(lambda: a.stats()["msgs_total"] > 5, 5, "pings")
 
 
 def test_inventory_formats(tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tests.loadgen.conftest import ROOT, wait_until
+from tests.loadgen.conftest import ROOT, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +26,7 @@ def test_plot_from_a_real_supervisor_log(service, agents, tmp_path):
         with open(logs[-1], newline="") as f:
             return list(csv.DictReader(f))
 
-    wait_until(
+    wait_for(
         lambda: len(rows()) >= 4 and int(rows()[-1]["conns"]) == 300,
         20,
         "4 log rows ending at 300 connections",
@@ -70,7 +70,7 @@ def test_plot_errors_are_clear(tmp_path):
 
 
 def _write_run(path, start: float, seconds: int, first_step: int = 1) -> None:
-    from service.csvlog import COLUMNS
+    from service.supervisor.csvlog import COLUMNS
 
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)

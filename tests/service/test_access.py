@@ -358,7 +358,7 @@ def test_a_worker_without_tokens_does_not_load_pyjwt() -> None:
     import sys
 
     code = (
-        "import sys; from service.config import Config; from service.hub import Hub; "
+        "import sys; from service.config import Config; from service.worker.hub import Hub; "
         "import asyncio; Hub(Config(), asyncio.new_event_loop()); "
         "print('jwt' in sys.modules, 'cryptography' in sys.modules)"
     )

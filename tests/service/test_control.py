@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from service.csvlog import COLUMNS
-from tests.service.supervisor_helpers import ROOT, Service, free_port, wait_for
+from service.supervisor.csvlog import COLUMNS
+from tests.support.net import free_port, wait_for
+from tests.support.service import ROOT, Service
 
 FRAME_KEYS = {
     "t",
@@ -138,7 +139,7 @@ def test_oversized_line_is_refused_and_the_next_request_works(svc):
     try:
         c.send_raw(b'{"op":"broadcast","data":"' + b"x" * (2 * 1024 * 1024) + b'"}\n')
         answer = c.read()
-        assert answer == {"ok": False, "error": "request line over 1 MiB"}
+        assert answer == {"ok": False, "code": "bad_request", "error": "request line over 1 MiB"}
         assert c.ask({"op": "health"})["ok"] is True
     finally:
         c.close()
@@ -148,7 +149,7 @@ def test_oversized_line_is_answered_before_its_newline_arrives(svc):
     c = svc.control()
     try:
         c.send_raw(b"y" * (1024 * 1024 + 200_000))  # no newline yet
-        assert c.read() == {"ok": False, "error": "request line over 1 MiB"}
+        assert c.read() == {"ok": False, "code": "bad_request", "error": "request line over 1 MiB"}
         c.send_raw(b"y" * 1000 + b"\n")  # the end of that same line: no second answer
         assert c.ask({"op": "health"})["ok"] is True
     finally:
@@ -161,6 +162,7 @@ def test_surrogate_data_leaves_no_traceback_in_the_log(svc):
         answer = c.ask(b'{"op": "broadcast", "data": "a\\udfffb"}')
         assert answer == {
             "ok": False,
+            "code": "bad_request",
             "error": "field 'data': unpaired surrogate at character 1: not valid Unicode text",
         }
     finally:
@@ -172,7 +174,11 @@ def test_data_over_the_message_cap_is_refused(svc):
     c = svc.control()
     try:
         answer = c.ask({"op": "broadcast", "data": "x" * 70_000})
-        assert answer == {"ok": False, "error": "field 'data' is over 65536 bytes"}
+        assert answer == {
+            "ok": False,
+            "code": "bad_request",
+            "error": "field 'data' is over 65536 bytes",
+        }
         assert c.ask({"op": "health"})["ok"] is True
     finally:
         c.close()
@@ -304,7 +310,7 @@ def test_requests_pipeline_and_answers_come_back_in_request_order(svc):
         answers = [c.read() for _ in lines]
     finally:
         c.close()
-    assert answers[10] == {"ok": False, "error": "request is not valid JSON"}
+    assert answers[10] == {"ok": False, "code": "bad_request", "error": "request is not valid JSON"}
     assert answers[150]["ok"] and answers[150]["workers"] == 1
     ids = [a["id"] for i, a in enumerate(answers) if i not in (10, 150)]
     assert ids == list(range(ids[0], ids[0] + 300))  # numbered in the order they were sent

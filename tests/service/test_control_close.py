@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.control import ControlServer
+from service.supervisor.control import ControlServer
 
 
 class SlowBackend:
@@ -40,9 +40,9 @@ class SlowBackend:
         return {}
 
 
-def test_close_answers_what_is_under_way_and_refuses_the_rest() -> None:
+def test_close_answers_what_is_under_way_and_refuses_the_rest(short_dir: Path) -> None:
     async def main() -> None:
-        path = str(Path(tempfile.mkdtemp(prefix="cc-", dir="/tmp")) / "c.sock")
+        path = str(short_dir / "c.sock")
         backend = SlowBackend()
         server = ControlServer(path, backend, 1024)
         await server.start()
@@ -73,7 +73,7 @@ def test_the_test_client_closes_its_socket_when_the_service_went_away_mid_line()
     import gc
     import socket
 
-    from tests.service.supervisor_helpers import Control
+    from tests.support.control import Control
 
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "c.sock")

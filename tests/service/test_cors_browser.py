@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.browser import launch, needs_chromium
-from tests.service.supervisor_helpers import Service, free_port, wait_for
+from tests.support.browser import launch, needs_chromium
+from tests.support.net import free_port, wait_for
+from tests.support.service import Service
 
 pytestmark = [
     pytest.mark.browser,

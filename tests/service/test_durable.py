@@ -17,7 +17,8 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.service.supervisor_helpers import Service, wait_for
+from tests.support.net import wait_for
+from tests.support.service import Service
 
 CH = "dur"
 

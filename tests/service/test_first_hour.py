@@ -13,7 +13,8 @@ import time
 import pytest
 
 from service.config import parse_args
-from tests.service.supervisor_helpers import ROOT, Service, free_port
+from tests.support.net import free_port
+from tests.support.service import ROOT, Service
 
 
 def finish(svc: Service, timeout: float = 20) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from service import framing
-from service.framing import PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW
+from service.worker import framing
+from service.worker.framing import PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW
 
 
 def test_fmt_index() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.http import HttpError, Limits, Request, Route, parse_head, route
+from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
 
 CLEAN = {400, 404, 405, 414, 431}
 SMALL = Limits(request_line=64, headers_bytes=128, headers_count=4)

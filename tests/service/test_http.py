@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.http import HttpError, Limits, Request, Route, parse_head, route
+from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
 
 L = Limits()
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from service.bus import BusUnavailable, Msg, RedisBus, cluster_view, redact
-from service.store import clock_floor
+from service.bus import BusUnavailable, Msg
+from service.bus.cluster import cluster_view
+from service.bus.redis import RedisBus, redact
+from service.bus.store import clock_floor
 from tests.admin_api.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis

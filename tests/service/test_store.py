@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from service.bus.store import Store, clock_floor
 from service.contracts import Msg
-from service.store import Store, clock_floor
 
 
 def msg(i: int, channel: str | None, ts: float) -> Msg:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.service.supervisor_helpers import Clients, Service, sources
+from tests.support.service import Clients, Service, sources
 
 N = 5_000
 GRACE = 6.0

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from tests.service.supervisor_helpers import Clients, Service, sources, wait_for
+from tests.support.net import wait_for
+from tests.support.service import Clients, Service, sources
 
 N = 15_000
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from service.config import Config, parse_args
-from service.supervisor import host_warnings, plan_line
-from tests.service.supervisor_helpers import ROOT, Service
+from service.supervisor.plan import host_warnings, plan_line
+from tests.support.service import ROOT, Service
 
 
 @pytest.mark.timeout(90)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from tests.service.supervisor_helpers import Clients, Service, sources, wait_for
+from tests.support.net import wait_for
+from tests.support.service import Clients, Service, sources
 
 
 @pytest.mark.timeout(120)

@@ -12,10 +12,12 @@ import signal
 
 import pytest
 
-from service.bus import History, LocalBus
-from service.csvlog import COLUMNS, CsvLog
-from service.metrics import read_sockstat
-from tests.service.supervisor_helpers import Service, wait_for
+from service.bus.history import History
+from service.bus.local import LocalBus
+from service.supervisor.csvlog import COLUMNS, CsvLog
+from service.supervisor.frames import read_sockstat
+from tests.support.net import wait_for
+from tests.support.service import Service
 
 
 def test_local_bus_numbers_once_and_keeps_per_channel_history():

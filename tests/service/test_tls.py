@@ -10,24 +10,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
-from loadgen.client import Engine, EngineConfig
-from tests.service.supervisor_helpers import Service, wait_for
+from benchmarks.make_test_cert import write
+from loadgen.engine.config import EngineConfig
+from loadgen.engine.engine import Engine
+from tests.support.net import wait_for
+from tests.support.service import Service
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    ca.cert_pem.write_to_path(d / "ca.pem")
-    cert.private_key_pem.write_to_path(d / "key.pem")
-    cert.cert_chain_pems[0].write_to_path(d / "cert.pem")
-    for extra in cert.cert_chain_pems[1:]:
-        with open(d / "cert.pem", "ab") as f:
-            f.write(extra.bytes())
-    return {"ca": d / "ca.pem", "cert": d / "cert.pem", "key": d / "key.pem"}
+    return write(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

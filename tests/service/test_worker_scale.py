@@ -194,7 +194,8 @@ def test_standalone_process_with_service_flags() -> None:
     import subprocess
     import sys
 
-    from tests.service.worker_harness import ROOT, free_port
+    from tests.service.worker_harness import ROOT
+    from tests.support.net import free_port
 
     port = free_port()
     proc = subprocess.Popen(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
-from service.lag import LagSampler
+from service.worker.lag import LagSampler
 from tests.service.worker_harness import (
     channel_count,
     read_for,

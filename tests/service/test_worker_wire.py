@@ -352,7 +352,7 @@ def test_error_paths_leave_counters_consistent(w: ThreadWorker) -> None:
 
 # -- slow consumer, cap, drain --------------------------------------------------------------------
 def test_slow_consumer_is_dropped() -> None:
-    with running_worker(limit_write_buffer=64 * 1024) as w:
+    with running_worker(limit_write_buffer=64 * 1024, limit_message_bytes=200_000) as w:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", w.port))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +20,9 @@ from typing import Any
 import uvloop
 
 from service.config import Config
-from service.worker import Worker
+from service.worker.process import Worker
+from tests.support import net
+from tests.support.net import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -259,18 +261,9 @@ class SubprocessWorker:
             self.proc.stderr.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred, limit: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + limit
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
+def wait_for(pred: Callable[[], Any], limit: float = 5.0) -> None:
+    """:func:`tests.support.net.wait_for` at the pace of a worker in this process."""
+    net.wait_for(pred, limit, "the condition", every=0.01)
 
 
 def subscribe(
