@@ -8,7 +8,7 @@ Its rooms, from the socket inward:
 - ``auth``     cross-origin rules and subscriber tokens
 - ``tls``      the TLS context
 - ``hub``      every connection by channel, history rings, broadcast fan-out, pings, deadlines
-- ``framing``  the bytes on the wire (response heads, stream frames; sans-IO)
+- ``wire``     the bytes on the wire: response heads, a message encoded per format (sans-IO)
 - ``lag``      the event-loop lag sampler
 
 Only ``service.contracts`` and ``service.config`` are shared with the other processes.

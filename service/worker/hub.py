@@ -13,13 +13,13 @@ may cost per-connection objects beyond the protocol instance itself:
   replays it. Each ring remembers the highest id it ever evicted (by size or age): a resume
   from an id below that has a gap, and the client is told so with a ``reset`` event.
 * A broadcast is split into a synchronous part and a paced part. Synchronously it is recorded
-  in history, framed once per wire format, and the list of recipients is snapshotted. Doing the
+  in history, encoded once per stream format, and the list of recipients is snapshotted. Doing the
   three at the same instant is what makes SSE resume exact: a client that subscribes later is
   either in the snapshot (gets it live) or not (finds it in history), never both, never neither.
-  The paced part writes the frames to ``fanout_slice`` connections per loop iteration
+  The paced part writes those bytes to ``fanout_slice`` connections per loop iteration
   (``call_soon`` chain, no Task); jobs run strictly one after the other so every subscriber sees
   messages in id order. Small jobs queued together (a burst of broadcasts to a small channel)
-  are written as one batch within the same slice budget: each connection gets all of its frames
+  are written as one batch within the same slice budget: each connection gets all of its messages
   in one write instead of one write per message (5,000 broadcasts a second to 10 subscribers
   was 50,000 sends a second).
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
@@ -47,6 +47,7 @@ may cost per-connection objects beyond the protocol instance itself:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import random
@@ -56,9 +57,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from service.contracts import COUNTER_NAMES
-from service.worker import framing
+from service.worker import wire
 from service.worker.auth import Cors, TokenCheck, load_keys
-from service.worker.framing import Frames
+from service.worker.states import DONE, LAST_STREAM
+from service.worker.wire import Encoded
 
 if TYPE_CHECKING:
     from service.config import Config
@@ -93,7 +95,7 @@ class Entry(NamedTuple):
     id: int
     at: float  # local time.time() when recorded; ages are measured from here
     msg: dict[str, Any]
-    frames: Frames
+    encoded: Encoded
 
 
 class Ring:
@@ -120,18 +122,18 @@ class Ring:
 class _Job:
     """One paced write over a snapshot of connections (a broadcast or the drain)."""
 
-    __slots__ = ("conns", "frames", "pos", "sent", "is_msg", "done", "t0", "each")
+    __slots__ = ("conns", "encoded", "pos", "sent", "is_msg", "done", "t0", "each")
 
     def __init__(
         self,
         conns: list[Conn],
-        frames: Frames,
+        encoded: Encoded,
         done: asyncio.Future[int] | None,
         is_msg: bool,
         each: Callable[[Conn], None] | None = None,
     ) -> None:
         self.conns = conns
-        self.frames = frames
+        self.encoded = encoded
         self.pos = 0
         self.sent = 0
         self.is_msg = is_msg
@@ -326,7 +328,7 @@ class Hub:
             int(m["id"]),
             float(at) if isinstance(at, (int, float)) else time.time(),
             m,
-            framing.frame_message(m),
+            wire.encode_message(m),
         )
         channel = m.get("channel")
         if channel is None:
@@ -387,7 +389,7 @@ class Hub:
 
     # -- broadcast -----------------------------------------------------------------------------
     def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:
-        """Record, frame and snapshot now; write in slices; the future gets the recipient count."""
+        """Record, encode and snapshot now; write in slices; the future gets the recipient count."""
         entry = self.record(msg)
         channel = entry.msg.get("channel")
         if channel is None:
@@ -399,7 +401,7 @@ class Hub:
         done: asyncio.Future[int] = self.loop.create_future()
         for c in waiting:
             c.answer_poll()
-        job = _Job(conns, entry.frames, done, True)
+        job = _Job(conns, entry.encoded, done, True)
         job.sent = len(waiting)
         self._enqueue(job)
         if channel is None:
@@ -427,7 +429,7 @@ class Hub:
             for c in job.conns[job.pos : end]:
                 job.each(c)
         else:
-            job.sent += self._write_many(job.conns, job.pos, end, job.frames, job.is_msg)
+            job.sent += self._write_many(job.conns, job.pos, end, job.encoded, job.is_msg)
         job.pos = end
         if end >= len(job.conns):
             self._jobs.popleft()
@@ -441,7 +443,7 @@ class Hub:
 
     def _write_batch(self, budget: int) -> None:
         """A burst of small broadcasts (say 5,000 a second to a channel of 10) queued together:
-        each connection gets all of its frames in one write, not a write per message. As many
+        each connection gets all of its encoded in one write, not a write per message. As many
         whole jobs as fit in one slice's budget of connections, in id order per connection."""
         jobs = self._jobs
         batch: list[_Job] = []
@@ -457,13 +459,13 @@ class Hub:
         out: dict[Conn, list[bytes]] = {}
         nbytes = msgs = 0
         for job in batch:
-            frames = job.frames
+            encoded = job.encoded
             sent = 0
             for c in job.conns:
                 fmt = c.state
-                if fmt > 3:  # closed, or not a stream any more
+                if fmt > LAST_STREAM:  # closed, or not a stream any more
                     continue
-                data = frames[fmt]
+                data = encoded[fmt]
                 parts = out.get(c)
                 if parts is None:
                     out[c] = [data]
@@ -487,7 +489,7 @@ class Hub:
             job.finish()
 
     def _write_many(
-        self, conns: list[Conn], start: int, end: int, frames: Frames, msg: bool
+        self, conns: list[Conn], start: int, end: int, encoded: Encoded, msg: bool
     ) -> int:
         limit = self.config.limit_write_buffer
         sent = 0
@@ -495,10 +497,10 @@ class Hub:
         for i in range(start, end):
             c = conns[i]
             fmt = c.state
-            if fmt > 3:  # closed, or not a stream any more
+            if fmt > LAST_STREAM:  # closed, or not a stream any more
                 continue
             t = c.transport
-            data = frames[fmt]
+            data = encoded[fmt]
             t.write(data)
             nbytes += len(data)
             sent += 1
@@ -556,7 +558,7 @@ class Hub:
         conns = self._ping_conns
         start = self._ping_pos
         end = min(start + self.config.ping_slice, len(conns))
-        self._write_many(conns, start, end, framing.PING, False)
+        self._write_many(conns, start, end, wire.PING, False)
         self._ping_pos = end
         if end < len(conns):
             self._ping_slice_handle = self.loop.call_later(self._ping_step, self._ping_slice)
@@ -588,22 +590,59 @@ class Hub:
         self.deadlines.stop()
 
     # -- drain ---------------------------------------------------------------------------------
+    def open_conns(self) -> list[Conn]:
+        """Every connection not closed yet: streams, waiting long-polls, and those only the
+        deadline heap knows (request heads being read, keep-alive idles)."""
+        seen = {id(c): c for c in self.deadlines.waiting()}
+        for c in self.all_streams():
+            seen[id(c)] = c
+        for s in self.pollers.values():
+            for c in s:
+                seen[id(c)] = c
+        return [c for c in seen.values() if c.state < DONE]
+
+    async def drain(self, deadline: float) -> int:
+        """Stop pinging, answer the long-polls, send every stream its reconnect hint (after
+        queued broadcasts), close the rest, and wait until none is open or the loop time
+        ``deadline`` passes. The number still open then (the caller aborts them by exiting)."""
+        loop = self.loop
+        self.draining = True
+        self.stop_pings()
+        self.on_empty = loop.create_future()
+        if self.counters.conns == 0:
+            self.on_empty.set_result(None)
+        # Pollers get their (empty) answer with Connection: close; heads are cut short.
+        for s in list(self.pollers.values()):
+            for c in list(s):
+                c.answer_poll()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.shield(self.drain_streams(self.all_streams())),
+                max(0.0, deadline - loop.time()),
+            )
+        # Anything else still open (heads in progress, keep-alive idles, late arrivals).
+        for c in self.open_conns():
+            c.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.on_empty), max(0.01, deadline - loop.time()))
+        self.stop_deadlines()
+        return 0 if self.on_empty.done() else self.counters.conns
+
     def drain_streams(self, conns: Iterable[Conn]) -> asyncio.Future[int]:
         """Send each stream its reconnect hint and close it, in slices, after queued broadcasts."""
         retry = self.config.sse_retry_ms
         # A few precomputed jitter variants: reconnects spread over [retry, 2*retry) without
-        # framing per connection.
+        # encoding per connection.
         variants = [
-            tuple(framing.reconnect(fmt, retry + retry * k // 8) for fmt in range(4))
-            for k in range(8)
+            tuple(wire.reconnect(fmt, retry + retry * k // 8) for fmt in range(4)) for k in range(8)
         ]
         choice = random.choice
 
         def each(c: Conn) -> None:
-            if c.state <= 3:
+            if c.state <= LAST_STREAM:
                 c.transport.write(choice(variants)[c.state])
             c.close()
 
         done: asyncio.Future[int] = self.loop.create_future()
-        self._enqueue(_Job(list(conns), framing.PING, done, False, each))
+        self._enqueue(_Job(list(conns), wire.PING, done, False, each))
         return done

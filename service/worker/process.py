@@ -33,7 +33,7 @@ import uvloop
 from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN
 from service.corked import Corked
-from service.worker import framing
+from service.worker import wire
 from service.worker.http import Limits
 from service.worker.hub import Hub
 from service.worker.lag import LagSampler
@@ -89,7 +89,7 @@ class Worker:
             poll_default=config.timeout_poll_default,
             poll_max=config.timeout_poll_max,
         )
-        reject = framing.error_response(
+        reject = wire.error_response(
             503, "over the connection cap, retry later", [("Retry-After", "5")]
         )
         # A protocol class per worker carries the shared state as class attributes, so each
@@ -185,55 +185,23 @@ class Worker:
 
     async def _drain(self, grace: float | None) -> None:
         grace = self.config.grace if grace is None else grace
-        hub = self.hub
         deadline = self.loop.time() + grace
-        hub.draining = True
         if self._server is not None:
             self._server.close()
-        hub.stop_pings()
-        hub.on_empty = self.loop.create_future()
-        if hub.counters.conns == 0:
-            hub.on_empty.set_result(None)
-        # Pollers get their (empty) answer with Connection: close; heads are cut short.
-        for s in list(hub.pollers.values()):
-            for c in list(s):
-                c.answer_poll()
-        streams = hub.all_streams()
-        log.info("worker %d draining %d streams (grace %.1fs)", self.index, len(streams), grace)
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(hub.drain_streams(streams)), max(0.0, deadline - self.loop.time())
-            )
-        except TimeoutError:
-            pass
-        # Anything else still open (heads in progress, keep-alive idles, late arrivals).
-        for c in list(_open_conns(hub)):
-            c.close()
-        try:
-            await asyncio.wait_for(
-                asyncio.shield(hub.on_empty), max(0.01, deadline - self.loop.time())
-            )
-        except TimeoutError:
-            log.warning(
-                "worker %d: grace over with %d open; aborting", self.index, hub.counters.conns
-            )
-        hub.stop_deadlines()
+        log.info(
+            "worker %d draining %d streams (grace %.1fs)",
+            self.index,
+            len(self.hub.all_streams()),
+            grace,
+        )
+        left = await self.hub.drain(deadline)
+        if left:
+            log.warning("worker %d: grace over with %d open; aborting", self.index, left)
         self.lag.stop()
         if self._server is not None:
             await self._server.wait_closed()
         if not self.stopped.done():
             self.stopped.set_result(None)
-
-
-def _open_conns(hub: Hub) -> list[Conn]:
-    # Connections not in any set are only reachable through the deadline heap (heads, idles).
-    seen = {id(c): c for c in hub.deadlines.waiting()}
-    for c in hub.all_streams():
-        seen[id(c)] = c
-    for s in hub.pollers.values():
-        for c in s:
-            seen[id(c)] = c
-    return [c for c in seen.values() if c.state < 6]
 
 
 # -- supervisor ⇄ worker control pipe ----------------------------------------------------------

@@ -13,16 +13,10 @@ import asyncio
 import time
 from typing import ClassVar, cast
 
-from service.worker import framing
+from service.worker import wire
 from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
 from service.worker.hub import Hub
-
-# Connection states. 0..3 are stream formats (indices into every framing.Frames tuple), so the
-# fan-out loop reads the state and uses it as the frame index directly.
-HEAD = 4  # reading a request head
-POLL = 5  # a long-poll waiting for a message
-DONE = 6  # closing or closed
-REJECTED = 7  # refused at accept time (over the cap or draining); never counted as held
+from service.worker.states import DONE, HEAD, LAST_STREAM, POLL, REJECTED
 
 _KEEPALIVE = ()  # marks a connection that already served a long-poll (idle close is silent)
 # The deadline token of a stream whose subscriber token expires: one shared object, so a held
@@ -75,7 +69,7 @@ class Conn(asyncio.Protocol):
             assert self.buf is not None
             self.buf += data
             self._on_head_bytes()
-        elif state <= 3:
+        elif state <= LAST_STREAM:
             # A stream client must only listen; anything it sends ends the stream.
             self.close()
         elif state == POLL:
@@ -154,10 +148,10 @@ class Conn(asyncio.Protocol):
         self, req: Request, r: Route, rest: bytearray, cors: bytes, expires: float
     ) -> None:
         hub = self.hub
-        fmt = framing.fmt_index(r.sse, req.http11)
+        fmt = wire.fmt_index(r.sse, req.http11)
         t = self.transport
         if req.method == "HEAD":
-            t.write(framing.stream_head(fmt, cors))
+            t.write(wire.stream_head(fmt, cors))
             self.close()
             return
         if rest:
@@ -165,13 +159,13 @@ class Conn(asyncio.Protocol):
             # clear answer, not a silent close.
             self.fail(HttpError(400, "bytes after a subscribe request"))
             return
-        t.write(framing.welcome(fmt, hub.config.sse_retry_ms, cors))
+        t.write(wire.welcome(fmt, hub.config.sse_retry_ms, cors))
         if r.sse and r.last_event_id is not None:
             entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
             if gap:
-                t.write(framing.reset_frames(r.last_event_id, oldest, hub.last_id)[fmt])
+                t.write(wire.encode_reset(r.last_event_id, oldest, hub.last_id)[fmt])
             for e in entries:
-                t.write(e.frames[fmt])
+                t.write(e.encoded[fmt])
             hub.counters.msgs_sent_total += len(entries)
         self.state = fmt
         subs = self.subs = hub.stream_set(r.channel)
@@ -186,7 +180,7 @@ class Conn(asyncio.Protocol):
     def _start_poll(self, req: Request, r: Route, rest: bytearray, cors: bytes) -> None:
         hub = self.hub
         if req.method == "HEAD":
-            self.transport.write(framing.poll_head_only(req.http11, cors))
+            self.transport.write(wire.poll_head_only(req.http11, cors))
             self.close()
             return
         since = hub.last_id if r.since is None else r.since
@@ -227,7 +221,7 @@ class Conn(asyncio.Protocol):
         last = entries[-1].id if entries else min(since, hub.last_id)
         payload = {"messages": msgs, "last_id": last, "reset": gap}
         keep = keep_alive and not hub.draining
-        data = framing.poll_response(payload, http11, keep, cors)
+        data = wire.poll_response(payload, http11, keep, cors)
         self.transport.write(data)
         hub.counters.bytes_sent_total += len(data)
         hub.counters.msgs_sent_total += len(msgs)
@@ -254,7 +248,7 @@ class Conn(asyncio.Protocol):
             self.answer_poll()
         elif token is _EXPIRES and self.state <= 3:
             self.hub.counters.token_expired_total += 1
-            self.transport.write(framing.token_expired(self.state))
+            self.transport.write(wire.token_expired(self.state))
             self.close()
 
     # -- closing ---------------------------------------------------------------------------------
@@ -262,7 +256,7 @@ class Conn(asyncio.Protocol):
         extra: list[tuple[str, str]] = []
         if err.status == 405:
             extra.append(("Allow", "GET, HEAD, OPTIONS"))
-        self.transport.write(framing.error_response(err.status, err.reason, extra, cors))
+        self.transport.write(wire.error_response(err.status, err.reason, extra, cors))
         self.close()
 
     def close(self) -> None:

@@ -1,14 +1,10 @@
-"""Bytes on the wire: response heads, stream frames, long-poll and error responses (sans-IO).
+"""Bytes on the wire: response heads, a message encoded for each stream format, long-poll and
+error responses (sans-IO).
 
-A stream connection has one of four formats, an index into every frame tuple::
-
-    PLAIN_CHUNKED = 0   text/plain, HTTP/1.1 chunked
-    PLAIN_RAW     = 1   text/plain, HTTP/1.0 close-delimited
-    SSE_CHUNKED   = 2   text/event-stream, HTTP/1.1 chunked
-    SSE_RAW       = 3   text/event-stream, HTTP/1.0 close-delimited
-
-A broadcast is framed once per format (:func:`frame_message`) and the same bytes object is written
-to every subscriber of that format.
+A stream connection has one of four formats (:mod:`service.worker.states`), an index into every
+:data:`Encoded` tuple. A broadcast is encoded once per format (:func:`encode_message`) and the
+same bytes object is written to every subscriber of that format. ("Frame" in this project is the
+supervisor's stats record, never these bytes.)
 """
 
 from __future__ import annotations
@@ -19,8 +15,12 @@ from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
-PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW = 0, 1, 2, 3
-Frames = tuple[bytes, bytes, bytes, bytes]
+from service.worker.states import PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW
+
+# The same thing for each of the four stream formats, indexed by the format.
+Encoded = tuple[bytes, bytes, bytes, bytes]
+
+__all__ = ["PLAIN_CHUNKED", "PLAIN_RAW", "SSE_CHUNKED", "SSE_RAW", "Encoded"]
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
@@ -34,7 +34,7 @@ def chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
-def _both(plain: bytes, sse: bytes) -> Frames:
+def _both(plain: bytes, sse: bytes) -> Encoded:
     return (chunk(plain), plain, chunk(sse), sse)
 
 
@@ -62,7 +62,7 @@ def welcome(fmt: int, retry_ms: int, extra: bytes = b"") -> bytes:
     return stream_head(fmt, extra) + (chunk(body) if fmt in (PLAIN_CHUNKED, SSE_CHUNKED) else body)
 
 
-PING: Frames = _both(b"ping\n", b": ping\n\n")
+PING: Encoded = _both(b"ping\n", b": ping\n\n")
 END_CHUNKED = b"0\r\n\r\n"
 
 
@@ -83,7 +83,7 @@ def _one_line(text: str) -> str:
     return _LINE_BREAK.sub(" ", text)
 
 
-def frame_message(msg: Mapping[str, Any]) -> Frames:
+def encode_message(msg: Mapping[str, Any]) -> Encoded:
     """A message as bytes for each of the four formats."""
     data = str(msg["data"])
     plain = (data + "\n").encode("utf-8")
@@ -91,7 +91,7 @@ def frame_message(msg: Mapping[str, Any]) -> Frames:
     return _both(plain, sse)
 
 
-def reset_frames(last_event_id: int, oldest_id: int | None, newest_id: int) -> Frames:
+def encode_reset(last_event_id: int, oldest_id: int | None, newest_id: int) -> Encoded:
     payload = json.dumps(
         {"last_event_id": last_event_id, "oldest_id": oldest_id, "newest_id": newest_id}
     )

@@ -1,0 +1,244 @@
+"""The hub and the connection protocol over a fake transport, as uvicorn tests its protocols:
+no sockets, a real event loop, every byte a connection was given checked exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+
+from service.worker import wire
+from service.worker.http import Limits
+from service.worker.hub import Hub
+from service.worker.protocol import Conn
+from service.worker.states import DONE, PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW
+from tests.service.worker_harness import make_config
+
+
+class FakeTransport:
+    """What a Conn and the hub use of a transport; ``buffered`` stands for unsent bytes."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, proto: Conn) -> None:
+        self.loop = loop
+        self.proto = proto
+        self.writes: list[bytes] = []
+        self.buffered = 0
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "a write after close"
+        self.writes.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.loop.call_soon(self.proto.connection_lost, None)  # as a real transport does
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.writes)
+
+
+class Bench:
+    """A Hub on a fresh loop and a way to open connections to it."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.config = make_config(**overrides)
+        self.hub = Hub(self.config, self.loop)
+        limits = Limits(
+            request_line=self.config.limit_request_line,
+            headers_bytes=self.config.limit_headers_bytes,
+            headers_count=self.config.limit_headers_count,
+            poll_default=self.config.timeout_poll_default,
+            poll_max=self.config.timeout_poll_max,
+        )
+        self.conn_class = cast(
+            type[Conn],
+            type(
+                "TestConn",
+                (Conn,),
+                {
+                    "__slots__": (),
+                    "hub": self.hub,
+                    "limits": limits,
+                    "reject_bytes": wire.error_response(503, "over the connection cap"),
+                },
+            ),
+        )
+
+    def connect(self, request: bytes | None = None) -> tuple[Conn, FakeTransport]:
+        conn = self.conn_class()
+        t = FakeTransport(self.loop, conn)
+        conn.connection_made(cast(asyncio.Transport, t))
+        if request is not None:
+            conn.data_received(request)
+        return conn, t
+
+    def one_turn(self) -> None:
+        """Exactly one loop iteration: the callbacks ready now (not those they schedule)."""
+        self.loop.call_soon(self.loop.stop)
+        self.loop.run_forever()
+
+    def run(self, seconds: float = 0.0) -> None:
+        """Let the loop run its ready callbacks (and timers due within ``seconds``)."""
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    def broadcast(self, data: str, channel: str | None = None, msg_id: int | None = None) -> int:
+        msg = {
+            "id": msg_id if msg_id is not None else self.hub.last_id + 1,
+            "channel": channel,
+            "event": None,
+            "data": data,
+            "ts": time.time(),
+        }
+        return self.loop.run_until_complete(self.hub.broadcast(msg))
+
+    def close(self) -> None:
+        self.hub.stop_pings()
+        self.hub.stop_deadlines()
+        self.loop.close()
+
+
+@pytest.fixture
+def bench() -> Iterator[Bench]:
+    b = Bench(ping_interval=3600.0)
+    yield b
+    b.close()
+
+
+def sub(channel: str, sse: bool = False, http11: bool = True) -> bytes:
+    accept = "Accept: text/event-stream\r\n" if sse else ""
+    version = "1.1" if http11 else "1.0"
+    return f"GET /sub/{channel} HTTP/{version}\r\nHost: t\r\n{accept}\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("sse", "http11", "fmt"),
+    [
+        (False, True, PLAIN_CHUNKED),
+        (False, False, PLAIN_RAW),
+        (True, True, SSE_CHUNKED),
+        (True, False, SSE_RAW),
+    ],
+)
+def test_a_stream_gets_its_welcome_then_the_message_encoded_for_its_format(
+    bench: Bench, sse: bool, http11: bool, fmt: int
+) -> None:
+    conn, t = bench.connect(sub("news", sse, http11))
+    assert conn.state == fmt
+    assert t.data == wire.welcome(fmt, bench.config.sse_retry_ms, bench.hub.cors.headers(None))
+    t.writes.clear()
+    assert bench.broadcast("hello", "news") == 1
+    msg = bench.hub.history_since("news", 0)[0][0].msg
+    assert t.data == wire.encode_message(msg)[fmt]
+    assert bench.hub.counters.msgs_sent_total == 1 and bench.hub.counters.conns == 1
+
+
+def test_only_the_channel_gets_it_and_a_message_for_everyone_reaches_all(bench: Bench) -> None:
+    _a, ta = bench.connect(sub("a"))
+    _b, tb = bench.connect(sub("b"))
+    ta.writes.clear()
+    tb.writes.clear()
+    assert bench.broadcast("to a", "a") == 1
+    assert b"to a" in ta.data and tb.writes == []
+    assert bench.broadcast("to all") == 2
+    assert b"to all" in ta.data and b"to all" in tb.data
+
+
+def test_queued_broadcasts_reach_a_connection_in_one_write_in_id_order(bench: Bench) -> None:
+    _c, t = bench.connect(sub("burst", sse=True))
+    t.writes.clear()
+    futures = [
+        bench.hub.broadcast(
+            {"id": i, "channel": "burst", "event": None, "data": f"m{i}", "ts": time.time()}
+        )
+        for i in range(1, 21)
+    ]
+    bench.loop.run_until_complete(asyncio.gather(*futures))
+    assert len(t.writes) <= 2  # the first job may leave alone; the rest as one batch
+    ids = [int(line[4:]) for line in t.data.decode().splitlines() if line.startswith("id: ")]
+    assert ids == list(range(1, 21))
+
+
+def test_a_broadcast_to_many_is_written_in_slices_of_fanout_slice() -> None:
+    b = Bench(ping_interval=3600.0, fanout_slice=3)
+    try:
+        transports = [b.connect(sub("x"))[1] for _ in range(7)]
+        for t in transports:
+            t.writes.clear()
+        done = b.hub.broadcast(
+            {"id": 1, "channel": "x", "event": None, "data": "big", "ts": time.time()}
+        )
+        written = []
+        while not done.done():
+            b.one_turn()
+            written.append(sum(1 for t in transports if t.writes))
+        assert done.result() == 7
+        assert written == [3, 6, 7]  # a slice a loop turn: the loop serves others between
+    finally:
+        b.close()
+
+
+def test_a_slow_subscriber_is_dropped_and_counted(bench: Bench) -> None:
+    conn, t = bench.connect(sub("slow"))
+    t.buffered = bench.config.limit_write_buffer + 1
+    bench.broadcast("x" * 100, "slow")
+    bench.run()
+    assert t.aborted and conn.state == DONE
+    assert bench.hub.counters.slow_dropped_total == 1 and bench.hub.counters.conns == 0
+
+
+def test_over_the_cap_a_connection_gets_503_before_anything_is_read(bench: Bench) -> None:
+    bench.hub.cap = 1
+    bench.connect(sub("a"))
+    conn, t = bench.connect()
+    assert t.closed and t.data.startswith(b"HTTP/1.1 503 ")
+    bench.run()
+    assert bench.hub.counters.rejected_total == 1 and bench.hub.counters.conns == 1
+    assert conn.state != DONE  # a refused connection never counted as held or closed
+
+
+def test_a_long_poll_waits_and_gets_the_message(bench: Bench) -> None:
+    conn, t = bench.connect(b"GET /poll/p?since=0&timeout=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert t.writes == []
+    assert bench.broadcast("polled", "p") == 1
+    head, _, body = t.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b'"data": "polled"' in body.replace(
+        b'":"', b'": "'
+    )
+
+
+def test_drain_hints_every_stream_then_closes_everything(bench: Bench) -> None:
+    _s, ts = bench.connect(sub("d", sse=True))
+    _p, tp = bench.connect(b"GET /poll/d?since=0&timeout=30 HTTP/1.1\r\nHost: t\r\n\r\n")
+    _h, th = bench.connect(b"GET /sub/d HTTP/1.1\r\n")  # a head still being read
+    ts.writes.clear()
+    assert bench.hub.counters.conns == 3
+    left = bench.loop.run_until_complete(bench.hub.drain(bench.loop.time() + 5))
+    assert left == 0 and bench.hub.counters.conns == 0
+    assert b"retry: " in ts.data and b"event: reconnect" in ts.data  # the SSE reconnect hint
+    assert ts.data.endswith(b"0\r\n\r\n") and ts.closed  # and the chunked body's end
+    assert tp.data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in tp.data
+    assert th.closed
+    assert bench.hub.open_conns() == []
+    _late, tl = bench.connect(sub("d"))  # draining: refused at once
+    assert tl.closed and tl.data.startswith(b"HTTP/1.1 503 ")
