@@ -5,15 +5,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
-from typing import Any
 
 from loadgen.engine.config import EngineConfig
 from loadgen.engine.engine import Engine
 from loadgen.engine.sources import nofile_capacity, parse_source_ips
+from service.jsonlines import Handler, Message, Peer
+
+
+class ChildOps:
+    """What the pool asks an engine process (JSON lines over stdin/stdout, :class:`Peer`)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def table(self) -> dict[str, Handler]:
+        return {
+            "set": self.set,
+            "restart": self.restart,
+            "reset_latency": self.reset_latency,
+            "stats": self.stats,
+        }
+
+    async def set(self, msg: Message) -> Message:
+        self.engine.set_config(
+            EngineConfig(
+                n=int(msg["n"]),
+                host=str(msg["host"]),
+                port=int(msg["port"]),
+                path=str(msg["path"]),
+                concurrency=int(msg["concurrency"]),
+                head_timeout=float(msg["head_timeout"]),
+                tls=bool(msg.get("tls", False)),
+                tls_ca=str(msg.get("tls_ca", "")),
+            )
+        )
+        return {}
+
+    async def restart(self, msg: Message) -> Message:
+        self.engine.restart()
+        return {}
+
+    async def reset_latency(self, msg: Message) -> Message:
+        self.engine.reset_latency()
+        return {}
+
+    async def stats(self, msg: Message) -> Message:
+        return {"stats": self.engine.stats().to_wire()}
 
 
 async def _child_main(index: int, source_ips: list[str]) -> None:
@@ -23,46 +63,12 @@ async def _child_main(index: int, source_ips: list[str]) -> None:
     engine.start()
     reader = asyncio.StreamReader(limit=1 << 20)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout.buffer
-    while True:
-        line = await reader.readline()
-        if not line:
-            break
-        try:
-            msg = json.loads(line)
-            op = msg.get("op")
-            if op == "set":
-                engine.set_config(
-                    EngineConfig(
-                        n=int(msg["n"]),
-                        host=str(msg["host"]),
-                        port=int(msg["port"]),
-                        path=str(msg["path"]),
-                        concurrency=int(msg["concurrency"]),
-                        head_timeout=float(msg["head_timeout"]),
-                        tls=bool(msg.get("tls", False)),
-                        tls_ca=str(msg.get("tls_ca", "")),
-                    )
-                )
-                answer: dict[str, Any] = {"ok": True}
-            elif op == "restart":
-                engine.restart()
-                answer = {"ok": True}
-            elif op == "reset_latency":
-                engine.reset_latency()
-                answer = {"ok": True}
-            elif op == "stats":
-                answer = {"ok": True, "stats": engine.stats().to_wire()}
-            else:
-                answer = {"ok": False, "error": f"unknown op {op!r}"}
-        except (ValueError, KeyError, TypeError) as exc:
-            answer = {"ok": False, "error": str(exc)}
-        # Answers are small and the parent reads them at once: a blocking write is fine.
-        try:
-            out.write(json.dumps(answer).encode() + b"\n")
-            out.flush()
-        except BrokenPipeError:
-            break  # the parent stopped listening (it is shutting down): nothing to answer
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), sys.stdout
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    peer = Peer(reader, writer, ChildOps(engine).table(), name=f"engine process {index}")
+    await peer.run()  # until the parent closes our stdin (or dies)
     await engine.close()
 
 

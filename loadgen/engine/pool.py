@@ -5,7 +5,7 @@ engine in this process."""
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -14,6 +14,7 @@ from loadgen.engine.config import EngineConfig
 from loadgen.engine.engine import Engine
 from loadgen.engine.sources import auto_procs, nofile_capacity
 from loadgen.engine.stats import Stats
+from service.jsonlines import Peer, PeerGone
 
 
 def split_n(n: int, parts: int) -> list[int]:
@@ -23,25 +24,24 @@ def split_n(n: int, parts: int) -> list[int]:
 
 
 class _Child:
-    __slots__ = ("proc", "index", "lock", "last", "broken")
+    """One engine process and the :class:`Peer` on its stdin/stdout."""
+
+    __slots__ = ("proc", "index", "peer", "reading", "last", "broken")
 
     def __init__(self, proc: asyncio.subprocess.Process, index: int) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
         self.index = index
-        self.lock = asyncio.Lock()
+        self.peer = Peer(proc.stdout, proc.stdin, name=f"client process {index} (pid {proc.pid})")
+        self.reading = asyncio.get_running_loop().create_task(self.peer.run())
         self.last = Stats()  # its latest answer, kept if it dies
         self.broken = False
 
     async def call(self, msg: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        async with self.lock:
-            self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
-            await self.proc.stdin.drain()
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
-        if not line:
-            raise RuntimeError(f"client process {self.index} (pid {self.proc.pid}) exited")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
+        try:
+            return await self.peer.call(msg, timeout)
+        except PeerGone as exc:
+            raise RuntimeError(f"{exc} (exited)") from None
 
 
 class ProcessPool:
@@ -184,6 +184,9 @@ class ProcessPool:
             except TimeoutError:
                 c.proc.kill()
                 await c.proc.wait()
+            c.reading.cancel()  # done already (its stdout ended), or cut short now
+            with contextlib.suppress(asyncio.CancelledError):
+                await c.reading
         self.children = []
 
 

@@ -28,18 +28,13 @@ from typing import Any
 from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.bus.store import Store
 from service.config import Config, raise_nofile_limit
+from service.jsonlines import Pending
 from service.supervisor.control import ControlServer
 from service.supervisor.csvlog import CsvLog
 from service.supervisor.frames import FrameBuilder, read_limits
 from service.supervisor.plan import host_warnings, plan_line
 from service.supervisor.portcheck import check_port
-from service.supervisor.slot import (
-    BROADCAST_TIMEOUT,
-    STATS_TIMEOUT,
-    Pending,
-    WorkerGone,
-    WorkerSlot,
-)
+from service.supervisor.slot import BROADCAST_TIMEOUT, STATS_TIMEOUT, WorkerGone, WorkerSlot
 
 log = logging.getLogger("comet.supervisor")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import json
 import logging
 import os
 import signal
@@ -22,7 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from service.contracts import EXIT_CANNOT_LISTEN
-from service.corked import Corked
+from service.jsonlines import Message, Peer, PeerGone, Pending
 from service.supervisor.frames import WorkerView
 
 if TYPE_CHECKING:
@@ -35,15 +33,13 @@ STATS_TIMEOUT = 0.8  # stats answers later than this miss the frame (the worker 
 BROADCAST_TIMEOUT = 120.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
-# A request written to a worker and not answered yet: its id and the future of its answer.
-Pending = tuple[int, "asyncio.Future[dict[str, Any]]"]
 
 STABLE_AFTER = 10.0  # a worker that lived this long resets its slot's backoff
 PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy worker)
 
 
-class WorkerGone(Exception):
-    """The worker's pipe closed before it answered."""
+# The worker's pipe closed (or broke) before it answered.
+WorkerGone = PeerGone
 
 
 class WorkerSlot:
@@ -60,10 +56,7 @@ class WorkerSlot:
         self.exit_code: int | None = None
         self.started_at = 0.0
         self._fails = 0
-        self._writer: asyncio.StreamWriter | None = None
-        self._out: Corked | None = None  # requests of one loop turn leave in one write
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._rids = itertools.count(1)
+        self.peer: Peer | None = None  # the pipe to the process now in the slot
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
@@ -74,7 +67,7 @@ class WorkerSlot:
 
     @property
     def usable(self) -> bool:
-        return self.state == "up" and self._writer is not None and not self._writer.is_closing()
+        return self.state == "up" and self.peer is not None and not self.peer.writer.is_closing()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"worker-{self.index}")
@@ -149,9 +142,10 @@ class WorkerSlot:
         self.started_at = time.monotonic()
         self._ready = asyncio.get_running_loop().create_future()
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=PIPE_LIMIT)
-        self._writer = writer
-        self._out = Corked(writer)
-        read_task = asyncio.create_task(self._read(reader))
+        self.peer = peer = Peer(
+            reader, writer, {"ready": self._on_ready}, name=f"worker {self.index} pipe"
+        )
+        read_task = asyncio.create_task(self._read(peer))
         try:
             await self._handshake()
             await read_task
@@ -166,8 +160,8 @@ class WorkerSlot:
             with contextlib.suppress(BaseException):
                 await read_task
             writer.close()
-            self._writer = self._out = None
-            self._fail_pending()
+            self.peer = None
+            self._fail_ready()
             code = self.exit_code = await self._reap(proc)
             lived = time.monotonic() - self.started_at
             if not self.sup.stopping:
@@ -208,46 +202,17 @@ class WorkerSlot:
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        try:
-            await self._read_lines(reader)
-        finally:
-            # Wake everyone waiting on this process (the handshake too) at once.
-            self._fail_pending()
+    async def _read(self, peer: Peer) -> None:
+        gone = await peer.run()  # every request still waiting has failed with ``gone``
+        self._fail_ready()  # and the handshake too
+        raise gone
 
-    async def _read_lines(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            try:
-                line = await reader.readline()
-            except ValueError:
-                raise WorkerGone("answer line over the pipe limit") from None
-            if not line:
-                raise WorkerGone("control pipe closed")
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                log.error("worker %d: not JSON on the pipe: %.200r", self.index, line)
-                continue
-            if not isinstance(msg, dict):
-                continue
-            rid = msg.get("rid")
-            if rid is not None:
-                fut = self._pending.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-            elif msg.get("op") == "ready":
-                if self._ready is not None and not self._ready.done():
-                    self._ready.set_result(msg)
-            else:
-                log.debug("worker %d: unsolicited %.200r", self.index, line)
+    async def _on_ready(self, msg: Message) -> None:
+        """``{"op":"ready"}``, the worker's first line: it is listening."""
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result(msg)
 
-    def _fail_pending(self) -> None:
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(WorkerGone("control pipe closed"))
-                # Callers may have timed out already; don't let asyncio log it as unretrieved.
-                fut.exception()
-        self._pending.clear()
+    def _fail_ready(self) -> None:
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(WorkerGone("exited before it was ready"))
             self._ready.exception()
@@ -271,30 +236,23 @@ class WorkerSlot:
     def send(self, body: dict[str, Any]) -> Pending:
         """Write one request now (requests reach the worker in the order they are sent); what
         to give :meth:`reply`. Raises WorkerGone."""
-        out = self._out
-        if out is None or out.is_closing():
+        if self.peer is None:
             raise WorkerGone("not running")
-        rid = next(self._rids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        out.write(json.dumps({"rid": rid, **body}, separators=(",", ":")).encode() + b"\n")
-        return rid, fut
+        return self.peer.call_nowait(body)
 
     async def reply(self, pending: Pending, timeout: float) -> dict[str, Any]:
         """The answer to a sent request; raise WorkerGone / TimeoutError / RuntimeError."""
-        rid, fut = pending
-        try:
-            if self._writer is not None:
-                await self._writer.drain()
-            answer = await asyncio.wait_for(fut, timeout)
-        finally:
-            self._pending.pop(rid, None)
+        peer = self.peer
+        if peer is not None:
+            answer = await peer.answer(pending, timeout)
+        else:  # the process is gone: its pipe failed every pending request already
+            answer = await asyncio.wait_for(pending[1], timeout)
         if not answer.get("ok", False):
             raise RuntimeError(f"worker {self.index}: {answer.get('error', 'request failed')}")
         return answer
 
     async def drain(self, grace: float) -> None:
-        if self._writer is None or self._writer.is_closing():
+        if self.peer is None or self.peer.writer.is_closing():
             return
         self.state = "draining"
         with contextlib.suppress(WorkerGone, TimeoutError, RuntimeError, ConnectionError):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -32,7 +31,7 @@ import uvloop
 
 from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN
-from service.corked import Corked
+from service.jsonlines import Message, Peer
 from service.worker import wire
 from service.worker.http import Limits
 from service.worker.hub import Hub
@@ -206,93 +205,78 @@ class Worker:
 
 # -- supervisor ⇄ worker control pipe ----------------------------------------------------------
 class ControlChannel:
-    """JSON lines over the inherited socketpair end; one task per request so a long broadcast
-    never blocks a stats read."""
+    """The supervisor's pipe (the inherited socketpair end), a :class:`Peer` with a handler per
+    op; each request runs as its own task, so a long broadcast never blocks a stats read."""
 
     def __init__(self, worker: Worker, fd: int) -> None:
         self.worker = worker
         self.fd = fd
-        self.writer: asyncio.StreamWriter | None = None
-        self._out: Corked | None = None  # answers of one loop turn leave in one write
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.peer: Peer | None = None
 
     async def run(self) -> None:
         sock = socket.socket(fileno=self.fd)
         reader, writer = await asyncio.open_connection(sock=sock, limit=CONTROL_LINE_LIMIT)
-        self.writer = writer
-        self._out = Corked(writer)
-        self.send({"op": "ready", "pid": os.getpid(), "index": self.worker.index})
-        while True:
-            try:
-                line = await reader.readline()
-            except (ConnectionError, asyncio.LimitOverrunError, ValueError) as exc:
-                log.error("control pipe: %s", exc)
-                break
-            if not line:
-                break
-            try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                self.send({"rid": None, "ok": False, "error": f"bad JSON line: {exc}"})
-                continue
-            task = asyncio.get_running_loop().create_task(self.handle(req))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self.peer = peer = Peer(
+            reader,
+            writer,
+            {
+                "init": self.init,
+                "stats": self.stats,
+                "broadcast": self.broadcast,
+                "quiet": self.quiet,
+                "channels": self.channels,
+                "drain": self.drain,
+            },
+            name=f"worker {self.worker.index} control pipe",
+        )
+        peer.send({"op": "ready", "pid": os.getpid(), "index": self.worker.index})
+        gone = await peer.run()
         if not self.worker.hub.draining:
-            log.info("worker %d: control pipe closed, draining", self.worker.index)
+            log.info("worker %d: %s, draining", self.worker.index, gone)
         await self.worker.drain()
 
-    def send(self, obj: Mapping[str, Any]) -> None:
-        if self._out is not None and not self._out.is_closing():
-            self._out.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    async def flush(self) -> None:
+        if self.peer is not None:
+            await self.peer.flush()
 
-    async def handle(self, req: dict[str, Any]) -> None:
-        rid = req.get("rid")
-        op = req.get("op")
-        w = self.worker
-        try:
-            if op == "init":
-                hole = req.get("hole")
-                w.init(
-                    int(req.get("last_id", 0)),
-                    list(req.get("history") or []),
-                    {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
-                    (int(hole[0]), int(hole[1])) if hole else None,
-                )
-                self.send({"rid": rid, "ok": True})
-            elif op == "stats":
-                self.send({"rid": rid, "ok": True, "stats": w.stats()})
-            elif op == "broadcast":
-                msg = req.get("msg")
-                if not isinstance(msg, dict) or "data" not in msg:
-                    raise ValueError("broadcast needs msg with data")
-                t0 = time.perf_counter()
-                n = await w.broadcast(msg)
-                ms = round((time.perf_counter() - t0) * 1000, 3)
-                self.send({"rid": rid, "ok": True, "recipients": n, "elapsed_ms": ms})
-            elif op == "quiet":
-                # A broadcast to everyone is on its way (in a later wave): no pings meanwhile.
-                w.hub.restart_pings()
-                self.send({"rid": rid, "ok": True})
-            elif op == "channels":
-                self.send({"rid": rid, "ok": True, "channels": w.channels()})
-            elif op == "drain":
-                grace = req.get("grace")
-                await w.drain(None if grace is None else float(grace))
-                self.send({"rid": rid, "ok": True})
-                if self._out is not None:
-                    self._out.flush()
-                if self.writer is not None:
-                    await self.writer.drain()
-            else:
-                self.send({"rid": rid, "ok": False, "error": f"unknown op {op!r}"})
-        except (ValueError, TypeError, KeyError) as exc:
-            self.send({"rid": rid, "ok": False, "error": f"{op}: {exc}"})
-        except Exception as exc:  # a bug must not leave the supervisor waiting for an answer
-            log.exception("control request %r failed", op)
-            self.send({"rid": rid, "ok": False, "error": f"{op}: internal error: {exc}"})
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+
+    # ---- the ops (docs/architecture.md, "Supervisor ⇄ worker") --------------------------------
+    async def init(self, req: Message) -> Message:
+        hole = req.get("hole")
+        self.worker.init(
+            int(req.get("last_id", 0)),
+            list(req.get("history") or []),
+            {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
+            (int(hole[0]), int(hole[1])) if hole else None,
+        )
+        return {}
+
+    async def stats(self, req: Message) -> Message:
+        return {"stats": self.worker.stats()}
+
+    async def broadcast(self, req: Message) -> Message:
+        msg = req.get("msg")
+        if not isinstance(msg, dict) or "data" not in msg:
+            raise ValueError("broadcast needs msg with data")
+        t0 = time.perf_counter()
+        n = await self.worker.broadcast(msg)
+        return {"recipients": n, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    async def quiet(self, req: Message) -> Message:
+        # A broadcast to everyone is on its way (in a later wave): no pings meanwhile.
+        self.worker.hub.restart_pings()
+        return {}
+
+    async def channels(self, req: Message) -> Message:
+        return {"channels": self.worker.channels()}
+
+    async def drain(self, req: Message) -> Message:
+        grace = req.get("grace")
+        await self.worker.drain(None if grace is None else float(grace))
+        return {}
 
 
 # -- process entry -----------------------------------------------------------------------------
@@ -316,8 +300,8 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
         await worker.stopped
         # Let the drain answer reach the supervisor before the process ends.
         await asyncio.sleep(0.05)
-        if control.writer is not None:
-            control.writer.close()
+        await control.flush()
+        control.close()
         control_task.cancel()
     else:
         print(
