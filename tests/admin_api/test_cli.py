@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -13,23 +12,16 @@ import pytest
 
 from admin_api.settings import AdminSettings
 from admin_api.token import is_loopback, resolve_token, token_configured
+from tests.support.service import run_module
 
-from .processes import ROOT, Sidecar
+from .processes import Sidecar
 
 pytestmark = pytest.mark.filterwarnings("error")
 
 
 def run_admin(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_ADMIN_")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "admin_api", *args],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return run_module("admin_api", *args, env={**full_env, **(env or {})}, timeout=30)
 
 
 def test_help_explains_the_options() -> None:

@@ -6,6 +6,7 @@ Every process is started in its own session and its whole process group is kille
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,9 +23,19 @@ import pytest
 from loadgen.bench.service import free_port  # below the ephemeral range: see its docstring
 from tests.support.control import ask as control
 from tests.support.net import wait_for
-from tests.support.service import ROOT, Service, kill_group
+from tests.support.service import ROOT, Service, kill_group, run_module
 
-__all__ = ["ROOT", "Agent", "Service", "control", "free_port", "get_json", "kill_group", "wait_for"]
+__all__ = [
+    "ROOT",
+    "Agent",
+    "Service",
+    "bench",
+    "control",
+    "free_port",
+    "get_json",
+    "kill_group",
+    "wait_for",
+]
 
 FIXTURE = Path(__file__).with_name("fixture_server.py")
 
@@ -94,6 +105,11 @@ class Agent:
         kill_group(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``python -m loadgen.bench args``, with a terminal wide enough for its tables."""
+    return run_module("loadgen.bench", *args, env={**os.environ, "COLUMNS": "160"}, timeout=timeout)
 
 
 def start_service(tmp: Path, port: int | None = None) -> Service:

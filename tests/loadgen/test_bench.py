@@ -17,20 +17,9 @@ import time
 import psutil
 import pytest
 
-from tests.loadgen.conftest import ROOT, wait_for
+from tests.loadgen.conftest import ROOT, bench, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loadgen.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "160"},
-    )
 
 
 def test_small_bench_produces_every_output(tmp_path):

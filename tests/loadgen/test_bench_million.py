@@ -9,25 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 
 from loadgen.bench.preflight import preflight, verdict
-from tests.loadgen.conftest import ROOT
-
-
-def bench(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loadgen.bench", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "160"},
-    )
+from tests.loadgen.conftest import bench
 
 
 def test_preflight_names_tcp_mem_and_backlogs() -> None:

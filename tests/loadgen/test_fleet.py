@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
 from loadgen import fleet
-from tests.loadgen.conftest import ROOT, free_port, wait_for
+from tests.loadgen.conftest import free_port, wait_for
+from tests.support.service import run_module
 
 
 def run_fleet(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "loadgen", "fleet", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    return run_module("loadgen", "fleet", *args, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 
 
 def test_fleet_set_status_restart_three_agents(service, agents, tmp_path):

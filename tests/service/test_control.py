@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from service.contracts import COUNTER_NAMES
 from service.supervisor.csvlog import COLUMNS
 from tests.support.net import free_port, wait_for
 from tests.support.service import ROOT, Service
@@ -29,18 +30,7 @@ FRAME_KEYS = {
     "system",
     "workers",
 }
-TOTALS_KEYS = {
-    "conns",
-    "accepted_total",
-    "closed_total",
-    "rejected_total",
-    "slow_dropped_total",
-    "msgs_sent_total",
-    "bytes_sent_total",
-    "rss_bytes",
-    "cpu_percent",
-    "lag_ms",
-}
+TOTALS_KEYS = {*COUNTER_NAMES, "rss_bytes", "cpu_percent", "lag_ms"}  # every counter, summed
 SYSTEM_KEYS = {"cpu", "mem", "sockstat", "fds", "limits"}
 WORKER_KEYS = {"pid", "index", "conns", "rss_bytes", "cpu_percent", "lag_ms", "msgs_sent_total"}
 

@@ -256,3 +256,18 @@ class Clients:
 
 def sources(first: int, count: int) -> list[str]:
     return [f"127.0.0.{i}" for i in range(first, first + count)]
+
+
+def run_module(
+    module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the repository root, its output captured as text.
+    ``env``: the whole environment (default: this one)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=os.environ.copy() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
