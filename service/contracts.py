@@ -7,7 +7,7 @@ without loading the worker's hot path.
 from __future__ import annotations
 
 import re
-from typing import TypedDict
+from typing import Any, TypedDict
 
 # Channel names (docs/architecture.md, subscriber contract). Event names share the rule because
 # they end up on an SSE ``event:`` line, where a newline would forge a second field. Match with
@@ -79,3 +79,66 @@ class ErrorCode:
     STOPPING = "stopping"  # the service is shutting down: 503
     NOT_READY = "not_ready"  # just started, no stats frame yet: 503
     INTERNAL = "internal"  # a bug on our side: 500
+
+
+class LagMs(TypedDict):
+    """A worker's event-loop lag in ms over the last second (its sampler, service/worker/lag.py);
+    in the frame's totals the worst worker's p90/p99/max and the mean of the averages."""
+
+    avg: float
+    p90: float
+    p99: float
+    max: float
+
+
+class WorkerStats(TypedDict):
+    """WSTATS of docs/architecture.md: a worker's answer to ``stats`` (COUNTER_NAMES + these)."""
+
+    pid: int
+    index: int
+    conns: int
+    accepted_total: int
+    closed_total: int
+    rejected_total: int
+    slow_dropped_total: int
+    msgs_sent_total: int
+    bytes_sent_total: int
+    token_missing_total: int
+    token_invalid_total: int
+    token_expired_total: int
+    token_forbidden_total: int
+    lag_ms: LagMs
+
+
+class WorkerRow(TypedDict):
+    """One worker in the frame's ``workers`` list."""
+
+    pid: int | None
+    index: int
+    state: str  # "starting", "up", "down", "draining"
+    restarts: int
+    conns: int
+    rss_bytes: int
+    cpu_percent: float
+    lag_ms: LagMs
+    msgs_sent_total: int
+
+
+class _FrameRequired(TypedDict):
+    t: float
+    step: int
+    uptime_s: float
+    target_connections: int
+    node_id: str
+    frame_ms: float
+    supervisor: dict[str, Any]  # pid, cpu_percent
+    totals: dict[str, Any]  # COUNTER_NAMES summed, rss_bytes, cpu_percent, lag_ms (LagMs)
+    system: dict[str, Any]  # cpu, mem, sockstat, fds, limits
+    workers: list[WorkerRow]
+
+
+class Frame(_FrameRequired, total=False):
+    """FRAME of docs/architecture.md: the supervisor's stats record, once a second."""
+
+    bus: dict[str, Any]  # with a Redis bus
+    store: dict[str, Any] | None  # the history store's state (None with a Redis bus)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from service.bus.store import Store
-from service.contracts import Msg
+from service.contracts import Frame, Msg
 
 __all__ = ["Msg", "Bus", "BusUnavailable", "make_bus"]
 
@@ -70,11 +70,11 @@ class Bus(Protocol):
         now on a (re)starting worker must find it in ``history()`` and ``last_id``."""
         ...
 
-    async def publish_frame(self, frame: dict[str, Any]) -> None:
+    async def publish_frame(self, frame: Frame) -> None:
         """Show this node's latest frame to the cluster (a no-op for one node)."""
         ...
 
-    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+    async def cluster(self, own: Frame | None) -> dict[str, Any]:
         """The cluster view (``cluster_view``); raises BusUnavailable when it cannot be read."""
         ...
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.contracts import COUNTER_NAMES
+from service.contracts import COUNTER_NAMES, Frame
 
 SUMMED = (*COUNTER_NAMES, "rss_bytes")
 
 
-def node_summary(frame: dict[str, Any]) -> dict[str, Any]:
+def node_summary(frame: Frame) -> dict[str, Any]:
     """What a node shows the cluster: its frame without the per-worker rows and socket tables."""
     system = frame.get("system") or {}
     workers = frame.get("workers") or []

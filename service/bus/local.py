@@ -9,7 +9,7 @@ from service.bus import RemoteHandler, SeedHandler
 from service.bus.cluster import cluster_view, node_summary
 from service.bus.history import History
 from service.bus.store import Store
-from service.contracts import Msg
+from service.contracts import Frame, Msg
 
 
 class LocalBus:
@@ -79,8 +79,8 @@ class LocalBus:
         # publish() recorded it already, under the same lock.
         return None
 
-    async def publish_frame(self, frame: dict[str, Any]) -> None:
+    async def publish_frame(self, frame: Frame) -> None:
         return None
 
-    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+    async def cluster(self, own: Frame | None) -> dict[str, Any]:
         return cluster_view([node_summary(own)] if own else [], time.time(), "local")

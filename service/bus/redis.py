@@ -16,7 +16,7 @@ from service.bus import BusUnavailable, RemoteHandler, SeedHandler
 from service.bus.cluster import cluster_view, node_summary
 from service.bus.history import History
 from service.bus.store import clock_floor
-from service.contracts import Msg
+from service.contracts import Frame, Msg
 
 log = logging.getLogger("comet.bus")
 
@@ -241,13 +241,13 @@ class RedisBus:
             raise BusUnavailable(f"Redis at {self.url}: {_describe(exc)}") from None
         return {"id": int(raw), "channel": channel, "event": event, "data": data, "ts": ts}
 
-    async def publish_frame(self, frame: dict[str, Any]) -> None:
+    async def publish_frame(self, frame: Frame) -> None:
         """Start writing this node's summary (with its TTL) unless the last write still runs."""
         if not self._up or (self._frame_task is not None and not self._frame_task.done()):
             return
         self._frame_task = asyncio.create_task(self._write_frame(frame))
 
-    async def _write_frame(self, frame: dict[str, Any]) -> None:
+    async def _write_frame(self, frame: Frame) -> None:
         from redis.exceptions import RedisError
 
         body = json.dumps(node_summary(frame), separators=(",", ":"))
@@ -256,7 +256,7 @@ class RedisBus:
         except (RedisError, OSError) as exc:
             log.debug("bus: frame not published: %s", _describe(exc))
 
-    async def cluster(self, own: dict[str, Any] | None) -> dict[str, Any]:
+    async def cluster(self, own: Frame | None) -> dict[str, Any]:
         from redis.exceptions import RedisError
 
         if not self._up:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any, Protocol
 
 from service.bus import BusUnavailable
-from service.contracts import NAME_RE, NAME_RULE, ErrorCode, text_problem
+from service.contracts import NAME_RE, NAME_RULE, ErrorCode, Frame, text_problem
 from service.corked import Corked
 
 log = logging.getLogger("comet.control")
@@ -67,7 +67,7 @@ def _refused_by(exc: Exception) -> dict[str, Any]:
 class Backend(Protocol):
     """What the control socket asks of the supervisor."""
 
-    def latest_frame(self) -> dict[str, Any] | None: ...
+    def latest_frame(self) -> Frame | None: ...
 
     async def broadcast(
         self, data: str, channel: str | None, event: str | None
@@ -159,7 +159,7 @@ class ControlServer:
             os.unlink(self.path)
 
     # ---- frames ---------------------------------------------------------------------------------
-    def publish_frame(self, frame: dict[str, Any]) -> None:
+    def publish_frame(self, frame: Frame) -> None:
         """Send one frame to every watcher (serialised once)."""
         if not self._watchers:
             return

@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+from service.contracts import Frame
+
 COLUMNS = (
     "step",
     "conns",
@@ -44,7 +46,7 @@ COLUMNS = (
 MB = 1024 * 1024
 
 
-def frame_row(frame: dict[str, Any], elapsed_ms: float, packets: int) -> list[Any]:
+def frame_row(frame: Frame, elapsed_ms: float, packets: int) -> list[Any]:
     """One CSV row for a FRAME."""
     totals = frame["totals"]
     system = frame["system"]
@@ -111,7 +113,7 @@ class CsvLog:
             os.unlink(self.path)
         self._file = self._open()
 
-    def write(self, frame: dict[str, Any]) -> None:
+    def write(self, frame: Frame) -> None:
         t = float(frame["t"])
         msgs = int(frame["totals"]["msgs_sent_total"])
         elapsed_ms = (t - self._last_t) * 1000.0 if self._last_t is not None else 0.0

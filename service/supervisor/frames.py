@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
 
-from service.contracts import TOTAL_NAMES
+from service.contracts import TOTAL_NAMES, Frame, LagMs, WorkerRow, WorkerStats
 
-LAG_ZERO: dict[str, float] = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
+LAG_ZERO: LagMs = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
 LAG_KEYS = tuple(LAG_ZERO)
+
+
+def _rounded(lag: Mapping[str, Any]) -> LagMs:
+    return {
+        "avg": round(float(lag.get("avg", 0.0)), 2),
+        "p90": round(float(lag.get("p90", 0.0)), 2),
+        "p99": round(float(lag.get("p99", 0.0)), 2),
+        "max": round(float(lag.get("max", 0.0)), 2),
+    }
 
 
 def _read(path: str) -> str | None:
@@ -90,7 +100,7 @@ class WorkerView:
     index: int
     pid: int | None
     state: str  # "starting", "up", "down", "draining"
-    stats: dict[str, Any] | None  # the latest WSTATS, None before the first answer
+    stats: WorkerStats | None  # the latest WSTATS, None before the first answer
     restarts: int = 0
 
 
@@ -113,13 +123,14 @@ class FrameBuilder:
         self._self = psutil.Process()
         self._self.cpu_percent(None)
 
-    def retire(self, stats: dict[str, Any] | None) -> None:
+    def retire(self, stats: WorkerStats | None) -> None:
         """A worker died: keep its running totals in the node's totals, so they never go back
         when a worker is replaced."""
         if not stats:
             return
+        counts: Mapping[str, Any] = stats
         for key in TOTAL_NAMES:
-            self._retired[key] += int(stats.get(key, 0) or 0)
+            self._retired[key] += int(counts.get(key, 0) or 0)
 
     def _proc(self, pid: int) -> psutil.Process | None:
         proc = self._procs.get(pid)
@@ -139,7 +150,7 @@ class FrameBuilder:
             self._limits_at = now
         return self._last_limits
 
-    def build(self, workers: list[WorkerView], bus_status: dict[str, Any] | None) -> dict[str, Any]:
+    def build(self, workers: list[WorkerView], bus_status: dict[str, Any] | None) -> Frame:
         t0 = time.perf_counter()
         now = time.time()
         self.step += 1
@@ -157,9 +168,10 @@ class FrameBuilder:
         lag_p90 = 0.0
         lag_p99 = 0.0
         lag_max = 0.0
-        rows: list[dict[str, Any]] = []
+        rows: list[WorkerRow] = []
         for w in workers:
-            stats = w.stats or {}
+            # Read by name from a mapping: a worker of another version may lack a counter.
+            stats: Mapping[str, Any] = w.stats or {}
             rss = 0
             cpu = 0.0
             proc = self._proc(w.pid) if w.pid is not None else None
@@ -193,7 +205,7 @@ class FrameBuilder:
                     "conns": conns,
                     "rss_bytes": rss,
                     "cpu_percent": round(cpu, 1),
-                    "lag_ms": {k: round(float(lag.get(k, 0.0)), 2) for k in LAG_KEYS},
+                    "lag_ms": _rounded(lag),
                     "msgs_sent_total": int(stats.get("msgs_sent_total", 0) or 0),
                 }
             )
@@ -235,7 +247,7 @@ class FrameBuilder:
             },
             "limits": self._limits(now),
         }
-        frame: dict[str, Any] = {
+        frame: Frame = {
             "t": round(now, 3),
             "step": self.step,
             "uptime_s": round(now - self.started, 1),

@@ -23,11 +23,12 @@ import os
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.bus.store import Store
 from service.config import Config, raise_nofile_limit
+from service.contracts import Frame, WorkerStats
 from service.jsonlines import Pending
 from service.supervisor.control import ControlServer
 from service.supervisor.csvlog import CsvLog
@@ -78,7 +79,7 @@ class Supervisor:
         self.screen: Any = None
         self.stopping = False
         self.started = time.time()
-        self._frame: dict[str, Any] | None = None
+        self._frame: Frame | None = None
         self._stop = asyncio.Event()
         self.broadcast_lock = asyncio.Lock()
         # Multi-node bus: message id → recipients here, for broadcast() waiting on its own message.
@@ -92,7 +93,7 @@ class Supervisor:
         )
 
     # ---- Backend for the control socket --------------------------------------------------------
-    def latest_frame(self) -> dict[str, Any] | None:
+    def latest_frame(self) -> Frame | None:
         return self._frame
 
     def health(self) -> dict[str, Any]:
@@ -372,7 +373,7 @@ class Supervisor:
                 continue
             stats = ans.get("stats")
             if isinstance(stats, dict):
-                slot.stats = stats
+                slot.stats = cast(WorkerStats, stats)  # WSTATS, from our own worker
         if self.store is not None:
             self.store.prune()
         frame = self.frames.build([s.view() for s in self.slots], self.bus.status())

@@ -17,6 +17,8 @@ import sys
 import time
 from typing import IO, Any, Protocol
 
+from service.contracts import Frame
+
 log = logging.getLogger("comet.screen")
 
 LOG_EVERY = 5.0
@@ -31,12 +33,12 @@ class Screen(Protocol):
     # Where the workers' stderr goes (None: inherit the supervisor's).
     worker_stderr: IO[bytes] | None
 
-    def update(self, frame: dict[str, Any]) -> None: ...
+    def update(self, frame: Frame) -> None: ...
 
     def close(self) -> None: ...
 
 
-def summary(frame: dict[str, Any]) -> str:
+def summary(frame: Frame) -> str:
     """One line: the numbers an operator looks at first."""
     t = frame["totals"]
     sys_ = frame["system"]
@@ -57,7 +59,7 @@ class LogScreen:
     def __init__(self) -> None:
         self._last = 0.0
 
-    def update(self, frame: dict[str, Any]) -> None:
+    def update(self, frame: Frame) -> None:
         now = time.monotonic()
         if now - self._last >= LOG_EVERY:
             self._last = now
@@ -115,7 +117,7 @@ class LiveScreen:
         if self.log_path is not None:
             log.info("log: %s (the live screen shows the latest lines)", self.log_path)
 
-    def update(self, frame: dict[str, Any]) -> None:
+    def update(self, frame: Frame) -> None:
         self._live.update(render(frame, list(self.events.lines), self.log_path), refresh=True)
 
     def close(self) -> None:
@@ -132,9 +134,7 @@ class LiveScreen:
             self.worker_stderr.close()
 
 
-def render(
-    frame: dict[str, Any], events: list[str] | None = None, log_path: str | None = None
-) -> Any:
+def render(frame: Frame, events: list[str] | None = None, log_path: str | None = None) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from service.contracts import EXIT_CANNOT_LISTEN
+from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
 from service.jsonlines import Message, Peer, PeerGone, Pending
 from service.supervisor.frames import WorkerView
 
@@ -51,7 +51,7 @@ class WorkerSlot:
         self.proc: subprocess.Popen[bytes] | None = None
         self.pid: int | None = None
         self.state = "down"
-        self.stats: dict[str, Any] | None = None
+        self.stats: WorkerStats | None = None  # its latest answer to stats
         self.restarts = 0
         self.exit_code: int | None = None
         self.started_at = 0.0

@@ -14,6 +14,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from service.contracts import LagMs
+
 
 class LagSampler:
     """Lag = how late a callback scheduled for time T actually ran (seconds → reported in ms).
@@ -79,7 +81,7 @@ class LagSampler:
         """Samples taken since the previous ``read()``."""
         return len(self._samples)
 
-    def read(self) -> dict[str, float]:
+    def read(self) -> LagMs:
         """Lag in ms since the previous read: {"avg", "p90", "p99", "max"} (zeros before a sample).
 
         p99 is what the broadcast target is stated in; with 100 samples a second it is the

@@ -25,12 +25,12 @@ import socket
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import uvloop
 
 from service.config import Config, parse_args, raise_nofile_limit
-from service.contracts import EXIT_CANNOT_LISTEN
+from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
 from service.jsonlines import Message, Peer
 from service.worker import wire
 from service.worker.http import Limits
@@ -166,12 +166,12 @@ class Worker:
         m["data"] = str(m.get("data", ""))
         return self.hub.broadcast(m)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> WorkerStats:
         """WSTATS; ``lag_ms`` covers the time since the previous call."""
         out: dict[str, Any] = {"pid": os.getpid(), "index": self.index}
-        out.update(self.hub.counters.as_dict())
+        out.update(self.hub.counters.as_dict())  # every name of COUNTER_NAMES
         out["lag_ms"] = self.lag.read()
-        return out
+        return cast(WorkerStats, out)
 
     def channels(self) -> dict[str, int]:
         return self.hub.channels()
