@@ -1,6 +1,9 @@
 """Hold N Comet subscriber connections from one process; report counts on request.
 
-A small client for the supervisor's tests and benchmark (independent of loadgen/). Run one per
+The observer the tests and the server benchmarks use (loadgen's engine is the load generator:
+it keeps n connections open and reconnects; this one never reconnects and counts raw bytes, so
+a test sees exactly what the server sent: welcomes, markers, drain hints, ``retry:`` values).
+Run one per
 ~15,000 connections (a process cannot hold more than its RLIMIT_NOFILE of sockets) and spread
 them over 127.0.0.x source addresses with IP_BIND_ADDRESS_NO_PORT, so the 64k ports of one
 source address never run out.
@@ -9,9 +12,11 @@ source address never run out.
 
 Reads commands on stdin, one per line, and answers each with one JSON line on stdout:
 ``stats`` → counts; ``quit`` (or end of input) → close everything and exit.
-Counted in the stream: ``Welcome!``, the marker (default ``BCAST``, one per broadcast that
-carries it), the drain hint (SSE ``event: reconnect``, plain ``reconnect`` line) and ``retry:``
-lines.
+Counted in the stream: the first body bytes (``ready``), ``Welcome!``, the marker (default
+``BCAST``, one per broadcast that carries it), the drain hint (SSE ``event: reconnect``, plain
+``reconnect`` line) and ``retry:`` lines. ``--tls`` speaks HTTPS (the certificate is not
+checked: a benchmark's throw-away one); ``--tokens-file`` gives connection i the token on line
+i (``?token=``), as an application's users would each have their own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import re
 import resource
 import socket
+import ssl
 import sys
 import time
 
@@ -32,6 +38,7 @@ RETRY_RE = re.compile(rb"retry: ?(\d+)\n")
 class Counts:
     __slots__ = (
         "connected",
+        "ready",
         "welcomed",
         "closed",
         "errors",
@@ -47,7 +54,7 @@ class Counts:
     )
 
     def __init__(self) -> None:
-        self.connected = self.welcomed = self.closed = self.errors = 0
+        self.connected = self.ready = self.welcomed = self.closed = self.errors = 0
         self.msgs = self.reconnects = self.retries = self.bytes = 0
         self.first_msg_t = self.last_msg_t = 0.0
         self.ramp_done_t = 0.0
@@ -56,21 +63,26 @@ class Counts:
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport")
+    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request")
 
-    def __init__(self, counts: Counts, marker: bytes, hint: bytes) -> None:
+    def __init__(self, counts: Counts, marker: bytes, hint: bytes, request: bytes) -> None:
         self.counts = counts
         self.marker = marker
         self.hint = hint
-        self.tail = b""
+        self.request = request
+        self.tail: bytes | None = None  # None until the first bytes arrive
         self.welcomed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.counts.connected += 1
+        transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         c = self.counts
         c.bytes += len(data)
+        if self.tail is None:
+            self.tail = b""
+            c.ready += 1
         # Keep a few bytes of the previous chunk so a pattern split across reads still counts.
         buf = self.tail + data
         head = len(self.tail)
@@ -110,8 +122,24 @@ async def connect_all(
     headers = f"GET {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
     if args.sse:
         headers += "Accept: text/event-stream\r\n"
-    request = (headers + "\r\n").encode()
     marker = args.marker.encode()
+    tokens: list[str] = []
+    if args.tokens_file:
+        with open(args.tokens_file) as f:
+            tokens = [t.strip() for t in f if t.strip()]
+    ctx = None
+    if args.tls:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+
+    def request(i: int) -> bytes:
+        if not tokens:
+            return (headers + "\r\n").encode()
+        sep = "&" if "?" in args.path else "?"
+        line = f"GET {args.path}{sep}token={tokens[i % len(tokens)]} HTTP/1.1\r\n"
+        return (line + headers.split("\r\n", 1)[1] + "\r\n").encode()
+
     # The drain hint: an SSE `reconnect` event, or the plain stream's final `reconnect` line.
     hint = b"event: reconnect\n" if args.sse else b"reconnect\n"
     sem = asyncio.Semaphore(args.concurrency)
@@ -126,7 +154,10 @@ async def connect_all(
                     sock.bind((sources[i % len(sources)], 0))
                     await loop.sock_connect(sock, (args.host, args.port))
                     transport, _ = await loop.create_connection(
-                        lambda: Client(counts, marker, hint), sock=sock
+                        lambda: Client(counts, marker, hint, request(i)),
+                        sock=sock,
+                        ssl=ctx,
+                        server_hostname=args.host if ctx else None,
                     )
                 except OSError:
                     sock.close()
@@ -135,7 +166,6 @@ async def connect_all(
                         return
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
-                transport.write(request)
                 keep.append(transport)
                 return
 
@@ -147,6 +177,7 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
     return {
         "n": args.n,
         "connected": counts.connected,
+        "ready": counts.ready,
         "welcomed": counts.welcomed,
         "open": counts.connected - counts.closed,
         "closed": counts.closed,
@@ -194,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sse", action="store_true", help="ask for text/event-stream")
     p.add_argument("--concurrency", type=int, default=200, help="connects in flight at once")
     p.add_argument("--marker", default="BCAST", help="bytes counted as one received message")
+    p.add_argument("--tls", action="store_true", help="HTTPS, the certificate not checked")
+    p.add_argument("--tokens-file", help="subscriber tokens, one a line: connection i uses line i")
     args = p.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -4,7 +4,7 @@
 
 The worker runs as the supervisor would start it (``python -m service.worker --control-fd``);
 this script speaks the internal protocol over the socketpair. Clients run in separate processes
-(``benchmarks/worker_clients.py``, one source address each) because one process cannot hold the
+(``benchmarks/comet_clients.py``, one source address each) because one process cannot hold the
 worker's 19,000 sockets plus 19,000 client sockets under a 20,000 fd limit.
 
 Per run: RSS of the worker after it started (r0), after all N connections read Welcome! and the
@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as a script: the repository's shared helpers
 
 from tests.support.net import free_port  # noqa: E402
+from tests.support.service import Clients, sources  # noqa: E402
 
 PY = sys.executable
 
@@ -104,64 +105,42 @@ class BareServer:
 
 def start_clients(
     port: int, n: int, k: int, tls: bool = False, private: int = 0, tokens_file: str = ""
-) -> list[subprocess.Popen[str]]:
-    """``k`` client processes for ``n`` connections; ``private`` of them (in processes of their
-    own) subscribe to a private channel, each with its own token from ``tokens_file``."""
-    procs = []
-    groups: list[tuple[int, list[str]]] = []
+) -> list[Clients]:
+    """``k`` processes of benchmarks/comet_clients.py for ``n`` connections, one source address
+    each; ``private`` of them (in a process of their own) subscribe to a private channel, each
+    with its own token from ``tokens_file``. Returns once every connection read its first
+    bytes."""
+    groups: list[Clients] = []
+    tls_args = ["--tls"] if tls else []
     public = n - private
-    for i in range(k):
-        share = public // k + (1 if i < public % k else 0)
-        if share:
-            groups.append((share, []))
-    if private:
-        groups.append((private, ["--path", "/sub/private-bench", "--tokens-file", tokens_file]))
-    for i, (share, extra) in enumerate(groups):
-        procs.append(
-            subprocess.Popen(
-                [
-                    PY,
-                    os.path.join(ROOT, "benchmarks", "worker_clients.py"),
-                    "--port",
-                    str(port),
-                    "--n",
-                    str(share),
-                    "--src",
-                    f"127.0.0.{2 + i}",
-                    *(["--tls"] if tls else []),
-                    *extra,
-                ],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
+    try:
+        if public:
+            procs = min(k, public)
+            groups.append(
+                Clients(port, public, procs, sources(2, procs), "--concurrency", "500", *tls_args)
             )
-        )
-    for p in procs:
-        assert p.stdout is not None
-        line = p.stdout.readline()
-        if not line.startswith("READY"):
-            raise SystemExit(f"client failed: {line!r}")
-    return procs
+        if private:
+            groups.append(
+                Clients(
+                    port,
+                    private,
+                    1,
+                    sources(2 + k, 1),
+                    *("--concurrency", "500", "--path", "/sub/private-bench"),
+                    *("--tokens-file", tokens_file, *tls_args),
+                )
+            )
+        for g in groups:
+            g.wait("ready", g.n, timeout=300, every=0.01)
+    except BaseException:
+        stop_clients(groups)
+        raise
+    return groups
 
 
-def stop_clients(procs: list[subprocess.Popen[str]]) -> None:
-    for p in procs:
-        try:
-            assert p.stdin is not None
-            p.stdin.write("QUIT\n")
-            p.stdin.flush()
-        except BrokenPipeError:
-            pass
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        for f in (p.stdin, p.stdout):
-            if f is not None:
-                f.close()
+def stop_clients(groups: list[Clients]) -> None:
+    for g in groups:
+        g.close()
 
 
 def rss(pid: int) -> int:
@@ -226,7 +205,7 @@ def run_once(
     tokens = token_file(private) if private else ""
     server = CometServer(port, timeout_header, **extra) if kind == "comet" else BareServer(port)
     pid = server.proc.pid
-    clients: list[subprocess.Popen[str]] = []
+    clients: list[Clients] = []
     try:
         time.sleep(0.5)
         r0 = rss(pid)
@@ -254,22 +233,18 @@ def run_once(
         if isinstance(server, CometServer):
             st = server.ask("stats")["stats"]
             assert st["conns"] == n, st
-            marker = f"M{time.time_ns()}"
-            for p in clients:
-                assert p.stdin is not None
-                p.stdin.write(f"WAIT {marker}\n")
-                p.stdin.flush()
-            time.sleep(0.3)
-            msg = {"id": 1, "channel": None, "event": None, "data": marker, "ts": time.time()}
+            before = [g.stats()["msgs"] for g in clients]
+            msg = {"id": 1, "channel": None, "event": None, "data": "BCAST", "ts": time.time()}
             t0 = time.time()
             ans = server.ask("broadcast", msg=msg)
             lasts = []
             got = 0
-            for p in clients:
-                assert p.stdout is not None
-                _, g, t_last = p.stdout.readline().split()
-                got += int(g)
-                lasts.append(float(t_last))
+            # The clients stamp each arrival themselves: ask them only after the worker has
+            # answered (asking during the fan-out would take CPU from the worker it measures).
+            for g, b in zip(clients, before, strict=True):
+                st = g.wait("msgs", b + g.n, timeout=30, every=0.1)  # every connection once
+                got += st["msgs"] - b
+                lasts.append(float(st["last_msg_t"]))
             assert got == n and ans["recipients"] == n, (got, ans)
             out["broadcast_s"] = max(lasts) - t0
             out["broadcast_worker_ms"] = float(ans["elapsed_ms"])

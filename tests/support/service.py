@@ -189,6 +189,7 @@ class Clients:
         *extra: str,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        self.n = n
         self.procs: list[subprocess.Popen[bytes]] = []
         per = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
         for i, count in enumerate(per):
@@ -229,12 +230,14 @@ class Clients:
                     total[k] = total.get(k, 0) + v
         return total
 
-    def wait(self, key: str, value: int, timeout: float) -> dict[str, Any]:
+    def wait(self, key: str, value: int, timeout: float, every: float = 0.25) -> dict[str, Any]:
+        """The summed stats once ``key`` reached ``value`` (polled every ``every`` s)."""
+
         def reached() -> dict[str, Any] | None:
             s = self.stats()
             return s if s[key] >= value else None
 
-        return dict(wait_for(reached, timeout, f"clients {key} >= {value}", every=0.25))
+        return dict(wait_for(reached, timeout, f"clients {key} >= {value}", every=every))
 
     def close(self) -> None:
         for p in self.procs:
