@@ -44,22 +44,26 @@ class Msg(TypedDict):
     ts: float
 
 
-# The counters every worker keeps (``WSTATS``) and the frame's ``totals`` add up: the worker's
-# ``Counters`` has exactly these slots; the frame, the cluster view, the CSV log and the sidecar's
-# /metrics read them by these names. ``conns`` is a level, the ``_total`` ones only grow.
-COUNTER_NAMES = (
-    "conns",
-    "accepted_total",
-    "closed_total",
-    "rejected_total",
-    "slow_dropped_total",
-    "msgs_sent_total",
-    "bytes_sent_total",
-    "token_missing_total",  # 401: a private channel asked for without a token
-    "token_invalid_total",  # 403: bad signature, algorithm or claims
-    "token_expired_total",  # 403 at subscribe, or a stream ended at its token's exp
-    "token_forbidden_total",  # 403: the token does not name the channel
-)
+class Counts(TypedDict):
+    """The counters every worker keeps (``WSTATS``) and the frame's ``totals`` add up: the
+    worker's ``Counters`` has exactly these slots; the frame, the cluster view, the CSV log and
+    the sidecar's /metrics read them by these names. ``conns`` is a level, the ``_total`` ones
+    only grow."""
+
+    conns: int
+    accepted_total: int
+    closed_total: int
+    rejected_total: int
+    slow_dropped_total: int
+    msgs_sent_total: int
+    bytes_sent_total: int
+    token_missing_total: int  # 401: a private channel asked for without a token
+    token_invalid_total: int  # 403: bad signature, algorithm or claims
+    token_expired_total: int  # 403 at subscribe, or a stream ended at its token's exp
+    token_forbidden_total: int  # 403: the token does not name the channel
+
+
+COUNTER_NAMES: tuple[str, ...] = tuple(Counts.__annotations__)
 TOTAL_NAMES = tuple(name for name in COUNTER_NAMES if name.endswith("_total"))
 
 # One cap on a broadcast's ``data`` in UTF-8 bytes, the default of the service's
@@ -91,22 +95,11 @@ class LagMs(TypedDict):
     max: float
 
 
-class WorkerStats(TypedDict):
-    """WSTATS of docs/architecture.md: a worker's answer to ``stats`` (COUNTER_NAMES + these)."""
+class WorkerStats(Counts):
+    """WSTATS of docs/architecture.md: a worker's answer to ``stats``: its counters and these."""
 
     pid: int
     index: int
-    conns: int
-    accepted_total: int
-    closed_total: int
-    rejected_total: int
-    slow_dropped_total: int
-    msgs_sent_total: int
-    bytes_sent_total: int
-    token_missing_total: int
-    token_invalid_total: int
-    token_expired_total: int
-    token_forbidden_total: int
     lag_ms: LagMs
 
 

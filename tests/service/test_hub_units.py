@@ -242,3 +242,20 @@ def test_drain_hints_every_stream_then_closes_everything(bench: Bench) -> None:
     assert bench.hub.open_conns() == []
     _late, tl = bench.connect(sub("d"))  # draining: refused at once
     assert tl.closed and tl.data.startswith(b"HTTP/1.1 503 ")
+
+
+def test_the_counters_are_named_once() -> None:
+    """contracts.Counts names the counters; the worker's Counters (slots for speed, annotations
+    for mypy) and the stats a worker answers must name exactly the same ones."""
+    from service.contracts import COUNTER_NAMES, WorkerStats
+    from service.worker.hub import Counters
+
+    assert Counters.__slots__ == COUNTER_NAMES
+    assert tuple(Counters.__annotations__) == COUNTER_NAMES
+    assert set(WorkerStats.__required_keys__) == {*COUNTER_NAMES, "pid", "index", "lag_ms"}
+    b = Bench()
+    try:
+        stats = b.hub.counters.as_dict()
+        assert tuple(stats) == COUNTER_NAMES and set(stats.values()) == {0}
+    finally:
+        b.close()
