@@ -61,6 +61,8 @@ class Counts(TypedDict):
     token_invalid_total: int  # 403: bad signature, algorithm or claims
     token_expired_total: int  # 403 at subscribe, or a stream ended at its token's exp
     token_forbidden_total: int  # 403: the token does not name the channel
+    handed_total: int  # given to the successor process in a reload (not counted as closed)
+    adopted_total: int  # taken over from the previous process in a reload (not as accepted)
 
 
 COUNTER_NAMES: tuple[str, ...] = tuple(Counts.__annotations__)

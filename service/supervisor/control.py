@@ -77,6 +77,8 @@ class Backend(Protocol):
 
     async def cluster(self) -> dict[str, Any]: ...
 
+    async def reload(self) -> dict[str, Any]: ...
+
     def health(self) -> dict[str, Any]: ...
 
 
@@ -293,8 +295,11 @@ class ControlServer:
                 return self._waited(self.backend.channels(), "channels")
             if op == "cluster":
                 return self._waited(self.backend.cluster(), "cluster")
+            if op == "reload":
+                return self._waited(self.backend.reload(), None)
             raise RequestError(
-                f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, cluster"
+                f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, "
+                "cluster, reload"
             )
         except Exception as exc:
             return _refused_by(exc)

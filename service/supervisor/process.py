@@ -28,9 +28,9 @@ from typing import Any, cast
 from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.bus.store import Store
 from service.config import Config, raise_nofile_limit
-from service.contracts import Frame, WorkerStats
+from service.contracts import ErrorCode, Frame, WorkerStats
 from service.jsonlines import Pending
-from service.supervisor.control import ControlServer
+from service.supervisor.control import ControlServer, RequestError
 from service.supervisor.csvlog import CsvLog
 from service.supervisor.frames import FrameBuilder, read_limits
 from service.supervisor.plan import host_warnings, plan_line
@@ -57,6 +57,8 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.worker_config = config
+        self._reloading = False
+        self._tasks: set[asyncio.Task[None]] = set()
         # One node keeps its history in its own store; a Redis bus keeps it in Redis.
         self.store = (
             Store(config.state_path(), config.history_size, config.history_max_age)
@@ -176,6 +178,47 @@ class Supervisor:
             self.bus.delivered(msg)
             return await self._fan_out(msg)
 
+    async def reload(self) -> dict[str, Any]:
+        """Replace every worker, one slot at a time, by a new process that takes over its
+        listener and live connections (``reload`` op, SIGHUP). One reload at a time."""
+        if self.stopping:
+            raise RequestError("the service is stopping", ErrorCode.STOPPING)
+        if self._reloading:
+            raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
+        self._reloading = True
+        t0 = time.monotonic()
+        try:
+            run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
+            results = [await slot.reload(run_dir) for slot in list(self.slots)]
+        finally:
+            self._reloading = False
+        failed = [r for r in results if "error" in r]
+        summary = {
+            "workers": len(results),
+            "reloaded": sum(1 for r in results if "handed" in r),
+            "handed": sum(int(r.get("handed", 0)) for r in results),
+            "kept": sum(int(r.get("kept", 0)) for r in results),
+            "failed": len(failed),
+            "seconds": round(time.monotonic() - t0, 3),
+            "slots": results,
+        }
+        (log.error if failed else log.info)(
+            "reload: %s", {k: v for k, v in summary.items() if k != "slots"}
+        )
+        return summary
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload, answered in the log."""
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except RequestError as exc:
+            log.warning("SIGHUP: %s", exc)
+
     async def cluster(self) -> dict[str, Any]:
         return await self.bus.cluster(self._frame)
 
@@ -245,6 +288,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
         self.nofile = raise_nofile_limit()
         count = self.config.worker_count(self.nofile)

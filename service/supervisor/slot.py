@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
@@ -41,6 +43,21 @@ PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy 
 # The worker's pipe closed (or broke) before it answered.
 WorkerGone = PeerGone
 
+HANDOFF_TIMEOUT = 120.0  # a worker's handoff of its connections (a few seconds at 20,000)
+_seq = itertools.count(1)
+
+
+@dataclass
+class _Proc:
+    """One worker process of a slot and its pipe."""
+
+    proc: subprocess.Popen[bytes]
+    peer: Peer
+    writer: asyncio.StreamWriter
+    ready: asyncio.Future[Message]  # its {"op": "ready"}
+    reading: asyncio.Task[None]  # the pipe's reader; ends (raising) when the pipe closes
+    started_at: float
+
 
 class WorkerSlot:
     """One worker index and the process currently filling it."""
@@ -57,6 +74,7 @@ class WorkerSlot:
         self.started_at = 0.0
         self._fails = 0
         self.peer: Peer | None = None  # the pipe to the process now in the slot
+        self._current: _Proc | None = None
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
@@ -111,13 +129,15 @@ class WorkerSlot:
             self._gated = False
             self.sup.start_gate.release()
 
-    async def _one_life_started(self) -> float:
+    async def _spawn(self, adopt: str | None = None) -> _Proc | None:
+        """Start ``python -m service.worker`` for this slot and open its pipe; None if it could
+        not be started. With ``adopt``, it takes over from the process now in the slot."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["COMET_WORKER_CONFIG"] = self.sup.worker_config.to_json()
         env["COMET_WORKER_INDEX"] = str(self.index)
-        self.state = "starting"
-        self.stats = None
+        if adopt is not None:
+            env["COMET_WORKER_ADOPT"] = adopt
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
@@ -132,51 +152,147 @@ class WorkerSlot:
         except OSError as exc:
             log.error("worker %d: cannot start: %s", self.index, exc)
             parent.close()
+            return None
+        finally:
             child.close()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Message] = loop.create_future()
+
+        async def on_ready(msg: Message) -> None:
+            """``{"op":"ready"}``, the worker's first line: it is listening."""
+            if not ready.done():
+                ready.set_result(msg)
+
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=PIPE_LIMIT)
+        peer = Peer(reader, writer, {"ready": on_ready}, name=f"worker {self.index} pipe")
+
+        async def read() -> None:
+            gone = await peer.run()  # every request still waiting has failed with ``gone``
+            if not ready.done():  # and the handshake too
+                ready.set_exception(WorkerGone("exited before it was ready"))
+                ready.exception()
+            raise gone
+
+        return _Proc(proc, peer, writer, ready, loop.create_task(read()), time.monotonic())
+
+    async def _one_life_started(self) -> float:
+        self.state = "starting"
+        self.stats = None
+        p = await self._spawn()
+        if p is None:
             self.state = "down"
             return 0.0
-        finally:
-            child.close()
-        self.proc = proc
-        self.pid = proc.pid
-        self.started_at = time.monotonic()
-        self._ready = asyncio.get_running_loop().create_future()
-        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=PIPE_LIMIT)
-        self.peer = peer = Peer(
-            reader, writer, {"ready": self._on_ready}, name=f"worker {self.index} pipe"
-        )
-        read_task = asyncio.create_task(self._read(peer))
-        try:
-            await self._handshake()
-            await read_task
-        except (WorkerGone, TimeoutError, ConnectionError, RuntimeError) as exc:
-            if not self.sup.stopping:
-                log.error("worker %d (pid %d): %s", self.index, proc.pid, exc or type(exc).__name__)
-        except Exception:
-            # Whatever went wrong, this slot must go on: log it and replace the process.
-            log.exception("worker %d (pid %d): supervisor error", self.index, proc.pid)
-        finally:
-            read_task.cancel()
-            with contextlib.suppress(BaseException):
-                await read_task
-            writer.close()
-            self.peer = None
-            self._fail_ready()
-            code = self.exit_code = await self._reap(proc)
-            lived = time.monotonic() - self.started_at
-            if not self.sup.stopping:
-                log.warning(
-                    "worker %d (pid %d) exited with %s after %.1f s",
+        self._use(p)
+        started = p.started_at
+        handshake = True
+        while True:
+            try:
+                if handshake:
+                    await self._handshake()
+                await p.reading
+            except (WorkerGone, TimeoutError, ConnectionError, RuntimeError) as exc:
+                if not self.sup.stopping and self._current is p:
+                    why = str(exc) or type(exc).__name__
+                    log.error("worker %d (pid %d): %s", self.index, p.proc.pid, why)
+            except Exception:
+                # Whatever went wrong, this slot must go on: log it and replace the process.
+                log.exception("worker %d (pid %d): supervisor error", self.index, p.proc.pid)
+            finally:
+                p.reading.cancel()
+                with contextlib.suppress(BaseException):
+                    await p.reading
+                p.writer.close()
+            successor = self._current
+            if successor is not None and successor is not p:
+                # A reload handed everything to the successor and told this one to go: the slot
+                # lives on in the successor's process.
+                code = await self._reap(p.proc)
+                log.info(
+                    "worker %d: previous process %d exited with %s after the handoff",
                     self.index,
-                    proc.pid,
+                    p.proc.pid,
                     _describe_exit(code),
-                    lived,
                 )
-            self.sup.frames.retire(self.stats)
-            self.stats = None
-            self.state = "down"
-            self.pid = None
+                p = successor
+                handshake = False
+                continue
+            break
+        self.peer = None
+        self._fail_ready()
+        code = self.exit_code = await self._reap(p.proc)
+        lived = time.monotonic() - started
+        if not self.sup.stopping:
+            log.warning(
+                "worker %d (pid %d) exited with %s after %.1f s",
+                self.index,
+                p.proc.pid,
+                _describe_exit(code),
+                lived,
+            )
+        self.sup.frames.retire(self.stats)
+        self.stats = None
+        self.state = "down"
+        self.pid = None
         return lived
+
+    def _use(self, p: _Proc) -> None:
+        """From now on requests go to ``p``'s process."""
+        self._current = p
+        self.proc = p.proc
+        self.pid = p.proc.pid
+        self.peer = p.peer
+        self.started_at = p.started_at
+        self._ready = p.ready
+
+    async def reload(self, run_dir: str) -> dict[str, Any]:
+        """Replace the process in this slot by a new one (the code on disk now) that takes over
+        its listener and every live connection (service/worker/handoff.py). If the new one
+        fails, the old one keeps serving what it still holds; the answer says what happened."""
+        old = self._current
+        if self.state != "up" or old is None or self.peer is None:
+            return {"index": self.index, "skipped": f"worker is {self.state}"}
+        path = os.path.join(run_dir, f"handoff-{self.index}-{os.getpid()}-{next(_seq)}.sock")
+        new = await self._spawn(adopt=path)
+        if new is None:
+            return {"index": self.index, "error": "cannot start a new worker process"}
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(new.ready), READY_TIMEOUT)
+            log.info("worker %d: new process %s ready; handing over", self.index, ready.get("pid"))
+            bus = self.sup.bus
+            # Under the broadcast lock: nothing is published while the connections move, and
+            # the new process's history ends where the old one's writes did.
+            async with self.sup.broadcast_lock:
+                init = {"op": "init", "last_id": bus.last_id, "history": bus.history()}
+                answer = await new.peer.call({**init, **bus.resume_limits()}, 30.0)
+                if not answer.get("ok"):
+                    raise RuntimeError(f"init: {answer.get('error')}")
+                t0 = time.monotonic()
+                handed = await self.request({"op": "handoff", "to": path}, HANDOFF_TIMEOUT)
+                if handed.get("error"):
+                    raise RuntimeError(handed["error"])
+                self._use(new)
+            old.peer.call_nowait({"op": "drain", "grace": 1.0})
+            result = {
+                "index": self.index,
+                "pid": new.proc.pid,
+                "previous_pid": old.proc.pid,
+                "handed": int(handed.get("handed", 0)),
+                "kept": int(handed.get("kept", 0)),
+                "seconds": round(time.monotonic() - t0, 3),
+            }
+            log.info("worker %d reloaded: %s", self.index, result)
+            return result
+        except Exception as exc:
+            log.error("worker %d: reload failed, the old process serves on: %s", self.index, exc)
+            new.proc.kill()
+            new.reading.cancel()
+            with contextlib.suppress(BaseException):
+                await new.reading
+            new.writer.close()
+            await self._reap(new.proc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return {"index": self.index, "error": str(exc) or type(exc).__name__}
 
     async def _handshake(self) -> None:
         assert self._ready is not None
@@ -201,16 +317,6 @@ class WorkerSlot:
             self.state = "up"
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
-
-    async def _read(self, peer: Peer) -> None:
-        gone = await peer.run()  # every request still waiting has failed with ``gone``
-        self._fail_ready()  # and the handshake too
-        raise gone
-
-    async def _on_ready(self, msg: Message) -> None:
-        """``{"op":"ready"}``, the worker's first line: it is listening."""
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_result(msg)
 
     def _fail_ready(self) -> None:
         if self._ready is not None and not self._ready.done():

@@ -82,6 +82,8 @@ class Counters:
     token_invalid_total: int
     token_expired_total: int
     token_forbidden_total: int
+    handed_total: int
+    adopted_total: int
 
     def __init__(self) -> None:
         for name in COUNTER_NAMES:
@@ -590,6 +592,11 @@ class Hub:
         self.deadlines.stop()
 
     # -- drain ---------------------------------------------------------------------------------
+    async def writes_done(self) -> None:
+        """Return once every queued broadcast and drain job has been written."""
+        while self._jobs:
+            await asyncio.sleep(0.002)
+
     def open_conns(self) -> list[Conn]:
         """Every connection not closed yet: streams, waiting long-polls, and those only the
         deadline heap knows (request heads being read, keep-alive idles)."""

@@ -33,10 +33,11 @@ from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
 from service.jsonlines import Message, Peer
 from service.worker import wire
+from service.worker.handoff import Receiver, give
 from service.worker.http import Limits
 from service.worker.hub import Hub
 from service.worker.lag import LagSampler
-from service.worker.protocol import Conn
+from service.worker.protocol import ADOPTING, Conn
 from service.worker.tls import server_context as tls_context
 
 log = logging.getLogger("comet.worker")
@@ -98,14 +99,30 @@ class Worker:
             (Conn,),
             {"__slots__": (), "hub": self.hub, "limits": limits, "reject_bytes": reject},
         )
+        self.receiver: Receiver | None = None  # while taking over from the previous worker
         self.stopped = self.loop.create_future()
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
-        sock = self._sock or make_listener(self.config.host, self.config.port)
+    async def start(self, adopt: str | None = None) -> None:
+        """Listen on the port; with ``adopt`` (a path), take the listener and the connections
+        of the worker this one replaces from there instead (service/worker/handoff.py)."""
+        if adopt is not None:
+            self.receiver = Receiver(adopt, self._listen, self._adopt)
+            self.hub.start_pings()
+            self.lag.start()
+            log.info(
+                "worker %d (pid %d) waiting for a handoff at %s", self.index, os.getpid(), adopt
+            )
+            return
+        await self._listen(self._sock or make_listener(self.config.host, self.config.port))
+        self.hub.start_pings()
+        self.lag.start()
+
+    async def _listen(self, sock: socket.socket) -> None:
         cfg = self.config
         tls = tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
+        sock.setblocking(False)
         self._server = await self.loop.create_server(
             self.protocol_class,
             sock=sock,
@@ -115,8 +132,6 @@ class Worker:
             ssl_handshake_timeout=cfg.timeout_header if tls is not None else None,
         )
         self.port = sock.getsockname()[1]
-        self.hub.start_pings()
-        self.lag.start()
         capped = (
             f" (asked {self.config.backlog}, capped by net.core.somaxconn)"
             if self.backlog < self.config.backlog
@@ -133,6 +148,27 @@ class Worker:
             capped,
             self.hub.cap,
         )
+
+    async def _adopt(self, sock: socket.socket, state: dict[str, Any]) -> None:
+        """One connection of the previous worker, going on here (Conn._adopt)."""
+
+        def factory() -> Conn:
+            conn = self.protocol_class()
+            ADOPTING[id(conn)] = state
+            made.append(conn)
+            return conn
+
+        made: list[Conn] = []
+        sock.setblocking(False)
+        try:
+            await self.loop.connect_accepted_socket(factory, sock=sock)
+        finally:
+            for conn in made:
+                ADOPTING.pop(id(conn), None)
+
+    async def handoff(self, path: str) -> dict[str, Any]:
+        """Give the listener and every connection to the successor listening at ``path``."""
+        return await give(self.hub, self._server, path)
 
     def init(
         self,
@@ -226,6 +262,7 @@ class ControlChannel:
                 "quiet": self.quiet,
                 "channels": self.channels,
                 "drain": self.drain,
+                "handoff": self.handoff,
             },
             name=f"worker {self.worker.index} control pipe",
         )
@@ -273,6 +310,12 @@ class ControlChannel:
     async def channels(self, req: Message) -> Message:
         return {"channels": self.worker.channels()}
 
+    async def handoff(self, req: Message) -> Message:
+        path = req.get("to")
+        if not isinstance(path, str) or not path:
+            raise ValueError("handoff needs 'to', the successor's handoff socket")
+        return await self.worker.handoff(path)
+
     async def drain(self, req: Message) -> Message:
         grace = req.get("grace")
         await self.worker.drain(None if grace is None else float(grace))
@@ -284,7 +327,7 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
     loop = asyncio.get_running_loop()
     worker = Worker(config, loop, index)
     try:
-        await worker.start()
+        await worker.start(os.environ.get("COMET_WORKER_ADOPT") or None)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         sys.exit(EXIT_CANNOT_LISTEN)

@@ -10,18 +10,22 @@ shared deadline table (one timer per worker).
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
-from typing import ClassVar, cast
+from typing import Any, ClassVar, cast
 
 from service.worker import wire
 from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
 from service.worker.hub import Hub
-from service.worker.states import DONE, HEAD, LAST_STREAM, POLL, REJECTED
+from service.worker.states import DONE, HANDED, HEAD, LAST_STREAM, POLL, REJECTED
 
 _KEEPALIVE = ()  # marks a connection that already served a long-poll (idle close is silent)
 # The deadline token of a stream whose subscriber token expires: one shared object, so a held
 # private stream costs its deadline entry and nothing else (its ``buf`` is otherwise unused).
 _EXPIRES = bytearray()
+# Connections being adopted from the previous worker process (handoff.py), by id, with what
+# they were there; empty except during a reload.
+ADOPTING: dict[int, dict[str, Any]] = {}
 
 
 class Conn(asyncio.Protocol):
@@ -57,10 +61,55 @@ class Conn(asyncio.Protocol):
             transport.close()
             return
         ctr.conns += 1
+        if ADOPTING and id(self) in ADOPTING:
+            ctr.adopted_total += 1
+            self._adopt(ADOPTING.pop(id(self)))
+            return
         ctr.accepted_total += 1
         self.state = HEAD
         buf = self.buf = bytearray()
         hub.add_fixed_deadline(self, buf, hub.config.timeout_header)
+
+    def _adopt(self, st: dict[str, Any]) -> None:
+        """Go on where the previous process left this connection (handoff.py's STATE)."""
+        hub = self.hub
+        kind = st["kind"]
+        if kind == "stream":
+            fmt = int(st["fmt"])
+            channel = str(st["channel"])
+            entries, _gap, _ = hub.history_since(channel, int(st["last_id"]))
+            for e in entries:  # published after the last one it was sent there
+                self.transport.write(e.encoded[fmt])
+            hub.counters.msgs_sent_total += len(entries)
+            self.state = fmt
+            self.buf = None
+            subs = self.subs = hub.stream_set(channel)
+            subs.add(self)
+            expires_in = float(st.get("expires_in") or 0.0)
+            if expires_in:
+                self.buf = _EXPIRES
+                hub.add_deadline(self, _EXPIRES, expires_in)
+        elif kind == "poll":
+            cors = base64.b64decode(st["cors"])
+            self.poll = (int(st["since"]), str(st["channel"]), bool(st["http11"]),
+                         bool(st["keep_alive"]), cors)  # fmt: skip
+            self.buf = bytearray(base64.b64decode(st["buf"]))
+            self.state = POLL
+            entries, gap, _ = hub.history_since(self.poll[1], self.poll[0])
+            if entries or gap or float(st["left"]) <= 0:
+                self.answer_poll()
+                return
+            subs = self.subs = hub.poll_set(self.poll[1])
+            subs.add(self)
+            hub.add_deadline(self, self.buf, float(st["left"]))
+        else:  # a head being read, or a keep-alive connection between long-polls
+            self.state = HEAD
+            self.poll = _KEEPALIVE if st.get("keepalive") else None
+            buf = self.buf = bytearray(base64.b64decode(st["buf"]))
+            delay = hub.config.timeout_keepalive if self.poll else hub.config.timeout_header
+            hub.add_fixed_deadline(self, buf, delay)
+            if buf:
+                self._on_head_bytes()
 
     def data_received(self, data: bytes) -> None:
         """Called by the transport with bytes from the client."""
@@ -92,7 +141,8 @@ class Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Called by the transport when the connection is closed."""
-        if self.state == REJECTED:
+        state = self.state
+        if state == REJECTED:
             return
         self.state = DONE
         self.buf = None
@@ -101,7 +151,10 @@ class Conn(asyncio.Protocol):
             self.subs = None
         hub = self.hub
         hub.counters.conns -= 1
-        hub.counters.closed_total += 1
+        if state == HANDED:
+            hub.counters.handed_total += 1
+        else:
+            hub.counters.closed_total += 1
         if hub.on_empty is not None and hub.counters.conns == 0 and not hub.on_empty.done():
             hub.on_empty.set_result(None)
 
@@ -246,7 +299,7 @@ class Conn(asyncio.Protocol):
                 self.fail(HttpError(408, "request head not received in time"))
         elif self.state == POLL:
             self.answer_poll()
-        elif token is _EXPIRES and self.state <= 3:
+        elif token is _EXPIRES and self.state <= LAST_STREAM:
             self.hub.counters.token_expired_total += 1
             self.transport.write(wire.token_expired(self.state))
             self.close()
@@ -268,6 +321,18 @@ class Conn(asyncio.Protocol):
             self.subs.discard(self)
             self.subs = None
         self.transport.close()
+
+    def let_go(self) -> None:
+        """The successor adopted this connection: forget it here without closing it (its socket
+        lives on in the other process; closing our descriptor sends nothing)."""
+        if self.state >= DONE:
+            return
+        self.state = HANDED
+        self.buf = None
+        if self.subs is not None:
+            self.subs.discard(self)
+            self.subs = None
+        self.transport.abort()
 
     def drop_slow(self) -> None:
         """Unsent data passed the cap: the client is not reading; abort, do not buffer more."""

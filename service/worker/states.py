@@ -17,6 +17,7 @@ HEAD = 4  # reading a request head
 POLL = 5  # a long-poll waiting for a message
 DONE = 6  # closing or closed
 REJECTED = 7  # refused at accept time (over the cap or draining); never counted as held
+HANDED = 8  # given to the successor process (service/worker/handoff.py); not counted as closed
 
 
 def is_stream(state: int) -> bool:

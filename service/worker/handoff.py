@@ -1,0 +1,260 @@
+"""Live connections from one worker process to its successor, on the same TCP connections.
+
+A socket is a kernel object: the process holding it can pass it to another (SCM_RIGHTS), and the
+other's event loop adopts it (``loop.connect_accepted_socket``). The giving worker (``give``,
+the ``handoff`` op) and the successor (``Receiver``, started with ``COMET_WORKER_ADOPT=PATH``)
+speak over a SOCK_SEQPACKET Unix socket at PATH, one message per step, fds riding along:
+
+    giver → successor   {"listener": true}            + the listening socket
+    successor → giver   {"ok": true}                    (it accepts on it now; the giver stops)
+    giver → successor   {"conns": [STATE, ...]}       + one socket per STATE (at most BATCH)
+    successor → giver   {"adopted": n}                  (the giver lets go of those n)
+    ...
+    giver → successor   {"done": true}
+
+STATE is what a connection is beyond its socket: ``{"kind": "stream", "fmt", "channel",
+"last_id", "expires"}``, ``{"kind": "poll", "since", "channel", "http11", "keep_alive",
+"cors", "left", "buf"}`` or ``{"kind": "head", "buf", "keepalive"}`` (a request head being
+read, or a keep-alive connection between long-polls). The supervisor holds its broadcast lock
+for the whole handoff, so the giver's queued writes are finished first and nothing is published
+meanwhile; a stream's ``last_id`` is the giver's, and the successor sends whatever its history
+has after it all the same. A connection is owned by exactly one process at every moment: the
+giver lets go of a batch only when the successor says it adopted it; if the successor fails,
+the giver keeps (and goes on serving) what it still holds. TLS connections cannot move (their
+session lives in the process): they get the reconnect hint and are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from service.worker.states import DONE, HEAD, LAST_STREAM, POLL
+
+if TYPE_CHECKING:
+    from service.worker.hub import Hub
+    from service.worker.protocol import Conn
+
+log = logging.getLogger("comet.worker")
+
+BATCH = 200  # sockets per message: below SCM_MAX_FD (253)
+MESSAGE_MAX = 1 << 20
+STEP_TIMEOUT = 30.0
+
+
+def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.sendall(data)
+
+
+def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, maxfds)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        raise ConnectionError("the other side closed the handoff socket")
+    return dict(json.loads(data)), fds
+
+
+def _where(hub: Hub) -> tuple[dict[int, str], dict[tuple[int, int], float]]:
+    """Each stream's channel, and each live heap deadline (conn id, token id) → loop time."""
+    channels = {id(c): name for name, subs in hub.streams.items() for c in subs}
+    deadlines = {
+        (id(conn), id(token)): when
+        for when, _seq, conn, token in hub.deadlines.heap
+        if conn.buf is token
+    }
+    return channels, deadlines
+
+
+def state_of(
+    c: Conn,
+    hub: Hub,
+    channels: dict[int, str],
+    deadlines: dict[tuple[int, int], float],
+    now: float,
+) -> dict[str, Any] | None:
+    """What the successor needs to go on with ``c``; None for a connection that cannot move."""
+    from service.worker.protocol import _EXPIRES, _KEEPALIVE
+
+    state = c.state
+    if state <= LAST_STREAM:
+        channel = channels.get(id(c))
+        if channel is None:
+            return None
+        expires = 0.0
+        if c.buf is _EXPIRES:
+            when = deadlines.get((id(c), id(_EXPIRES)))
+            if when is not None:
+                expires = when - now  # seconds left; the successor's loop clock differs
+        return {
+            "kind": "stream",
+            "fmt": state,
+            "channel": channel,
+            "last_id": hub.last_id,
+            "expires_in": expires,
+        }
+    if state == POLL and c.poll:
+        since, channel, http11, keep_alive, cors = c.poll
+        when = deadlines.get((id(c), id(c.buf)))
+        return {
+            "kind": "poll",
+            "since": since,
+            "channel": channel,
+            "http11": http11,
+            "keep_alive": keep_alive,
+            "cors": base64.b64encode(cors).decode(),
+            "left": max(0.0, when - now) if when is not None else 0.0,
+            "buf": base64.b64encode(bytes(c.buf or b"")).decode(),
+        }
+    if state == HEAD:
+        return {
+            "kind": "head",
+            "buf": base64.b64encode(bytes(c.buf or b"")).decode(),
+            "keepalive": c.poll is _KEEPALIVE,
+        }
+    return None
+
+
+async def give(hub: Hub, server: asyncio.AbstractServer | None, path: str) -> dict[str, Any]:
+    """Hand the listener and every connection that can move to the successor at ``path``.
+    Returns ``{"handed": n, "kept": k}``: ``kept`` could not move (TLS, unsent bytes, or the
+    successor failed) and were closed with the reconnect hint (or are still served here)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(STEP_TIMEOUT)
+    handed = 0
+    kept: list[Conn] = []
+    try:
+        await loop.run_in_executor(None, sock.connect, path)
+        listeners = getattr(server, "sockets", None) if server is not None else None
+        if server is not None and listeners:
+            fd = os.dup(listeners[0].fileno())
+            try:
+                await loop.run_in_executor(None, _send, sock, {"listener": True}, [fd])
+            finally:
+                os.close(fd)
+            answer, _ = await loop.run_in_executor(None, _recv, sock)
+            if not answer.get("ok"):
+                raise ConnectionError(f"the successor refused the listener: {answer}")
+            server.close()  # it accepts on the same queue now: nothing waiting there is lost
+        await hub.writes_done()
+        hub.stop_pings()
+        conns = hub.open_conns()
+        for c in conns:
+            c.transport.pause_reading()
+        # Bytes a stream has not sent yet would be lost with its transport: give them a moment.
+        for _ in range(100):
+            if not any(c.transport.get_write_buffer_size() for c in conns):
+                break
+            await asyncio.sleep(0.01)
+        channels, deadlines = _where(hub)
+        now = loop.time()
+        movable: list[tuple[Conn, dict[str, Any]]] = []
+        for c in conns:
+            st = None
+            if c.state < DONE and not c.transport.get_extra_info("sslcontext"):
+                if not c.transport.get_write_buffer_size():
+                    st = state_of(c, hub, channels, deadlines, now)
+            if st is None:
+                kept.append(c)
+            else:
+                movable.append((c, st))
+        for i in range(0, len(movable), BATCH):
+            batch = movable[i : i + BATCH]
+            fds = [os.dup(c.transport.get_extra_info("socket").fileno()) for c, _ in batch]
+            try:
+                await loop.run_in_executor(
+                    None, _send, sock, {"conns": [st for _, st in batch]}, fds
+                )
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            answer, _ = await loop.run_in_executor(None, _recv, sock)
+            if answer.get("adopted") != len(batch):
+                raise ConnectionError(f"the successor adopted {answer.get('adopted')!r} of a batch")
+            for c, _ in batch:
+                c.let_go()
+            handed += len(batch)
+        await loop.run_in_executor(None, _send, sock, {"done": True})
+    except (OSError, ValueError, TimeoutError) as exc:
+        # The successor is gone or refused: what was not handed stays ours and is served on.
+        log.error("handoff to %s stopped after %d connections: %s", path, handed, exc)
+        for c in hub.open_conns():
+            with contextlib.suppress(Exception):
+                c.transport.resume_reading()
+        hub.start_pings()
+        return {"handed": handed, "kept": len(hub.open_conns()), "error": str(exc)}
+    finally:
+        sock.close()
+    # What could not move: told to reconnect, as a drain would.
+    for c in kept:
+        with contextlib.suppress(Exception):
+            c.transport.resume_reading()
+    if kept:
+        hub.drain_streams([c for c in kept if c.state <= LAST_STREAM])
+        for c in kept:
+            if c.state > LAST_STREAM:
+                c.close()
+    log.info("handed %d connections to the successor, %d could not move", handed, len(kept))
+    return {"handed": handed, "kept": len(kept)}
+
+
+class Receiver:
+    """The successor's end: listens at ``path``, adopts the listener and the connections."""
+
+    def __init__(self, path: str, adopt_listener: Any, adopt_conn: Any) -> None:
+        self.path = path
+        self.adopt_listener = adopt_listener  # async (socket) -> None
+        self.adopt_conn = adopt_conn  # async (socket, state) -> None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(path)
+        self.sock.listen(1)
+        self.adopted = 0
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            conn, _ = await loop.run_in_executor(None, self.sock.accept)
+            conn.settimeout(STEP_TIMEOUT)
+            with conn:
+                while True:
+                    msg, fds = await loop.run_in_executor(None, _recv, conn, BATCH)
+                    if msg.get("listener"):
+                        await self.adopt_listener(socket.socket(fileno=fds[0]))
+                        await loop.run_in_executor(None, _send, conn, {"ok": True})
+                    elif "conns" in msg:
+                        states = msg["conns"]
+                        for st, fd in zip(states, fds, strict=True):
+                            await self.adopt_conn(socket.socket(fileno=fd), st)
+                        self.adopted += len(states)
+                        await loop.run_in_executor(None, _send, conn, {"adopted": len(states)})
+                    elif msg.get("done"):
+                        break
+            if not self.done.done():
+                self.done.set_result(self.adopted)
+        except Exception as exc:
+            log.error("adopting from the previous worker failed: %s", exc)
+            if not self.done.done():
+                self.done.set_exception(exc)
+                self.done.exception()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)

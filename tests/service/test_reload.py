@@ -1,0 +1,188 @@
+"""``reload``: every worker replaced by a new process that takes over the live connections, on
+the same TCP connections, under a publisher; nothing lost, nothing twice, nothing closed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from tests.support.net import wait_for
+from tests.support.service import Service
+
+CH = "news"
+
+
+class Stream:
+    """A raw subscriber that remembers every byte, and its own local port."""
+
+    def __init__(self, port: int, path: str, sse: bool) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        accept = "Accept: text/event-stream\r\n" if sse else ""
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{accept}\r\n".encode())
+        self.local = self.sock.getsockname()
+        self.data = b""
+        self.closed = False
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+        except OSError:
+            pass
+        self.closed = True
+
+    def ids(self) -> list[int]:
+        return [int(x) for x in _fields(self.data, b"id: ")]
+
+    def plain_messages(self) -> list[str]:
+        return [line for line in _lines(self.data) if line.startswith("m")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _lines(data: bytes) -> list[str]:
+    return [ln for ln in data.decode(errors="replace").splitlines()]
+
+
+def _fields(data: bytes, prefix: bytes) -> list[bytes]:
+    return [ln[len(prefix) :] for ln in data.split(b"\n") if ln.startswith(prefix)]
+
+
+def poll_once(port: int, since: int, timeout: float = 30) -> tuple[tuple[str, int], dict[str, Any]]:
+    """One long-poll on a connection of its own; (its local address, the answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout + 10) as s:
+        local = s.getsockname()
+        s.sendall(
+            f"GET /poll/{CH}?since={since}&timeout={timeout} HTTP/1.1\r\nHost: t\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return local, json.loads(body)
+
+
+def server_ports(pid: int) -> set[int]:
+    """The remote ports of the established connections the service's processes hold."""
+    out: set[int] = set()
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in procs:
+        try:
+            for c in p.net_connections("tcp"):
+                if c.status == psutil.CONN_ESTABLISHED and c.raddr:
+                    out.add(c.raddr.port)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path) -> None:
+    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30")
+    streams: list[Stream] = []
+    stop = threading.Event()
+    acked: list[int] = []
+    try:
+        health = svc.wait_up(2)
+        old_pids = set(health["pids"])
+        for i in range(12):
+            streams.append(Stream(svc.port, f"/sub/{CH}", sse=i % 2 == 0))
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "12 welcomes")
+        wait_for(
+            lambda: svc.ask({"op": "channels"})["channels"].get(CH) == 12, 10, "12 subscribers"
+        )
+
+        def publisher() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                answer = svc.ask({"op": "broadcast", "data": f"m{i}", "channel": CH})
+                assert answer["ok"], answer
+                acked.append(int(answer["id"]))
+                time.sleep(0.05)
+
+        pub = threading.Thread(target=publisher)
+        pub.start()
+        wait_for(lambda: len(acked) >= 5, 10, "5 messages before the reload")
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["failed"] == 0 and answer["reloaded"] == 2, answer
+        assert answer["handed"] >= 12 and answer["kept"] == 0, answer
+        n_before = len(acked)
+        wait_for(lambda: len(acked) >= n_before + 10, 10, "10 messages after the reload")
+        stop.set()
+        pub.join(10)
+        last = acked[-1]
+        final = f"m{len(acked)}\n".encode()  # the last message's data, on every stream
+        wait_for(lambda: all(final in s.data for s in streams), 10, "the last message")
+        new_pids = set(svc.ask({"op": "health"})["pids"])
+        assert new_pids.isdisjoint(old_pids) and len(new_pids) == 2
+        for s in streams:
+            assert not s.closed, "a stream was closed by the reload"
+            if s.sock.getsockname() != s.local:
+                raise AssertionError("a client's connection changed")
+        sse = [s for i, s in enumerate(streams) if i % 2 == 0]
+        plain = [s for i, s in enumerate(streams) if i % 2 == 1]
+        for s in sse:
+            got = s.ids()
+            assert got == acked[: len(got)] and got[-1] == last, (got, acked)  # each once, in order
+        for s in plain:
+            assert s.plain_messages() == [f"m{i}" for i in range(1, len(acked) + 1)]
+        # The same TCP connections, now held by the new processes.
+        held = server_ports(svc.proc.pid)
+        assert {s.local[1] for s in streams} <= held
+        assert svc.stop() == 0
+    finally:
+        stop.set()
+        for s in streams:
+            s.close()
+        svc.stop()
+
+
+def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None:
+    svc = Service(tmp_path, "--workers", "1")
+    try:
+        svc.wait_up(1)
+        first = svc.ask({"op": "broadcast", "data": "before", "channel": CH})
+        result: dict[str, Any] = {}
+        t = threading.Thread(
+            target=lambda: result.update(answer=poll_once(svc.port, since=int(first["id"])))
+        )
+        t.start()
+        time.sleep(0.5)  # the poll is waiting in the old worker
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["handed"] >= 1, answer
+        sent = svc.ask({"op": "broadcast", "data": "after", "channel": CH})
+        t.join(20)
+        _local, body = result["answer"]
+        assert [m["data"] for m in body["messages"]] == ["after"]
+        assert body["messages"][0]["id"] == sent["id"]
+    finally:
+        svc.stop()
+
+
+def test_sighup_reloads_and_a_second_reload_at_once_is_refused(tmp_path) -> None:
+    svc = Service(tmp_path, "--workers", "1")
+    try:
+        old = set(svc.wait_up(1)["pids"])
+        s = Stream(svc.port, f"/sub/{CH}", sse=True)
+        wait_for(lambda: b"Welcome!" in s.data, 10, "welcome")
+        os.kill(svc.proc.pid, signal.SIGHUP)
+        wait_for(lambda: "reload: " in svc.log(), 20, "the reload's log line")
+        assert set(svc.ask({"op": "health"})["pids"]).isdisjoint(old)
+        sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
+        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after SIGHUP")
+        assert not s.closed
+        s.close()
+    finally:
+        svc.stop()
