@@ -40,6 +40,8 @@ TOTAL_COUNTERS = (
         "comet_token_forbidden",
         "Tokens that do not grant the channel (403)",
     ),
+    ("handed_total", "comet_handed_connections", "Connections given to a new worker (reload)"),
+    ("adopted_total", "comet_adopted_connections", "Connections taken from an old worker (reload)"),
 )
 LAG_STATS = ("avg", "p90", "max")
 

@@ -137,3 +137,4 @@ class Frame(_FrameRequired, total=False):
 
     bus: dict[str, Any]  # with a Redis bus
     store: dict[str, Any] | None  # the history store's state (None with a Redis bus)
+    reload: dict[str, Any]  # the running or last reload: running, workers, done, handed, ...

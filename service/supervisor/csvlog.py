@@ -41,6 +41,9 @@ COLUMNS = (
     "workers",
     "tcp_inuse",
     "tcp_mem_pages",
+    "accepts_per_s",
+    "handed_total",
+    "adopted_total",
 )
 
 MB = 1024 * 1024
@@ -78,6 +81,9 @@ def frame_row(frame: Frame, elapsed_ms: float, packets: int) -> list[Any]:
         up,
         tcp.get("inuse", 0),
         tcp.get("mem", 0),
+        totals.get("accepts_per_s", 0),
+        totals.get("handed_total", 0),
+        totals.get("adopted_total", 0),
     ]
 
 

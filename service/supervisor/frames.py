@@ -116,6 +116,8 @@ class FrameBuilder:
     _retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOTAL_NAMES, 0))
     _last_limits: dict[str, Any] = field(default_factory=dict)
     _limits_at: float = 0.0
+    _accepted_before: int = 0
+    _accepted_at: float = 0.0
 
     def __post_init__(self) -> None:
         # The first cpu_percent reading of any psutil object is meaningless; prime them now.
@@ -209,6 +211,13 @@ class FrameBuilder:
                     "msgs_sent_total": int(stats.get("msgs_sent_total", 0) or 0),
                 }
             )
+        # New connections a second since the previous frame (a reconnect storm shows here).
+        accepted = int(totals.get("accepted_total", 0))
+        dt = now - self._accepted_at if self._accepted_at else 0.0
+        totals["accepts_per_s"] = (
+            round(max(0, accepted - self._accepted_before) / dt, 1) if dt > 0 else 0.0
+        )
+        self._accepted_before, self._accepted_at = accepted, now
         totals["rss_bytes"] = rss_total
         totals["cpu_percent"] = round(cpu_total, 1)
         # avg: mean of the workers' averages; p90 and max: the worst worker's, since one slow loop

@@ -58,6 +58,9 @@ class Supervisor:
         self.config = config
         self.worker_config = config
         self._reloading = False
+        # The running (or last) reload, shown in the frame: running, workers done of total,
+        # connections handed so far, started (unix time), seconds, failed.
+        self.reload_state: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # One node keeps its history in its own store; a Redis bus keeps it in Redis.
         self.store = (
@@ -187,11 +190,29 @@ class Supervisor:
             raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
         self._reloading = True
         t0 = time.monotonic()
+        slots = list(self.slots)
+        state = self.reload_state = {
+            "running": True,
+            "started": round(time.time(), 3),
+            "workers": len(slots),
+            "done": 0,
+            "handed": 0,
+            "failed": 0,
+            "seconds": 0.0,
+        }
+        results: list[dict[str, Any]] = []
         try:
             run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
-            results = [await slot.reload(run_dir) for slot in list(self.slots)]
+            for slot in slots:
+                result = await slot.reload(run_dir)
+                results.append(result)
+                state["done"] += 1
+                state["handed"] += int(result.get("handed", 0))
+                state["failed"] += 1 if "error" in result else 0
+                state["seconds"] = round(time.monotonic() - t0, 3)
         finally:
             self._reloading = False
+            state["running"] = False
         failed = [r for r in results if "error" in r]
         summary = {
             "workers": len(results),
@@ -423,6 +444,8 @@ class Supervisor:
         frame = self.frames.build([s.view() for s in self.slots], self.bus.status())
         if self.store is not None:
             frame["store"] = self.store.status()
+        if self.reload_state is not None:
+            frame["reload"] = dict(self.reload_state)
         self._frame = frame
         self.control.publish_frame(frame)
         await self.bus.publish_frame(frame)

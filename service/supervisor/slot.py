@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
 from service.jsonlines import Message, Peer, PeerGone, Pending
@@ -271,6 +271,13 @@ class WorkerSlot:
                 if handed.get("error"):
                     raise RuntimeError(handed["error"])
                 self._use(new)
+                # The old process's counters go into the node's totals now; the new one's
+                # stats come with the next frame.
+                final = handed.get("stats")
+                self.sup.frames.retire(
+                    cast(WorkerStats, final) if isinstance(final, dict) else self.stats
+                )
+                self.stats = None
             old.peer.call_nowait({"op": "drain", "grace": 1.0})
             result = {
                 "index": self.index,

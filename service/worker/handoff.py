@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from service.worker.states import DONE, HEAD, LAST_STREAM, POLL
@@ -125,14 +126,21 @@ def state_of(
     return None
 
 
-async def give(hub: Hub, server: asyncio.AbstractServer | None, path: str) -> dict[str, Any]:
+async def give(
+    hub: Hub,
+    server: asyncio.AbstractServer | None,
+    path: str,
+    relisten: Callable[[], Awaitable[None]],
+) -> dict[str, Any]:
     """Hand the listener and every connection that can move to the successor at ``path``.
     Returns ``{"handed": n, "kept": k}``: ``kept`` could not move (TLS, unsent bytes, or the
-    successor failed) and were closed with the reconnect hint (or are still served here)."""
+    successor failed) and were closed with the reconnect hint (or are still served here). If
+    the successor fails after it took the listener, ``relisten`` opens a new one here."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(STEP_TIMEOUT)
     handed = 0
+    gave_listener = False
     kept: list[Conn] = []
     try:
         await loop.run_in_executor(None, sock.connect, path)
@@ -147,6 +155,7 @@ async def give(hub: Hub, server: asyncio.AbstractServer | None, path: str) -> di
             if not answer.get("ok"):
                 raise ConnectionError(f"the successor refused the listener: {answer}")
             server.close()  # it accepts on the same queue now: nothing waiting there is lost
+            gave_listener = True
         await hub.writes_done()
         hub.stop_pings()
         conns = hub.open_conns()
@@ -193,6 +202,8 @@ async def give(hub: Hub, server: asyncio.AbstractServer | None, path: str) -> di
             with contextlib.suppress(Exception):
                 c.transport.resume_reading()
         hub.start_pings()
+        if gave_listener:
+            await relisten()
         return {"handed": handed, "kept": len(hub.open_conns()), "error": str(exc)}
     finally:
         sock.close()

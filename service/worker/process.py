@@ -168,7 +168,11 @@ class Worker:
 
     async def handoff(self, path: str) -> dict[str, Any]:
         """Give the listener and every connection to the successor listening at ``path``."""
-        return await give(self.hub, self._server, path)
+
+        async def relisten() -> None:
+            await self._listen(make_listener(self.config.host, self.port))
+
+        return await give(self.hub, self._server, path, relisten)
 
     def init(
         self,
@@ -314,7 +318,9 @@ class ControlChannel:
         path = req.get("to")
         if not isinstance(path, str) or not path:
             raise ValueError("handoff needs 'to', the successor's handoff socket")
-        return await self.worker.handoff(path)
+        result = await self.worker.handoff(path)
+        # Its last counters, for the node's totals: this process is about to go.
+        return {**result, "stats": self.worker.stats()}
 
     async def drain(self, req: Message) -> Message:
         grace = req.get("grace")

@@ -151,9 +151,7 @@ class Conn(asyncio.Protocol):
             self.subs = None
         hub = self.hub
         hub.counters.conns -= 1
-        if state == HANDED:
-            hub.counters.handed_total += 1
-        else:
+        if state != HANDED:  # counted when it was let go
             hub.counters.closed_total += 1
         if hub.on_empty is not None and hub.counters.conns == 0 and not hub.on_empty.done():
             hub.on_empty.set_result(None)
@@ -328,6 +326,7 @@ class Conn(asyncio.Protocol):
         if self.state >= DONE:
             return
         self.state = HANDED
+        self.hub.counters.handed_total += 1
         self.buf = None
         if self.subs is not None:
             self.subs.discard(self)

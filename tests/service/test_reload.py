@@ -186,3 +186,89 @@ def test_sighup_reloads_and_a_second_reload_at_once_is_refused(tmp_path) -> None
         s.close()
     finally:
         svc.stop()
+
+
+def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker(
+    short_dir,
+) -> None:
+    """A successor (here: this test, on the handoff socket) takes the listener and one batch,
+    then goes away without saying it adopted it: the worker keeps every connection of that
+    batch and of the rest, serves them on, and says what happened."""
+    import asyncio
+
+    from service.worker import handoff
+    from tests.service.worker_harness import running_worker
+
+    path = str(short_dir / "handoff.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(1)
+    got: dict[str, Any] = {}
+
+    def fake_successor() -> None:
+        conn, _ = server.accept()
+        with conn:
+            msg, fds = handoff._recv(conn, 1)
+            got["listener"] = msg
+            for fd in fds:
+                os.close(fd)
+            handoff._send(conn, {"ok": True})
+            msg, fds = handoff._recv(conn, handoff.BATCH)
+            got["batch"] = len(msg["conns"])
+            for fd in fds:
+                os.close(fd)  # gone before it answers
+
+    with running_worker(ping_interval=30.0) as w:
+        streams = [Stream(w.port, f"/sub/{CH}", sse=True) for _ in range(5)]
+        wait_for(lambda: w.stats()["conns"] == 5, 10, "5 streams")
+        t = threading.Thread(target=fake_successor)
+        t.start()
+        assert w.worker is not None
+        answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
+        t.join(10)
+        server.close()
+        assert got["batch"] == 5 and answer["handed"] == 0 and "error" in answer, answer
+        assert w.stats()["conns"] == 5 and w.stats()["handed_total"] == 0
+        assert w.broadcast("still here", CH) == 5
+        wait_for(lambda: all(b"data: still here" in s.data for s in streams), 10, "delivery")
+        assert not any(s.closed for s in streams)
+        late = Stream(w.port, f"/sub/{CH}", sse=True)  # it listens again
+        wait_for(lambda: b"Welcome!" in late.data, 10, "a new subscriber welcomed")
+        for s in [*streams, late]:
+            s.close()
+
+
+def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(tmp_path) -> None:
+    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30")
+    streams: list[Stream] = []
+    try:
+        svc.wait_up(2)
+        streams = [Stream(svc.port, f"/sub/{CH}", sse=True) for _ in range(8)]
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "welcomes")
+        supervisor = psutil.Process(svc.proc.pid)
+        fds: list[int] = []
+        for _ in range(10):
+            answer = svc.ask({"op": "reload"})
+            assert answer["ok"] and answer["failed"] == 0 and answer["handed"] == 8, answer
+            wait_for(lambda: len(supervisor.children()) == 2, 10, "the old processes gone")
+            fds.append(supervisor.num_fds())
+        assert fds[-1] <= fds[0], fds  # the supervisor holds no more descriptors than before
+        sent = svc.ask({"op": "broadcast", "data": "after ten", "channel": CH})
+        assert sent["recipients"] == 8
+        wait_for(lambda: all(b"data: after ten" in s.data for s in streams), 10, "delivery")
+        assert not any(s.closed for s in streams)
+        assert not list(tmp_path.glob("run/handoff-*")), "handoff sockets left behind"
+
+        def counted() -> dict[str, Any] | None:
+            f = svc.frame()
+            t = f["totals"]
+            return f if t["handed_total"] == 80 and t["adopted_total"] == 80 else None
+
+        frame = wait_for(counted, 10, "80 handed and adopted in the frame's totals")
+        assert frame["reload"]["running"] is False and frame["reload"]["done"] == 2
+        assert frame["reload"]["handed"] == 8 and frame["reload"]["failed"] == 0
+        assert frame["totals"]["closed_total"] == 0  # a handed connection is not a closed one
+    finally:
+        for s in streams:
+            s.close()
+        svc.stop()
