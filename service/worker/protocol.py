@@ -19,6 +19,8 @@ from service.worker.http import HttpError, Limits, Request, Route, parse_head, r
 from service.worker.hub import Hub
 from service.worker.states import DONE, HANDED, HEAD, LAST_STREAM, POLL, REJECTED
 
+# How long a long-poll from an id this worker has not seen yet waits for it (see _start_poll).
+AHEAD_WAIT = 1.0
 _KEEPALIVE = ()  # marks a connection that already served a long-poll (idle close is silent)
 # The deadline token of a stream whose subscriber token expires: one shared object, so a held
 # private stream costs its deadline entry and nothing else (its ``buf`` is otherwise unused).
@@ -239,20 +241,26 @@ class Conn(asyncio.Protocol):
         self.buf = rest
         self.state = POLL
         entries, gap, _ = hub.history_since(r.channel, since)
+        # An id this worker has not seen yet is most often another worker's newest one, a few
+        # ms ahead of this worker's copy: wait for it a moment before calling it a reset (which
+        # would send the client back to an older last_id, and the message twice).
+        ahead = since > hub.last_id
         # A gap is told at once ("reset": true), so the client can go on from last_id.
-        if entries or gap or r.timeout <= 0 or hub.draining:
+        if entries or (gap and not ahead) or r.timeout <= 0 or hub.draining:
             self.answer_poll()
             return
         subs = self.subs = hub.poll_set(r.channel)
         subs.add(self)
-        hub.add_deadline(self, rest, r.timeout)
+        hub.add_deadline(self, rest, min(r.timeout, AHEAD_WAIT) if ahead else r.timeout)
 
-    def answer_poll(self) -> None:
+    def answer_poll(self, timed_out: bool = False) -> None:
         """Send the long-poll answer (messages newer than ``since``, maybe none) and go on."""
         if self.state != POLL or not self.poll:
             return
         hub = self.hub
         since, channel, http11, keep_alive, cors = self.poll
+        if since > hub.last_id and not timed_out and not hub.draining:
+            return  # still catching up to the id it asked from: keep waiting
         if self.subs is not None:
             self.subs.discard(self)
             self.subs = None
@@ -296,7 +304,7 @@ class Conn(asyncio.Protocol):
             else:
                 self.fail(HttpError(408, "request head not received in time"))
         elif self.state == POLL:
-            self.answer_poll()
+            self.answer_poll(timed_out=True)
         elif token is _EXPIRES and self.state <= LAST_STREAM:
             self.hub.counters.token_expired_total += 1
             self.transport.write(wire.token_expired(self.state))

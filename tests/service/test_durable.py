@@ -261,3 +261,35 @@ def test_clients_through_a_restart_under_a_publisher_get_every_message_once(tmp_
         stop.set()
         thread.join(10)
         svc.stop()
+
+
+def test_long_polls_across_workers_see_each_message_once(tmp_path):
+    """A poll from the last_id one worker answered may land on another worker that has not
+    got that message yet (a few ms behind): it waits for it instead of answering a reset with
+    an older last_id, which sent the client back and the message twice."""
+    svc = start(tmp_path)
+    port = svc.port
+    try:
+        since = publish(svc, "first")
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def poller() -> None:
+            nonlocal since
+            while not stop.is_set():
+                answer = poll(port, since, timeout=2)
+                seen.extend(m["id"] for m in answer["messages"])
+                since = answer["last_id"]
+
+        t = threading.Thread(target=poller)
+        t.start()
+        sent = []
+        for i in range(60):
+            sent.append(publish(svc, f"m{i}"))
+            time.sleep(0.03)
+        wait_for(lambda: seen and seen[-1] == sent[-1], 10, "the last message polled")
+        stop.set()
+        t.join(10)
+        assert seen == sent  # each once, in order, none missed
+    finally:
+        svc.stop()
