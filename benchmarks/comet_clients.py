@@ -13,7 +13,9 @@ source address never run out.
 Reads commands on stdin, one per line, and answers each with one JSON line on stdout:
 ``stats`` → counts; ``quit`` (or end of input) → close everything and exit.
 Counted in the stream: the first body bytes (``ready``), ``Welcome!``, the marker (default
-``BCAST``, one per broadcast that carries it), the drain hint (SSE ``event: reconnect``, plain
+``BCAST``, one per broadcast that carries it; a marker followed by a number, ``BCAST 7``, must
+come 1, 2, 3... on every connection, and ``seq_gaps`` / ``seq_dups`` count where it did not),
+the drain hint (SSE ``event: reconnect``, plain
 ``reconnect`` line) and ``retry:`` lines. ``--tls`` speaks HTTPS (the certificate is not
 checked: a benchmark's throw-away one); ``--tokens-file`` gives connection i the token on line
 i (``?token=``), as an application's users would each have their own.
@@ -51,6 +53,8 @@ class Counts:
         "start_t",
         "bytes",
         "retry_values",
+        "seq_gaps",
+        "seq_dups",
     )
 
     def __init__(self) -> None:
@@ -59,11 +63,13 @@ class Counts:
         self.first_msg_t = self.last_msg_t = 0.0
         self.ramp_done_t = 0.0
         self.retry_values: set[int] = set()  # distinct `retry:` hints seen (jitter check)
+        # Markers followed by a number ("BCAST 7"): per connection they must come 1, 2, 3...
+        self.seq_gaps = self.seq_dups = 0
         self.start_t = time.time()
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request")
+    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request", "seq")
 
     def __init__(self, counts: Counts, marker: bytes, hint: bytes, request: bytes) -> None:
         self.counts = counts
@@ -72,6 +78,7 @@ class Client(asyncio.Protocol):
         self.request = request
         self.tail: bytes | None = None  # None until the first bytes arrive
         self.welcomed = False
+        self.seq = 0  # the last numbered marker this connection got
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.counts.connected += 1
@@ -92,6 +99,15 @@ class Client(asyncio.Protocol):
             c.welcomed += 1
         n = buf.count(self.marker) - _count_in_head(buf, self.marker, head)
         if n:
+            for m in re.finditer(re.escape(self.marker) + rb" (\d+)\n", buf):
+                if m.end() <= head:
+                    continue  # wholly in the carried-over tail: seen with the previous chunk
+                got = int(m.group(1))
+                if got <= self.seq:
+                    c.seq_dups += 1
+                elif got != self.seq + 1:
+                    c.seq_gaps += 1
+                self.seq = max(self.seq, got)
             now = time.time()
             c.msgs += n
             if not c.first_msg_t:
@@ -188,6 +204,8 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
         "reconnects": counts.reconnects,
         "retries": counts.retries,
         "retry_values": sorted(counts.retry_values),
+        "seq_gaps": counts.seq_gaps,
+        "seq_dups": counts.seq_dups,
         "bytes": counts.bytes,
         "start_t": counts.start_t,
         "ramp_done_t": counts.ramp_done_t,

@@ -1,0 +1,223 @@
+"""Reload under load: N held connections (half plain, half SSE, and a few long-poll loops), a
+publisher at --rate broadcasts a second, then --reloads reloads in a row.
+
+    .venv/bin/python benchmarks/reload_bench.py --conns 100000 --rate 10 --reloads 10
+
+The service runs with --workers auto (6 workers for 100,000 under a 20,000 nofile limit); the
+clients are benchmarks/comet_clients.py processes on 127.0.0.2-41. Every broadcast carries
+``BCAST <n>`` (n = 1, 2, 3, ...), so each connection checks it got every one once and in order.
+Measured, per reload: the seconds the reload took and how many connections each worker handed;
+over the run: connections closed, messages missed or twice (per connection, by number), the
+worst worker loop lag (p99 and max) in the frames during the reloads, and the service's
+descriptors and RSS before the first and after the last reload. One JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
+
+import psutil  # noqa: E402
+
+from service.config import Config  # noqa: E402
+from tests.support.control import Control  # noqa: E402
+from tests.support.net import wait_for  # noqa: E402
+from tests.support.service import Clients, Service, sources  # noqa: E402
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def fds_and_rss(pid: int) -> tuple[int, int]:
+    fds = rss = 0
+    for p in tree(pid):
+        try:
+            fds += p.num_fds()
+            rss += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return fds, rss
+
+
+class Poller(threading.Thread):
+    """One long-poll loop: each answer's ids must go on from the last one it saw."""
+
+    def __init__(self, port: int, channel: str, since: int) -> None:
+        super().__init__(daemon=True)
+        self.port, self.channel, self.since = port, channel, since
+        self.ids: list[int] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=40) as s:
+                    s.sendall(
+                        f"GET /poll/{self.channel}?since={self.since}&timeout=5 HTTP/1.1\r\n"
+                        "Host: b\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    data = b""
+                    while chunk := s.recv(65536):
+                        data += chunk
+                body = json.loads(data.partition(b"\r\n\r\n")[2])
+                for m in body["messages"]:
+                    self.ids.append(int(m["id"]))
+                self.since = int(body["last_id"])
+            except (OSError, ValueError) as exc:
+                self.errors.append(str(exc))
+                time.sleep(0.1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument("--clients", type=int, default=8, help="client processes")
+    ap.add_argument("--rate", type=float, default=10.0, help="broadcasts a second")
+    ap.add_argument("--reloads", type=int, default=10)
+    ap.add_argument("--pollers", type=int, default=20, help="long-poll loops")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="reload-bench-"))
+    svc = Service(
+        tmp,
+        *("--workers", "auto", "--target-connections", str(args.conns)),
+        *("--ping-interval", "60"),
+    )
+    plain: Clients | None = None
+    sse: Clients | None = None
+    stop = threading.Event()
+    pollers: list[Poller] = []
+    try:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        workers = Config(target_connections=args.conns).worker_count(nofile)
+        svc.wait_up(workers, 120)
+        half = args.conns // 2
+        k = max(1, args.clients // 2)
+        t0 = time.time()
+        plain = Clients(svc.port, half, k, sources(2, 20), "--concurrency", "300")
+        sse = Clients(
+            svc.port, args.conns - half, k, sources(22, 20), "--sse", "--concurrency", "300"
+        )
+        for c in (plain, sse):
+            c.wait("welcomed", c.n, timeout=600, every=0.5)
+        ramp_s = time.time() - t0
+        first = svc.ask({"op": "broadcast", "data": "warm-up", "channel": "poll"})
+        pollers = [Poller(svc.port, "poll", int(first["id"])) for _ in range(args.pollers)]
+        for p in pollers:
+            p.start()
+        time.sleep(3)
+        fds0, rss0 = fds_and_rss(svc.proc.pid)
+
+        sent: list[int] = []
+        poll_ids: list[int] = []
+
+        def publisher() -> None:
+            ctl = Control(svc.control_path)
+            n = 0
+            try:
+                while not stop.is_set():
+                    n += 1
+                    a = ctl.ask({"op": "broadcast", "data": f"BCAST {n}", "channel": None})
+                    assert a["ok"], a
+                    sent.append(int(a["id"]))
+                    poll_ids.append(int(a["id"]))
+                    time.sleep(1.0 / args.rate)
+            finally:
+                ctl.close()
+
+        watcher = Control(svc.control_path)
+        frames: list[dict[str, Any]] = []
+
+        def watch() -> None:
+            watcher.file.write(b'{"op":"watch"}\n')
+            watcher.file.flush()
+            try:
+                for line in watcher.file:
+                    f = json.loads(line).get("frame")
+                    if f:
+                        frames.append(f)
+            except (OSError, ValueError):
+                return
+
+        threading.Thread(target=watch, daemon=True).start()
+        pub = threading.Thread(target=publisher)
+        pub.start()
+        time.sleep(2)
+        reloads = []
+        for _ in range(args.reloads):
+            r = svc.ask({"op": "reload"})
+            assert r["ok"], r
+            reloads.append({k: r[k] for k in ("seconds", "handed", "kept", "failed")})
+            wait_for(
+                lambda: len(psutil.Process(svc.proc.pid).children()) == workers, 30, "old gone"
+            )
+            time.sleep(1.5)
+        t_end = time.time()
+        time.sleep(2)
+        stop.set()
+        pub.join(30)
+        time.sleep(2)  # the last broadcasts reach everyone
+        fds1, rss1 = fds_and_rss(svc.proc.pid)
+        st = [c.stats() for c in (plain, sse)]
+        during = [f for f in frames if t0 < float(f["t"]) <= t_end + 1]
+        lag99 = max((f["totals"]["lag_ms"]["p99"] for f in during), default=None)
+        lagmax = max((f["totals"]["lag_ms"]["max"] for f in during), default=None)
+        for p in pollers:
+            p.stop.set()
+        polled_ok = all(p.ids == sorted(set(p.ids)) for p in pollers)
+        if os.environ.get("RELOAD_BENCH_DEBUG"):
+            for p in pollers:
+                bad = [(a, b) for a, b in zip(p.ids, p.ids[1:], strict=False) if b <= a]
+                print("poller", len(p.ids), bad[:5], file=sys.stderr)
+        out = {
+            "conns": args.conns,
+            "workers": workers,
+            "ramp_s": round(ramp_s, 1),
+            "broadcasts": len(sent),
+            "reloads": reloads,
+            "reload_s_max": max(r["seconds"] for r in reloads),
+            "reload_s_median": sorted(r["seconds"] for r in reloads)[len(reloads) // 2],
+            "closed": sum(s["closed"] for s in st),
+            "msgs": sum(s["msgs"] for s in st),
+            "msgs_expected": args.conns * len(sent),
+            "seq_gaps": sum(s["seq_gaps"] for s in st),
+            "seq_dups": sum(s["seq_dups"] for s in st),
+            "pollers_in_order_each_once": polled_ok,
+            "poll_errors": sum(len(p.errors) for p in pollers),
+            "lag_p99_ms_max": lag99,
+            "lag_max_ms": lagmax,
+            "fds_before": fds0,
+            "fds_after": fds1,
+            "rss_mb_before": round(rss0 / 2**20, 1),
+            "rss_mb_after": round(rss1 / 2**20, 1),
+            "cpu": psutil.cpu_count(),
+        }
+        print(json.dumps(out), flush=True)
+        watcher.close()
+    finally:
+        stop.set()
+        for c in (plain, sse):
+            if c is not None:
+                c.close()
+        svc.stop(60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
