@@ -203,8 +203,12 @@ class Supervisor:
         results: list[dict[str, Any]] = []
         try:
             run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
-            for slot in slots:
-                result = await slot.reload(run_dir)
+            # Every new process starts at once (imports take a while); the handoffs go one slot
+            # at a time, each under the broadcast lock for its own few seconds.
+            prepared = await asyncio.gather(*(slot.prepare_reload(run_dir) for slot in slots))
+            state["prepare_s"] = round(time.monotonic() - t0, 3)
+            for slot, ready in zip(slots, prepared, strict=True):
+                result = ready if isinstance(ready, dict) else await slot.reload(*ready)
                 results.append(result)
                 state["done"] += 1
                 state["handed"] += int(result.get("handed", 0))
@@ -221,6 +225,8 @@ class Supervisor:
             "kept": sum(int(r.get("kept", 0)) for r in results),
             "failed": len(failed),
             "seconds": round(time.monotonic() - t0, 3),
+            "prepare_s": state.get("prepare_s"),
+            "handoff_s_max": max((float(r.get("seconds", 0)) for r in results), default=0.0),
             "slots": results,
         }
         (log.error if failed else log.info)(
@@ -254,7 +260,8 @@ class Supervisor:
             # Workers in later waves would go on pinging streams that are about to get the
             # message (at 1M, ~half a million pings during one broadcast): quiet them all first.
             await asyncio.gather(
-                *(s.request({"op": "quiet"}, 10.0) for s in slots), return_exceptions=True
+                *(s.request({"op": "quiet", "upcoming": msg["id"]}, 10.0) for s in slots),
+                return_exceptions=True,
             )
 
         async def one(slot: WorkerSlot) -> dict[str, Any]:

@@ -244,12 +244,11 @@ class WorkerSlot:
         self.started_at = p.started_at
         self._ready = p.ready
 
-    async def reload(self, run_dir: str) -> dict[str, Any]:
-        """Replace the process in this slot by a new one (the code on disk now) that takes over
-        its listener and every live connection (service/worker/handoff.py). If the new one
-        fails, the old one keeps serving what it still holds; the answer says what happened."""
-        old = self._current
-        if self.state != "up" or old is None or self.peer is None:
+    async def prepare_reload(self, run_dir: str) -> tuple[_Proc, str] | dict[str, Any]:
+        """Start the process that will take over this slot and wait until it is ready (its
+        imports take a while: the supervisor starts every slot's at once). The process and its
+        handoff path, or the answer saying why not."""
+        if self.state != "up" or self._current is None or self.peer is None:
             return {"index": self.index, "skipped": f"worker is {self.state}"}
         path = os.path.join(run_dir, f"handoff-{self.index}-{os.getpid()}-{next(_seq)}.sock")
         new = await self._spawn(adopt=path)
@@ -257,7 +256,21 @@ class WorkerSlot:
             return {"index": self.index, "error": "cannot start a new worker process"}
         try:
             ready = await asyncio.wait_for(asyncio.shield(new.ready), READY_TIMEOUT)
-            log.info("worker %d: new process %s ready; handing over", self.index, ready.get("pid"))
+        except Exception as exc:
+            await self._discard(new, path)
+            return {"index": self.index, "error": f"new process not ready: {exc}"}
+        log.info("worker %d: new process %s ready", self.index, ready.get("pid"))
+        return new, path
+
+    async def reload(self, new: _Proc, path: str) -> dict[str, Any]:
+        """Hand this slot's listener and live connections to ``new`` (service/worker/handoff.py)
+        and serve it from then on. If it fails, the old process keeps serving what it still
+        holds; the answer says what happened."""
+        old = self._current
+        if old is None or self.peer is None or self.state != "up":
+            await self._discard(new, path)
+            return {"index": self.index, "skipped": f"worker is {self.state}"}
+        try:
             bus = self.sup.bus
             # Under the broadcast lock: nothing is published while the connections move, and
             # the new process's history ends where the old one's writes did.
@@ -291,15 +304,19 @@ class WorkerSlot:
             return result
         except Exception as exc:
             log.error("worker %d: reload failed, the old process serves on: %s", self.index, exc)
-            new.proc.kill()
-            new.reading.cancel()
-            with contextlib.suppress(BaseException):
-                await new.reading
-            new.writer.close()
-            await self._reap(new.proc)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            await self._discard(new, path)
             return {"index": self.index, "error": str(exc) or type(exc).__name__}
+
+    async def _discard(self, new: _Proc, path: str) -> None:
+        """A new process that will not take over: stopped, its pipe and socket gone."""
+        new.proc.kill()
+        new.reading.cancel()
+        with contextlib.suppress(BaseException):
+            await new.reading
+        new.writer.close()
+        await self._reap(new.proc)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     async def _handshake(self) -> None:
         assert self._ready is not None

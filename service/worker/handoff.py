@@ -140,6 +140,8 @@ async def give(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(STEP_TIMEOUT)
     handed = 0
+    now0 = loop.time()
+    timing = ""
     gave_listener = False
     kept: list[Conn] = []
     try:
@@ -166,6 +168,7 @@ async def give(
             if not any(c.transport.get_write_buffer_size() for c in conns):
                 break
             await asyncio.sleep(0.01)
+        t_prep = loop.time()
         channels, deadlines = _where(hub)
         now = loop.time()
         movable: list[tuple[Conn, dict[str, Any]]] = []
@@ -178,6 +181,8 @@ async def give(
                 kept.append(c)
             else:
                 movable.append((c, st))
+        t_states = loop.time()
+        t_wait = 0.0
         for i in range(0, len(movable), BATCH):
             batch = movable[i : i + BATCH]
             fds = [os.dup(c.transport.get_extra_info("socket").fileno()) for c, _ in batch]
@@ -188,13 +193,20 @@ async def give(
             finally:
                 for fd in fds:
                     os.close(fd)
+            tw = loop.time()
             answer, _ = await loop.run_in_executor(None, _recv, sock)
+            t_wait += loop.time() - tw
             if answer.get("adopted") != len(batch):
                 raise ConnectionError(f"the successor adopted {answer.get('adopted')!r} of a batch")
             for c, _ in batch:
                 c.let_go()
             handed += len(batch)
         await loop.run_in_executor(None, _send, sock, {"done": True})
+        timing = (
+            f"in {loop.time() - now0:.2f} s (writes done and reading paused "
+            f"{t_prep - now0:.2f} s, states {t_states - t_prep:.2f} s, waiting for the "
+            f"successor's adoption {t_wait:.2f} s)"
+        )
     except (OSError, ValueError, TimeoutError) as exc:
         # The successor is gone or refused: what was not handed stays ours and is served on.
         log.error("handoff to %s stopped after %d connections: %s", path, handed, exc)
@@ -216,7 +228,9 @@ async def give(
         for c in kept:
             if c.state > LAST_STREAM:
                 c.close()
-    log.info("handed %d connections to the successor, %d could not move", handed, len(kept))
+    log.info(
+        "handed %d connections to the successor %s, %d could not move", handed, timing, len(kept)
+    )
     return {"handed": handed, "kept": len(kept)}
 
 
@@ -249,8 +263,13 @@ class Receiver:
                         await loop.run_in_executor(None, _send, conn, {"ok": True})
                     elif "conns" in msg:
                         states = msg["conns"]
-                        for st, fd in zip(states, fds, strict=True):
-                            await self.adopt_conn(socket.socket(fileno=fd), st)
+                        # A batch at once: each adoption waits for its connection_made.
+                        await asyncio.gather(
+                            *(
+                                self.adopt_conn(socket.socket(fileno=fd), st)
+                                for st, fd in zip(states, fds, strict=True)
+                            )
+                        )
                         self.adopted += len(states)
                         await loop.run_in_executor(None, _send, conn, {"adopted": len(states)})
                     elif msg.get("done"):

@@ -256,6 +256,7 @@ class Hub:
         self.global_ring = Ring(config.history_size)
         self.rings: dict[str, Ring] = {}
         self.last_id = 0
+        self.upcoming_id = 0  # announced by the supervisor (quiet), not delivered here yet
         self.pruned_evicted = 0  # highest id ever evicted from a ring that was then removed
         # Ids in (lo, hi] were never stored by the previous run (service/store.py): unknown.
         self.hole: tuple[int, int] | None = None

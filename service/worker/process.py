@@ -307,8 +307,11 @@ class ControlChannel:
         return {"recipients": n, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def quiet(self, req: Message) -> Message:
-        # A broadcast to everyone is on its way (in a later wave): no pings meanwhile.
-        self.worker.hub.restart_pings()
+        # A broadcast to everyone is on its way (in a later wave): no pings meanwhile, and a
+        # long-poll from its id waits for it here instead of being told it is unknown.
+        hub = self.worker.hub
+        hub.restart_pings()
+        hub.upcoming_id = max(hub.upcoming_id, int(req.get("upcoming") or 0))
         return {}
 
     async def channels(self, req: Message) -> Message:

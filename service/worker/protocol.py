@@ -245,13 +245,15 @@ class Conn(asyncio.Protocol):
         # ms ahead of this worker's copy: wait for it a moment before calling it a reset (which
         # would send the client back to an older last_id, and the message twice).
         ahead = since > hub.last_id
+        announced = since <= hub.upcoming_id  # on its way to this worker in a later wave
         # A gap is told at once ("reset": true), so the client can go on from last_id.
         if entries or (gap and not ahead) or r.timeout <= 0 or hub.draining:
             self.answer_poll()
             return
         subs = self.subs = hub.poll_set(r.channel)
         subs.add(self)
-        hub.add_deadline(self, rest, min(r.timeout, AHEAD_WAIT) if ahead else r.timeout)
+        wait = min(r.timeout, AHEAD_WAIT) if ahead and not announced else r.timeout
+        hub.add_deadline(self, rest, wait)
 
     def answer_poll(self, timed_out: bool = False) -> None:
         """Send the long-poll answer (messages newer than ``since``, maybe none) and go on."""
