@@ -163,7 +163,7 @@ def main() -> None:
         for _ in range(args.reloads):
             r = svc.ask({"op": "reload"})
             assert r["ok"], r
-            keys = ("seconds", "prepare_s", "handoff_s_max", "handed", "kept", "failed")
+            keys = ("seconds", "prepare_s", "locked_s", "handoff_s_max", "handed", "kept", "failed")
             reloads.append({k: r[k] for k in keys})
             wait_for(
                 lambda: len(psutil.Process(svc.proc.pid).children()) == workers, 30, "old gone"

@@ -203,17 +203,25 @@ class Supervisor:
         results: list[dict[str, Any]] = []
         try:
             run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
-            # Every new process starts at once (imports take a while); the handoffs go one slot
-            # at a time, each under the broadcast lock for its own few seconds.
+            # Every new process starts at once (imports take a while), then every slot hands
+            # over at once, under one hold of the broadcast lock: nothing is published while
+            # connections move (publishers wait, none is lost), and the lock is taken once.
             prepared = await asyncio.gather(*(slot.prepare_reload(run_dir) for slot in slots))
             state["prepare_s"] = round(time.monotonic() - t0, 3)
-            for slot, ready in zip(slots, prepared, strict=True):
+
+            async def one(slot: WorkerSlot, ready: Any) -> dict[str, Any]:
                 result = ready if isinstance(ready, dict) else await slot.reload(*ready)
-                results.append(result)
                 state["done"] += 1
                 state["handed"] += int(result.get("handed", 0))
                 state["failed"] += 1 if "error" in result else 0
                 state["seconds"] = round(time.monotonic() - t0, 3)
+                return result
+
+            async with self.broadcast_lock:
+                state["locked_s"] = round(time.monotonic() - t0, 3)
+                results = list(
+                    await asyncio.gather(*(one(s, r) for s, r in zip(slots, prepared, strict=True)))
+                )
         finally:
             self._reloading = False
             state["running"] = False
@@ -226,6 +234,7 @@ class Supervisor:
             "failed": len(failed),
             "seconds": round(time.monotonic() - t0, 3),
             "prepare_s": state.get("prepare_s"),
+            "locked_s": state.get("locked_s"),
             "handoff_s_max": max((float(r.get("seconds", 0)) for r in results), default=0.0),
             "slots": results,
         }

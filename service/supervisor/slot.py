@@ -265,32 +265,31 @@ class WorkerSlot:
     async def reload(self, new: _Proc, path: str) -> dict[str, Any]:
         """Hand this slot's listener and live connections to ``new`` (service/worker/handoff.py)
         and serve it from then on. If it fails, the old process keeps serving what it still
-        holds; the answer says what happened."""
+        holds; the answer says what happened. The caller holds the broadcast lock: nothing is
+        published while the connections move, and the new process's history ends where the
+        old one's writes did."""
         old = self._current
         if old is None or self.peer is None or self.state != "up":
             await self._discard(new, path)
             return {"index": self.index, "skipped": f"worker is {self.state}"}
         try:
             bus = self.sup.bus
-            # Under the broadcast lock: nothing is published while the connections move, and
-            # the new process's history ends where the old one's writes did.
-            async with self.sup.broadcast_lock:
-                init = {"op": "init", "last_id": bus.last_id, "history": bus.history()}
-                answer = await new.peer.call({**init, **bus.resume_limits()}, 30.0)
-                if not answer.get("ok"):
-                    raise RuntimeError(f"init: {answer.get('error')}")
-                t0 = time.monotonic()
-                handed = await self.request({"op": "handoff", "to": path}, HANDOFF_TIMEOUT)
-                if handed.get("error"):
-                    raise RuntimeError(handed["error"])
-                self._use(new)
-                # The old process's counters go into the node's totals now; the new one's
-                # stats come with the next frame.
-                final = handed.get("stats")
-                self.sup.frames.retire(
-                    cast(WorkerStats, final) if isinstance(final, dict) else self.stats
-                )
-                self.stats = None
+            t0 = time.monotonic()
+            init = {"op": "init", "last_id": bus.last_id, "history": bus.history()}
+            answer = await new.peer.call({**init, **bus.resume_limits()}, 30.0)
+            if not answer.get("ok"):
+                raise RuntimeError(f"init: {answer.get('error')}")
+            handed = await self.request({"op": "handoff", "to": path}, HANDOFF_TIMEOUT)
+            if handed.get("error"):
+                raise RuntimeError(handed["error"])
+            self._use(new)
+            # The old process's counters go into the node's totals now; the new one's stats
+            # come with the next frame.
+            final = handed.get("stats")
+            self.sup.frames.retire(
+                cast(WorkerStats, final) if isinstance(final, dict) else self.stats
+            )
+            self.stats = None
             old.peer.call_nowait({"op": "drain", "grace": 1.0})
             result = {
                 "index": self.index,
