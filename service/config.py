@@ -77,6 +77,14 @@ class Config:
         DEFAULT_FD_RESERVE,
         "file descriptors per worker kept back from RLIMIT_NOFILE for non-client use",
     )
+    accept_rate: int = opt(
+        0,
+        (
+            "new connections one worker takes a second; past it they get 503 with a jittered "
+            "Retry-After, so a reconnect storm converges at a pace the loop keeps up with "
+            "(0 = no limit)"
+        ),
+    )
     limit_connections: int = opt(
         0,
         "connections per worker before 503 (0 = RLIMIT_NOFILE - fd reserve)",

@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import math
 import random
 import time
 from collections import deque
@@ -257,6 +258,10 @@ class Hub:
         self.rings: dict[str, Ring] = {}
         self.last_id = 0
         self.upcoming_id = 0  # announced by the supervisor (quiet), not delivered here yet
+        # Admission (--accept-rate): tokens for new connections, refilled every 100 ms; a float
+        # infinity when there is no limit, so the accept path only compares and subtracts.
+        self.accept_tokens: float = float(config.accept_rate) / 10 or math.inf
+        self._admit_handle: asyncio.TimerHandle | None = None
         self.pruned_evicted = 0  # highest id ever evicted from a ring that was then removed
         # Ids in (lo, hi] were never stored by the previous run (service/store.py): unknown.
         self.hole: tuple[int, int] | None = None
@@ -576,6 +581,24 @@ class Hub:
         self._ping_conns = []
         self._ping_pos = 0
 
+    def start_admission(self) -> None:
+        """Refill the accept tokens every 100 ms (with --accept-rate)."""
+        rate = self.config.accept_rate
+        if rate <= 0 or self._admit_handle is not None:
+            return
+        per_tick = rate / 10
+
+        def refill() -> None:
+            self.accept_tokens = per_tick  # unused tokens do not pile up into a burst
+            self._admit_handle = self.loop.call_later(0.1, refill)
+
+        self._admit_handle = self.loop.call_later(0.1, refill)
+
+    def stop_admission(self) -> None:
+        if self._admit_handle is not None:
+            self._admit_handle.cancel()
+            self._admit_handle = None
+
     def stop_pings(self) -> None:
         if self._ping_handle is not None:
             self._ping_handle.cancel()
@@ -634,6 +657,7 @@ class Hub:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.on_empty), max(0.01, deadline - loop.time()))
         self.stop_deadlines()
+        self.stop_admission()
         return 0 if self.on_empty.done() else self.counters.conns
 
     def drain_streams(self, conns: Iterable[Conn]) -> asyncio.Future[int]:

@@ -97,7 +97,18 @@ class Worker:
         self.protocol_class: type[Conn] = type(
             "WorkerConn",
             (Conn,),
-            {"__slots__": (), "hub": self.hub, "limits": limits, "reject_bytes": reject},
+            {
+                "__slots__": (),
+                "hub": self.hub,
+                "limits": limits,
+                "reject_bytes": reject,
+                "busy_bytes": tuple(
+                    wire.error_response(
+                        503, "too many new connections, retry later", [("Retry-After", str(s))]
+                    )
+                    for s in range(1, 9)
+                ),
+            },
         )
         self.receiver: Receiver | None = None  # while taking over from the previous worker
         self.stopped = self.loop.create_future()
@@ -110,6 +121,7 @@ class Worker:
         if adopt is not None:
             self.receiver = Receiver(adopt, self._listen, self._adopt)
             self.hub.start_pings()
+            self.hub.start_admission()
             self.lag.start()
             log.info(
                 "worker %d (pid %d) waiting for a handoff at %s", self.index, os.getpid(), adopt
@@ -117,6 +129,7 @@ class Worker:
             return
         await self._listen(self._sock or make_listener(self.config.host, self.config.port))
         self.hub.start_pings()
+        self.hub.start_admission()
         self.lag.start()
 
     async def _listen(self, sock: socket.socket) -> None:

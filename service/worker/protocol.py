@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import time
 from typing import Any, ClassVar, cast
 
@@ -37,6 +38,7 @@ class Conn(asyncio.Protocol):
     hub: ClassVar[Hub]
     limits: ClassVar[Limits]
     reject_bytes: ClassVar[bytes]
+    busy_bytes: ClassVar[tuple[bytes, ...]]  # 503s with Retry-After 1..8 s, one picked at random
 
     transport: asyncio.Transport
     state: int
@@ -62,11 +64,21 @@ class Conn(asyncio.Protocol):
             transport.write(self.reject_bytes)
             transport.close()
             return
-        ctr.conns += 1
         if ADOPTING and id(self) in ADOPTING:
+            ctr.conns += 1
             ctr.adopted_total += 1
             self._adopt(ADOPTING.pop(id(self)))
             return
+        if hub.accept_tokens <= 0:
+            # Past --accept-rate: come back later, each client at its own time.
+            self.state = REJECTED
+            self.buf = None
+            ctr.rejected_total += 1
+            transport.write(random.choice(self.busy_bytes))
+            transport.close()
+            return
+        hub.accept_tokens -= 1
+        ctr.conns += 1
         ctr.accepted_total += 1
         self.state = HEAD
         buf = self.buf = bytearray()

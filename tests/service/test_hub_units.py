@@ -80,6 +80,10 @@ class Bench:
                     "hub": self.hub,
                     "limits": limits,
                     "reject_bytes": wire.error_response(503, "over the connection cap"),
+                    "busy_bytes": tuple(
+                        wire.error_response(503, "busy", [("Retry-After", str(s))])
+                        for s in range(1, 9)
+                    ),
                 },
             ),
         )
@@ -115,6 +119,7 @@ class Bench:
     def close(self) -> None:
         self.hub.stop_pings()
         self.hub.stop_deadlines()
+        self.hub.stop_admission()
         self.loop.close()
 
 
@@ -257,5 +262,37 @@ def test_the_counters_are_named_once() -> None:
     try:
         stats = b.hub.counters.as_dict()
         assert tuple(stats) == COUNTER_NAMES and set(stats.values()) == {0}
+    finally:
+        b.close()
+
+
+def test_past_the_accept_rate_new_connections_get_a_jittered_503_and_held_ones_stay() -> None:
+    """--accept-rate 50: 5 new connections per 100 ms tick; the rest of a storm is told to come
+    back at 1..8 s (spread), without being read; the next tick admits again."""
+    b = Bench(ping_interval=3600.0, accept_rate=50)
+    try:
+        b.hub.start_admission()
+        first = [b.connect(sub("s")) for _ in range(20)]
+        admitted = [t for c, t in first if not t.closed]
+        refused = [t for c, t in first if t.closed]
+        assert len(admitted) == 5 and len(refused) == 15
+        waits = {t.data.split(b"Retry-After: ")[1].split(b"\r\n")[0] for t in refused}
+        assert all(t.data.startswith(b"HTTP/1.1 503 ") for t in refused)
+        assert len(waits) > 1 and waits <= {str(s).encode() for s in range(1, 9)}  # spread
+        b.run(0.12)  # the next tick
+        later = [b.connect(sub("s")) for _ in range(6)]
+        assert sum(1 for _c, t in later if not t.closed) == 5
+        assert b.hub.counters.rejected_total == 16 and b.hub.counters.conns == 10
+        assert all(b"Welcome!" in t.data and not t.closed for t in admitted)
+    finally:
+        b.close()
+
+
+def test_without_an_accept_rate_nothing_is_refused() -> None:
+    b = Bench(ping_interval=3600.0)
+    try:
+        b.hub.start_admission()
+        assert not any(t.closed for _c, t in (b.connect(sub("s")) for _ in range(500)))
+        assert b.hub.counters.rejected_total == 0
     finally:
         b.close()
