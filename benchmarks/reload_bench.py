@@ -160,6 +160,7 @@ def main() -> None:
         pub.start()
         time.sleep(2)
         reloads = []
+        fds1st = rss1st = 0
         for _ in range(args.reloads):
             r = svc.ask({"op": "reload"})
             assert r["ok"], r
@@ -169,6 +170,8 @@ def main() -> None:
                 lambda: len(psutil.Process(svc.proc.pid).children()) == workers, 30, "old gone"
             )
             time.sleep(1.5)
+            if len(reloads) == 1:  # new processes hold a few one-time things (threads, imports)
+                fds1st, rss1st = fds_and_rss(svc.proc.pid)
         t_end = time.time()
         time.sleep(2)
         stop.set()
@@ -206,6 +209,8 @@ def main() -> None:
             "fds_before": fds0,
             "fds_after": fds1,
             "rss_mb_before": round(rss0 / 2**20, 1),
+            "fds_after_first_reload": fds1st,
+            "rss_mb_after_first_reload": round(rss1st / 2**20, 1),
             "rss_mb_after": round(rss1 / 2**20, 1),
             "cpu": psutil.cpu_count(),
         }
