@@ -272,3 +272,42 @@ def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(tmp_path)
         for s in streams:
             s.close()
         svc.stop()
+
+
+def test_a_tls_connection_cannot_move_and_is_told_to_reconnect(tmp_path) -> None:
+    """The TLS session lives in the old process: the stream gets the reconnect hint and is
+    closed (it reconnects to the new worker); the answer counts it as kept, not handed."""
+    import ssl
+
+    from benchmarks.make_test_cert import write
+
+    pki = write(tmp_path / "pki")
+    svc = Service(
+        tmp_path / "svc",
+        *("--workers", "1", "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"])),
+    )
+    try:
+        svc.wait_up(1)
+        ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        raw = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+        s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        s.sendall(
+            f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        data = b""
+        while b"Welcome!" not in data:
+            data += s.recv(65536)
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["handed"] == 0 and answer["kept"] == 1, answer
+        s.settimeout(10)
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (ssl.SSLError, OSError):
+            pass  # the server closed: an abrupt TLS close is fine here
+        assert b"event: reconnect" in data
+        s.close()
+        sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
+        assert sent["ok"]  # and the new worker serves
+    finally:
+        svc.stop()
