@@ -332,36 +332,30 @@ class Conn(asyncio.Protocol):
         self.transport.write(wire.error_response(err.status, err.reason, extra, cors))
         self.close()
 
-    def close(self) -> None:
+    def _leave(self, state: int) -> bool:
+        """Out of the hub's sets, into ``state`` (DONE or HANDED); False if it had left."""
         if self.state >= DONE:
-            return
-        self.state = DONE
+            return False
+        self.state = state
         self.buf = None
         if self.subs is not None:
             self.subs.discard(self)
             self.subs = None
-        self.transport.close()
+        return True
+
+    def close(self) -> None:
+        if self._leave(DONE):
+            self.transport.close()
 
     def let_go(self) -> None:
         """The successor adopted this connection: forget it here without closing it (its socket
         lives on in the other process; closing our descriptor sends nothing)."""
-        if self.state >= DONE:
-            return
-        self.state = HANDED
-        self.hub.counters.handed_total += 1
-        self.buf = None
-        if self.subs is not None:
-            self.subs.discard(self)
-            self.subs = None
-        self.transport.abort()
+        if self._leave(HANDED):
+            self.hub.counters.handed_total += 1
+            self.transport.abort()
 
     def drop_slow(self) -> None:
         """Unsent data passed the cap: the client is not reading; abort, do not buffer more."""
-        if self.state >= DONE:
-            return
-        self.hub.counters.slow_dropped_total += 1
-        self.state = DONE
-        if self.subs is not None:
-            self.subs.discard(self)
-            self.subs = None
-        self.transport.abort()
+        if self._leave(DONE):
+            self.hub.counters.slow_dropped_total += 1
+            self.transport.abort()

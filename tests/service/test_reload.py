@@ -3,7 +3,6 @@ the same TCP connections, under a publisher; nothing lost, nothing twice, nothin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ from typing import Any
 
 import psutil
 
-from tests.support.net import wait_for
+from tests.support.net import long_poll, wait_for
 from tests.support.service import Service
 
 CH = "news"
@@ -56,22 +55,6 @@ def _lines(data: bytes) -> list[str]:
 
 def _fields(data: bytes, prefix: bytes) -> list[bytes]:
     return [ln[len(prefix) :] for ln in data.split(b"\n") if ln.startswith(prefix)]
-
-
-def poll_once(port: int, since: int, timeout: float = 30) -> tuple[tuple[str, int], dict[str, Any]]:
-    """One long-poll on a connection of its own; (its local address, the answer)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout + 10) as s:
-        local = s.getsockname()
-        s.sendall(
-            f"GET /poll/{CH}?since={since}&timeout={timeout} HTTP/1.1\r\nHost: t\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), head
-    return local, json.loads(body)
 
 
 def server_ports(pid: int) -> set[int]:
@@ -156,7 +139,7 @@ def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None
         first = svc.ask({"op": "broadcast", "data": "before", "channel": CH})
         result: dict[str, Any] = {}
         t = threading.Thread(
-            target=lambda: result.update(answer=poll_once(svc.port, since=int(first["id"])))
+            target=lambda: result.update(answer=long_poll(svc.port, CH, since=int(first["id"])))
         )
         t.start()
         time.sleep(0.5)  # the poll is waiting in the old worker

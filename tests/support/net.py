@@ -52,3 +52,24 @@ def short_dir(prefix: str = "c1m-") -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def long_poll(
+    port: int, channel: str, since: int, timeout: float = 30
+) -> tuple[tuple[str, int], dict[str, Any]]:
+    """One long-poll (``GET /poll/<channel>``) on a connection of its own: its local address
+    and the JSON answer."""
+    import json
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout + 10) as s:
+        local = s.getsockname()
+        s.sendall(
+            f"GET /poll/{channel}?since={since}&timeout={timeout} HTTP/1.1\r\nHost: t\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return local, dict(json.loads(body))
