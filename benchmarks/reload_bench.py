@@ -179,7 +179,7 @@ def main() -> None:
         if os.environ.get("RELOAD_BENCH_DEBUG"):
             for p in pollers:
                 bad = [(a, b) for a, b in zip(p.ids, p.ids[1:], strict=False) if b <= a]
-                print("poller", len(p.ids), bad[:5], file=sys.stderr)
+                print("poller", len(p.ids), bad[:5], p.errors[:3], file=sys.stderr)
         out = {
             "conns": args.conns,
             "workers": workers,

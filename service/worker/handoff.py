@@ -160,6 +160,7 @@ async def give(
             gave_listener = True
         await hub.writes_done()
         hub.stop_pings()
+        hub.deadlines.hold()  # from the snapshot on, nothing here answers these connections
         conns = hub.open_conns()
         for c in conns:
             c.transport.pause_reading()
@@ -219,6 +220,7 @@ async def give(
         return {"handed": handed, "kept": len(hub.open_conns()), "error": str(exc)}
     finally:
         sock.close()
+        hub.deadlines.release()
     # What could not move: told to reconnect, as a drain would.
     for c in kept:
         with contextlib.suppress(Exception):

@@ -172,6 +172,7 @@ class Deadlines:
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
         self._compact_at = 1024  # heap size at which stale entries are dropped
+        self.held = False
 
     def add_fixed(self, conn: Conn, token: object, delay: float) -> None:
         q = self.fifos.get(delay)
@@ -200,7 +201,21 @@ class Deadlines:
         heapq.heappush(heap, (when, next(self._seq), conn, token))
         self._maybe_arm(when)
 
+    def hold(self) -> None:
+        """No deadline fires until :meth:`release`: a handoff is moving these connections, and
+        one answered here meanwhile would be answered again by the successor."""
+        self.held = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def release(self) -> None:
+        self.held = False
+        self._maybe_arm(self.loop.time())  # what fell due meanwhile fires now
+
     def _maybe_arm(self, when: float) -> None:
+        if self.held:
+            return
         if self._handle is None or when < self._armed_at:
             if self._handle is not None:
                 self._handle.cancel()

@@ -294,3 +294,53 @@ def test_a_tls_connection_cannot_move_and_is_told_to_reconnect(tmp_path) -> None
         assert sent["ok"]  # and the new worker serves
     finally:
         svc.stop()
+
+
+def test_nothing_answers_a_connection_while_it_is_being_handed(short_dir) -> None:
+    """A long-poll whose timeout falls while its batch is on the way must not be answered by
+    the old worker (the successor answers it): once the snapshot is taken the old worker's
+    deadlines hold. Here the successor (this test) takes 1.5 s to adopt a poll due at 1 s."""
+    import asyncio
+
+    from service.worker import handoff
+    from tests.service.worker_harness import running_worker
+
+    path = str(short_dir / "handoff.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(1)
+    kept: list[socket.socket] = []
+
+    def slow_successor() -> None:
+        conn, _ = server.accept()
+        with conn:
+            msg, fds = handoff._recv(conn, 1)
+            kept.extend(socket.socket(fileno=fd) for fd in fds)
+            handoff._send(conn, {"ok": True})
+            msg, fds = handoff._recv(conn, handoff.BATCH)
+            kept.extend(socket.socket(fileno=fd) for fd in fds)
+            time.sleep(1.5)  # past the poll's deadline
+            handoff._send(conn, {"adopted": len(msg["conns"])})
+            handoff._recv(conn)  # done
+
+    with running_worker(ping_interval=30.0) as w:
+        c = socket.create_connection(("127.0.0.1", w.port), timeout=5)
+        c.sendall(f"GET /poll/{CH}?since=0&timeout=1 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        wait_for(lambda: w.stats()["conns"] == 1, 5, "the poll waiting")
+        t = threading.Thread(target=slow_successor)
+        t.start()
+        assert w.worker is not None
+        answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
+        t.join(10)
+        assert answer["handed"] == 1 and "error" not in answer, answer
+        c.settimeout(0.5)
+        try:
+            got = c.recv(65536)
+        except TimeoutError:
+            got = b""
+        finally:
+            c.close()
+        assert got == b"", got  # the old worker said nothing; it is the successor's to answer
+    for s in kept:
+        s.close()
+    server.close()
