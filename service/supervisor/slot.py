@@ -75,7 +75,6 @@ class WorkerSlot:
         self._fails = 0
         self.peer: Peer | None = None  # the pipe to the process now in the slot
         self._current: _Proc | None = None
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._gated = False
@@ -188,7 +187,7 @@ class WorkerSlot:
         while True:
             try:
                 if handshake:
-                    await self._handshake()
+                    await self._handshake(p)
                 await p.reading
             except (WorkerGone, TimeoutError, ConnectionError, RuntimeError) as exc:
                 if not self.sup.stopping and self._current is p:
@@ -218,7 +217,6 @@ class WorkerSlot:
                 continue
             break
         self.peer = None
-        self._fail_ready()
         code = self.exit_code = await self._reap(p.proc)
         lived = time.monotonic() - started
         if not self.sup.stopping:
@@ -242,7 +240,6 @@ class WorkerSlot:
         self.pid = p.proc.pid
         self.peer = p.peer
         self.started_at = p.started_at
-        self._ready = p.ready
 
     async def prepare_reload(self, run_dir: str) -> tuple[_Proc, str] | dict[str, Any]:
         """Start the process that will take over this slot and wait until it is ready (its
@@ -273,12 +270,10 @@ class WorkerSlot:
             await self._discard(new, path)
             return {"index": self.index, "skipped": f"worker is {self.state}"}
         try:
-            bus = self.sup.bus
-            t0 = time.monotonic()
-            init = {"op": "init", "last_id": bus.last_id, "history": bus.history()}
-            answer = await new.peer.call({**init, **bus.resume_limits()}, 30.0)
+            answer = await new.peer.call(self._init_request(), 30.0)
             if not answer.get("ok"):
                 raise RuntimeError(f"init: {answer.get('error')}")
+            t0 = time.monotonic()
             handed = await self.request({"op": "handoff", "to": path}, HANDOFF_TIMEOUT)
             if handed.get("error"):
                 raise RuntimeError(handed["error"])
@@ -317,34 +312,29 @@ class WorkerSlot:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    async def _handshake(self) -> None:
-        assert self._ready is not None
-        ready = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT)
+    def _init_request(self) -> dict[str, Any]:
+        """``init``: the bus's last id and history, for a process about to serve this slot."""
+        bus = self.sup.bus
+        return {
+            "op": "init",
+            "last_id": bus.last_id,
+            "history": bus.history(),
+            **bus.resume_limits(),
+        }
+
+    async def _handshake(self, p: _Proc) -> None:
+        ready = await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
         if ready.get("pid") not in (None, self.pid):
             log.info(
                 "worker %d reports pid %s (started %s)", self.index, ready.get("pid"), self.pid
             )
-        bus = self.sup.bus
         # Under the broadcast lock, a message is either in the history sent now or fanned out to
         # this worker after it is up: never both, never neither.
         async with self.sup.broadcast_lock:
-            await self.request(
-                {
-                    "op": "init",
-                    "last_id": bus.last_id,
-                    "history": bus.history(),
-                    **bus.resume_limits(),
-                },
-                30.0,
-            )
+            await self.request(self._init_request(), 30.0)
             self.state = "up"
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
-
-    def _fail_ready(self) -> None:
-        if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(WorkerGone("exited before it was ready"))
-            self._ready.exception()
 
     async def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
         """The pipe is closed; the process should be gone or going. Make sure it is."""

@@ -36,11 +36,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from service.worker.protocol import _EXPIRES, _KEEPALIVE, Conn
 from service.worker.states import DONE, HEAD, LAST_STREAM, POLL
 
 if TYPE_CHECKING:
     from service.worker.hub import Hub
-    from service.worker.protocol import Conn
 
 log = logging.getLogger("comet.worker")
 
@@ -85,8 +85,6 @@ def state_of(
     now: float,
 ) -> dict[str, Any] | None:
     """What the successor needs to go on with ``c``; None for a connection that cannot move."""
-    from service.worker.protocol import _EXPIRES, _KEEPALIVE
-
     state = c.state
     if state <= LAST_STREAM:
         channel = channels.get(id(c))
@@ -249,7 +247,6 @@ class Receiver:
         self.sock.bind(path)
         self.sock.listen(1)
         self.adopted = 0
-        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -276,13 +273,9 @@ class Receiver:
                         await loop.run_in_executor(None, _send, conn, {"adopted": len(states)})
                     elif msg.get("done"):
                         break
-            if not self.done.done():
-                self.done.set_result(self.adopted)
+            log.info("adopted %d connections from the previous worker", self.adopted)
         except Exception as exc:
             log.error("adopting from the previous worker failed: %s", exc)
-            if not self.done.done():
-                self.done.set_exception(exc)
-                self.done.exception()
         finally:
             self.close()
 
