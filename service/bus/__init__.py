@@ -22,6 +22,8 @@ __all__ = ["Msg", "Bus", "BusUnavailable", "make_bus"]
 
 RemoteHandler = Callable[[Msg], Awaitable[None]]
 SeedHandler = Callable[[], Awaitable[None]]
+# Awaited when resume_limits() grew (more ids a resume gets a reset for), before the next message.
+LimitsHandler = Callable[[], Awaitable[None]]
 
 
 class BusUnavailable(Exception):
@@ -38,9 +40,16 @@ class Bus(Protocol):
     # True: publish() only numbers and stores; the message comes back through on_remote.
     delivers_own: bool
 
-    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
+    async def start(
+        self,
+        on_remote: RemoteHandler,
+        on_seeded: SeedHandler | None = None,
+        on_limits: LimitsHandler | None = None,
+    ) -> None:
         """Begin; ``on_seeded`` is awaited if the history arrives only after start() returned
-        (Redis was down then), before any message is delivered, so workers can take it."""
+        (Redis was down then), before any message is delivered, so workers can take it;
+        ``on_limits`` when ``resume_limits()`` grew while running (Redis lost its data, or
+        messages left the feed unread), before the next message is delivered."""
         ...
 
     async def close(self) -> None: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from service.bus import RemoteHandler, SeedHandler
+from service.bus import LimitsHandler, RemoteHandler, SeedHandler
 from service.bus.cluster import cluster_view, node_summary
 from service.bus.history import History
 from service.bus.store import Store
@@ -36,7 +36,12 @@ class LocalBus:
                 self._history.add(msg)
             self._limits = {"pruned": loaded.pruned, "hole": loaded.hole}
 
-    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
+    async def start(
+        self,
+        on_remote: RemoteHandler,
+        on_seeded: SeedHandler | None = None,
+        on_limits: LimitsHandler | None = None,
+    ) -> None:
         # One node: nobody else publishes, so there is nothing to listen to.
         return None
 

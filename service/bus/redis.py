@@ -12,7 +12,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from service.bus import BusUnavailable, RemoteHandler, SeedHandler
+from service.bus import BusUnavailable, LimitsHandler, RemoteHandler, SeedHandler
 from service.bus.cluster import cluster_view, node_summary
 from service.bus.history import History
 from service.bus.store import clock_floor
@@ -20,11 +20,14 @@ from service.contracts import Frame, Msg
 
 log = logging.getLogger("comet.bus")
 
-# KEYS: seq, feed, history stream of the message's channel, set of channels with history.
-# ARGV: message JSON without its id, feed length, history length, history TTL ms, channel or "".
-# One script, so numbering and appending are atomic: the feed holds messages in id order even
-# when several nodes publish at the same instant, and every node delivers in that order.
+# KEYS: seq, feed, history stream of the message's channel, set of channels with history, epoch.
+# ARGV: message JSON without its id, feed length, history length, history TTL ms, channel or "",
+# the epoch this node follows. One script, so numbering and appending are atomic: the feed holds
+# messages in id order even when several nodes publish at the same instant, and every node
+# delivers in that order. A Redis that lost its data since this node last connected (another
+# epoch, or none) refuses: its sequence may start below the ids this node's clients hold.
 PUBLISH_LUA = """
+if redis.call('GET', KEYS[5]) ~= ARGV[6] then return redis.error_reply('EPOCH changed') end
 local id = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'm', ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'id', id, 'm', ARGV[1])
@@ -40,6 +43,19 @@ local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local want = tonumber(ARGV[1])
 if cur < want then redis.call('SET', KEYS[1], want) end
 return cur
+"""
+
+# KEYS: epoch, seq. ARGV: a new epoch value "<random hex>:<floor>", the floor. A Redis without an
+# epoch key is new or lost its data (restarted without persistence, flushed): the epoch is set and
+# the sequence raised to the clock floor in one step, so no node can number below it in between.
+# Answers {1 if this call set it, the epoch now, the sequence before}.
+EPOCH_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if cur < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) end
+  return {1, ARGV[1], cur}
+end
+return {0, redis.call('GET', KEYS[1]), 0}
 """
 
 # KEYS: the channel set. ARGV: the history-stream prefix, then channel names whose stream looked
@@ -124,6 +140,7 @@ class RedisBus:
         )
         self._publish_script = self._redis.register_script(PUBLISH_LUA)
         self._raise_seq_script = self._redis.register_script(RAISE_SEQ_LUA)
+        self._epoch_script = self._redis.register_script(EPOCH_LUA)
         self._forget_script = self._redis.register_script(FORGET_CHANNELS_LUA)
         self.k_seq = prefix + "seq"
         self.k_feed = prefix + "feed"
@@ -133,6 +150,7 @@ class RedisBus:
         self.k_node = prefix + "node:"
         # A Redis that lost its data (restarted without persistence, flushed) has no epoch key.
         self.k_epoch = prefix + "epoch"
+        self._epoch: str | None = None  # the epoch this node follows (None before first contact)
         self._hole: tuple[int, int] | None = None  # ids a resume cannot be honoured for
         self._history = History(history_size, history_max_age)
         self._last_id = 0  # the last id read from the feed (or seeded)
@@ -149,15 +167,22 @@ class RedisBus:
         self._missed = 0
         self._on_remote: RemoteHandler | None = None
         self._on_seeded: SeedHandler | None = None
+        self._on_limits: LimitsHandler | None = None
         self._started = False
         self._task: asyncio.Task[None] | None = None
         self._attempted: asyncio.Event | None = None
         self._frame_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    async def start(self, on_remote: RemoteHandler, on_seeded: SeedHandler | None = None) -> None:
+    async def start(
+        self,
+        on_remote: RemoteHandler,
+        on_seeded: SeedHandler | None = None,
+        on_limits: LimitsHandler | None = None,
+    ) -> None:
         self._on_remote = on_remote
         self._on_seeded = on_seeded
+        self._on_limits = on_limits
         self._attempted = asyncio.Event()
         self._task = asyncio.create_task(self._follow_forever(), name="redis-bus")
         with contextlib.suppress(TimeoutError):
@@ -216,7 +241,7 @@ class RedisBus:
         return out
 
     async def publish(self, data: str, channel: str | None, event: str | None) -> Msg:
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
 
         if not self._up:
             raise BusUnavailable(f"Redis at {self.url} is down ({self._error})")
@@ -227,15 +252,24 @@ class RedisBus:
         hist = self.k_all if channel is None else self.k_chan + channel
         try:
             raw = await self._publish_script(
-                keys=[self.k_seq, self.k_feed, hist, self.k_channels],
+                keys=[self.k_seq, self.k_feed, hist, self.k_channels, self.k_epoch],
                 args=[
                     body,
                     FEED_MAXLEN,
                     self.history_size,
                     int(self.history_max_age * 1000),
                     channel or "",
+                    self._epoch or "",
                 ],
             )
+        except ResponseError as exc:
+            if "EPOCH" not in str(exc):
+                raise BusUnavailable(f"Redis at {self.url}: {_describe(exc)}") from None
+            # Nothing was numbered. The follower notices within a read and catches up.
+            raise BusUnavailable(
+                f"Redis at {self.url} lost its data (restarted without persistence, or "
+                "flushed); this node is catching up, try again in a moment"
+            ) from None
         except (RedisError, OSError) as exc:
             # The follower notices the outage on its own connection and reconnects.
             raise BusUnavailable(f"Redis at {self.url}: {_describe(exc)}") from None
@@ -291,6 +325,8 @@ class RedisBus:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
+            except _EpochChanged:
+                continue  # connect again at once: _connect() finds out what was lost
             except Exception as exc:
                 self._went_down(exc)
             if self._attempted is not None:
@@ -331,12 +367,15 @@ class RedisBus:
             # Connections pooled before an outage are dead; start every command on a fresh one.
             await self._redis.connection_pool.disconnect()
         await self._redis.ping()
-        fresh = bool(await self._redis.set(self.k_epoch, os.urandom(8).hex(), nx=True))
+        # A new or emptied Redis: without a floor, a cluster restarted together with it would
+        # number from 1 again. The clock floor is above every id issued before (store.py).
+        floor = clock_floor()
+        answer: Any = await self._epoch_script(
+            keys=[self.k_epoch, self.k_seq], args=[f"{os.urandom(8).hex()}:{floor}", floor]
+        )
+        fresh, raw_epoch, before = int(answer[0]), answer[1], int(answer[2])
+        epoch = raw_epoch.decode() if isinstance(raw_epoch, bytes) else str(raw_epoch)
         if fresh:
-            # A new or emptied Redis: without a floor, a cluster restarted together with it would
-            # number from 1 again. The clock floor is above every id issued before (store.py).
-            floor = clock_floor()
-            before = int(await self._raise_seq_script(keys=[self.k_seq], args=[floor]))
             log.warning(
                 "bus: Redis at %s had no epoch (new, restarted without its data, or flushed); "
                 "id sequence raised from %d to %d so ids never go back",
@@ -344,6 +383,9 @@ class RedisBus:
                 before,
                 floor,
             )
+        if self._epoch is not None and epoch != self._epoch:
+            await self._data_lost(epoch)
+        self._epoch = epoch
         if not self._seeded:
             await self._seed()
             self._seeded = True
@@ -413,11 +455,40 @@ class RedisBus:
             upto,
         )
 
+    async def _data_lost(self, epoch: str) -> None:
+        """Redis has another epoch than the one this node followed: it lost its data while we
+        were away. Ids go on above its new floor; what the old Redis held that this node had not
+        read yet is unknown, so a resume from any id up to that floor gets a reset."""
+        _, _, digits = epoch.rpartition(":")
+        floor = int(digits) if digits.isdigit() else 0  # an epoch written by an older version
+        upto = max(floor, self._last_id)
+        self._hole = (0, upto if self._hole is None else max(upto, self._hole[1]))
+        log.warning(
+            "bus: Redis at %s lost its data while this node followed it (restarted without "
+            "persistence, or flushed); ids go on above %d, and a resume from id %d or below "
+            "gets a reset (what it held that this node had not read is unknown)",
+            self.url,
+            upto,
+            upto,
+        )
+        self._last_id = upto  # the new feed's first message is the next one, not a gap
+        self._pos = "0-0"  # a new feed: read it from its start
+        if self._on_limits is not None:
+            await self._on_limits()
+
+    async def _current_epoch(self) -> str | None:
+        raw: Any = await self._redis.get(self.k_epoch)
+        return None if raw is None else raw.decode()
+
     async def _follow(self) -> None:
         while True:
-            answer: Any = await self._redis.xread(
-                {self.k_feed: self._pos}, count=READ_COUNT, block=READ_BLOCK_MS
-            )
+            # The epoch with every read: a flush leaves the connection up and the read blocking.
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self.k_epoch)
+            pipe.xread({self.k_feed: self._pos}, count=READ_COUNT, block=READ_BLOCK_MS)
+            raw_epoch, answer = await pipe.execute()
+            if raw_epoch is None or raw_epoch.decode() != self._epoch:
+                raise _EpochChanged
             for _stream, entries in answer or []:
                 for pos, fields in entries:
                     self._pos = pos.decode() if isinstance(pos, bytes) else str(pos)
@@ -431,6 +502,8 @@ class RedisBus:
             log.warning("bus: skipping message %d, not newer than %d", msg["id"], self._last_id)
             return
         if self._last_id and msg["id"] > self._last_id + 1:
+            if await self._current_epoch() != self._epoch:
+                raise _EpochChanged  # read from a new feed after the epoch check: not a gap
             missed = msg["id"] - self._last_id - 1
             self._missed += missed
             log.warning(
@@ -439,6 +512,11 @@ class RedisBus:
                 missed,
                 msg["id"],
             )
+            # A client at any id below the last one missed needs it: a reset, never a gap.
+            top = msg["id"] - 2
+            self._hole = (0, top if self._hole is None else max(top, self._hole[1]))
+            if self._on_limits is not None:
+                await self._on_limits()
         self._last_id = msg["id"]
         assert self._on_remote is not None
         try:
@@ -446,6 +524,10 @@ class RedisBus:
         except Exception:
             # A delivery problem here is not a Redis problem; keep following.
             log.exception("bus: delivering message %d failed", msg["id"])
+
+
+class _EpochChanged(Exception):
+    """The Redis being followed is not the one this node connected to (lost its data)."""
 
 
 def _decode_entry(entry: tuple[Any, dict[bytes, bytes]]) -> Msg | None:

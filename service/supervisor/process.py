@@ -341,7 +341,7 @@ class Supervisor:
             self.worker_config.port = port
             log.info("--port 0: workers listen on port %d", port)
 
-        await self.bus.start(self._remote_message, self._reseed_workers)
+        await self.bus.start(self._remote_message, self._reseed_workers, self._limit_workers)
         await self.control.start()
         try:
             self.csv = CsvLog(
@@ -390,6 +390,19 @@ class Supervisor:
             len(slots) - failed,
             f", {failed} failed" if failed else "",
         )
+
+    async def _limit_workers(self) -> None:
+        """The bus learnt of ids it cannot honour any more (Redis lost its data, messages left
+        its feed unread): tell every running worker, before the next message is delivered."""
+        limits = {"op": "limits", **self.bus.resume_limits()}
+        async with self.broadcast_lock:
+            slots = [s for s in self.slots if s.usable]
+            answers = await asyncio.gather(
+                *(s.request(limits, 10.0) for s in slots), return_exceptions=True
+            )
+        failed = sum(1 for a in answers if isinstance(a, BaseException))
+        if failed:
+            log.warning("resume limits not taken by %d of %d workers", failed, len(slots))
 
     async def _remote_message(self, msg: Msg) -> None:
         """A message from the multi-node bus (any node's, ours too): deliver it here."""

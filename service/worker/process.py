@@ -274,6 +274,7 @@ class ControlChannel:
             writer,
             {
                 "init": self.init,
+                "limits": self.limits,
                 "stats": self.stats,
                 "broadcast": self.broadcast,
                 "quiet": self.quiet,
@@ -303,6 +304,14 @@ class ControlChannel:
         self.worker.init(
             int(req.get("last_id", 0)),
             list(req.get("history") or []),
+            {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
+            (int(hole[0]), int(hole[1])) if hole else None,
+        )
+        return {}
+
+    async def limits(self, req: Message) -> Message:
+        hole = req.get("hole")
+        self.worker.hub.limit_resumes(
             {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
             (int(hole[0]), int(hole[1])) if hole else None,
         )

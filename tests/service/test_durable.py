@@ -4,6 +4,7 @@ Every resuming client gets every message exactly once or an explicit reset, neve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.admin_api.redis_server import RedisServer
 from tests.support.net import wait_for
 from tests.support.service import Service
 
@@ -293,3 +295,119 @@ def test_long_polls_across_workers_see_each_message_once(tmp_path):
         assert seen == sent  # each once, in order, none missed
     finally:
         svc.stop()
+
+
+@pytest.mark.redis
+def test_redis_restarted_without_its_data_ids_go_on_and_resumes_across_it_get_reset(short_dir):
+    """Two nodes on one Redis without persistence, a publisher at ~20/s on the first. Redis is
+    killed and started empty: ids go on above every earlier one, the live streams on both nodes
+    get every acknowledged message once and in order, neither node reports messages missed
+    (the jump to the new floor is not a gap), and a resume from before the loss gets a reset on
+    either node (what the old Redis held that a node had not read is unknown), while a resume
+    from after it replays exactly."""
+    redis = RedisServer(short_dir)
+    redis.start()
+    nodes: list[Service] = []
+    stop = threading.Event()
+    acked: list[int] = []
+    live: list[LiveSSE] = []
+    thread = threading.Thread()
+    try:
+        for name in ("a", "b"):
+            svc = Service(short_dir / name, "--workers", "2", "--bus", redis.url, "--node-id", name)
+            nodes.append(svc)
+        for svc in nodes:
+            svc.wait_up(2, with_frame=True)
+        a, b = nodes
+        live.extend(LiveSSE(svc.port) for svc in nodes)
+
+        def publisher() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                answer = a.ask({"op": "broadcast", "data": f"p{i}", "channel": CH})
+                if answer.get("ok"):
+                    acked.append(int(answer["id"]))
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=publisher)
+        thread.start()
+        wait_for(lambda: len(acked) >= 10, 10, "10 acknowledged messages")
+        redis.kill()
+        before = acked[-1]
+        wait_for(lambda: a.frame()["bus"]["up"] is False, 10, "the bus down on a")
+        redis.start()  # same port, empty
+        wait_for(lambda: sum(i > before for i in acked) >= 10, 20, "10 messages after")
+        stop.set()
+        thread.join(10)
+        after = [i for i in acked if i > before]
+        assert after[0] > before + 1_000_000  # above the clock floor: ids never went back
+        for c in live:
+            wait_for(lambda c=c: c.ids() and c.ids()[-1] >= acked[-1], 10, "the last message")
+            assert c.ids() == sorted(set(c.ids())) and set(acked) <= set(c.ids())
+        for svc in nodes:
+            assert svc.frame()["bus"]["missed_total"] == 0, svc.frame()["bus"]
+            assert "left the feed" not in svc.log()
+            for since in (before, acked[0]):
+                raw = http(
+                    svc.port,
+                    f"/sub/{CH}",
+                    f"Accept: text/event-stream\r\nLast-Event-ID: {since}\r\n",
+                    until=b"event: reset",
+                    timeout=5,
+                )
+                assert [e.get("event") for e in sse_events(raw)][:2] == ["welcome", "reset"], raw
+                assert poll(svc.port, since)["reset"] is True
+            mid = after[len(after) // 2]
+            replay = http(
+                svc.port,
+                f"/sub/{CH}",
+                f"Accept: text/event-stream\r\nLast-Event-ID: {mid}\r\n",
+                until=f"id: {after[-1]}\n".encode(),
+                timeout=5,
+            )
+            events = [e for e in sse_events(replay) if e.get("event") != "welcome"]
+            assert [int(e["id"]) for e in events] == [i for i in after if i > mid]
+            polled = poll(svc.port, mid)
+            assert [m["id"] for m in polled["messages"]] == [i for i in after if i > mid], polled
+    finally:
+        for c in live:
+            c.close()
+        stop.set()
+        if thread.is_alive():
+            thread.join(10)
+        for svc in nodes:
+            svc.stop()
+        redis.kill()
+
+
+class LiveSSE:
+    """An SSE stream read by a thread: the ids it got, in arrival order."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(
+            f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        self.raw = b""
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            self.raw += chunk
+
+    def ids(self) -> list[int]:
+        return [int(line[4:]) for line in self.raw.decode().split("\n") if line.startswith("id: ")]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)

@@ -112,3 +112,51 @@ def test_publish_numbers_seed_and_forget_expired_channels(redis_url: str) -> Non
                 await closed.close()
 
     asyncio.run(main())
+
+
+def test_a_flushed_redis_is_found_out_ids_go_on_and_resumes_before_it_are_limited(
+    redis_url: str,
+) -> None:
+    """FLUSHALL leaves every connection up and the follower's read blocking: the node finds the
+    lost epoch on its next read, a publish in between is refused rather than numbered from 1,
+    and the workers are told (``on_limits``) that resumes up to the new floor get a reset."""
+
+    async def main() -> None:
+        got: list[Msg] = []
+        limited: list[dict[str, Any]] = []
+
+        async def deliver(msg: Msg) -> None:
+            got.append(msg)
+
+        bus = RedisBus(redis_url, history_size=10, history_max_age=300, node_id="one", node_ttl=2)
+
+        async def on_limits() -> None:
+            limited.append(bus.resume_limits())
+
+        await bus.start(deliver, None, on_limits)
+        first = [(await bus.publish(f"m{i}", "a", None))["id"] for i in range(3)]
+        while len(got) < 3:
+            await asyncio.sleep(0.02)
+        other = RedisBus(redis_url, 10, 300, "other", 2)
+        await other._redis.flushall()
+        # The follower notices within one read (READ_BLOCK_MS) and catches up; a publish that
+        # gets to Redis first is refused, never numbered from 1.
+        new_id = None
+        for _ in range(100):
+            try:
+                new_id = (await bus.publish("after", "a", None))["id"]
+                break
+            except BusUnavailable as exc:
+                assert "lost its data" in str(exc) or "down" in str(exc), exc
+                await asyncio.sleep(0.05)
+        assert new_id is not None and new_id > first[-1] + 1_000_000
+        while len(got) < 4:
+            await asyncio.sleep(0.02)
+        assert [m["id"] for m in got] == [*first, new_id]
+        assert bus.status()["missed_total"] == 0
+        assert len(limited) == 1 and limited[0]["hole"][0] == 0
+        assert first[-1] < limited[0]["hole"][1] < new_id
+        await other._redis.aclose()
+        await bus.close()
+
+    asyncio.run(main())
