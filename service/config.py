@@ -141,6 +141,15 @@ class Config:
         "live top-like screen: auto (when stdout is a terminal), on, off",
     )
     log_level: str = opt("info", "logging level: debug, info, warning, error")
+    take_over: bool = opt(
+        False,
+        (
+            "start by taking over the port, every live connection and the control socket of "
+            "the service answering at --control-socket (an upgrade to a new container on the "
+            "same run volume); that service exits 0 once empty. With none answering, start as "
+            "usual"
+        ),
+    )
 
     # Scale-out
     bus: str = opt("local", "broadcast bus: 'local' or a redis:// URL for multi-node")

@@ -79,6 +79,8 @@ class Backend(Protocol):
 
     async def reload(self) -> dict[str, Any]: ...
 
+    async def handover(self, to: list[str], listeners: int) -> dict[str, Any]: ...
+
     def health(self) -> dict[str, Any]: ...
 
 
@@ -96,11 +98,17 @@ class ControlServer:
         self._conns: set[asyncio.Task[None]] = set()
         self._answering: set[_InOrder] = set()
         self._closing = False
+        self._inode: int | None = None  # the socket file this server bound (close removes only it)
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, replace: bool = False) -> None:
+        """Bind the socket; ``replace``: take the path over from a live supervisor (a takeover:
+        it keeps its connections, new ones come here)."""
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
+        if replace:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Create the file 0660 from the start instead of chmod-ing a briefly wider socket.
@@ -110,6 +118,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o660)
+        self._inode = os.stat(self.path).st_ino
         self._server = await asyncio.start_unix_server(
             self._serve, sock=sock, limit=LIMIT_LINE + 64 * 1024
         )
@@ -157,8 +166,10 @@ class ControlServer:
         for task in list(self._conns):
             with contextlib.suppress(BaseException):
                 await task
+        # Only our own file: after a takeover the path is the new supervisor's.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
 
     # ---- frames ---------------------------------------------------------------------------------
     def publish_frame(self, frame: Frame) -> None:
@@ -297,9 +308,21 @@ class ControlServer:
                 return self._waited(self.backend.cluster(), "cluster")
             if op == "reload":
                 return self._waited(self.backend.reload(), None)
+            if op == "handover":
+                to = req.get("to")
+                listeners = req.get("listeners")
+                if (
+                    not isinstance(to, list)
+                    or not to
+                    or not all(isinstance(p, str) and p for p in to)
+                ):
+                    raise RequestError("handover needs 'to': a list of handoff socket paths")
+                if not isinstance(listeners, int) or isinstance(listeners, bool) or listeners < 1:
+                    raise RequestError("handover needs 'listeners': a positive integer")
+                return self._waited(self.backend.handover(to, listeners), None)
             raise RequestError(
                 f"unknown op {op!r}; expected stats, watch, broadcast, channels, health, "
-                "cluster, reload"
+                "cluster, reload, handover"
             )
         except Exception as exc:
             return _refused_by(exc)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -35,7 +36,14 @@ from service.supervisor.csvlog import CsvLog
 from service.supervisor.frames import FrameBuilder, read_limits
 from service.supervisor.plan import host_warnings, plan_line
 from service.supervisor.portcheck import check_port
-from service.supervisor.slot import BROADCAST_TIMEOUT, STATS_TIMEOUT, WorkerGone, WorkerSlot
+from service.supervisor.slot import (
+    BROADCAST_TIMEOUT,
+    HANDOFF_TIMEOUT,
+    STATS_TIMEOUT,
+    WorkerGone,
+    WorkerSlot,
+    _Proc,
+)
 
 log = logging.getLogger("comet.supervisor")
 
@@ -62,20 +70,13 @@ class Supervisor:
         # connections handed so far, started (unix time), seconds, failed.
         self.reload_state: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # One node keeps its history in its own store; a Redis bus keeps it in Redis.
-        self.store = (
-            Store(config.state_path(), config.history_size, config.history_max_age)
-            if config.bus == "local"
-            else None
-        )
-        self.bus: Bus = make_bus(
-            config.bus,
-            config.history_size,
-            config.history_max_age,
-            config.node_id,
-            config.node_ttl,
-            self.store,
-        )
+        self.store: Store | None = None
+        self.bus: Bus
+        # A takeover opens the history only once the service it replaces stopped writing it.
+        self.took_over: dict[str, Any] | None = None
+        self._first: list[_Proc] = []
+        if not config.take_over:
+            self._open_history()
         self.frames = FrameBuilder(config.target_connections, config.node_id)
         self.slots: list[WorkerSlot] = []
         self.failed = False
@@ -97,6 +98,23 @@ class Supervisor:
             config.fanout_parallel if config.fanout_parallel > 0 else (os.cpu_count() or 1)
         )
 
+    def _open_history(self) -> None:
+        # One node keeps its history in its own store; a Redis bus keeps it in Redis.
+        config = self.config
+        self.store = (
+            Store(config.state_path(), config.history_size, config.history_max_age)
+            if config.bus == "local"
+            else None
+        )
+        self.bus = make_bus(
+            config.bus,
+            config.history_size,
+            config.history_max_age,
+            config.node_id,
+            config.node_ttl,
+            self.store,
+        )
+
     # ---- Backend for the control socket --------------------------------------------------------
     def latest_frame(self) -> Frame | None:
         return self._frame
@@ -109,6 +127,7 @@ class Supervisor:
             "pids": [s.pid for s in self.slots],
             "node_id": self.config.node_id,
             "store": self.store.status() if self.store is not None else None,
+            **({"took_over": self.took_over} if self.took_over is not None else {}),
         }
 
     async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
@@ -243,6 +262,56 @@ class Supervisor:
         )
         return summary
 
+    async def handover(self, to: list[str], listeners: int) -> dict[str, Any]:
+        """A new service (``--take-over``) asks for everything: worker ``i`` hands its history,
+        listener (``i < listeners``; else it closes it) and connections to the new worker
+        waiting at ``to[i]``, all under one hold of the broadcast lock. When every worker
+        handed everything, this supervisor stops (exit 0); otherwise it serves on what it kept
+        and the answer says where it failed."""
+        if self.stopping:
+            raise RequestError("the service is stopping", ErrorCode.STOPPING)
+        if self._reloading:
+            raise RequestError("a reload or handover is under way already", ErrorCode.BAD_REQUEST)
+        slots = list(self.slots)
+        if len(to) != len(slots):
+            raise RequestError(f"handover: 'to' names {len(to)} paths for {len(slots)} workers")
+        self._reloading = True
+        t0 = time.monotonic()
+        log.info("handover: a new service asks for %d workers' connections", len(slots))
+        try:
+            async with self.broadcast_lock:
+                await self.bus.committed()  # everything numbered is in the store it will open
+                results = list(
+                    await asyncio.gather(
+                        *(
+                            slot.give_away(path, i < listeners)
+                            for i, (slot, path) in enumerate(zip(slots, to, strict=True))
+                        )
+                    )
+                )
+        finally:
+            self._reloading = False
+        failed = [r for r in results if "error" in r]
+        summary = {
+            "workers": len(results),
+            "handed": sum(int(r.get("handed", 0)) for r in results),
+            "kept": sum(int(r.get("kept", 0)) for r in results),
+            "failed": len(failed),
+            "seconds": round(time.monotonic() - t0, 3),
+            "pid": os.getpid(),
+            "slots": results,
+        }
+        brief = {k: v for k, v in summary.items() if k != "slots"}
+        if failed:
+            log.error(
+                "handover failed for %d workers, serving on what they kept: %s", len(failed), brief
+            )
+        else:
+            log.info("handover done, stopping: %s", brief)
+            # After this answer has left: the control socket's close waits for it.
+            asyncio.get_running_loop().call_later(0.1, self.request_stop, "handover")
+        return summary
+
     def request_reload(self) -> None:
         """SIGHUP: reload, answered in the log."""
         task = asyncio.get_running_loop().create_task(self._reload_logged())
@@ -333,16 +402,26 @@ class Supervisor:
         for warning in host_warnings(self.config, count, read_limits()):
             log.warning("host limit: %s", warning)
 
-        check_port(self.config.host, self.config.port, self.config.allow_shared_port)
-        if self.config.port == 0:
-            self._port_sock = reserve_port(self.config.host)
-            port = self._port_sock.getsockname()[1]
-            self.worker_config = Config.from_json(self.config.to_json())
-            self.worker_config.port = port
-            log.info("--port 0: workers listen on port %d", port)
+        predecessor = await self._predecessor() if self.config.take_over else None
+        if predecessor is None:
+            if self.config.take_over:
+                log.info(
+                    "--take-over: no service answers at %s; starting on my own",
+                    self.config.control_socket,
+                )
+                self._open_history()
+            check_port(self.config.host, self.config.port, self.config.allow_shared_port)
+            if self.config.port == 0:
+                self._port_sock = reserve_port(self.config.host)
+                port = self._port_sock.getsockname()[1]
+                self.worker_config = Config.from_json(self.config.to_json())
+                self.worker_config.port = port
+                log.info("--port 0: workers listen on port %d", port)
+        elif not await self._take_over(predecessor, count):
+            return 1
 
         await self.bus.start(self._remote_message, self._reseed_workers, self._limit_workers)
-        await self.control.start()
+        await self.control.start(replace=predecessor is not None)
         try:
             self.csv = CsvLog(
                 self.config.log_dir, self.config.log_max_bytes, self.config.log_backups
@@ -351,10 +430,16 @@ class Supervisor:
         except OSError as exc:
             # The service matters more than its log: run on, and say why there is no CSV.
             log.error("CSV log disabled: cannot write in %s: %s", self.config.log_dir, exc)
-        self.screen = _make_screen(self.config)
+        if self.screen is None:
+            self.screen = _make_screen(self.config)
 
-        # A signal during start-up (the awaits above) has set _stop: spawn nothing then.
-        if not self._stop.is_set():
+        if self._first:
+            # A takeover's processes, serving already: the slots go on with them.
+            for slot, p in zip(self.slots, self._first, strict=True):
+                slot.start(p)
+            self._first = []
+        elif not self._stop.is_set():
+            # A signal during start-up (the awaits above) has set _stop: spawn nothing then.
             self.slots = [WorkerSlot(self, i) for i in range(count)]
             for slot in self.slots:
                 slot.start()
@@ -368,6 +453,96 @@ class Supervisor:
                 await ticker
             await self._shutdown()
         return 1 if self.failed else 0
+
+    async def _ask_predecessor(self, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """One request to the supervisor at our control socket path; None if none answers."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.config.control_socket, limit=1 << 24), 2.0
+            )
+        except (OSError, TimeoutError):
+            return None
+        try:
+            writer.write(json.dumps(req).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            answer = json.loads(line) if line else None
+        except (OSError, TimeoutError, ValueError) as exc:
+            log.error("takeover: %s to %s: %s", req.get("op"), self.config.control_socket, exc)
+            return None
+        finally:
+            writer.close()
+        return answer if isinstance(answer, dict) else None
+
+    async def _predecessor(self) -> dict[str, Any] | None:
+        answer = await self._ask_predecessor({"op": "health"}, 5.0)
+        return answer if answer is not None and answer.get("ok") else None
+
+    async def _take_over(self, old: dict[str, Any], count: int) -> bool:
+        """Start ``count`` workers that adopt the running service's listener, history and
+        connections (old worker i gives to new worker i % count), ask it to hand over, then
+        open the history it stopped writing. False: nothing was taken, nothing is left running."""
+        m = len(old.get("pids") or [])
+        if m == 0:
+            log.error("takeover: the service at %s has no workers", self.config.control_socket)
+            return False
+        t0 = time.monotonic()
+        log.info(
+            "takeover: the service at %s (%d workers, port %s) is running; starting %d workers "
+            "to take over its connections",
+            self.config.control_socket,
+            m,
+            old.get("port"),
+            count,
+        )
+        self.screen = _make_screen(self.config)  # the workers' stderr goes beside it
+        run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
+        givers = [len(range(j, m, count)) for j in range(count)]
+        paths = [
+            os.path.join(run_dir, f"takeover-{os.getpid()}-{j}.sock") if givers[j] else None
+            for j in range(count)
+        ]
+        self.slots = [WorkerSlot(self, j) for j in range(count)]
+        started = await asyncio.gather(
+            *(s.start_for_takeover(paths[j], givers[j]) for j, s in enumerate(self.slots))
+        )
+        ready = [p for p in started if p is not None]
+        if len(ready) < count:
+            log.error(
+                "takeover: %d of %d new workers did not start; the running service is left as "
+                "it is",
+                count - len(ready),
+                count,
+            )
+            for slot, p in zip(self.slots, started, strict=True):
+                if p is not None:
+                    await slot.discard(p, paths[slot.index])
+            return False
+        to = [cast(str, paths[i % count]) for i in range(m)]
+        answer = await self._ask_predecessor(
+            {"op": "handover", "to": to, "listeners": min(m, count)}, HANDOFF_TIMEOUT + 30
+        )
+        if answer is not None and not answer.get("ok"):
+            log.error("takeover refused by the running service: %s", answer.get("error"))
+            for slot, p in zip(self.slots, ready, strict=True):
+                await slot.discard(p, paths[slot.index])
+            return False
+        if answer is None:
+            # It may have handed some: keep what came; the workers listen by themselves.
+            log.error("takeover: no answer to handover; serving what was handed, if anything")
+            answer = {}
+        self.took_over = {
+            "from_pid": answer.get("pid"),
+            "workers": m,
+            "handed": answer.get("handed"),
+            "kept": answer.get("kept"),
+            "failed": answer.get("failed"),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        (log.error if answer.get("failed") else log.info)("takeover: %s", self.took_over)
+        self._open_history()
+        self._first = ready
+        return True
 
     async def _reseed_workers(self) -> None:
         """The bus found its history only after the workers started (Redis was down then):

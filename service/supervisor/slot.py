@@ -86,10 +86,11 @@ class WorkerSlot:
     def usable(self) -> bool:
         return self.state == "up" and self.peer is not None and not self.peer.writer.is_closing()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"worker-{self.index}")
+    def start(self, first: _Proc | None = None) -> None:
+        """Keep a process in this slot; ``first``: one already started (a takeover's)."""
+        self._task = asyncio.create_task(self._run(first), name=f"worker-{self.index}")
 
-    async def _run(self) -> None:
+    async def _run(self, first: _Proc | None = None) -> None:
         """Keep a process in this slot until the supervisor drains."""
         delay = 0.0
         while not self.sup.stopping:
@@ -97,7 +98,8 @@ class WorkerSlot:
                 await self.sup.sleep_unless_stopping(delay)
                 if self.sup.stopping:
                     break
-            lived = await self._one_life()
+            lived = await self._one_life(first)
+            first = None
             if self.sup.stopping:
                 break
             if self.exit_code == EXIT_CANNOT_LISTEN:
@@ -112,14 +114,14 @@ class WorkerSlot:
             )
         self._exited.set()
 
-    async def _one_life(self) -> float:
+    async def _one_life(self, first: _Proc | None = None) -> float:
         """Start one process, serve its pipe until it closes; return how long it lived."""
         # Start-up is CPU-bound (imports); 52 workers booting at once on 2 cores would all be
         # slow and could pass the ready timeout, so only a few start at the same time.
         await self.sup.start_gate.acquire()
         self._gated = True
         try:
-            return await self._one_life_started()
+            return await self._one_life_started(first)
         finally:
             self._release_gate()
 
@@ -128,15 +130,17 @@ class WorkerSlot:
             self._gated = False
             self.sup.start_gate.release()
 
-    async def _spawn(self, adopt: str | None = None) -> _Proc | None:
+    async def _spawn(self, adopt: str | None = None, givers: int = 1) -> _Proc | None:
         """Start ``python -m service.worker`` for this slot and open its pipe; None if it could
-        not be started. With ``adopt``, it takes over from the process now in the slot."""
+        not be started. With ``adopt``, it takes over from the process now in the slot (or from
+        ``givers`` workers of a service being taken over)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env["COMET_WORKER_CONFIG"] = self.sup.worker_config.to_json()
         env["COMET_WORKER_INDEX"] = str(self.index)
         if adopt is not None:
             env["COMET_WORKER_ADOPT"] = adopt
+            env["COMET_WORKER_ADOPT_GIVERS"] = str(givers)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
@@ -174,10 +178,10 @@ class WorkerSlot:
 
         return _Proc(proc, peer, writer, ready, loop.create_task(read()), time.monotonic())
 
-    async def _one_life_started(self) -> float:
+    async def _one_life_started(self, first: _Proc | None = None) -> float:
         self.state = "starting"
         self.stats = None
-        p = await self._spawn()
+        p = first if first is not None else await self._spawn()
         if p is None:
             self.state = "down"
             return 0.0
@@ -301,7 +305,48 @@ class WorkerSlot:
             await self._discard(new, path)
             return {"index": self.index, "error": str(exc) or type(exc).__name__}
 
-    async def _discard(self, new: _Proc, path: str) -> None:
+    async def start_for_takeover(self, path: str | None, givers: int) -> _Proc | None:
+        """A process for this slot that adopts from ``givers`` workers of the service being
+        taken over (at ``path``), or listens by itself when none gives to it; ready or None."""
+        p = await self._spawn(adopt=path, givers=givers) if path else await self._spawn()
+        if p is None:
+            return None
+        try:
+            await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
+        except Exception as exc:
+            log.error("worker %d: new process not ready: %s", self.index, exc)
+            await self.discard(p, path)
+            return None
+        return p
+
+    async def give_away(self, path: str, listener: bool) -> dict[str, Any]:
+        """Hand this slot's listener (or close it), history and connections to a worker of the
+        service taking this one over; the worker keeps what it could not hand."""
+        if self.state != "up" or self.peer is None:
+            return {"index": self.index, "skipped": f"worker is {self.state}"}
+        t0 = time.monotonic()
+        try:
+            handed = await self.request(
+                {"op": "handoff", "to": path, "listener": listener, "history": True},
+                HANDOFF_TIMEOUT,
+            )
+        except Exception as exc:
+            return {"index": self.index, "error": str(exc) or type(exc).__name__}
+        result: dict[str, Any] = {
+            "index": self.index,
+            "pid": self.pid,
+            "handed": int(handed.get("handed", 0)),
+            "kept": int(handed.get("kept", 0)),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        if handed.get("error"):
+            result["error"] = str(handed["error"])
+        return result
+
+    async def discard(self, new: _Proc, path: str | None) -> None:
+        await self._discard(new, path)
+
+    async def _discard(self, new: _Proc, path: str | None) -> None:
         """A new process that will not take over: stopped, its pipe and socket gone."""
         new.proc.kill()
         new.reading.cancel()
@@ -309,8 +354,9 @@ class WorkerSlot:
             await new.reading
         new.writer.close()
         await self._reap(new.proc)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _init_request(self) -> dict[str, Any]:
         """``init``: the bus's last id and history, for a process about to serve this slot."""

@@ -5,6 +5,9 @@ other's event loop adopts it (``loop.connect_accepted_socket``). The giving work
 the ``handoff`` op) and the successor (``Receiver``, started with ``COMET_WORKER_ADOPT=PATH``)
 speak over a SOCK_SEQPACKET Unix socket at PATH, one message per step, fds riding along:
 
+    giver → successor   {"history": [MSG, ...]}         (only across services: see below)
+    giver → successor   {"init": {"last_id", "pruned", "hole"}}
+    successor → giver   {"ok": true}
     giver → successor   {"listener": true}            + the listening socket
     successor → giver   {"ok": true}                    (it accepts on it now; the giver stops)
     giver → successor   {"conns": [STATE, ...]}       + one socket per STATE (at most BATCH)
@@ -22,6 +25,12 @@ has after it all the same. A connection is owned by exactly one process at every
 giver lets go of a batch only when the successor says it adopted it; if the successor fails,
 the giver keeps (and goes on serving) what it still holds. TLS connections cannot move (their
 session lives in the process): they get the reconnect hint and are closed.
+
+Across services (a new container taking over, ``take_over`` in docs/architecture.md) the
+successor's supervisor cannot give it the history before the handoff, so the giver sends its own
+first (``history`` in messages under MESSAGE_MAX, then ``init``). A successor may have several
+givers (the old service had more workers): it serves each in turn, and only one of them passes
+its listener (the others close theirs).
 """
 
 from __future__ import annotations
@@ -47,6 +56,10 @@ log = logging.getLogger("comet.worker")
 BATCH = 200  # sockets per message: below SCM_MAX_FD (253)
 MESSAGE_MAX = 1 << 20
 STEP_TIMEOUT = 30.0
+# A successor whose giver has not come by then gives up waiting and listens by itself (the
+# supervisor asks for the handoff once every successor is ready and it holds its broadcast lock,
+# which a broadcast in waves to a million can hold for ~15 s).
+GIVER_TIMEOUT = 120.0
 
 
 def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -124,16 +137,51 @@ def state_of(
     return None
 
 
+def history_of(hub: Hub) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The hub's history (every ring, in id order) and what ``init`` needs beside it."""
+    rings = {"*": hub.global_ring, **hub.rings}
+    msgs = sorted((e.msg for r in rings.values() for e in r.items), key=lambda m: int(m["id"]))
+    pruned = {name: r.evicted_max for name, r in rings.items() if r.evicted_max}
+    if hub.pruned_evicted:
+        pruned[""] = hub.pruned_evicted  # no channel has this name: it sets pruned_evicted
+    return [dict(m) for m in msgs], {
+        "last_id": hub.last_id,
+        "pruned": pruned,
+        "hole": list(hub.hole) if hub.hole else None,
+    }
+
+
+def _history_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``msgs`` cut into ``{"history": [...]}`` messages well under MESSAGE_MAX each."""
+    out: list[dict[str, Any]] = []
+    part: list[dict[str, Any]] = []
+    size = 0
+    for m in msgs:
+        n = len(json.dumps(m, separators=(",", ":"))) + 1
+        if part and size + n > MESSAGE_MAX // 2:
+            out.append({"history": part})
+            part, size = [], 0
+        part.append(m)
+        size += n
+    if part:
+        out.append({"history": part})
+    return out
+
+
 async def give(
     hub: Hub,
     server: asyncio.AbstractServer | None,
     path: str,
     relisten: Callable[[], Awaitable[None]],
+    listener: bool = True,
+    history: bool = False,
 ) -> dict[str, Any]:
     """Hand the listener and every connection that can move to the successor at ``path``.
     Returns ``{"handed": n, "kept": k}``: ``kept`` could not move (TLS, unsent bytes, or the
     successor failed) and were closed with the reconnect hint (or are still served here). If
-    the successor fails after it took the listener, ``relisten`` opens a new one here."""
+    the successor fails after it took the listener, ``relisten`` opens a new one here. With
+    ``history``, the history goes first; without ``listener`` the listener is closed instead
+    of passed (another giver passes its own)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(STEP_TIMEOUT)
@@ -144,8 +192,21 @@ async def give(
     kept: list[Conn] = []
     try:
         await loop.run_in_executor(None, sock.connect, path)
+        if history:
+            msgs, init = history_of(hub)
+            for part in _history_messages(msgs):
+                await loop.run_in_executor(None, _send, sock, part)
+            await loop.run_in_executor(None, _send, sock, {"init": init})
+            answer, _ = await loop.run_in_executor(None, _recv, sock)
+            if not answer.get("ok"):
+                raise ConnectionError(f"the successor refused the history: {answer}")
         listeners = getattr(server, "sockets", None) if server is not None else None
-        if server is not None and listeners:
+        if server is not None and listeners and not listener:
+            # Another giver passes its listener; connections still queued on this one are reset
+            # (and reconnect), as when a worker stops.
+            server.close()
+            gave_listener = True
+        elif server is not None and listeners:
             fd = os.dup(listeners[0].fileno())
             try:
                 await loop.run_in_executor(None, _send, sock, {"listener": True}, [fd])
@@ -237,28 +298,61 @@ async def give(
 class Receiver:
     """The successor's end: listens at ``path``, adopts the listener and the connections."""
 
-    def __init__(self, path: str, adopt_listener: Any, adopt_conn: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        adopt_listener: Any,
+        adopt_conn: Any,
+        givers: int = 1,
+        on_init: Any = None,
+        on_end: Any = None,
+    ) -> None:
         self.path = path
         self.adopt_listener = adopt_listener  # async (socket) -> None
         self.adopt_conn = adopt_conn  # async (socket, state) -> None
+        self.on_init = on_init  # (history, init) -> None: a giver's history, across services
+        self.on_end = on_end  # async (got a listener?) -> None, once every giver is done
+        self.givers = givers
+        self.got_listener = False
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(path)
-        self.sock.listen(1)
+        self.sock.listen(max(1, givers))
+        self.sock.settimeout(GIVER_TIMEOUT)
         self.adopted = 0
-        self._task = asyncio.get_running_loop().create_task(self._serve())
+        self._task = asyncio.get_running_loop().create_task(self._serve_all())
 
-    async def _serve(self) -> None:
+    async def _serve_all(self) -> None:
+        try:
+            for _ in range(self.givers):
+                if not await self._serve():
+                    break
+        finally:
+            self.close()
+            if self.on_end is not None:
+                await self.on_end(self.got_listener)
+
+    async def _serve(self) -> bool:
+        """One giver, to its end; False if it failed."""
         loop = asyncio.get_running_loop()
+        history: list[dict[str, Any]] = []
         try:
             conn, _ = await loop.run_in_executor(None, self.sock.accept)
             conn.settimeout(STEP_TIMEOUT)
             with conn:
                 while True:
                     msg, fds = await loop.run_in_executor(None, _recv, conn, BATCH)
-                    if msg.get("listener"):
+                    if "history" in msg:
+                        history.extend(msg["history"])
+                    elif "init" in msg:
+                        if self.on_init is not None:
+                            self.on_init(history, msg["init"])
+                        history = []
+                        await loop.run_in_executor(None, _send, conn, {"ok": True})
+                    elif msg.get("listener"):
                         await self.adopt_listener(socket.socket(fileno=fds[0]))
+                        self.got_listener = True
                         await loop.run_in_executor(None, _send, conn, {"ok": True})
                     elif "conns" in msg:
                         states = msg["conns"]
@@ -273,11 +367,11 @@ class Receiver:
                         await loop.run_in_executor(None, _send, conn, {"adopted": len(states)})
                     elif msg.get("done"):
                         break
-            log.info("adopted %d connections from the previous worker", self.adopted)
+            log.info("adopted %d connections from the previous worker so far", self.adopted)
+            return True
         except Exception as exc:
             log.error("adopting from the previous worker failed: %s", exc)
-        finally:
-            self.close()
+            return False
 
     def close(self) -> None:
         self.sock.close()

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 import uvloop
@@ -115,11 +115,13 @@ class Worker:
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, adopt: str | None = None) -> None:
+    async def start(self, adopt: str | None = None, givers: int = 1) -> None:
         """Listen on the port; with ``adopt`` (a path), take the listener and the connections
-        of the worker this one replaces from there instead (service/worker/handoff.py)."""
+        of the worker(s) this one replaces from there instead (service/worker/handoff.py)."""
         if adopt is not None:
-            self.receiver = Receiver(adopt, self._listen, self._adopt)
+            self.receiver = Receiver(
+                adopt, self._listen, self._adopt, givers, self._giver_init, self._adopted_all
+            )
             self.hub.start_pings()
             self.hub.start_admission()
             self.lag.start()
@@ -162,6 +164,27 @@ class Worker:
             self.hub.cap,
         )
 
+    def _giver_init(self, history: list[dict[str, Any]], init: dict[str, Any]) -> None:
+        """A giver from another service sent its history first (handoff.py)."""
+        pruned = {str(k): int(v) for k, v in (init.get("pruned") or {}).items()}
+        self.hub.pruned_evicted = max(self.hub.pruned_evicted, pruned.pop("", 0))
+        hole = init.get("hole")
+        self.init(
+            int(init.get("last_id", 0)),
+            history,
+            pruned,
+            (int(hole[0]), int(hole[1])) if hole else None,
+        )
+
+    async def _adopted_all(self, got_listener: bool) -> None:
+        """Every giver is done (or failed): without a listener from one, open our own."""
+        if not got_listener and self._server is None and not self.hub.draining:
+            log.warning("worker %d: no listener was handed over; opening one", self.index)
+            try:
+                await self._listen(make_listener(self.config.host, self.config.port))
+            except OSError as exc:
+                log.error("worker %d: cannot listen: %s", self.index, exc)
+
     async def _adopt(self, sock: socket.socket, state: dict[str, Any]) -> None:
         """One connection of the previous worker, going on here (Conn._adopt)."""
 
@@ -179,25 +202,30 @@ class Worker:
             for conn in made:
                 ADOPTING.pop(id(conn), None)
 
-    async def handoff(self, path: str) -> dict[str, Any]:
+    async def handoff(
+        self, path: str, listener: bool = True, history: bool = False
+    ) -> dict[str, Any]:
         """Give the listener and every connection to the successor listening at ``path``."""
 
         async def relisten() -> None:
             await self._listen(make_listener(self.config.host, self.port))
 
-        return await give(self.hub, self._server, path, relisten)
+        return await give(self.hub, self._server, path, relisten, listener, history)
 
     def init(
         self,
         last_id: int,
-        history: list[Mapping[str, Any]],
+        history: Sequence[Mapping[str, Any]],
         pruned: Mapping[str, int] | None = None,
         hole: tuple[int, int] | None = None,
     ) -> None:
-        """Take the supervisor's id sequence and history (sent once, before any broadcast), and
-        what its store pruned or never held (service/store.py): resumes into those get a reset."""
+        """Take the supervisor's id sequence and history (before any broadcast), and what its
+        store pruned or never held (service/store.py): resumes into those get a reset. Sent
+        again (a giver's history first, then the supervisor's), only what is newer is taken."""
+        held = self.hub.last_id
         for msg in sorted(history, key=lambda m: int(m["id"])):
-            self.hub.record(msg)
+            if int(msg["id"]) > held:
+                self.hub.record(msg)
         self.hub.last_id = max(self.hub.last_id, int(last_id))
         self.hub.limit_resumes(pruned or {}, hole)
 
@@ -343,7 +371,9 @@ class ControlChannel:
         path = req.get("to")
         if not isinstance(path, str) or not path:
             raise ValueError("handoff needs 'to', the successor's handoff socket")
-        result = await self.worker.handoff(path)
+        result = await self.worker.handoff(
+            path, bool(req.get("listener", True)), bool(req.get("history", False))
+        )
         # Its last counters, for the node's totals: this process is about to go.
         return {**result, "stats": self.worker.stats()}
 
@@ -358,7 +388,10 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
     loop = asyncio.get_running_loop()
     worker = Worker(config, loop, index)
     try:
-        await worker.start(os.environ.get("COMET_WORKER_ADOPT") or None)
+        await worker.start(
+            os.environ.get("COMET_WORKER_ADOPT") or None,
+            int(os.environ.get("COMET_WORKER_ADOPT_GIVERS") or 1),
+        )
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         sys.exit(EXIT_CANNOT_LISTEN)

@@ -1,0 +1,169 @@
+"""``--take-over``: a second service on the same run directory (a new container beside the old)
+takes the port, every live connection, the history and the control socket from the running
+one, which exits 0; clients stay on their TCP connections and miss nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.service.test_reload import Stream, server_ports
+from tests.support.net import long_poll, wait_for
+from tests.support.service import Service
+
+CH = "news"
+
+
+def successor(tmp: Path, old: Service, workers: int, *args: str) -> Service:
+    """A service on ``old``'s port, control socket and state, started with --take-over."""
+    svc = Service(
+        tmp,
+        "--workers",
+        str(workers),
+        "--ping-interval",
+        "30",
+        "--control-socket",
+        old.control_path,
+        "--state-dir",
+        str(old.log_dir / "state"),
+        "--take-over",
+        *args,
+        port=old.port,
+    )
+    svc.control_path = old.control_path
+    return svc
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 2), (3, 2), (1, 2)])
+def test_a_new_service_takes_over_every_connection_under_a_publisher(
+    short_dir: Path, before: int, after: int
+) -> None:
+    old = Service(short_dir / "old", "--workers", str(before), "--ping-interval", "30")
+    new: Service | None = None
+    streams: list[Stream] = []
+    stop = threading.Event()
+    acked: list[int] = []
+    current = {"svc": old}
+    pub = threading.Thread()
+    poll: dict[str, Any] = {}
+    try:
+        old.wait_up(before)
+        for i in range(12):
+            streams.append(Stream(old.port, f"/sub/{CH}", sse=i % 2 == 0))
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "12 welcomes")
+        wait_for(
+            lambda: old.ask({"op": "channels"})["channels"].get(CH) == 12, 10, "12 subscribers"
+        )
+        first = old.ask({"op": "broadcast", "data": "m1", "channel": CH})
+        acked.append(int(first["id"]))
+        poller = threading.Thread(
+            target=lambda: poll.update(answer=long_poll(old.port, "side", since=acked[0]))
+        )
+        poller.start()
+
+        def publisher() -> None:
+            # Through whichever service answers at the control socket now: during the handover
+            # the old one holds its broadcasts back; after it the new one numbers them.
+            i = 1
+            while not stop.is_set():
+                try:
+                    answer = current["svc"].ask(
+                        {"op": "broadcast", "data": f"m{i + 1}", "channel": CH}
+                    )
+                except (OSError, ValueError, AssertionError):
+                    time.sleep(0.02)
+                    continue
+                if answer.get("ok"):
+                    i += 1
+                    acked.append(int(answer["id"]))
+                time.sleep(0.05)
+
+        pub = threading.Thread(target=publisher)
+        pub.start()
+        wait_for(lambda: len(acked) >= 5, 10, "5 messages before the takeover")
+        old_pids = set(old.health()["pids"])  # type: ignore[index]
+        new = successor(short_dir / "new", old, after)
+        current["svc"] = new
+
+        def taken() -> dict[str, Any] | None:
+            assert new is not None and new.proc.poll() is None, "the new service exited"
+            h = new.health()  # the old one answers there until the new one has taken over
+            return h if h and "took_over" in h and h.get("workers") == after else None
+
+        health = wait_for(taken, 60, "the new service to take over")
+        took = health["took_over"]
+        assert took["failed"] == 0 and took["workers"] == before, took
+        assert took["handed"] >= 13 and took["kept"] == 0, took  # 12 streams + the long-poll
+        assert old.proc.wait(30) == 0  # the old service exits 0 once empty
+        assert "handover done" in old.log()
+        n = len(acked)
+        wait_for(lambda: len(acked) >= n + 10, 15, "10 messages after the takeover")
+        stop.set()
+        pub.join(10)
+        assert acked == sorted(set(acked))  # ids never went back
+        assert set(new.health()["pids"]).isdisjoint(old_pids)  # type: ignore[index]
+        final = f"m{len(acked)}\n".encode()
+        wait_for(lambda: all(final in s.data for s in streams), 10, "the last message")
+        for s in streams:
+            assert not s.closed, "a stream was closed by the takeover"
+            assert s.sock.getsockname() == s.local
+        for i, s in enumerate(streams):
+            if i % 2 == 0:
+                assert s.ids() == acked, (s.ids(), acked)  # each once, in order
+            else:
+                assert s.plain_messages() == [f"m{k}" for k in range(1, len(acked) + 1)]
+        assert {s.local[1] for s in streams} <= server_ports(new.proc.pid)
+        side = new.ask({"op": "broadcast", "data": "to the poll", "channel": "side"})
+        poller.join(20)
+        _local, body = poll["answer"]  # it waited through the takeover, on the same connection
+        assert [m["id"] for m in body["messages"]] == [side["id"]]
+        # New subscribers reach the new service on the same port; the state moved along.
+        late = Stream(new.port, f"/sub/{CH}?last_event_id={acked[-3]}", sse=True)
+        wait_for(lambda: len(late.ids()) >= 2, 10, "a late resume")
+        assert late.ids() == acked[-2:]
+        streams.append(late)
+        assert new.stop() == 0
+    finally:
+        stop.set()
+        if pub.is_alive():
+            pub.join(10)
+        for s in streams:
+            s.close()
+        if new is not None:
+            new.stop()
+        old.stop()
+
+
+def test_take_over_with_nothing_running_starts_as_usual(short_dir: Path) -> None:
+    svc = Service(short_dir, "--workers", "1", "--take-over")
+    try:
+        health = svc.wait_up(1)
+        assert "took_over" not in health
+        assert "no service answers" in svc.log()
+    finally:
+        svc.stop()
+
+
+def test_a_refused_handover_leaves_the_running_service_as_it_is(short_dir: Path) -> None:
+    """The running service is mid-reload: it refuses, the new one exits 1 and leaves nothing."""
+    old = Service(short_dir / "old", "--workers", "1")
+    try:
+        old.wait_up(1)
+        s = Stream(old.port, f"/sub/{CH}", sse=True)
+        wait_for(lambda: b"Welcome!" in s.data, 10, "welcome")
+        answer = old.ask({"op": "handover", "to": ["/nonexistent/x.sock"], "listeners": 1})
+        # A successor that is not there: the worker keeps its connection and serves on.
+        assert answer["ok"] and answer["failed"] == 1 and answer["handed"] == 0, answer
+        assert old.proc.poll() is None
+        sent = old.ask({"op": "broadcast", "data": "still here", "channel": CH})
+        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after it")
+        bad = old.ask({"op": "handover", "to": ["a", "b"], "listeners": 1})
+        assert bad["ok"] is False and "2 paths for 1 workers" in bad["error"]
+        assert old.ask({"op": "handover", "to": "x"})["ok"] is False
+        s.close()
+    finally:
+        old.stop()
