@@ -104,7 +104,10 @@ class Config:
         256 * 1024,
         "unsent bytes after which a slow subscriber is dropped",
     )
-    sse_retry_ms: int = opt(3000, "SSE reconnect hint (retry:) in milliseconds")
+    sse_retry_ms: int = opt(
+        3000,
+        "SSE reconnect delay (retry:) in milliseconds; each stream gets one in [N, 2N)",
+    )
     history_size: int = opt(1000, "messages kept per channel for SSE resume and long-poll")
     history_max_age: float = opt(300.0, "seconds a message stays in the history ring")
     limit_message_bytes: int = opt(

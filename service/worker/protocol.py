@@ -224,7 +224,10 @@ class Conn(asyncio.Protocol):
             # clear answer, not a silent close.
             self.fail(HttpError(400, "bytes after a subscribe request"))
             return
-        t.write(wire.welcome(fmt, hub.config.sse_retry_ms, cors))
+        retry = hub.config.sse_retry_ms
+        # SSE: the reconnect delay a client keeps if the whole service dies, spread over
+        # [retry, 2 * retry) so a crash's reconnects do not all land in the same second.
+        t.write(wire.welcome(fmt, retry + random.randrange(retry or 1) if r.sse else retry, cors))
         if r.sse and r.last_event_id is not None:
             entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
             if gap:

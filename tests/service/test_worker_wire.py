@@ -109,7 +109,11 @@ def test_sse_format_and_multiline(w: ThreadWorker) -> None:
         data = read_until(s, b"data: Welcome!\n\n")
         head, body = split_head(data)
         assert b"Content-Type: text/event-stream" in head
-        assert dechunk(body).startswith(b"retry: 3000\n\nevent: welcome\ndata: Welcome!\n\n")
+        text = dechunk(body)
+        assert text.startswith(b"retry: ") and text.endswith(
+            b"\n\nevent: welcome\ndata: Welcome!\n\n"
+        )
+        assert 3000 <= int(text[7:].split(b"\n")[0]) < 6000  # jittered per connection
         wait_for(lambda: channel_count(w, "ssefmt") == 1)
         w.broadcast("l1\nl2", channel="ssefmt", event="ev")
         got = read_until(s, b"data: l2\n\n")
