@@ -19,12 +19,20 @@ the drain hint (SSE ``event: reconnect``, plain
 ``reconnect`` line) and ``retry:`` lines. ``--tls`` speaks HTTPS (the certificate is not
 checked: a benchmark's throw-away one); ``--tokens-file`` gives connection i the token on line
 i (``?token=``), as an application's users would each have their own.
+
+``--resume`` (SSE) makes it a well-behaved EventSource instead: a connection that ends (the
+service crashed, restarted, drained) comes back after its last ``retry:`` delay, or after
+``Retry-After`` when refused with a 503, with ``Last-Event-ID`` set to the last id it saw, and
+its numbered markers must go on without a gap across it. Counted then: ``up`` (welcomed and
+open now), ``resumes``, ``refused_503``, ``connect_failures``, ``resets`` (``event: reset``)
+and ``last_welcome_t`` (when the last connection came back).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import resource
@@ -55,6 +63,12 @@ class Counts:
         "retry_values",
         "seq_gaps",
         "seq_dups",
+        "up",
+        "resumes",
+        "refused_503",
+        "connect_failures",
+        "resets",
+        "last_welcome_t",
     )
 
     def __init__(self) -> None:
@@ -66,19 +80,43 @@ class Counts:
         # Markers followed by a number ("BCAST 7"): per connection they must come 1, 2, 3...
         self.seq_gaps = self.seq_dups = 0
         self.start_t = time.time()
+        self.up = self.resumes = self.refused_503 = self.connect_failures = self.resets = 0
+        self.last_welcome_t = 0.0
+
+
+class Slot:
+    """What a resuming subscriber keeps across its connections (``--resume``)."""
+
+    __slots__ = ("seq", "last_id", "retry_ms", "retry_after", "lost", "lives")
+
+    def __init__(self) -> None:
+        self.seq = 0  # the last numbered marker seen, over every connection
+        self.last_id: int | None = None  # the last SSE id seen (Last-Event-ID)
+        self.retry_ms = 3000  # the latest retry: hint
+        self.retry_after = 0.0  # a 503's Retry-After, for the next attempt only
+        self.lost: asyncio.Future[None] | None = None
+        self.lives = 0
+
+
+ID_RE = re.compile(rb"\nid: (\d+)\n")
+RETRY_AFTER_RE = re.compile(rb"\r\nRetry-After: (\d+)\r\n")
 
 
 class Client(asyncio.Protocol):
-    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request", "seq")
+    __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request", "slot")
 
-    def __init__(self, counts: Counts, marker: bytes, hint: bytes, request: bytes) -> None:
+    def __init__(
+        self, counts: Counts, marker: bytes, hint: bytes, request: bytes, slot: Slot | None = None
+    ) -> None:
         self.counts = counts
         self.marker = marker
         self.hint = hint
         self.request = request
         self.tail: bytes | None = None  # None until the first bytes arrive
         self.welcomed = False
-        self.seq = 0  # the last numbered marker this connection got
+        # The last numbered marker (and SSE id, retry hint) this subscriber got: kept across
+        # connections with --resume, this connection's own otherwise.
+        self.slot = slot if slot is not None else Slot()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.counts.connected += 1
@@ -87,9 +125,14 @@ class Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         c = self.counts
         c.bytes += len(data)
+        slot = self.slot
         if self.tail is None:
             self.tail = b""
             c.ready += 1
+            if data.startswith(b"HTTP/1.1 503"):
+                c.refused_503 += 1
+                m = RETRY_AFTER_RE.search(data)
+                slot.retry_after = float(m.group(1)) if m else 1.0
         # Keep a few bytes of the previous chunk so a pattern split across reads still counts.
         buf = self.tail + data
         head = len(self.tail)
@@ -97,17 +140,26 @@ class Client(asyncio.Protocol):
         if not self.welcomed and b"Welcome!" in buf:
             self.welcomed = True
             c.welcomed += 1
+            c.up += 1
+            c.last_welcome_t = time.time()
+            if slot.lives > 1:
+                c.resumes += 1
+        if b"id: " in buf:
+            for m in ID_RE.finditer(buf):
+                if m.end() > head:
+                    slot.last_id = int(m.group(1))
+        c.resets += buf.count(b"event: reset") - _count_in_head(buf, b"event: reset", head)
         n = buf.count(self.marker) - _count_in_head(buf, self.marker, head)
         if n:
             for m in re.finditer(re.escape(self.marker) + rb" (\d+)\n", buf):
                 if m.end() <= head:
                     continue  # wholly in the carried-over tail: seen with the previous chunk
                 got = int(m.group(1))
-                if got <= self.seq:
+                if got <= slot.seq:
                     c.seq_dups += 1
-                elif got != self.seq + 1:
+                elif got != slot.seq + 1:
                     c.seq_gaps += 1
-                self.seq = max(self.seq, got)
+                slot.seq = max(slot.seq, got)
             now = time.time()
             c.msgs += n
             if not c.first_msg_t:
@@ -117,12 +169,18 @@ class Client(asyncio.Protocol):
         retries = buf.count(b"retry:") - _count_in_head(buf, b"retry:", head)
         if retries:
             c.retries += retries
-            if len(c.retry_values) < 1000:
-                for m in RETRY_RE.finditer(buf):
-                    c.retry_values.add(int(m.group(1)))
+            for m in RETRY_RE.finditer(buf):
+                slot.retry_ms = int(m.group(1))
+                if len(c.retry_values) < 1000:
+                    c.retry_values.add(slot.retry_ms)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.counts.closed += 1
+        if self.welcomed:
+            self.counts.up -= 1
+        lost = self.slot.lost
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
 
 def _count_in_head(buf: bytes, pat: bytes, head: int) -> int:
@@ -131,7 +189,7 @@ def _count_in_head(buf: bytes, pat: bytes, head: int) -> int:
 
 
 async def connect_all(
-    args: argparse.Namespace, counts: Counts, keep: list[asyncio.Transport]
+    args: argparse.Namespace, counts: Counts, keep: set[asyncio.Transport]
 ) -> None:
     loop = asyncio.get_running_loop()
     sources = args.sources.split(",")
@@ -149,12 +207,13 @@ async def connect_all(
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
 
-    def request(i: int) -> bytes:
+    def request(i: int, last_id: int | None = None) -> bytes:
+        resume = f"Last-Event-ID: {last_id}\r\n" if last_id is not None else ""
         if not tokens:
-            return (headers + "\r\n").encode()
+            return (headers + resume + "\r\n").encode()
         sep = "&" if "?" in args.path else "?"
         line = f"GET {args.path}{sep}token={tokens[i % len(tokens)]} HTTP/1.1\r\n"
-        return (line + headers.split("\r\n", 1)[1] + "\r\n").encode()
+        return (line + headers.split("\r\n", 1)[1] + resume + "\r\n").encode()
 
     # The drain hint: an SSE `reconnect` event, or the plain stream's final `reconnect` line.
     hint = b"event: reconnect\n" if args.sse else b"reconnect\n"
@@ -182,9 +241,52 @@ async def connect_all(
                         return
                     await asyncio.sleep(0.2 * (attempt + 1))
                     continue
-                keep.append(transport)
+                keep.add(transport)
                 return
 
+    async def dial(i: int, slot: Slot) -> asyncio.Transport | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((sources[i % len(sources)], 0))
+            await loop.sock_connect(sock, (args.host, args.port))
+            slot.lives += 1
+            transport, _ = await loop.create_connection(
+                lambda: Client(counts, marker, hint, request(i, slot.last_id), slot),
+                sock=sock,
+                ssl=ctx,
+                server_hostname=args.host if ctx else None,
+            )
+        except OSError:
+            sock.close()
+            counts.connect_failures += 1
+            return None
+        return transport
+
+    async def resuming(i: int) -> None:
+        """An EventSource: connect, and after every end come back with Last-Event-ID."""
+        slot = Slot()
+        first = True
+        while True:
+            slot.lost = loop.create_future()
+            async with sem if first else contextlib.nullcontext():
+                transport = await dial(i, slot)
+            if transport is not None:
+                if first:
+                    first = False
+                keep.add(transport)
+                await slot.lost
+                keep.discard(transport)
+            if slot.retry_after:
+                delay, slot.retry_after = slot.retry_after, 0.0
+            else:
+                delay = slot.retry_ms / 1000
+            await asyncio.sleep(delay)
+
+    if args.resume:
+        await asyncio.gather(*(resuming(i) for i in range(args.n)))
+        return
     await asyncio.gather(*(one(i) for i in range(args.n)))
     counts.ramp_done_t = time.time()
 
@@ -209,13 +311,19 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
         "bytes": counts.bytes,
         "start_t": counts.start_t,
         "ramp_done_t": counts.ramp_done_t,
+        "up": counts.up,
+        "resumes": counts.resumes,
+        "refused_503": counts.refused_503,
+        "connect_failures": counts.connect_failures,
+        "resets": counts.resets,
+        "last_welcome_t": counts.last_welcome_t,
     }
 
 
 async def main_async(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     counts = Counts()
-    keep: list[asyncio.Transport] = []
+    keep: set[asyncio.Transport] = set()
     ramp = asyncio.create_task(connect_all(args, counts, keep))
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -245,6 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--marker", default="BCAST", help="bytes counted as one received message")
     p.add_argument("--tls", action="store_true", help="HTTPS, the certificate not checked")
     p.add_argument("--tokens-file", help="subscriber tokens, one a line: connection i uses line i")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="come back after every end, as EventSource does (retry:, Retry-After, Last-Event-ID)",
+    )
     args = p.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
