@@ -513,6 +513,119 @@ def test_history_and_ids_survive_a_new_service_container(converged: dict[str, ob
     assert after > ids[-1]
 
 
+class _HeldStream:
+    """A subscriber held across an upgrade: every byte, read by a thread, and its local port."""
+
+    def __init__(self, sse: bool) -> None:
+        import threading
+
+        self.sock = socket.create_connection(("127.0.0.1", SERVICE_PORT), timeout=60)
+        accept = "Accept: text/event-stream\r\n" if sse else ""
+        self.sock.sendall(f"GET /sub/upgrade HTTP/1.1\r\nHost: t\r\n{accept}\r\n".encode())
+        self.local = self.sock.getsockname()
+        self.data = b""
+        self.ended = False
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        try:
+            while chunk := self.sock.recv(65536):
+                self.data += chunk
+        except OSError:
+            pass
+        self.ended = True
+
+    def ids(self) -> list[int]:
+        return [int(x[4:]) for x in self.data.decode().split("\n") if x.startswith("id: ")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _wait(check: object, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_upgrade_hands_every_connection_to_the_new_container(
+    converged: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """comet_upgrade: handoff (the default). A converge with a changed service configuration,
+    then one with a new image (another tag, other contents), then back: each starts the new
+    service container beside the old one; clients connected before are on the same TCP
+    connections after all three and got every message once; the old containers are gone. The
+    admin sidecar is not restarted by a service-only change and talks to the new service (a new
+    image recreates it too: it runs the same image)."""
+    token = str(_inventory_vars()["comet_admin_token"])
+    auth = {"Authorization": f"Bearer {token}"}
+    api = f"http://127.0.0.1:{ADMIN_PORT}"
+    source = Path(str(converged["source"]))
+    changed = tmp_path_factory.mktemp("upgrade") / "src"
+    shutil.copytree(source, changed)
+    with open(changed / "README.md", "a") as f:
+        f.write(f"\n<!-- upgrade test build {time.time_ns()} -->\n")  # another image id
+    old = _inspect("comet-service")
+    streams = [_HeldStream(sse=i % 2 == 0) for i in range(20)]
+
+    def publish(data: str) -> int:
+        r = httpx.post(
+            f"{api}/api/broadcast",
+            json={"data": data, "channel": "upgrade"},
+            headers=auth,
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return int(r.json()["id"])
+
+    steps: list[tuple[str, Path, dict[str, object]]] = [
+        ("config", source, {"comet_service_env": {"COMET_PING_INTERVAL": "25"}}),
+        ("image", changed, {"comet_image": "comet1m:next"}),
+        ("back", source, {}),
+    ]
+    try:
+        _wait(lambda: all(b"Welcome!" in s.data for s in streams), 30, "20 welcomes")
+        ids = [publish("before")]
+        for step, src, extra in steps:
+            admin_before = _inspect("comet-admin")
+            out, counts = _converge(src, **extra)
+            assert counts["failed"] == 0
+            assert "TASK [comet : Start the successor service container]" in out, step
+            new = _inspect("comet-service")
+            assert new["Id"] != old["Id"], step
+            assert new["Config"]["Image"] == extra.get("comet_image", "comet1m:latest")  # type: ignore[index]
+            assert new["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"  # type: ignore[index]
+            assert new["State"]["Running"]  # type: ignore[index]
+            assert _run([DOCKER, "inspect", "comet-service-next"]).returncode != 0
+            assert _run([DOCKER, "inspect", str(old["Id"])]).returncode != 0
+            if step == "config":
+                admin_after = _inspect("comet-admin")
+                assert admin_after["Id"] == admin_before["Id"]
+                assert admin_after["State"]["StartedAt"] == admin_before["State"]["StartedAt"]  # type: ignore[index]
+            ids.append(publish(f"after {step}"))
+            old = new
+        assert ids == sorted(ids)
+        last = b"after back\n"
+        _wait(lambda: all(last in s.data for s in streams), 30, "the last message on every stream")
+        for i, s in enumerate(streams):
+            assert not s.ended, "a connection was closed by an upgrade"
+            assert s.sock.getsockname() == s.local
+            if i % 2 == 0:
+                assert s.ids() == ids, s.ids()
+            else:
+                assert s.data.count(b"after image\n") == 1
+        stats = httpx.get(f"{api}/api/stats", headers=auth, timeout=10)
+        assert stats.status_code == 200 and stats.json()["totals"]["conns"] >= 20, stats.text
+    finally:
+        for s in streams:
+            s.close()
+
+
 def _conntrack_growth(port: int, n: int = 300) -> int:
     """How many conntrack entries ``n`` held connections to ``port`` add."""
     count = Path("/proc/sys/net/netfilter/nf_conntrack_count")
