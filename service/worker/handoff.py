@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("comet.worker")
 
 BATCH = 200  # sockets per message: below SCM_MAX_FD (253)
+# Connections walked (paused, their state built) per loop turn: a worker of 20,000 would
+# otherwise block its loop ~100 ms at a time (the loop lag the frames report).
+STEP = 2000
 MESSAGE_MAX = 1 << 20
 STEP_TIMEOUT = 30.0
 # A successor whose giver has not come by then gives up waiting and listens by itself (the
@@ -221,8 +224,10 @@ async def give(
         hub.stop_pings()
         hub.deadlines.hold()  # from the snapshot on, nothing here answers these connections
         conns = hub.open_conns()
-        for c in conns:
+        for i, c in enumerate(conns, 1):
             c.transport.pause_reading()
+            if i % STEP == 0:
+                await asyncio.sleep(0)
         # Bytes a stream has not sent yet would be lost with its transport: give them a moment.
         for _ in range(100):
             if not any(c.transport.get_write_buffer_size() for c in conns):
@@ -232,7 +237,9 @@ async def give(
         channels, deadlines = _where(hub)
         now = loop.time()
         movable: list[tuple[Conn, dict[str, Any]]] = []
-        for c in conns:
+        for i, c in enumerate(conns, 1):
+            if i % STEP == 0:
+                await asyncio.sleep(0)
             st = None
             if c.state < DONE and not c.transport.get_extra_info("sslcontext"):
                 if not c.transport.get_write_buffer_size():
