@@ -11,6 +11,10 @@ over the run: connections closed, messages missed or twice (per connection, by n
 worst worker loop lag (p99 and max) in the frames of the reloads (and, to compare, the worst p99
 in the other frames of the run: the broadcasts' waves), and the service's
 descriptors and RSS before the first and after the last reload. One JSON line at the end.
+
+``--takeover``: each round starts a new service with ``--take-over`` on the same control socket,
+port and state instead (what ``comet_upgrade: handoff`` does with containers); its ``took_over``
+answer gives the seconds and connections handed, and the old service must exit 0.
 """
 
 from __future__ import annotations
@@ -83,14 +87,21 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0, help="broadcasts a second")
     ap.add_argument("--reloads", type=int, default=10)
     ap.add_argument("--pollers", type=int, default=20, help="long-poll loops")
+    ap.add_argument(
+        "--takeover",
+        action="store_true",
+        help="each round starts a new service with --take-over instead of sending reload",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="reload-bench-"))
-    svc = Service(
-        tmp,
+    flags = (
         *("--workers", "auto", "--target-connections", str(args.conns)),
-        *("--ping-interval", "60"),
+        *("--ping-interval", "60", "--state-dir", str(tmp / "state")),
     )
+    svc = Service(tmp / "gen0", *flags)
+    services = [svc]
+    control_path = svc.control_path
     plain: Clients | None = None
     sse: Clients | None = None
     stop = threading.Event()
@@ -119,33 +130,44 @@ def main() -> None:
         sent: list[int] = []
         poll_ids: list[int] = []
 
-        def publisher() -> None:
-            ctl = Control(svc.control_path)
-            n = 0
-            try:
-                while not stop.is_set():
-                    n += 1
-                    a = ctl.ask({"op": "broadcast", "data": f"BCAST {n}", "channel": None})
-                    assert a["ok"], a
-                    sent.append(int(a["id"]))
-                    poll_ids.append(int(a["id"]))
-                    time.sleep(1.0 / args.rate)
-            finally:
-                ctl.close()
+        refused: list[str] = []
 
-        watcher = Control(svc.control_path)
+        def publisher() -> None:
+            # A connection per broadcast: after a takeover the path is the new service's. A
+            # broadcast refused (the old one handed over) is sent again with the same number.
+            n = 1
+            while not stop.is_set():
+                try:
+                    with Control(control_path) as ctl:
+                        a = ctl.ask({"op": "broadcast", "data": f"BCAST {n}", "channel": None})
+                except (OSError, ValueError) as exc:
+                    refused.append(str(exc))
+                    time.sleep(0.05)
+                    continue
+                if not a.get("ok"):
+                    refused.append(str(a.get("error")))
+                    time.sleep(0.05)
+                    continue
+                n += 1
+                sent.append(int(a["id"]))
+                poll_ids.append(int(a["id"]))
+                time.sleep(1.0 / args.rate)
+
         frames: list[dict[str, Any]] = []
 
         def watch() -> None:
-            watcher.file.write(b'{"op":"watch"}\n')
-            watcher.file.flush()
-            try:
-                for line in watcher.file:
-                    f = json.loads(line).get("frame")
-                    if f:
-                        frames.append(f)
-            except (OSError, ValueError):
-                return
+            while not stop.is_set():
+                try:
+                    with Control(control_path) as watcher:
+                        watcher.file.write(b'{"op":"watch"}\n')
+                        watcher.file.flush()
+                        for line in watcher.file:
+                            f = json.loads(line).get("frame")
+                            if f:
+                                frames.append(f)
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.2)
 
         threading.Thread(target=watch, daemon=True).start()
         pub = threading.Thread(target=publisher)
@@ -154,15 +176,36 @@ def main() -> None:
         reloads = []
         windows: list[tuple[float, float]] = []
         fds1st = rss1st = 0
-        for _ in range(args.reloads):
+        for gen in range(1, args.reloads + 1):
             w0 = time.time()
-            r = svc.ask({"op": "reload"})
-            windows.append((w0, time.time()))
-            assert r["ok"], r
-            keys = ("seconds", "prepare_s", "locked_s", "handoff_s_max", "handed", "kept", "failed")
-            reloads.append({k: r[k] for k in keys})
+            if args.takeover:
+                old = svc
+                svc = Service(tmp / f"gen{gen}", *flags, "--take-over", port=old.port)
+                svc.control_path = control_path
+                services.append(svc)
+
+                def taken(new: Service = svc) -> dict[str, Any] | None:
+                    h = new.health()
+                    return h if h and "took_over" in h and h.get("workers") == workers else None
+
+                took = wait_for(taken, 120, "the takeover")["took_over"]
+                assert old.proc.wait(60) == 0
+                windows.append((w0, time.time()))
+                assert took["failed"] == 0, took
+                reloads.append({**took, "wall_s": round(time.time() - w0, 3)})
+            else:
+                r = svc.ask({"op": "reload"})
+                windows.append((w0, time.time()))
+                assert r["ok"], r
+                keys = (
+                    *("seconds", "prepare_s", "locked_s", "handoff_s_max"),
+                    *("handed", "kept", "failed"),
+                )
+                reloads.append({k: r[k] for k in keys})
             wait_for(
-                lambda: len(psutil.Process(svc.proc.pid).children()) == workers, 30, "old gone"
+                lambda pid=svc.proc.pid: len(psutil.Process(pid).children()) == workers,
+                30,
+                "old gone",
             )
             time.sleep(1.5)
             if len(reloads) == 1:  # new processes hold a few one-time things (threads, imports)
@@ -181,6 +224,13 @@ def main() -> None:
         lag99 = max((f["totals"]["lag_ms"]["p99"] for f in in_reload), default=None)
         lagmax = max((f["totals"]["lag_ms"]["max"] for f in in_reload), default=None)
         lag99_others = max((f["totals"]["lag_ms"]["p99"] for f in others), default=None)
+        lag99_each = [
+            max(
+                (f["totals"]["lag_ms"]["p99"] for f in during if a <= float(f["t"]) <= b + 1),
+                default=None,
+            )
+            for a, b in windows
+        ]
         for p in pollers:
             p.stop.set()
         polled_ok = all(p.ids == sorted(set(p.ids)) for p in pollers)
@@ -203,9 +253,11 @@ def main() -> None:
             "seq_dups": sum(s["seq_dups"] for s in st),
             "pollers_in_order_each_once": polled_ok,
             "poll_errors": sum(len(p.errors) for p in pollers),
+            "broadcasts_refused_and_sent_again": len(refused),
             "lag_p99_ms_max": lag99,
             "lag_max_ms": lagmax,
             "lag_p99_ms_max_outside_reloads": lag99_others,
+            "lag_p99_ms_each_reload": lag99_each,
             "fds_before": fds0,
             "fds_after": fds1,
             "rss_mb_before": round(rss0 / 2**20, 1),
@@ -215,13 +267,13 @@ def main() -> None:
             "cpu": psutil.cpu_count(),
         }
         print(json.dumps(out), flush=True)
-        watcher.close()
     finally:
         stop.set()
         for c in (plain, sse):
             if c is not None:
                 c.close()
-        svc.stop(60)
+        for s in reversed(services):
+            s.stop(60)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -74,6 +74,7 @@ class Supervisor:
         self.bus: Bus
         # A takeover opens the history only once the service it replaces stopped writing it.
         self.took_over: dict[str, Any] | None = None
+        self.handed_over = False  # a handover gave everything to a new service
         self._first: list[_Proc] = []
         if not config.take_over:
             self._open_history()
@@ -130,7 +131,16 @@ class Supervisor:
             **({"took_over": self.took_over} if self.took_over is not None else {}),
         }
 
+    def _check_not_handed(self) -> None:
+        """After a handover nothing here reaches a client: a broadcast must go to the new one."""
+        if self.handed_over:
+            raise RequestError(
+                "this service handed its connections to a new one; send it again",
+                ErrorCode.STOPPING,
+            )
+
     async def broadcast(self, data: str, channel: str | None, event: str | None) -> dict[str, Any]:
+        self._check_not_handed()
         if self.bus.delivers_own:
             # Multi-node: the bus hands every message, ours too, to _remote_message in id order;
             # wait for ours so the answer counts this node's recipients like a local broadcast.
@@ -141,6 +151,7 @@ class Supervisor:
             # under the lock (so each worker reads ids in order, which SSE resume relies on),
             # then wait for the answers outside it, so broadcasts pipeline.
             async with self.broadcast_lock:
+                self._check_not_handed()  # it may have waited for the lock through a handover
                 msg = await self.bus.publish(data, channel, event)
                 sent = self._send_all({"op": "broadcast", "msg": msg})
             recipients = await self._recipients(msg, sent)
@@ -149,6 +160,7 @@ class Supervisor:
         # One broadcast at a time, handed out in waves: a second broadcast waits for the first
         # to be written.
         async with self.broadcast_lock:
+            self._check_not_handed()
             msg = await self.bus.publish(data, channel, event)
             recipients = await self._fan_out(msg)
         await self.bus.committed()
@@ -298,6 +310,9 @@ class Supervisor:
                         *(one(i, s, p) for i, (s, p) in enumerate(zip(slots, to, strict=True)))
                     )
                 )
+                # Before the lock is let go: a broadcast waiting for it must not be numbered
+                # here (the new service has the clients and will open the store).
+                self.handed_over = not any("error" in r for r in results)
         finally:
             self._reloading = False
         failed = [r for r in results if "error" in r]
