@@ -180,13 +180,19 @@ def main() -> None:
             w0 = time.time()
             if args.takeover:
                 old = svc
-                svc = Service(tmp / f"gen{gen}", *flags, "--take-over", port=old.port)
+                svc = Service(
+                    tmp / f"gen{gen}",
+                    *(*flags, "--take-over", "--control-socket", control_path),
+                    port=old.port,
+                )
                 svc.control_path = control_path
                 services.append(svc)
 
-                def taken(new: Service = svc) -> dict[str, Any] | None:
-                    h = new.health()
-                    return h if h and "took_over" in h and h.get("workers") == workers else None
+                def taken(new: Service = svc, pid: int = old.proc.pid) -> dict[str, Any] | None:
+                    h = new.health()  # the old one answers there until the new one took over
+                    if not h or h.get("workers") != workers:
+                        return None
+                    return h if (h.get("took_over") or {}).get("from_pid") == pid else None
 
                 took = wait_for(taken, 120, "the takeover")["took_over"]
                 assert old.proc.wait(60) == 0
@@ -267,6 +273,10 @@ def main() -> None:
             "cpu": psutil.cpu_count(),
         }
         print(json.dumps(out), flush=True)
+    except BaseException:
+        for s in services:  # what the services said, before their folder goes
+            print(f"--- {s.log_path}\n{s.log()[-4000:]}", file=sys.stderr)
+        raise
     finally:
         stop.set()
         for c in (plain, sse):
