@@ -1,14 +1,19 @@
-"""Baseline for the memory benchmark: the leanest possible uvloop Protocol that holds a stream.
+"""The floor: the leanest uvloop Protocol that holds a stream and writes to all of them.
 
-It answers the same request with the same Welcome! head and keeps the connection; no parsing,
-no hub, no state. Its RSS per connection is what uvloop itself costs.
+It answers any request with the same Welcome! head and keeps the connection; no parsing, no
+hub, no state, no pings. SIGUSR1 writes one chunk, ``BCAST\n``, to every connection it holds, in
+one loop turn, and prints the milliseconds it took. Its RSS and CPU per connection are what
+uvloop and the kernel cost; benchmarks/worker_bench.py gives every figure of the service as a
+ratio to this one's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import socket
+import time
 
 import uvloop
 
@@ -20,14 +25,29 @@ WELCOME = (
 )
 
 
+MESSAGE = b"6\r\nBCAST\n\r\n"
+HELD: set[asyncio.BaseTransport] = set()
+
+
 class Bare(asyncio.Protocol):
     __slots__ = ("transport",)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        HELD.add(transport)
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(WELCOME)  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        HELD.discard(self.transport)
+
+
+def broadcast() -> None:
+    t0 = time.perf_counter()
+    for t in HELD:
+        t.write(MESSAGE)  # type: ignore[attr-defined]
+    print(f"broadcast {len(HELD)} {(time.perf_counter() - t0) * 1000:.1f}", flush=True)
 
 
 async def main() -> None:
@@ -38,7 +58,9 @@ async def main() -> None:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
-    server = await asyncio.get_running_loop().create_server(Bare, sock=sock, backlog=65535)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, broadcast)
+    server = await loop.create_server(Bare, sock=sock, backlog=65535)
     print("listening on http", flush=True)
     async with server:
         await server.serve_forever()

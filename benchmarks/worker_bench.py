@@ -9,8 +9,12 @@ worker's 19,000 sockets plus 19,000 client sockets under a 20,000 fd limit.
 
 Per run: RSS of the worker after it started (r0), after all N connections read Welcome! and the
 request-head deadlines passed (r1): per connection = (r1 - r0) / N. Then one broadcast to all:
-time from sending it to the moment the last client read it (clients stamp time.time()). The same
-memory measurement runs against benchmarks/bare_server.py (a bare uvloop Protocol) as baseline.
+time from sending it to the moment the last client read it (clients stamp time.time()). CPU (the
+server process's user + system): per accepted connection, per connection per second while
+holding idle, and per delivery of the broadcast. The same measurements run against
+benchmarks/bare_server.py, the floor (a bare uvloop Protocol: no parsing, no hub, no pings; its
+broadcast is one loop over its transports); with ``--server both`` the last line gives every
+figure of the service as a ratio to the floor's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -95,6 +100,12 @@ class BareServer:
         )
         assert self.proc.stdout is not None
         assert b"listening" in self.proc.stdout.readline()
+
+    def broadcast(self) -> float:
+        """One message to every connection (SIGUSR1); the milliseconds the write loop took."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        return float(self.proc.stdout.readline().split()[2])
 
     def stop(self) -> None:
         self.proc.kill()
@@ -216,7 +227,9 @@ def run_once(
         connect_s = time.perf_counter() - t_conn
         c1 = cpu_s(pid)
         r_ready = rss(pid)
+        c_idle0 = cpu_s(pid)
         time.sleep(settle)
+        c_idle1 = cpu_s(pid)
         r1 = rss(pid)
         k1 = slab_kb()
         out = {
@@ -229,12 +242,27 @@ def run_once(
             "cpu_per_accept_us": (c1 - c0) / n * 1e6,
             # Kernel slab per connection pair (both ends are on this machine).
             "kernel_per_conn": (k1 - k0) * 1024 / n,
+            # Holding idle: the server's CPU per connection per second (the service pings every
+            # --ping-interval, its lag sampler and stats run; the floor does nothing).
+            "idle_cpu_ns_per_conn_s": (c_idle1 - c_idle0) / settle / n * 1e9,
         }
+        if isinstance(server, BareServer):
+            before = [g.stats()["msgs"] for g in clients]
+            c_b0 = cpu_s(pid)
+            t0 = time.time()
+            out["broadcast_worker_ms"] = server.broadcast()
+            lasts = []
+            for g, b in zip(clients, before, strict=True):
+                st = g.wait("msgs", b + g.n, timeout=30, every=0.1)
+                lasts.append(float(st["last_msg_t"]))
+            out["broadcast_s"] = max(lasts) - t0
+            out["cpu_per_delivery_us"] = (cpu_s(pid) - c_b0) / n * 1e6
         if isinstance(server, CometServer):
             st = server.ask("stats")["stats"]
             assert st["conns"] == n, st
             before = [g.stats()["msgs"] for g in clients]
             msg = {"id": 1, "channel": None, "event": None, "data": "BCAST", "ts": time.time()}
+            c_b0 = cpu_s(pid)
             t0 = time.time()
             ans = server.ask("broadcast", msg=msg)
             lasts = []
@@ -246,6 +274,9 @@ def run_once(
                 got += st["msgs"] - b
                 lasts.append(float(st["last_msg_t"]))
             assert got == n and ans["recipients"] == n, (got, ans)
+            # The worker's CPU for the broadcast (and the few stats answers around it), per
+            # connection written to.
+            out["cpu_per_delivery_us"] = (cpu_s(pid) - c_b0) / n * 1e6
             out["broadcast_s"] = max(lasts) - t0
             out["broadcast_worker_ms"] = float(ans["elapsed_ms"])
             lag = server.ask("stats")["stats"]["lag_ms"]
@@ -273,6 +304,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     kinds = ["comet", "bare"] if args.server == "both" else [args.server]
+    medians: dict[str, dict[str, float]] = {}
     for kind in kinds:
         runs = []
         for i in range(args.runs):
@@ -291,9 +323,18 @@ def main() -> None:
                 flush=True,
             )
         med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        medians[kind] = med
         print(
             f"{kind} MEDIAN of {len(runs)} (n={args.n}): "
             + ", ".join(f"{k}={v:.4g}" for k, v in med.items()),
+            flush=True,
+        )
+    if len(medians) == 2:
+        # Every figure as a ratio to the floor (benchmarks/bare_server.py), same sitting.
+        comet, bare = medians["comet"], medians["bare"]
+        ratios = {k: comet[k] / bare[k] for k in comet if k in bare and bare[k] > 0}
+        print(
+            "RATIO comet / floor: " + ", ".join(f"{k}={v:.3g}" for k, v in ratios.items()),
             flush=True,
         )
 
