@@ -1,0 +1,200 @@
+"""Fan-out against the C peer: one broadcast to N held plain streams, comet-service against
+nginx + Nchan with the same number of worker processes and the same clients, in one sitting.
+
+    .venv/bin/python benchmarks/nchan_compare.py --conns 100000 --runs 3
+    .venv/bin/python benchmarks/nchan_compare.py --conns 19000 --workers 1 --runs 3
+
+Nchan (Debian's ``libnginx-mod-nchan``; installed with apt when missing, as root) runs as
+``worker_processes W`` with ``reuseport`` and an ``http-raw-stream`` subscriber location: a
+plain stream where each message is a line, like ours. comet-service runs with ``--workers W``.
+The clients are the same benchmarks/comet_clients.py processes (one per ~17,000 connections,
+127.0.0.x source addresses) for both. Per run: a fresh server, N connections, a short settle,
+one message (``BCAST``) published (Nchan: ``POST /pub``; ours: the control socket's
+``broadcast``), and the time from the publish call to the moment the last client read it
+(clients stamp ``time.time()`` per arrival). Runs alternate between the two servers. Prints one
+line per run and a JSON summary with the medians and their ratio (ours / Nchan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
+
+from tests.support.net import free_port, wait_for  # noqa: E402
+from tests.support.service import Clients, Service, sources  # noqa: E402
+
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+NGINX = Path("/usr/sbin/nginx")
+
+NGINX_CONF = """
+load_module {module};
+worker_processes {workers};
+worker_rlimit_nofile {nofile};
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{
+    worker_connections {nofile};
+    multi_accept on;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    nchan_max_reserved_memory 512M;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=65535;
+        location = /sub {{
+            nchan_subscriber http-raw-stream;
+            nchan_channel_id bench;
+        }}
+        location = /pub {{
+            nchan_publisher;
+            nchan_channel_id bench;
+            nchan_message_buffer_length 10;
+        }}
+    }}
+}}
+"""
+
+
+def ensure_nchan() -> None:
+    if NGINX.exists() and NCHAN_MODULE.exists():
+        return
+    if os.geteuid() != 0:
+        sys.exit("nginx + Nchan are not installed: apt-get install nginx-light libnginx-mod-nchan")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends"]
+        + ["nginx-light", "libnginx-mod-nchan"],
+        check=True,
+        env=env,
+    )
+
+
+class Nchan:
+    def __init__(self, tmp: Path, port: int, workers: int, nofile: int) -> None:
+        self.tmp = tmp
+        self.port = port
+        (tmp / "body").mkdir(parents=True, exist_ok=True)
+        conf = tmp / "nginx.conf"
+        conf.write_text(
+            NGINX_CONF.format(
+                module=NCHAN_MODULE, workers=workers, nofile=nofile, tmp=tmp, port=port
+            )
+        )
+        self.proc = subprocess.Popen(
+            [str(NGINX), "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "stderr.log", "wb"),  # noqa: SIM115 - the process owns it
+        )
+        wait_for(self._up, 15, "nginx")
+
+    def _up(self) -> bool:
+        assert self.proc.poll() is None, (self.tmp / "stderr.log").read_text()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/nothing", timeout=1)
+        except urllib.error.HTTPError:
+            return True  # a 404: it answers
+        except OSError:
+            return False
+        return True
+
+    def publish(self) -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/pub", data=b"BCAST", method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            r.read()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[str, float]:
+    port = free_port()
+    nofile = 20_000
+    server: Nchan | Service
+    if kind == "nchan":
+        server = Nchan(tmp, port, workers, nofile)
+        path = "/sub"
+    else:
+        server = Service(tmp, "--workers", str(workers), "--ping-interval", "60", port=port)
+        server.wait_up(workers, 120)
+        path = "/"
+    clients = None
+    try:
+        clients = Clients(
+            port, conns, procs, sources(2, 40), "--path", path, "--concurrency", "300"
+        )
+        clients.wait("ready", conns, timeout=600, every=0.5)
+        time.sleep(3)  # the ramp's last writes and timers settle
+        t0 = time.time()
+        if isinstance(server, Nchan):
+            server.publish()
+        else:
+            answer = server.ask({"op": "broadcast", "data": "BCAST", "channel": None})
+            assert answer["ok"], answer
+        st = clients.wait("msgs", conns, timeout=120, every=0.2)
+        return {"last_delivery_s": float(st["last_msg_t"]) - t0, "closed": float(st["closed"])}
+    finally:
+        if clients is not None:
+            clients.close()
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument("--workers", type=int, default=0, help="processes each (0: the service's auto)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--clients", type=int, default=0, help="client processes (0: one a 17,000)")
+    args = ap.parse_args()
+    ensure_nchan()
+    from service.config import Config
+
+    workers = args.workers or Config(target_connections=args.conns).worker_count(20_000)
+    procs = args.clients or max(1, -(-args.conns // 17_000))
+    results: dict[str, list[float]] = {"comet": [], "nchan": []}
+    for i in range(args.runs):
+        for kind in ("nchan", "comet") if i % 2 == 0 else ("comet", "nchan"):
+            tmp = Path(tempfile.mkdtemp(prefix=f"nchan-compare-{kind}-"))
+            try:
+                r = one_run(kind, tmp, args.conns, workers, procs)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            results[kind].append(r["last_delivery_s"])
+            print(f"{kind} run {i + 1}: last delivery {r['last_delivery_s']:.3f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(
+        json.dumps(
+            {
+                "conns": args.conns,
+                "workers": workers,
+                "client_processes": procs,
+                "runs": {k: [round(x, 3) for x in v] for k, v in results.items()},
+                "median_s": {k: round(v, 3) for k, v in med.items()},
+                "ratio_comet_to_nchan": round(med["comet"] / med["nchan"], 2),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
