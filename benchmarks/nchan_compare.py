@@ -2,7 +2,10 @@
 nginx + Nchan with the same number of worker processes and the same clients, in one sitting.
 
     .venv/bin/python benchmarks/nchan_compare.py --conns 100000 --runs 3
-    .venv/bin/python benchmarks/nchan_compare.py --conns 19000 --workers 1 --runs 3
+    .venv/bin/python benchmarks/nchan_compare.py --conns 18000 --workers 1 --runs 3
+
+(18,000 on one worker: an nginx worker under a 20,000 nofile limit starts closing connections
+past ~18,700, "worker_connections are not enough".)
 
 Nchan (Debian's ``libnginx-mod-nchan``; installed with apt when missing, as root) runs as
 ``worker_processes W`` with ``reuseport`` and an ``http-raw-stream`` subscriber location: a
@@ -143,7 +146,7 @@ def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[
         clients = Clients(
             port, conns, procs, sources(2, 40), "--path", path, "--concurrency", "300"
         )
-        clients.wait("ready", conns, timeout=600, every=0.5)
+        clients.wait("ready", conns, timeout=180, every=0.5)
         time.sleep(3)  # the ramp's last writes and timers settle
         t0 = time.time()
         if isinstance(server, Nchan):
