@@ -229,9 +229,15 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
         return HttpError(400, "a subscribe request has no body")
     target = req.target
     pairs: list[tuple[str, str]]
-    if target[:1] == "/" and "?" not in target and "#" not in target and "%" not in target:
-        # The common subscribe (`/`, `/sub/news`): the path is the target, there is no query.
-        path, pairs = target, []
+    if target[:1] == "/" and "#" not in target and "%" not in target and "+" not in target:
+        # The common subscribe (`/`, `/sub/news`, `?token=...`): nothing escaped, so the path and
+        # the query split as parse_qsl(keep_blank_values=True) would, without the URL parser.
+        path, _, query_text = target.partition("?")
+        pairs = (
+            [(k, v) for k, _, v in (p.partition("=") for p in query_text.split("&") if p)]
+            if query_text
+            else []
+        )
     else:
         try:
             url = httptools.parse_url(target.encode("ascii"))

@@ -215,3 +215,31 @@ def test_repeated_query_parameter_is_400(query: str) -> None:
     poll = parse(b"GET /poll/a?since=1&since=2 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert isinstance(poll, Request)
     assert isinstance(route(poll, L), HttpError)
+
+
+@pytest.mark.parametrize(
+    ("target", "want"),
+    [
+        # Unescaped targets take the short way (no URL parser); escaped ones the parser's: the
+        # same answers either way.
+        ("/sub/x?format=sse&&last_event_id=5", ("stream", "x", True, 5, None)),
+        ("/sub/x?format=%73se&last_event_id=5", ("stream", "x", True, 5, None)),
+        ("/sub/x?token=a.b_c-d", ("stream", "x", False, None, "a.b_c-d")),
+        ("/sub/x?token=a%2Eb", ("stream", "x", False, None, "a.b")),
+        ("/sub/x?", ("stream", "x", False, None, None)),
+        ("/?last_event_id=", ("stream", "default", False, None, None)),
+        ("/sub/x?format=sse&format=plain", 400),
+        ("/sub/x?format=sse&format=%70lain", 400),
+        ("/sub/x?format=bogus", 400),
+        ("/nope?a=b", 404),
+    ],
+)
+def test_route_reads_the_query_the_same_with_or_without_escapes(target: str, want: object) -> None:
+    req = parse_head(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode(), L)
+    assert isinstance(req, Request)
+    r = route(req, L)
+    if isinstance(want, int):
+        assert isinstance(r, HttpError) and r.status == want, r
+    else:
+        assert isinstance(r, Route), r
+        assert (r.kind, r.channel, r.sse, r.last_event_id, r.token) == want
