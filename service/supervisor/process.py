@@ -41,8 +41,8 @@ from service.supervisor.slot import (
     HANDOFF_TIMEOUT,
     STATS_TIMEOUT,
     WorkerGone,
+    WorkerProcess,
     WorkerSlot,
-    _Proc,
 )
 
 log = logging.getLogger("comet.supervisor")
@@ -75,7 +75,7 @@ class Supervisor:
         # A takeover opens the history only once the service it replaces stopped writing it.
         self.took_over: dict[str, Any] | None = None
         self.handed_over = False  # a handover gave everything to a new service
-        self._first: list[_Proc] = []
+        self._first: list[WorkerProcess] = []
         if not config.take_over:
             self._open_history()
         self.frames = FrameBuilder(config.target_connections, config.node_id)

@@ -48,7 +48,7 @@ _seq = itertools.count(1)
 
 
 @dataclass
-class _Proc:
+class WorkerProcess:
     """One worker process of a slot and its pipe."""
 
     proc: subprocess.Popen[bytes]
@@ -74,7 +74,7 @@ class WorkerSlot:
         self.started_at = 0.0
         self._fails = 0
         self.peer: Peer | None = None  # the pipe to the process now in the slot
-        self._current: _Proc | None = None
+        self._current: WorkerProcess | None = None
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._gated = False
@@ -86,11 +86,11 @@ class WorkerSlot:
     def usable(self) -> bool:
         return self.state == "up" and self.peer is not None and not self.peer.writer.is_closing()
 
-    def start(self, first: _Proc | None = None) -> None:
+    def start(self, first: WorkerProcess | None = None) -> None:
         """Keep a process in this slot; ``first``: one already started (a takeover's)."""
         self._task = asyncio.create_task(self._run(first), name=f"worker-{self.index}")
 
-    async def _run(self, first: _Proc | None = None) -> None:
+    async def _run(self, first: WorkerProcess | None = None) -> None:
         """Keep a process in this slot until the supervisor drains."""
         delay = 0.0
         while not self.sup.stopping:
@@ -114,7 +114,7 @@ class WorkerSlot:
             )
         self._exited.set()
 
-    async def _one_life(self, first: _Proc | None = None) -> float:
+    async def _one_life(self, first: WorkerProcess | None = None) -> float:
         """Start one process, serve its pipe until it closes; return how long it lived."""
         # Start-up is CPU-bound (imports); 52 workers booting at once on 2 cores would all be
         # slow and could pass the ready timeout, so only a few start at the same time.
@@ -130,7 +130,7 @@ class WorkerSlot:
             self._gated = False
             self.sup.start_gate.release()
 
-    async def _spawn(self, adopt: str | None = None, givers: int = 1) -> _Proc | None:
+    async def _spawn(self, adopt: str | None = None, givers: int = 1) -> WorkerProcess | None:
         """Start ``python -m service.worker`` for this slot and open its pipe; None if it could
         not be started. With ``adopt``, it takes over from the process now in the slot (or from
         ``givers`` workers of a service being taken over)."""
@@ -176,9 +176,9 @@ class WorkerSlot:
                 ready.exception()
             raise gone
 
-        return _Proc(proc, peer, writer, ready, loop.create_task(read()), time.monotonic())
+        return WorkerProcess(proc, peer, writer, ready, loop.create_task(read()), time.monotonic())
 
-    async def _one_life_started(self, first: _Proc | None = None) -> float:
+    async def _one_life_started(self, first: WorkerProcess | None = None) -> float:
         self.state = "starting"
         self.stats = None
         p = first if first is not None else await self._spawn()
@@ -237,7 +237,7 @@ class WorkerSlot:
         self.pid = None
         return lived
 
-    def _use(self, p: _Proc) -> None:
+    def _use(self, p: WorkerProcess) -> None:
         """From now on requests go to ``p``'s process."""
         self._current = p
         self.proc = p.proc
@@ -245,7 +245,7 @@ class WorkerSlot:
         self.peer = p.peer
         self.started_at = p.started_at
 
-    async def prepare_reload(self, run_dir: str) -> tuple[_Proc, str] | dict[str, Any]:
+    async def prepare_reload(self, run_dir: str) -> tuple[WorkerProcess, str] | dict[str, Any]:
         """Start the process that will take over this slot and wait until it is ready (its
         imports take a while: the supervisor starts every slot's at once). The process and its
         handoff path, or the answer saying why not."""
@@ -263,7 +263,7 @@ class WorkerSlot:
         log.info("worker %d: new process %s ready", self.index, ready.get("pid"))
         return new, path
 
-    async def reload(self, new: _Proc, path: str) -> dict[str, Any]:
+    async def reload(self, new: WorkerProcess, path: str) -> dict[str, Any]:
         """Hand this slot's listener and live connections to ``new`` (service/worker/handoff.py)
         and serve it from then on. If it fails, the old process keeps serving what it still
         holds; the answer says what happened. The caller holds the broadcast lock: nothing is
@@ -305,7 +305,7 @@ class WorkerSlot:
             await self._discard(new, path)
             return {"index": self.index, "error": str(exc) or type(exc).__name__}
 
-    async def start_for_takeover(self, path: str | None, givers: int) -> _Proc | None:
+    async def start_for_takeover(self, path: str | None, givers: int) -> WorkerProcess | None:
         """A process for this slot that adopts from ``givers`` workers of the service being
         taken over (at ``path``), or listens by itself when none gives to it; ready or None."""
         p = await self._spawn(adopt=path, givers=givers) if path else await self._spawn()
@@ -343,10 +343,10 @@ class WorkerSlot:
             result["error"] = str(handed["error"])
         return result
 
-    async def discard(self, new: _Proc, path: str | None) -> None:
+    async def discard(self, new: WorkerProcess, path: str | None) -> None:
         await self._discard(new, path)
 
-    async def _discard(self, new: _Proc, path: str | None) -> None:
+    async def _discard(self, new: WorkerProcess, path: str | None) -> None:
         """A new process that will not take over: stopped, its pipe and socket gone."""
         new.proc.kill()
         new.reading.cancel()
@@ -368,7 +368,7 @@ class WorkerSlot:
             **bus.resume_limits(),
         }
 
-    async def _handshake(self, p: _Proc) -> None:
+    async def _handshake(self, p: WorkerProcess) -> None:
         ready = await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
         if ready.get("pid") not in (None, self.pid):
             log.info(
