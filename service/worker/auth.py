@@ -226,7 +226,7 @@ class TokenCheck:
             # An issuer's tokens share one header (alg, typ): parsed once, then looked up.
             header = self._headers.get(head_b64)
             if header is None:
-                header = json.loads(_b64decode(head_b64))
+                header = json.loads(_b64decode(head_b64).decode())
                 if isinstance(header, dict) and len(self._headers) < 64:
                     self._headers[head_b64] = header
             signature = _b64decode(sig_b64)
@@ -248,7 +248,7 @@ class TokenCheck:
         if not good:
             return self._refuse("token_invalid_total", "token signature does not verify")
         try:
-            claims = json.loads(_b64decode(body_b64))
+            claims = json.loads(_b64decode(body_b64).decode())
         except (ValueError, binascii.Error):
             return self._refuse("token_invalid_total", "token payload is not base64url JSON")
         if not isinstance(claims, dict):
