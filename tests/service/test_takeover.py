@@ -148,8 +148,9 @@ def test_take_over_with_nothing_running_starts_as_usual(short_dir: Path) -> None
         svc.stop()
 
 
-def test_a_refused_handover_leaves_the_running_service_as_it_is(short_dir: Path) -> None:
-    """The running service is mid-reload: it refuses, the new one exits 1 and leaves nothing."""
+def test_a_failed_handover_leaves_the_running_service_as_it_is(short_dir: Path) -> None:
+    """A handover to a successor that is not there: the worker keeps its connection and serves
+    on, the service stays up and says which worker failed; malformed handovers are refused."""
     old = Service(short_dir / "old", "--workers", "1")
     try:
         old.wait_up(1)
