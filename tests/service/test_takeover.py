@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.service.test_reload import Stream, server_ports
-from tests.support.net import long_poll, wait_for
+from tests.support.net import free_port, long_poll, wait_for
 from tests.support.service import Service
 
 CH = "news"
@@ -168,3 +168,68 @@ def test_a_failed_handover_leaves_the_running_service_as_it_is(short_dir: Path) 
         s.close()
     finally:
         old.stop()
+
+
+def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
+    short_dir: Path,
+) -> None:
+    """The service at the control socket answers health but refuses the handover (as one in
+    the middle of a reload does): the new service stops the workers it started, removes their
+    handoff sockets and exits 1, without taking the port."""
+    import json
+    import socket
+
+    import psutil
+
+    run = short_dir / "run"
+    run.mkdir()
+    path = str(run / "control.sock")
+    port = free_port()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+    asked: list[str] = []
+
+    def predecessor() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    op = json.loads(line)["op"]
+                    asked.append(op)
+                    if op == "health":
+                        answer = {"ok": True, "workers": 1, "pids": [1], "port": port}
+                    else:
+                        answer = {
+                            "ok": False,
+                            "code": "bad_request",
+                            "error": "a reload or handover is under way already",
+                        }
+                    f.write(json.dumps(answer).encode() + b"\n")
+                    f.flush()
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    svc = Service(
+        short_dir / "new", "--workers", "2", "--control-socket", path, "--take-over", port=port
+    )
+    try:
+        assert svc.proc.wait(60) == 1
+        log = svc.log()
+        assert "takeover refused by the running service: a reload or handover" in log, log
+        assert asked == ["health", "handover"]
+        assert not list(run.glob("takeover-*.sock"))
+        workers = [
+            p
+            for p in psutil.process_iter(["environ"])
+            if (p.info["environ"] or {}).get("COMET_WORKER_ADOPT", "").startswith(str(run))
+        ]
+        assert workers == []
+        with socket.socket() as probe:  # nobody of ours listens on the port
+            probe.bind(("127.0.0.1", port))
+    finally:
+        server.close()
+        svc.stop()
