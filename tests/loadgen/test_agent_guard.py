@@ -185,7 +185,8 @@ class SilentSink:
         self.port = self.sock.getsockname()[1]
         self.open: list[socket.socket] = []
         self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
 
     def _accept(self) -> None:
         while True:
@@ -195,6 +196,7 @@ class SilentSink:
                 return
             self.accepted += 1
             self.open.append(conn)
+            del conn  # the list holds it; close() closes it (a frame's copy would outlive it)
 
     def held(self) -> int:
         """Connections the peer has not closed yet (their request bytes are read and dropped)."""
@@ -211,6 +213,14 @@ class SilentSink:
         return alive
 
     def close(self) -> None:
+        # The agent dials on until its own teardown: stop accepting first (shutdown wakes the
+        # blocked accept; close alone does not), wait for the thread, then close what it took,
+        # or a connection accepted during close() would be left to the garbage collector.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
         self.sock.close()
         for c in self.open:
             c.close()
