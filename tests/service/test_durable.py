@@ -4,7 +4,6 @@ Every resuming client gets every message exactly once or an explicit reset, neve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import psutil
 import pytest
 
 from tests.admin_api.redis_server import RedisServer
+from tests.service.test_reload import Stream
 from tests.support.net import wait_for
 from tests.support.service import Service
 
@@ -310,7 +310,7 @@ def test_redis_restarted_without_its_data_ids_go_on_and_resumes_across_it_get_re
     nodes: list[Service] = []
     stop = threading.Event()
     acked: list[int] = []
-    live: list[LiveSSE] = []
+    live: list[Stream] = []
     thread = threading.Thread()
     try:
         for name in ("a", "b"):
@@ -319,7 +319,7 @@ def test_redis_restarted_without_its_data_ids_go_on_and_resumes_across_it_get_re
         for svc in nodes:
             svc.wait_up(2, with_frame=True)
         a, b = nodes
-        live.extend(LiveSSE(svc.port) for svc in nodes)
+        live.extend(Stream(svc.port, f"/sub/{CH}", sse=True) for svc in nodes)
 
         def publisher() -> None:
             i = 0
@@ -379,35 +379,3 @@ def test_redis_restarted_without_its_data_ids_go_on_and_resumes_across_it_get_re
         for svc in nodes:
             svc.stop()
         redis.kill()
-
-
-class LiveSSE:
-    """An SSE stream read by a thread: the ids it got, in arrival order."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.sendall(
-            f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".encode()
-        )
-        self.raw = b""
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.raw += chunk
-
-    def ids(self) -> list[int]:
-        return [int(line[4:]) for line in self.raw.decode().split("\n") if line.startswith("id: ")]
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self.thread.join(5)
