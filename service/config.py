@@ -23,6 +23,10 @@ ScreenMode = Literal["auto", "on", "off"]
 # Sockets a worker keeps for itself (listener, control pipe, logs, /proc reads, ...) on top of the
 # connections it holds. The capacity formula (worker_count) subtracts this from RLIMIT_NOFILE.
 DEFAULT_FD_RESERVE = 500
+# SO_REUSEPORT hands each connection to a worker by a hash of its addresses, not evenly: with
+# workers sized to exactly target / cap the fullest reach their cap (and answer 503) before the
+# target is held. ``--workers auto`` plans for this much more than the target.
+REUSEPORT_HEADROOM = 1.05
 
 
 def nofile_limit() -> int:
@@ -67,7 +71,7 @@ class Config:
     # Process model
     workers: str = opt(
         "auto",
-        "worker processes: 'auto' = max(cpus, ceil(target / (nofile - reserve))), or N",
+        "worker processes: 'auto' = max(cpus, ceil(target × 1.05 / (nofile - reserve))), or N",
     )
     target_connections: int = opt(
         1_000_000,
@@ -213,13 +217,16 @@ class Config:
         return max(1, limit - self.fd_reserve)
 
     def worker_count(self, nofile: int | None = None, cpus: int | None = None) -> int:
-        """max(cpu_count, ceil(target / (nofile - reserve))) for ``auto`` (docs/architecture.md)."""
+        """max(cpu_count, ceil(target × 1.05 / (nofile - reserve))) for ``auto``
+        (docs/architecture.md): SO_REUSEPORT spreads by a hash, not evenly, so the fullest
+        workers need the headroom (at exactly target / cap, 1,000,000 on 52 workers left 1,308
+        connections answered 503 by the fullest ones)."""
         if self.workers != "auto":
             return int(self.workers)
         limit = nofile if nofile is not None else nofile_limit()
         ncpu = cpus if cpus is not None else (os.cpu_count() or 1)
         per_worker = max(1, limit - self.fd_reserve)
-        return max(ncpu, math.ceil(self.target_connections / per_worker))
+        return max(ncpu, math.ceil(self.target_connections * REUSEPORT_HEADROOM / per_worker))
 
     def state_path(self) -> str:
         return self.state_dir or os.path.join(self.log_dir, "state")

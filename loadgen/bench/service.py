@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import shlex
@@ -27,15 +26,10 @@ from loadgen.engine.sources import FD_RESERVE, nofile_capacity
 from service.config import Config
 from service.supervisor.portcheck import ss_listeners
 
-# SO_REUSEPORT spreads connections over the workers by a hash, not evenly: at 500,000 on 26
-# workers sized to exactly ceil(conns / cap) the fullest ones hit their cap and answered 503.
-# ``--workers auto`` therefore sizes the service for this much more than --conns.
-WORKER_HEADROOM = 1.05
-
 
 def service_workers(conns: int, nofile: int) -> int:
-    """The service's own ``--workers auto`` count for ``conns`` with the hash headroom."""
-    return Config(target_connections=math.ceil(conns * WORKER_HEADROOM)).worker_count(nofile)
+    """The service's own ``--workers auto`` count for ``conns`` (it has the hash headroom)."""
+    return Config(target_connections=conns).worker_count(nofile)
 
 
 def free_port() -> int:
@@ -174,15 +168,16 @@ def _die_with_parent() -> None:
         pass
 
 
-async def start_service(opts: Options, out: Path, run_dir: str) -> Service:
-    """Start the service on a port nobody else listens on (retrying on another port if needed)."""
+async def start_service(opts: Options, out: Path, run_dir: str, host: str = "127.0.0.1") -> Service:
+    """Start the service on ``host`` and a port nobody else listens on (retrying on another
+    port if needed)."""
     for _attempt in range(3):
         port = opts.port or free_port()
         if listening_pids(port):
             if opts.port:
                 raise BenchError(f"--port {port}: another process already listens there")
             continue
-        svc = await _start_service_on(opts, out, run_dir, port)
+        svc = await _start_service_on(opts, out, run_dir, host, port)
         # SO_REUSEPORT lets any other process of this user bind the same port and silently take
         # a share of our connections, so make sure every listener on it is ours.
         ours = set(svc.pids)
@@ -200,7 +195,9 @@ async def start_service(opts: Options, out: Path, run_dir: str) -> Service:
     raise BenchError("could not find a port that no other process listens on")
 
 
-async def _start_service_on(opts: Options, out: Path, run_dir: str, port: int) -> Service:
+async def _start_service_on(
+    opts: Options, out: Path, run_dir: str, host: str, port: int
+) -> Service:
     sock = os.path.join(run_dir, "control.sock")
     log_dir = out / "service-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +211,7 @@ async def _start_service_on(opts: Options, out: Path, run_dir: str, port: int) -
         "-m",
         "service",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--workers",
@@ -255,7 +252,7 @@ async def _start_service_on(opts: Options, out: Path, run_dir: str, port: int) -
             raise BenchError(f"the service exited with {proc.returncode}:\n{tail}")
         try:
             health = await control(sock, {"op": "health"}, timeout=2.0)
-            if await _port_open(port):
+            if await _port_open(host, port):
                 svc_workers = health.get("workers")
                 print(f"service up: pid {proc.pid}, {svc_workers} workers, port {port}", flush=True)
                 return svc
@@ -278,9 +275,9 @@ async def wait_workers_up(sock: str, expected: int, timeout: float = 120.0) -> N
     raise BenchError(f"the service did not bring up {expected} workers within {timeout:.0f} s")
 
 
-async def _port_open(port: int) -> bool:
+async def _port_open(host: str, port: int) -> bool:
     try:
-        _r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2.0)
+        _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
     except (TimeoutError, OSError):
         return False
     w.close()

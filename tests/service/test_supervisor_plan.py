@@ -28,9 +28,9 @@ def test_auto_workers_for_100k_target_under_20000_nofile(tmp_path):
 
 def test_plan_line_for_a_million():
     config = parse_args([], environ={})
-    assert config.worker_count(nofile=20000, cpus=2) == 52
-    assert plan_line(config, 20000, 52).startswith(
-        "nofile 20000/process → 52 workers for 1,000,000 target"
+    assert config.worker_count(nofile=20000, cpus=2) == 54  # 1.05 × 1,000,000 / 19,500
+    assert plan_line(config, 20000, 54).startswith(
+        "nofile 20000/process → 54 workers for 1,000,000 target"
     )
     assert config.worker_count(nofile=1_048_576, cpus=8) == 8
 
