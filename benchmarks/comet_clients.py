@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import re
 import resource
@@ -69,6 +70,7 @@ class Counts:
         "connect_failures",
         "resets",
         "last_welcome_t",
+        "error_kinds",
     )
 
     def __init__(self) -> None:
@@ -82,6 +84,7 @@ class Counts:
         self.start_t = time.time()
         self.up = self.resumes = self.refused_503 = self.connect_failures = self.resets = 0
         self.last_welcome_t = 0.0
+        self.error_kinds: dict[str, int] = {}  # why connects failed, by errno name
 
 
 class Slot:
@@ -98,6 +101,7 @@ class Slot:
         self.lives = 0
 
 
+CONNECT_ATTEMPTS = 8
 ID_RE = re.compile(rb"\nid: (\d+)\n")
 RETRY_AFTER_RE = re.compile(rb"\r\nRetry-After: (\d+)\r\n")
 
@@ -221,7 +225,7 @@ async def connect_all(
 
     async def one(i: int) -> None:
         async with sem:
-            for attempt in range(3):
+            for attempt in range(CONNECT_ATTEMPTS):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 try:
@@ -234,12 +238,16 @@ async def connect_all(
                         ssl=ctx,
                         server_hostname=args.host if ctx else None,
                     )
-                except OSError:
+                except OSError as exc:
                     sock.close()
-                    if attempt == 2:
+                    kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+                    counts.error_kinds[kind] = counts.error_kinds.get(kind, 0) + 1
+                    if attempt == CONNECT_ATTEMPTS - 1:
                         counts.errors += 1
                         return
-                    await asyncio.sleep(0.2 * (attempt + 1))
+                    # A storm of connects (a million at once) overflows accept queues now and
+                    # then: back off, doubling, up to 3 s (~15 s in all).
+                    await asyncio.sleep(min(3.0, 0.2 * 2**attempt))
                     continue
                 keep.add(transport)
                 return
@@ -317,6 +325,7 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
         "connect_failures": counts.connect_failures,
         "resets": counts.resets,
         "last_welcome_t": counts.last_welcome_t,
+        "error_kinds": counts.error_kinds,
     }
 
 

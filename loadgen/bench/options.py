@@ -51,6 +51,7 @@ class Options:
     progress: bool = True
     client_nice: int = 0
     ramp_down: bool = False
+    netns: int = 0
     min_available_gib: float = 2.0
     preflight_only: bool = False
 
@@ -84,6 +85,12 @@ class Options:
             return "--tls-cert and --tls-key go together"
         if self.tls_cert and self.target:
             return "--tls-cert starts the service with TLS; with --target use https://"
+        if self.netns and (self.target or self.source_ips != "auto"):
+            return (
+                "--netns gives each namespace its own addresses: not with --target or --source-ips"
+            )
+        if self.netns < 0:
+            return "--netns must be 0 (off) or a number of namespaces"
         if self.target:
             u = urlsplit(self.target)
             if u.scheme not in ("http", "https") or not u.hostname:
@@ -192,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--ramp-down",
         action="store_true",
         help="end with a timed ramp-down: every client closes, until the service holds none",
+    )
+    p.add_argument(
+        "--netns",
+        type=int,
+        default=0,
+        metavar="N",
+        help="put the client engines in N network namespaces of their own (veths on a bridge, "
+        "the service on 10.77.0.1; each namespace its own TCP hash table; an engine process in "
+        "each at least): clients on 'other machines' as in the classic test; needs root and "
+        "iproute2; 0 = loopback",
     )
     p.add_argument(
         "--min-available-gib",

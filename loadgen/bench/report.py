@@ -148,7 +148,14 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     t.add_column("value", justify="right")
     lat = r.get("latency_ms") or {}
     errs = r.get("errors") or {}
+    ns = r.get("netns")
     rows = [
+        (
+            "clients from",
+            f"{ns['namespaces']} network namespaces (veth + bridge, own TCP hash each)"
+            if ns
+            else "loopback (127.0.0.x)",
+        ),
         (
             "connections asked / reached / held",
             f"{r['conns']:,} / {fmt(r.get('reached'))} / {fmt(r.get('held'))}",

@@ -20,6 +20,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loadgen.bench.netns import HOST_ADDRESS, NetnsLab
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
 from loadgen.bench.record import Record
@@ -36,7 +37,7 @@ from loadgen.bench.service import (
 )
 from loadgen.engine.config import EngineConfig
 from loadgen.engine.pool import ProcessPool
-from loadgen.engine.sources import auto_procs, parse_source_ips
+from loadgen.engine.sources import Namespace, auto_procs, parse_source_ips
 from loadgen.engine.stats import Stats
 
 
@@ -63,6 +64,7 @@ class BenchRun:
         self.pool: ProcessPool | None = None
         self.config = EngineConfig()
         self.watcher: asyncio.Task[None] | None = None
+        self.lab: NetnsLab | None = None
         self.run_dir = tempfile.mkdtemp(prefix="comet-bench-")
         # Baselines taken before the first client connects.
         self.t0 = time.time()
@@ -96,7 +98,17 @@ class BenchRun:
         opts, report = self.opts, self.report
         self.out.mkdir(parents=True, exist_ok=True)
         where = opts.where()
-        sources = parse_source_ips(opts.source_ips, where.host)
+        namespaces: list[Namespace] = []
+        if opts.netns:
+            # Clients on "other machines": each engine in a namespace of its own, the service
+            # on the bridge's address (loadgen.bench.netns).
+            self.lab = NetnsLab(opts.netns, opts.conns)
+            namespaces = self.lab.create()
+            where = dataclasses.replace(where, host=HOST_ADDRESS)
+            sources = [a for ns in namespaces for a in ns.addresses]
+            report["netns"] = self.lab.describe()
+        else:
+            sources = parse_source_ips(opts.source_ips, where.host)
         checks = preflight(
             opts.conns,
             len(sources),
@@ -127,7 +139,7 @@ class BenchRun:
             local = where.host in ("127.0.0.1", "localhost", "::1")
             svc = self.svc = Service(None, port, None, None, listening_pids(port) if local else [])
         else:
-            svc = self.svc = await start_service(opts, self.out, self.run_dir)
+            svc = self.svc = await start_service(opts, self.out, self.run_dir, where.host)
             report["service_pid"] = svc.proc.pid if svc.proc else None
             port = svc.port
             assert svc.socket_path is not None
@@ -150,9 +162,13 @@ class BenchRun:
         )
         report["tls"] = where.tls
         pool = self.pool = ProcessPool(
-            self.config, sources, None if opts.procs == "auto" else int(opts.procs)
+            self.config,
+            sources,
+            None if opts.procs == "auto" else int(opts.procs),
+            namespaces=namespaces,
         )
-        await pool.grow(pool.fixed or auto_procs(opts.conns, pool.capacity))
+        # With --netns, an engine in every namespace at least.
+        await pool.grow(pool.fixed or max(auto_procs(opts.conns, pool.capacity), len(namespaces)))
         if opts.client_nice:
             # On one box the load generator stands in for remote machines: give the service
             # the CPU first so its loop lag is not the clients' doing.
@@ -385,6 +401,8 @@ class BenchRun:
             await self.pool.close()
         if self.svc is not None and self.svc.proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.svc.stop)
+        if self.lab is not None:
+            self.lab.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def finish(self) -> dict[str, Any]:

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from loadgen.engine.config import EngineConfig
 from loadgen.engine.engine import Engine
-from loadgen.engine.sources import auto_procs, nofile_capacity
+from loadgen.engine.sources import Namespace, auto_procs, nofile_capacity
 from loadgen.engine.stats import Stats
 from service.jsonlines import Peer, PeerGone
 
@@ -56,9 +57,13 @@ class ProcessPool:
         source_ips: list[str],
         procs: int | None = None,
         capacity: int | None = None,
+        namespaces: Sequence[Namespace] = (),
     ) -> None:
         self.config = config
         self.source_ips = source_ips
+        # comet-bench --netns: engine i runs in namespace i mod len and connects from its
+        # addresses (loadgen.bench.netns).
+        self.namespaces = namespaces
         self.fixed = procs
         self.capacity = capacity if capacity is not None else nofile_capacity()
         self.children: list[_Child] = []
@@ -74,15 +79,15 @@ class ProcessPool:
         await self.apply(self.config)
 
     async def _spawn_one(self, i: int) -> _Child:
+        sources = self.source_ips
+        argv = [sys.executable, "-m", "loadgen.engine.child", "--child", "--index", str(i)]
+        if self.namespaces:
+            ns = self.namespaces[i % len(self.namespaces)]
+            sources, argv = list(ns.addresses), ns.wrap(argv)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "loadgen.engine.child",
-            "--child",
-            "--index",
-            str(i),
+            *argv,
             "--source-ips",
-            ",".join(self.source_ips) or "none",
+            ",".join(sources) or "none",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 24,

@@ -6,9 +6,23 @@ import ipaddress
 import math
 import resource
 import socket
+from dataclasses import dataclass
 
 # File descriptors a client process keeps for itself (pipes, the loop, /proc reads).
 FD_RESERVE = 200
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """A network namespace engines run in (``comet-bench --netns``) and the source addresses
+    they connect from there."""
+
+    name: str
+    addresses: tuple[str, ...]
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside this namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
 
 
 def parse_source_ips(spec: str | None, host: str = "127.0.0.1") -> list[str]:

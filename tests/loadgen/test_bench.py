@@ -244,3 +244,70 @@ def test_bench_over_tls(tmp_path):
     assert report["errors"]["errors_req"] == 0 and report["errors"]["errors_resp"] == 0
     assert report["broadcasts"][0]["delivered"] == 300
     assert "(TLS)" in (out / "service.log").read_text()
+
+
+def _namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.startswith("cbench"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_bench_with_clients_in_network_namespaces(tmp_path):
+    """--netns 3: the engines run in three namespaces of their own, each with its own TCP hash
+    table, and reach the service on the bridge from their namespaces' addresses; everything the
+    run made is gone after it."""
+    from loadgen.bench.netns import EHASH_SYSCTL
+    from tests.support.net import free_port
+
+    ehash_before = EHASH_SYSCTL.read_text()
+    out, port = tmp_path / "out", free_port()
+    argv = ["--conns", "3000", "--rate", "3000", "--hold", "8", "--broadcasts", "2",
+            "--netns", "3", "--port", str(port), "--out", str(out), "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadgen.bench", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    try:
+
+        def held() -> list[str] | None:
+            ss = subprocess.run(
+                ["ss", "-Htn", "state", "established", f"( sport = :{port} )"],
+                capture_output=True,
+                text=True,
+            ).stdout.splitlines()
+            return ss if len(ss) >= 3000 else None
+
+        peers = {line.split()[-1].rsplit(":", 1)[0] for line in wait_for(held, 90, "3,000 held")}
+        assert peers == {"10.77.1.1", "10.77.2.1", "10.77.3.1"}  # one address per namespace
+        assert _namespaces() == ["cbench0", "cbench1", "cbench2"]
+        own = subprocess.run(
+            ["ip", "netns", "exec", "cbench1", "cat", "/proc/sys/net/ipv4/tcp_ehash_entries"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        assert int(own) == 1024  # its own table (a shared one reads negative)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, text[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["held"] == 3000 and report["errors"]["errors_req"] == 0
+    assert report["netns"] == {
+        "namespaces": 3,
+        "addresses_per_namespace": 1,
+        "service_address": "10.77.0.1",
+        "child_ehash_entries": 1024,
+    }
+    assert report["client_procs"] == 3
+    assert [b["delivered"] for b in report["broadcasts"]] == [3000, 3000]
+    assert "3 network namespaces" in text
+    # Nothing of it left: namespaces, bridge, the host's sysctl as it was.
+    assert _namespaces() == []
+    assert not os.path.exists("/sys/class/net/cbench-br")
+    assert EHASH_SYSCTL.read_text() == ehash_before

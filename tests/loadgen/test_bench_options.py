@@ -28,6 +28,8 @@ def test_a_target_url_is_split_once() -> None:
         (["--tls-cert", "/etc/hostname"], "--tls-cert and --tls-key go together"),
         (["--target", "ftp://h/", "--broadcasts", "0"], "--target: expected http(s)://"),
         (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca: cannot read /nonexistent/ca.pem"),
+        (["--netns", "2", "--source-ips", "127.0.0.2"], "--netns gives each namespace its own"),
+        (["--netns", "-1"], "--netns must be 0 (off) or a number of namespaces"),
     ],
 )
 def test_a_bad_option_exits_2_naming_it(
@@ -47,3 +49,19 @@ def test_tls_files_become_absolute(tmp_path, monkeypatch) -> None:  # type: igno
     opts = Options.parse(["--tls-cert", "c.pem", "--tls-key", "k.pem"])
     assert opts.tls_cert == str(tmp_path / "c.pem") and opts.tls_key == str(tmp_path / "k.pem")
     assert opts.where().tls is True
+
+
+def test_netns_plan_gives_each_namespace_the_addresses_its_share_needs() -> None:
+    from loadgen.bench.netns import ehash_entries, plan
+    from loadgen.bench.options import BenchError
+
+    forty = plan(40, 1_000_000)  # the classic test's 40 client machines: 25,000 each
+    assert [ns.name for ns in forty[:2]] == ["cbench0", "cbench1"]
+    assert forty[39].addresses == ("10.77.40.1",)
+    assert ehash_entries(1_000_000, 40) == 32768
+    two = plan(2, 1_000_000)  # 500,000 each: ten addresses of ~50,000 ports
+    assert two[1].addresses == tuple(f"10.77.2.{j}" for j in range(1, 11))
+    assert two[0].wrap(["python3"]) == ["ip", "netns", "exec", "cbench0", "python3"]
+    for bad in (0, 251):
+        with pytest.raises(BenchError, match="--netns must be 1-250"):
+            plan(bad, 1000)

@@ -224,6 +224,10 @@ class Clients:
             for k, v in one.items():
                 if isinstance(v, list):
                     total[k] = sorted(set(total.get(k, [])) | set(v))
+                elif isinstance(v, dict):
+                    kinds = total.setdefault(k, {})
+                    for kind, count in v.items():
+                        kinds[kind] = kinds.get(kind, 0) + count
                 elif k.endswith("_t"):
                     total[k] = max(total.get(k, 0.0), v)
                 else:

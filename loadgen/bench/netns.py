@@ -1,0 +1,155 @@
+"""Clients on "other machines" on one box: network namespaces for the load generator.
+
+The classic test ran its clients on 40 other machines; on one box, with ``--netns N``, the bench
+creates N network namespaces, each linked by a veth pair to one bridge in the host's namespace::
+
+    host:  cbench-br 10.77.0.1/16  <- the service listens here
+             |- cbench0h  <veth>  eth0 10.77.1.1 [10.77.1.2 ...]   (namespace cbench0)
+             |- cbench1h  <veth>  eth0 10.77.2.1 ...               (namespace cbench1)
+
+Each engine process runs inside one namespace (engine i in namespace i mod N) and connects from
+that namespace's addresses. What this changes against loopback: the clients' sockets live in
+their namespace's own TCP established hash (``net.ipv4.tcp_child_ehash_entries`` is set before
+the namespaces are created, so each gets a table of its own instead of sharing the host's, which
+the boot fixed at 262,144 buckets for both ends of every connection), and every packet crosses a
+veth and the bridge as it would a NIC. Everything is removed when the run ends, also after an
+interrupted run (the names carry the prefix ``cbench``; a new run removes leftovers first).
+Needs root and iproute2 (``ip``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from loadgen.bench.options import BenchError
+from loadgen.engine.sources import Namespace
+
+PREFIX = "cbench"
+BRIDGE = f"{PREFIX}-br"
+SUBNET = ipaddress.IPv4Network("10.77.0.0/16")
+HOST_ADDRESS = "10.77.0.1"
+# One source address gives one destination (address, port) this many connections, with the
+# namespace's port range widened to 10240-65535 (below).
+PORTS_PER_ADDRESS = 50_000
+PORT_RANGE = "10240 65535"
+MAX_NAMESPACES = 250
+EHASH_SYSCTL = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
+
+
+def _ip(*args: str) -> None:
+    """One iproute2 command; a failure is a :class:`BenchError` naming it and its message."""
+    r = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BenchError(f"netns: `ip {' '.join(args)}` failed: {r.stderr.strip()}")
+
+
+def plan(count: int, conns: int) -> list[Namespace]:
+    """``count`` namespaces sharing ``conns`` connections; each gets enough addresses for its
+    share (ceil(share / 50,000)) from 10.77.<i+1>.1 on."""
+    if not 1 <= count <= MAX_NAMESPACES:
+        raise BenchError(f"--netns must be 1-{MAX_NAMESPACES}, got {count}")
+    per = math.ceil(math.ceil(conns / count) / PORTS_PER_ADDRESS)
+    if per > 250:
+        raise BenchError(f"--netns {count}: {conns:,} connections need more namespaces")
+    return [
+        Namespace(f"{PREFIX}{i}", tuple(f"10.77.{i + 1}.{j}" for j in range(1, per + 1)))
+        for i in range(count)
+    ]
+
+
+def ehash_entries(conns: int, count: int) -> int:
+    """Buckets for each namespace's own TCP established hash: a power of two at least its share
+    of the connections (the kernel rounds it up to one anyway)."""
+    share = max(1, math.ceil(conns / count))
+    return 1 << max(10, (share - 1).bit_length())
+
+
+class NetnsLab:
+    """The namespaces, the veths and the bridge of one run; :meth:`close` removes them all."""
+
+    def __init__(self, count: int, conns: int) -> None:
+        self.namespaces = plan(count, conns)
+        self.ehash = ehash_entries(conns, count)
+        self._old_ehash: str | None = None
+
+    @staticmethod
+    def check() -> None:
+        """Raise :class:`BenchError` when this host cannot make namespaces."""
+        if os.geteuid() != 0:
+            raise BenchError("--netns needs root (it creates network namespaces and veths)")
+        if shutil.which("ip") is None:
+            raise BenchError("--netns needs iproute2's `ip` (apt-get install iproute2)")
+
+    def create(self) -> list[Namespace]:
+        self.check()
+        remove_leftovers()
+        if EHASH_SYSCTL.exists():
+            # Read by `ip netns add` (the kernel, at namespace creation): set it first.
+            self._old_ehash = EHASH_SYSCTL.read_text().strip()
+            EHASH_SYSCTL.write_text(str(self.ehash))
+        try:
+            _ip("link", "add", BRIDGE, "type", "bridge")
+            _ip("addr", "add", f"{HOST_ADDRESS}/{SUBNET.prefixlen}", "dev", BRIDGE)
+            _ip("link", "set", BRIDGE, "up")
+            for i, ns in enumerate(self.namespaces):
+                host_end = f"{PREFIX}{i}h"
+                _ip("netns", "add", ns.name)
+                _ip(
+                    "link",
+                    "add",
+                    host_end,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns.name,
+                )
+                _ip("link", "set", host_end, "master", BRIDGE, "up")
+                for a in ns.addresses:
+                    _ip("-n", ns.name, "addr", "add", f"{a}/{SUBNET.prefixlen}", "dev", "eth0")
+                _ip("-n", ns.name, "link", "set", "lo", "up")
+                _ip("-n", ns.name, "link", "set", "eth0", "up")
+                # Per namespace: a new one starts at the kernel's 32768-60999.
+                r = subprocess.run(
+                    ns.wrap(["sysctl", "-q", "-w", f"net.ipv4.ip_local_port_range={PORT_RANGE}"]),
+                    capture_output=True,
+                    text=True,
+                )
+                if r.returncode != 0:
+                    raise BenchError(f"netns {ns.name}: port range: {r.stderr.strip()}")
+        except BaseException:
+            self.close()
+            raise
+        return self.namespaces
+
+    def close(self) -> None:
+        remove_leftovers()
+        if self._old_ehash is not None:
+            EHASH_SYSCTL.write_text(self._old_ehash)
+            self._old_ehash = None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "namespaces": len(self.namespaces),
+            "addresses_per_namespace": len(self.namespaces[0].addresses),
+            "service_address": HOST_ADDRESS,
+            "child_ehash_entries": self.ehash,
+        }
+
+
+def remove_leftovers() -> None:
+    """Every namespace and the bridge named with our prefix (a veth goes with its namespace)."""
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    if Path(f"/sys/class/net/{BRIDGE}").exists():
+        subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
