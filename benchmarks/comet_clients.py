@@ -71,6 +71,7 @@ class Counts:
         "resets",
         "last_welcome_t",
         "error_kinds",
+        "early_ends",
     )
 
     def __init__(self) -> None:
@@ -85,12 +86,13 @@ class Counts:
         self.up = self.resumes = self.refused_503 = self.connect_failures = self.resets = 0
         self.last_welcome_t = 0.0
         self.error_kinds: dict[str, int] = {}  # why connects failed, by errno name
+        self.early_ends = 0  # connections that ended before their welcome (tried again)
 
 
 class Slot:
     """What a resuming subscriber keeps across its connections (``--resume``)."""
 
-    __slots__ = ("seq", "last_id", "retry_ms", "retry_after", "lost", "lives")
+    __slots__ = ("seq", "last_id", "retry_ms", "retry_after", "lost", "lives", "first")
 
     def __init__(self) -> None:
         self.seq = 0  # the last numbered marker seen, over every connection
@@ -99,6 +101,8 @@ class Slot:
         self.retry_after = 0.0  # a 503's Retry-After, for the next attempt only
         self.lost: asyncio.Future[None] | None = None
         self.lives = 0
+        # While connecting (not --resume): True at the welcome, False if it ended before one.
+        self.first: asyncio.Future[bool] | None = None
 
 
 CONNECT_ATTEMPTS = 8
@@ -148,6 +152,9 @@ class Client(asyncio.Protocol):
             c.last_welcome_t = time.time()
             if slot.lives > 1:
                 c.resumes += 1
+            if slot.first is not None:
+                slot.first.set_result(True)
+                slot.first = None
         if b"id: " in buf:
             for m in ID_RE.finditer(buf):
                 if m.end() > head:
@@ -179,6 +186,12 @@ class Client(asyncio.Protocol):
                     c.retry_values.add(slot.retry_ms)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.slot.first is not None:  # ended before its welcome: connect_all tries again
+            self.counts.connected -= 1
+            self.counts.early_ends += 1
+            self.slot.first.set_result(False)
+            self.slot.first = None
+            return
         self.counts.closed += 1
         if self.welcomed:
             self.counts.up -= 1
@@ -232,8 +245,10 @@ async def connect_all(
                     sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                     sock.bind((sources[i % len(sources)], 0))
                     await loop.sock_connect(sock, (args.host, args.port))
+                    slot = Slot()
+                    welcomed = slot.first = loop.create_future()
                     transport, _ = await loop.create_connection(
-                        lambda: Client(counts, marker, hint, request(i)),
+                        lambda slot=slot: Client(counts, marker, hint, request(i), slot),
                         sock=sock,
                         ssl=ctx,
                         server_hostname=args.host if ctx else None,
@@ -250,7 +265,19 @@ async def connect_all(
                     await asyncio.sleep(min(3.0, 0.2 * 2**attempt))
                     continue
                 keep.add(transport)
-                return
+                # Held once welcomed. In a storm of connects a request can reach the server
+                # after its head deadline (a dropped ACK's data retransmitted seconds later):
+                # the 408 ends it before the welcome, and a client tries again.
+                if await welcomed:
+                    return
+                keep.discard(transport)
+                counts.error_kinds["ended before the welcome"] = (
+                    counts.error_kinds.get("ended before the welcome", 0) + 1
+                )
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    counts.errors += 1
+                    return
+            return
 
     async def dial(i: int, slot: Slot) -> asyncio.Transport | None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -326,6 +353,7 @@ def stats(counts: Counts, args: argparse.Namespace) -> dict[str, object]:
         "resets": counts.resets,
         "last_welcome_t": counts.last_welcome_t,
         "error_kinds": counts.error_kinds,
+        "early_ends": counts.early_ends,
     }
 
 

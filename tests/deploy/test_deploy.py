@@ -26,6 +26,9 @@ import httpx
 import pytest
 import yaml
 
+from tests.support.net import wait_for
+from tests.support.stream import Stream
+
 ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
 VENV_BIN = Path(sys.executable).parent
@@ -513,43 +516,6 @@ def test_history_and_ids_survive_a_new_service_container(converged: dict[str, ob
     assert after > ids[-1]
 
 
-class _HeldStream:
-    """A subscriber held across an upgrade: every byte, read by a thread, and its local port."""
-
-    def __init__(self, sse: bool) -> None:
-        import threading
-
-        self.sock = socket.create_connection(("127.0.0.1", SERVICE_PORT), timeout=60)
-        accept = "Accept: text/event-stream\r\n" if sse else ""
-        self.sock.sendall(f"GET /sub/upgrade HTTP/1.1\r\nHost: t\r\n{accept}\r\n".encode())
-        self.local = self.sock.getsockname()
-        self.data = b""
-        self.ended = False
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        try:
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-        except OSError:
-            pass
-        self.ended = True
-
-    def ids(self) -> list[int]:
-        return [int(x[4:]) for x in self.data.decode().split("\n") if x.startswith("id: ")]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _wait(check: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -571,7 +537,7 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
     with open(changed / "README.md", "a") as f:
         f.write(f"\n<!-- upgrade test build {time.time_ns()} -->\n")  # another image id
     old = _inspect("comet-service")
-    streams = [_HeldStream(sse=i % 2 == 0) for i in range(20)]
+    streams = [Stream(SERVICE_PORT, "/sub/upgrade", i % 2 == 0, timeout=60) for i in range(20)]
 
     def publish(data: str) -> int:
         r = httpx.post(
@@ -589,7 +555,7 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
         ("back", source, {}),
     ]
     try:
-        _wait(lambda: all(b"Welcome!" in s.data for s in streams), 30, "20 welcomes")
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 30, "20 welcomes")
         ids = [publish("before")]
         for step, src, extra in steps:
             admin_before = _inspect("comet-admin")
@@ -611,9 +577,11 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
             old = new
         assert ids == sorted(ids)
         last = b"after back\n"
-        _wait(lambda: all(last in s.data for s in streams), 30, "the last message on every stream")
+        wait_for(
+            lambda: all(last in s.data for s in streams), 30, "the last message on every stream"
+        )
         for i, s in enumerate(streams):
-            assert not s.ended, "a connection was closed by an upgrade"
+            assert not s.closed, "a connection was closed by an upgrade"
             assert s.sock.getsockname() == s.local
             if i % 2 == 0:
                 assert s.ids() == ids, s.ids()

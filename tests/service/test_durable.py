@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from tests.admin_api.redis_server import RedisServer
-from tests.service.test_reload import Stream
 from tests.support.net import wait_for
 from tests.support.service import Service
+from tests.support.stream import Stream
 
 CH = "dur"
 

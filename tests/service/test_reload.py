@@ -14,61 +14,9 @@ import psutil
 
 from tests.support.net import long_poll, wait_for
 from tests.support.service import Service
+from tests.support.stream import Stream, server_ports
 
 CH = "news"
-
-
-class Stream:
-    """A raw subscriber that remembers every byte, and its own local port."""
-
-    def __init__(self, port: int, path: str, sse: bool) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        accept = "Accept: text/event-stream\r\n" if sse else ""
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n{accept}\r\n".encode())
-        self.local = self.sock.getsockname()
-        self.data = b""
-        self.closed = False
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
-
-    def _read(self) -> None:
-        try:
-            while chunk := self.sock.recv(65536):
-                self.data += chunk
-        except OSError:
-            pass
-        self.closed = True
-
-    def ids(self) -> list[int]:
-        return [int(x) for x in _fields(self.data, b"id: ")]
-
-    def plain_messages(self) -> list[str]:
-        return [line for line in _lines(self.data) if line.startswith("m")]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _lines(data: bytes) -> list[str]:
-    return [ln for ln in data.decode(errors="replace").splitlines()]
-
-
-def _fields(data: bytes, prefix: bytes) -> list[bytes]:
-    return [ln[len(prefix) :] for ln in data.split(b"\n") if ln.startswith(prefix)]
-
-
-def server_ports(pid: int) -> set[int]:
-    """The remote ports of the established connections the service's processes hold."""
-    out: set[int] = set()
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    for p in procs:
-        try:
-            for c in p.net_connections("tcp"):
-                if c.status == psutil.CONN_ESTABLISHED and c.raddr:
-                    out.add(c.raddr.port)
-        except psutil.Error:
-            continue
-    return out
 
 
 def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.service.test_reload import Stream, server_ports
 from tests.support.net import free_port, long_poll, wait_for
 from tests.support.service import Service
+from tests.support.stream import Stream, server_ports
 
 CH = "news"
 
