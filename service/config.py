@@ -219,8 +219,8 @@ class Config:
     def worker_count(self, nofile: int | None = None, cpus: int | None = None) -> int:
         """max(cpu_count, ceil(target × 1.05 / (nofile - reserve))) for ``auto``
         (docs/architecture.md): SO_REUSEPORT spreads by a hash, not evenly, so the fullest
-        workers need the headroom (at exactly target / cap, 1,000,000 on 52 workers left 1,308
-        connections answered 503 by the fullest ones)."""
+        workers need the headroom (at exactly target / cap, 1,000,000 on 52 workers of 19,500
+        filled the fullest to its cap, past which it answers 503)."""
         if self.workers != "auto":
             return int(self.workers)
         limit = nofile if nofile is not None else nofile_limit()
