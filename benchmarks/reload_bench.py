@@ -138,7 +138,7 @@ def main() -> None:
             n = 1
             while not stop.is_set():
                 try:
-                    with Control(control_path) as ctl:
+                    with Control(control_path, timeout=600) as ctl:  # waits out a reload
                         a = ctl.ask({"op": "broadcast", "data": f"BCAST {n}", "channel": None})
                 except (OSError, ValueError) as exc:
                     refused.append(str(exc))
@@ -200,7 +200,9 @@ def main() -> None:
                 assert took["failed"] == 0, took
                 reloads.append({**took, "wall_s": round(time.time() - w0, 3)})
             else:
-                r = svc.ask({"op": "reload"})
+                # 54 workers at a million take longer than the control client's 30 s default.
+                with Control(control_path, timeout=600) as ctl:
+                    r = ctl.ask({"op": "reload"})
                 windows.append((w0, time.time()))
                 assert r["ok"], r
                 keys = (

@@ -1,0 +1,298 @@
+"""Where the CPU goes in a comet-bench run: the kernel (``perf``) and the Python of the service
+and of the load generator (``py-spy``), separately, in each phase of the run.
+
+    .venv/bin/python benchmarks/profile_bench.py --out /tmp/prof -- --conns 100000 --rate 4000 \\
+        --hold 40 --broadcasts 3 --broadcast-gap 3
+    .venv/bin/python benchmarks/profile_bench.py --out /tmp/prof-1m -- --conns 1000000 \\
+        --rate 4000 --concurrency 25 --hold 60 --broadcasts 3 --broadcast-timeout 120 \\
+        --broadcast-gap 5 --port 8888
+
+Everything after ``--`` goes to ``comet-bench`` (``--out`` is this script's). The script follows
+the service's CSV log (one row a second) and profiles three windows of ``--seconds`` each:
+
+- ``ramp``: once the service holds half of ``--conns``;
+- ``hold``: 10 s after it holds them all (before the first broadcast);
+- ``broadcast``: from the second the first broadcast's messages start to leave (a second in
+  which 5 % of ``--conns`` messages went out; pings trickle over their interval).
+
+In each window: ``perf record -a -g`` (the whole host: kernel and user), ``py-spy record`` on
+the busiest service worker and on the busiest load-generator engine process. It writes
+``profile-<window>.txt`` with the top entries of each (perf: by command, library and symbol,
+self time; py-spy: by function, self time, idle frames excluded) and ``profile.json``.
+Needs root (perf over the whole host, py-spy attaching), Debian's ``linux-perf`` and ``py-spy``
+(PyPI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOP = 25
+
+
+def busiest(pids: list[int]) -> int | None:
+    """The pid among ``pids`` that used the most CPU over half a second."""
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            p.cpu_percent(None)
+            procs.append(p)
+        except psutil.Error:
+            continue
+    time.sleep(0.5)
+    best, best_pct = None, -1.0
+    for p in procs:
+        try:
+            pct = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if pct > best_pct:
+            best, best_pct = p.pid, pct
+    return best
+
+
+def service_workers(bench_pid: int) -> list[int]:
+    return [
+        p.pid
+        for p in psutil.Process(bench_pid).children(recursive=True)
+        if "service.worker" in " ".join(p.cmdline())
+    ]
+
+
+def engines(bench_pid: int) -> list[int]:
+    return [
+        p.pid
+        for p in psutil.Process(bench_pid).children(recursive=True)
+        if "loadgen.engine.child" in " ".join(p.cmdline())
+    ]
+
+
+def perf_top(data: Path) -> list[tuple[float, str]]:
+    """Self time by command / library / symbol, the top ``TOP``."""
+    out = subprocess.run(
+        [
+            "perf",
+            "report",
+            "-i",
+            str(data),
+            "--no-children",
+            "--stdio",
+            "--percent-limit",
+            "0.5",
+            "--sort",
+            "comm,dso,sym",
+            "-g",
+            "none",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].endswith("%"):
+            rows.append((float(parts[0].rstrip("%")), " ".join(parts[1:])))
+    return rows[:TOP]
+
+
+def perf_split(data: Path) -> dict[str, float]:
+    """Share of all samples in the kernel and in user space."""
+    out = subprocess.run(
+        [
+            "perf",
+            "report",
+            "-i",
+            str(data),
+            "--no-children",
+            "--stdio",
+            "--sort",
+            "dso",
+            "-g",
+            "none",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+    ).stdout
+    kernel = total = 0.0
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].endswith("%"):
+            pct = float(parts[0].rstrip("%"))
+            total += pct
+            if "kernel" in parts[1]:
+                kernel += pct
+    return {"kernel_pct": round(kernel, 1), "user_pct": round(total - kernel, 1)}
+
+
+def spy_top(raw: Path) -> list[tuple[float, str]]:
+    """Self time by function from py-spy's collapsed stacks (idle frames left out)."""
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        leaf[stack.split(";")[-1]] += n
+    return [(round(100 * n / total, 1), name) for name, n in leaf.most_common(TOP)] if total else []
+
+
+def profile(window: str, bench_pid: int, out: Path, seconds: float) -> dict[str, object]:
+    """One window: perf on the host, py-spy on the busiest worker and engine, at once."""
+    print(f"profiling {window} for {seconds:.0f} s", flush=True)
+    data = out / f"perf-{window}.data"
+    worker, engine = busiest(service_workers(bench_pid)), busiest(engines(bench_pid))
+    procs = [
+        subprocess.Popen(
+            [
+                "perf",
+                "record",
+                "-a",
+                "-g",
+                "-F",
+                "499",
+                "-o",
+                str(data),
+                "--",
+                "sleep",
+                str(seconds),
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    spied = {}
+    for role, pid in (("worker", worker), ("engine", engine)):
+        if pid is None:
+            continue
+        raw = out / f"spy-{window}-{role}.txt"
+        spied[role] = (pid, raw)
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "py-spy"),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(int(seconds)),
+                    "-r",
+                    "200",
+                    "--nonblocking",
+                    "--native",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                ],  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    for p in procs:
+        p.wait(seconds + 120)
+    result: dict[str, object] = {"split": perf_split(data), "perf": perf_top(data)}
+    for role, (pid, raw) in spied.items():
+        result[f"py_{role}"] = {"pid": pid, "top": spy_top(raw) if raw.exists() else []}
+    lines = [f"# {window}: {result['split']}", "", "## perf (whole host), self %"]
+    lines += [f"{pct:6.1f}  {what}" for pct, what in result["perf"]]  # type: ignore[attr-defined]
+    for role in ("worker", "engine"):
+        got = result.get(f"py_{role}")
+        if isinstance(got, dict):
+            lines += ["", f"## py-spy, busiest {role} (pid {got['pid']}), self %"]
+            lines += [f"{pct:6.1f}  {what}" for pct, what in got["top"]]
+    (out / f"profile-{window}.txt").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def follow(csv_dir: Path, conns: int, stop: threading.Event):  # type: ignore[no-untyped-def]
+    """Yield the service's CSV rows as they are written."""
+    path = None
+    while path is None and not stop.is_set():
+        found = sorted(csv_dir.glob("comet-*.csv")) if csv_dir.exists() else []
+        path = found[-1] if found else None
+        time.sleep(0.5)
+    if path is None:
+        return
+    with open(path, newline="") as f:
+        header = None
+        while not stop.is_set():
+            line = f.readline()
+            if not line:
+                time.sleep(0.3)
+                continue
+            row = next(csv.reader([line]))
+            if header is None:
+                header = row
+                continue
+            yield dict(zip(header, row, strict=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="comet-bench's --out; the profiles go there too")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each window")
+    ap.add_argument("bench", nargs=argparse.REMAINDER, help="-- then comet-bench's flags")
+    args = ap.parse_args()
+    for tool in ("perf",):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found (apt-get install linux-perf)")
+    if not (BIN / "py-spy").exists():
+        sys.exit(f"{BIN / 'py-spy'} not found (pip install py-spy)")
+    flags = [a for a in args.bench if a != "--"]
+    conns = int(flags[flags.index("--conns") + 1]) if "--conns" in flags else 2000
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = subprocess.Popen(
+        [str(BIN / "comet-bench"), *flags, "--out", str(out), "--no-progress"], cwd=ROOT
+    )
+    stop = threading.Event()
+    results: dict[str, object] = {}
+    try:
+        done: set[str] = set()
+        held_at = None
+        msgs = 0
+        for row in follow(out / "service-logs", conns, stop):
+            if bench.poll() is not None:
+                break
+            n = int(row["conns"] or 0)
+            last_msgs, msgs = msgs, int(row["msgs_sent_total"] or 0)
+            if "ramp" not in done and n >= conns // 2:
+                done.add("ramp")
+                results["ramp"] = profile("ramp", bench.pid, out, args.seconds)
+            elif "ramp" in done and "hold" not in done and n >= conns * 0.999:
+                held_at = held_at or time.monotonic()
+                if time.monotonic() - held_at >= 10:
+                    done.add("hold")
+                    results["hold"] = profile("hold", bench.pid, out, args.seconds)
+            elif "hold" in done and msgs - last_msgs >= conns // 20:  # pings trickle; this is
+                done.add("broadcast")  # a broadcast leaving
+                results["broadcast"] = profile("broadcast", bench.pid, out, args.seconds)
+                break
+        bench.wait()
+    finally:
+        stop.set()
+        if bench.poll() is None:
+            bench.terminate()
+            bench.wait(120)
+    (out / "profile.json").write_text(json.dumps(results, indent=1))
+    print(f"profiles: {', '.join(sorted(results))} in {out}")
+
+
+if __name__ == "__main__":
+    main()
