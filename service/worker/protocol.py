@@ -281,7 +281,11 @@ class Conn(asyncio.Protocol):
         if self.subs is not None:
             self.subs.discard(self)
             self.subs = None
-        entries, gap, _ = hub.history_since(channel, since)
+        # Timed out (or draining) before an announced id's wave reached this worker: nothing
+        # yet, and the client goes on from the same id — a reset would send it back to this
+        # worker's older last id and the message twice (a broadcast's waves take ~20 s at 1M).
+        on_its_way = hub.last_id < since <= hub.upcoming_id
+        entries, gap, _ = ([], False, None) if on_its_way else hub.history_since(channel, since)
         msgs = [
             {
                 "id": e.id,
@@ -294,7 +298,7 @@ class Conn(asyncio.Protocol):
         ]
         # Past the newest id (state lost, a typo): last_id tells the client where to go on from,
         # so its next poll waits instead of being answered empty at once again and again.
-        last = entries[-1].id if entries else min(since, hub.last_id)
+        last = entries[-1].id if entries else since if on_its_way else min(since, hub.last_id)
         payload = {"messages": msgs, "last_id": last, "reset": gap}
         keep = keep_alive and not hub.draining
         data = wire.poll_response(payload, http11, keep, cors)

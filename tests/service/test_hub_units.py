@@ -4,6 +4,7 @@ no sockets, a real event loop, every byte a connection was given checked exactly
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any, cast
@@ -300,3 +301,21 @@ def test_without_an_accept_rate_nothing_is_refused() -> None:
         assert b.hub.counters.rejected_total == 0
     finally:
         b.close()
+
+
+def test_a_poll_for_an_announced_id_that_times_out_keeps_its_place(bench: Bench) -> None:
+    """At a million a broadcast's waves take ~20 s: a long-poll from the newest id (taken from a
+    worker of an early wave) can land on a worker of a late wave and time out there before the
+    message arrives. It must answer "nothing yet, go on from the same id" — not a reset with this
+    worker's older last id, which sent the client the message twice (seen at 1,000,000)."""
+    bench.broadcast("one", "p")  # id 1 here
+    bench.hub.upcoming_id = 2  # the supervisor's quiet: id 2 is on its way in a later wave
+    _c, t = bench.connect(b"GET /poll/p?since=2&timeout=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    bench.run(1.3)  # the poll's own timeout passes before the wave comes
+    body = json.loads(t.data.partition(b"\r\n\r\n")[2])
+    assert body == {"messages": [], "last_id": 2, "reset": False}
+    # An id nobody announced is still a reset that sends the client back to the newest.
+    _c, t = bench.connect(b"GET /poll/p?since=9&timeout=1 HTTP/1.1\r\nHost: t\r\n\r\n")
+    bench.run(1.3)
+    body = json.loads(t.data.partition(b"\r\n\r\n")[2])
+    assert body == {"messages": [], "last_id": 1, "reset": True}
