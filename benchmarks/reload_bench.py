@@ -20,6 +20,7 @@ answer gives the seconds and connections handed, and the old service must exit 0
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -242,10 +243,8 @@ def main() -> None:
         for p in pollers:
             p.stop.set()
         polled_ok = all(p.ids == sorted(set(p.ids)) for p in pollers)
-        if os.environ.get("RELOAD_BENCH_DEBUG"):
-            for p in pollers:
-                bad = [(a, b) for a, b in zip(p.ids, p.ids[1:], strict=False) if b <= a]
-                print("poller", len(p.ids), bad[:5], p.errors[:3], file=sys.stderr)
+        poll_twice = sum(len(p.ids) - len(set(p.ids)) for p in pollers)
+        poll_back = sum(sum(b <= a for a, b in itertools.pairwise(p.ids)) for p in pollers)
         out = {
             "conns": args.conns,
             "workers": workers,
@@ -261,6 +260,9 @@ def main() -> None:
             "seq_dups": sum(s["seq_dups"] for s in st),
             "pollers_in_order_each_once": polled_ok,
             "poll_errors": sum(len(p.errors) for p in pollers),
+            "poll_ids_twice": poll_twice,
+            "poll_ids_not_after_the_last": poll_back,
+            "poll_ids": sum(len(p.ids) for p in pollers),
             "broadcasts_refused_and_sent_again": len(refused),
             "lag_p99_ms_max": lag99,
             "lag_max_ms": lagmax,
