@@ -41,6 +41,7 @@ import socket
 import ssl
 import sys
 import time
+from typing import Any
 
 IP_BIND_ADDRESS_NO_PORT = 24
 RETRY_RE = re.compile(rb"retry: ?(\d+)\n")
@@ -299,13 +300,19 @@ async def connect_all(
             return None
         return transport
 
+    again: contextlib.AbstractAsyncContextManager[Any] = (
+        asyncio.Semaphore(args.reconnect_concurrency)
+        if args.reconnect_concurrency > 0
+        else contextlib.nullcontext()
+    )
+
     async def resuming(i: int) -> None:
         """An EventSource: connect, and after every end come back with Last-Event-ID."""
         slot = Slot()
         first = True
         while True:
             slot.lost = loop.create_future()
-            async with sem if first else contextlib.nullcontext():
+            async with sem if first else again:
                 transport = await dial(i, slot)
             if transport is not None:
                 if first:
@@ -394,6 +401,14 @@ def main(argv: list[str] | None = None) -> None:
         "--resume",
         action="store_true",
         help="come back after every end, as EventSource does (retry:, Retry-After, Last-Event-ID)",
+    )
+    p.add_argument(
+        "--reconnect-concurrency",
+        type=int,
+        default=0,
+        help="with --resume: reconnects in flight at once in this process (0: no limit, each "
+        "subscriber on its own as browsers are; a few client processes standing in for a "
+        "million browsers on one box starve their own loops without one)",
     )
     args = p.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

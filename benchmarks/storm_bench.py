@@ -132,6 +132,12 @@ def main() -> None:
         help="broadcasts a second (each goes to every subscriber: 2/s at 100,000 is a busy box)",
     )
     ap.add_argument("--accept-rate", type=int, default=0, help="the service's --accept-rate")
+    ap.add_argument(
+        "--reconnect-concurrency",
+        type=int,
+        default=0,
+        help="per client process, reconnects in flight at once (0: every subscriber at once)",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on the storm after")
     args = ap.parse_args()
 
@@ -158,6 +164,7 @@ def main() -> None:
             args.clients,
             sources(2, 40),
             *("--sse", "--resume", "--path", f"/sub/{CH}", "--concurrency", "300"),
+            *("--reconnect-concurrency", str(args.reconnect_concurrency)),
         )
         clients.wait("up", args.conns, timeout=900, every=1.0)
         ramp_s = time.time() - t0
@@ -199,6 +206,7 @@ def main() -> None:
             "conns": args.conns,
             "workers": workers,
             "accept_rate": args.accept_rate,
+            "reconnect_concurrency": args.reconnect_concurrency,
             "ramp_s": round(ramp_s, 1),
             "health_s": round(t_health - t_kill, 2),
             "back_s": round(t_back - t_kill, 2),
