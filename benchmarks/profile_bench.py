@@ -29,6 +29,7 @@ import argparse
 import collections
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -139,7 +140,9 @@ def perf_split(data: Path) -> dict[str, float]:
 
 
 def spy_top(raw: Path) -> list[tuple[float, str]]:
-    """Self time by function from py-spy's collapsed stacks (idle frames left out)."""
+    """Self time by function from py-spy's collapsed stacks (idle frames left out). Without
+    ``--native``, time inside C code (uvloop's loop and its system calls) counts for the Python
+    frame that called it: the ``Runner.run`` entry of a worker is its loop's own C time."""
     leaf: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
@@ -148,7 +151,9 @@ def spy_top(raw: Path) -> list[tuple[float, str]]:
             continue
         n = int(count)
         total += n
-        leaf[stack.split(";")[-1]] += n
+        # "func (file.py:LINE)" -> "func (file.py)": one entry per function, not per line.
+        frame = stack.split(";")[-1]
+        leaf[re.sub(r":\d+\)$", ")", frame)] += n
     return [(round(100 * n / total, 1), name) for name, n in leaf.most_common(TOP)] if total else []
 
 
