@@ -33,9 +33,11 @@ PREFIX = "cbench"
 BRIDGE = f"{PREFIX}-br"
 SUBNET = ipaddress.IPv4Network("10.77.0.0/16")
 HOST_ADDRESS = "10.77.0.1"
-# One source address gives one destination (address, port) this many connections, with the
-# namespace's port range widened to 10240-65535 (below).
-PORTS_PER_ADDRESS = 50_000
+# Connections planned per source address. The namespace's port range is 10240-65535 (55,296
+# ports, below), but the kernel's search for a free port on connect (__inet_hash_connect) slows
+# as the range fills: at a million with one address per namespace (~39,000 used where two engines
+# shared one) it took a quarter of all CPU at the end of the ramp. At most ~36 % full instead.
+PORTS_PER_ADDRESS = 20_000
 PORT_RANGE = "10240 65535"
 MAX_NAMESPACES = 250
 EHASH_SYSCTL = Path("/proc/sys/net/ipv4/tcp_child_ehash_entries")
@@ -50,7 +52,7 @@ def _ip(*args: str) -> None:
 
 def plan(count: int, conns: int) -> list[Namespace]:
     """``count`` namespaces sharing ``conns`` connections; each gets enough addresses for its
-    share (ceil(share / 50,000)) from 10.77.<i+1>.1 on."""
+    share (ceil(share / 20,000)) from 10.77.<i+1>.1 on."""
     if not 1 <= count <= MAX_NAMESPACES:
         raise BenchError(f"--netns must be 1-{MAX_NAMESPACES}, got {count}")
     per = math.ceil(math.ceil(conns / count) / PORTS_PER_ADDRESS)

@@ -57,10 +57,11 @@ def test_netns_plan_gives_each_namespace_the_addresses_its_share_needs() -> None
 
     forty = plan(40, 1_000_000)  # the classic test's 40 client machines: 25,000 each
     assert [ns.name for ns in forty[:2]] == ["cbench0", "cbench1"]
-    assert forty[39].addresses == ("10.77.40.1",)
+    assert forty[39].addresses == ("10.77.40.1", "10.77.40.2")  # at most 20,000 an address
     assert ehash_entries(1_000_000, 40) == 32768
-    two = plan(2, 1_000_000)  # 500,000 each: ten addresses of ~50,000 ports
-    assert two[1].addresses == tuple(f"10.77.2.{j}" for j in range(1, 11))
+    assert plan(3, 3000)[2].addresses == ("10.77.3.1",)
+    two = plan(2, 1_000_000)  # 500,000 each: 25 addresses
+    assert two[1].addresses == tuple(f"10.77.2.{j}" for j in range(1, 26))
     assert two[0].wrap(["python3"]) == ["ip", "netns", "exec", "cbench0", "python3"]
     for bad in (0, 251):
         with pytest.raises(BenchError, match="--netns must be 1-250"):
