@@ -82,60 +82,28 @@ def engines(bench_pid: int) -> list[int]:
     ]
 
 
-def perf_top(data: Path) -> list[tuple[float, str]]:
-    """Self time by command / library / symbol, the top ``TOP``."""
-    out = subprocess.run(
-        [
-            "perf",
-            "report",
-            "-i",
-            str(data),
-            "--no-children",
-            "--stdio",
-            "--percent-limit",
-            "0.5",
-            "--sort",
-            "comm,dso,sym",
-            "-g",
-            "none",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-    ).stdout
+def perf_rows(data: Path, sort: str) -> list[tuple[float, list[str]]]:
+    """``perf report``'s self-time rows sorted by ``sort``: (percent, the row's other columns)."""
+    argv = ["perf", "report", "-i", str(data), "--no-children", "--stdio", "--sort", sort]
+    out = subprocess.run([*argv, "-g", "none"], capture_output=True, text=True).stdout
     rows = []
     for line in out.splitlines():
         parts = line.split()
-        if len(parts) >= 4 and parts[0].endswith("%"):
-            rows.append((float(parts[0].rstrip("%")), " ".join(parts[1:])))
-    return rows[:TOP]
+        if len(parts) >= 2 and parts[0].endswith("%"):
+            rows.append((float(parts[0].rstrip("%")), parts[1:]))
+    return rows
+
+
+def perf_top(data: Path) -> list[tuple[float, str]]:
+    """Self time by command / library / symbol, the top ``TOP``."""
+    return [(pct, " ".join(cols)) for pct, cols in perf_rows(data, "comm,dso,sym")[:TOP]]
 
 
 def perf_split(data: Path) -> dict[str, float]:
     """Share of all samples in the kernel and in user space."""
-    out = subprocess.run(
-        [
-            "perf",
-            "report",
-            "-i",
-            str(data),
-            "--no-children",
-            "--stdio",
-            "--sort",
-            "dso",
-            "-g",
-            "none",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-    ).stdout
-    kernel = total = 0.0
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0].endswith("%"):
-            pct = float(parts[0].rstrip("%"))
-            total += pct
-            if "kernel" in parts[1]:
-                kernel += pct
+    rows = perf_rows(data, "dso")
+    total = sum(pct for pct, _ in rows)
+    kernel = sum(pct for pct, cols in rows if "kernel" in cols[0])
     return {"kernel_pct": round(kernel, 1), "user_pct": round(total - kernel, 1)}
 
 
