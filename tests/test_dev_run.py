@@ -75,6 +75,10 @@ def test_ctrl_c_stops_service_and_sidecar_with_130(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A terminal's shell starts with SIGINT at its default. Launched from a job that ignores
+        # it (a background job of a non-interactive shell: `cmd &`), the ignore is inherited down
+        # to ./dev's bash, which then cannot trap INT at all and exits 0.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # noqa: PLW1509
     )
     try:
         import httpx
