@@ -130,53 +130,22 @@ def profile(window: str, bench_pid: int, out: Path, seconds: float) -> dict[str,
     print(f"profiling {window} for {seconds:.0f} s", flush=True)
     data = out / f"perf-{window}.data"
     worker, engine = busiest(service_workers(bench_pid)), busiest(engines(bench_pid))
-    procs = [
-        subprocess.Popen(
-            [
-                "perf",
-                "record",
-                "-a",
-                "-g",
-                "-F",
-                "499",
-                "-o",
-                str(data),
-                "--",
-                "sleep",
-                str(seconds),
-            ],  # fmt: skip
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+
+    def quietly(argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    perf = ["perf", "record", "-a", "-g", "-F", "499", "-o", str(data)]
+    procs = [quietly([*perf, "--", "sleep", str(seconds)])]
     spied = {}
     for role, pid in (("worker", worker), ("engine", engine)):
         if pid is None:
             continue
         raw = out / f"spy-{window}-{role}.txt"
         spied[role] = (pid, raw)
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "py-spy"),
-                    "record",
-                    "-p",
-                    str(pid),
-                    "-d",
-                    str(int(seconds)),
-                    "-r",
-                    "200",
-                    "--nonblocking",
-                    "--native",
-                    "-f",
-                    "raw",
-                    "-o",
-                    str(raw),
-                ],  # fmt: skip
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+        # --nonblocking: the process is not stopped at each sample (py-spy refuses --native
+        # with it; perf above has the native side).
+        spy = [str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200"]
+        procs.append(quietly([*spy, "--nonblocking", "-f", "raw", "-o", str(raw)]))
     for p in procs:
         p.wait(seconds + 120)
     result: dict[str, object] = {"split": perf_split(data), "perf": perf_top(data)}
