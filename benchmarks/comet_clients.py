@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -86,7 +87,7 @@ class Counts:
         self.start_t = time.time()
         self.up = self.resumes = self.refused_503 = self.connect_failures = self.resets = 0
         self.last_welcome_t = 0.0
-        self.error_kinds: dict[str, int] = {}  # why connects failed, by errno name
+        self.error_kinds: collections.Counter[str] = collections.Counter()  # why, by errno name
         self.early_ends = 0  # connections that ended before their welcome (tried again)
 
 
@@ -257,7 +258,7 @@ async def connect_all(
                 except OSError as exc:
                     sock.close()
                     kind = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-                    counts.error_kinds[kind] = counts.error_kinds.get(kind, 0) + 1
+                    counts.error_kinds[kind] += 1
                     if attempt == CONNECT_ATTEMPTS - 1:
                         counts.errors += 1
                         return
@@ -272,13 +273,9 @@ async def connect_all(
                 if await welcomed:
                     return
                 keep.discard(transport)
-                counts.error_kinds["ended before the welcome"] = (
-                    counts.error_kinds.get("ended before the welcome", 0) + 1
-                )
+                counts.error_kinds["ended before the welcome"] += 1
                 if attempt == CONNECT_ATTEMPTS - 1:
                     counts.errors += 1
-                    return
-            return
 
     async def dial(i: int, slot: Slot) -> asyncio.Transport | None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

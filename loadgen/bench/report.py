@@ -154,7 +154,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
             "clients from",
             f"{ns['namespaces']} network namespaces (veth + bridge, own TCP hash each)"
             if ns
-            else "loopback (127.0.0.x)",
+            else "this host's own network",
         ),
         (
             "connections asked / reached / held",
