@@ -165,13 +165,13 @@ class Agent:
         """The config as JSON, with the classic fleet scripts' keys (``ip``, ``controlPort``)."""
         return {**asdict(config), "ip": config.host, "controlPort": self.port}
 
-    async def _check_config(self, config: EngineConfig) -> Refusal | None:
+    async def _check_config(self, config: EngineConfig, held: int = 0) -> Refusal | None:
         loop = asyncio.get_running_loop()
         try:
             addresses = await loop.run_in_executor(None, resolve, config.host)
         except OSError:
             addresses = []
-        return self.guard.check_config(config, addresses)
+        return self.guard.check_config(config, addresses, held)
 
     async def route(
         self, method: str, target: str, headers: dict[str, str] | None = None
@@ -198,7 +198,10 @@ class Agent:
                 new = apply_params(self.pool.config, params)
             except BadParam as exc:
                 return 400, {"error": str(exc), "param": exc.name}
-            refusal = await self._check_config(new)
+            # What is open already is in use already: a step from 900,000 to 1,000,000 needs
+            # memory for 100,000 more, not for a million.
+            held = (await self.pool.stats()).clients
+            refusal = await self._check_config(new, held)
             if refusal is not None:
                 return refusal.status, {"error": refusal.error, "param": refusal.param}
             await self.pool.set_config(new)

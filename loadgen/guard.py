@@ -137,17 +137,20 @@ def load_token(token_file: str | None, env: dict[str, str]) -> str | None:
     return value or None
 
 
-def host_capacity(procs: int | None, capacity: int, mem_available: int) -> tuple[int, str]:
+def host_capacity(
+    procs: int | None, capacity: int, mem_available: int, held: int = 0
+) -> tuple[int, str]:
     """The most connections this host can hold, and what sets that number (for the 400).
 
     ``procs`` is the fixed engine-process count (None: as many as needed, each holding
-    ``capacity``); ``mem_available`` the host's MemAvailable in bytes."""
+    ``capacity``); ``mem_available`` the host's MemAvailable in bytes, which the ``held``
+    connections the agent has open already left out: they count on top of it."""
     per_conn = BYTES_PER_CONN + BYTES_PER_PROC / capacity
-    by_memory = max(0, math.floor((mem_available - MEM_RESERVE) / per_conn))
+    by_memory = held + max(0, math.floor((mem_available - MEM_RESERVE) / per_conn))
     why = (
         f"MemAvailable {mem_available / 2**30:.1f} GiB less a 1 GiB reserve, at "
         f"~{per_conn / 1000:.1f} KB a connection"
-    )
+    ) + (f", plus the {held:,} held" if held else "")
     if procs is not None:
         by_fds = procs * capacity
         if by_fds < by_memory:
@@ -212,8 +215,11 @@ class Guard:
         return None
 
     # ---- every new configuration --------------------------------------------------------------
-    def check_config(self, config: EngineConfig, addresses: list[Address]) -> Refusal | None:
-        """``addresses``: what ``config.host`` resolves to (empty: it did not resolve)."""
+    def check_config(
+        self, config: EngineConfig, addresses: list[Address], held: int = 0
+    ) -> Refusal | None:
+        """``addresses``: what ``config.host`` resolves to (empty: it did not resolve);
+        ``held``: the connections the agent has open now (their memory is in use already)."""
         if not addresses:
             return Refusal(400, f"host: {config.host!r} does not resolve", "host")
         for addr in addresses:
@@ -225,7 +231,7 @@ class Guard:
                     f"allowed: {allowed} (add --allow-target to the agent)",
                     "host",
                 )
-        cap, why = host_capacity(self.procs, self.capacity, mem_available())
+        cap, why = host_capacity(self.procs, self.capacity, mem_available(), held)
         if self.max_n is not None and self.max_n < cap:
             cap, why = self.max_n, "--max-n"
         if config.n > cap:

@@ -73,6 +73,11 @@ def test_n_is_capped_by_memory_and_fixed_processes():
     assert 900_000 < cap < 1_100_000 and "MemAvailable" in why
     cap, why = host_capacity(2, 19_800, 10 * 2**30)
     assert cap == 39_600 and "2 engine processes" in why
+    # What the agent holds is out of MemAvailable already: a step up needs memory for the
+    # increase only (on one box at 900,000 held, a million was refused without this).
+    cap, why = host_capacity(None, 19_800, 2**30 + 8_913_000, held=900_000)
+    assert cap == 900_000 + 1_000 and "900,000 held" in why
+    assert host_capacity(None, 19_800, 2**30 + 8_913_000)[0] == 1_000
     g = Guard(max_n=1000)
     refusal = g.check_config(EngineConfig(n=1001), [ipaddress.ip_address("127.0.0.1")])
     assert refusal is not None and refusal.status == 400 and "--max-n" in refusal.error
