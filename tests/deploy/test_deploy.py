@@ -694,3 +694,60 @@ def test_tls_and_private_channels_through_the_role(
         _out, counts = _converge(source)
         assert counts["failed"] == 0
         shutil.rmtree(pki, ignore_errors=True)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_appliance_procedure_and_an_upgrade_with_the_clients_held(
+    converged: dict[str, object], tmp_path: Path
+) -> None:
+    """benchmarks/million_appliance.py, the million's procedure at 3,000: the agent container
+    ramped with `comet-loadgen fleet set n=` in steps, held while the admin API is timed, the
+    dashboard in Chromium, a broadcast through the admin API, then site.yml with a new image tag
+    while every client is held (the agent keeps its image: the appliance profile's two loadgen
+    settings), a broadcast after it, and the ramp down. Then back to the CI deployment."""
+    profile = tmp_path / "profile.yml"
+    profile.write_text("loadgen_build_image: false\nloadgen_image: comet1m:latest\n")
+    out = tmp_path / "out"
+    browser = Path("/usr/bin/chromium").exists()
+    try:
+        res = _run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "million_appliance.py"),
+                *("--out", str(out), "--conns", "3000", "--step", "1000", "--hold", "5"),
+                *("--dashboard-seconds", "4" if browser else "0"),
+                *("--broadcasts", "1", "--broadcast-gap", "0", "--upgrade"),
+                *("--inventory", str(CI_INVENTORY), "--profile", str(profile)),
+            ],
+            timeout=840,
+            cwd=ROOT,
+            env=_ansible_env(),
+        )
+        assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-5000:]
+        report = json.loads((out / "bench.json").read_text())
+        assert report["reached"] == 3000 and report["held"] == 3000, report
+        assert report["errors"]["errors_req"] == 0 and report["errors"]["errors_resp"] == 0
+        (b,) = report["broadcasts"]
+        assert b["status"] == 200 and b["recipients"] >= 3000 and b["delivered"] == 3000, b
+        up = report["upgrade"]
+        assert up["new_container"] and up["clients_after"] == 3000, up
+        assert up["closed"] == 0, up  # every client on the same connection through the upgrade
+        assert up["takeover"]["handed"] >= 3000 and up["takeover"]["failed"] == 0, up
+        assert up["broadcast"]["delivered"] == 3000, up
+        assert str(_inspect("comet-service")["Config"]["Image"]).startswith("comet1m:upgrade-")  # type: ignore[index]
+        hold = report["sidecar"]["hold"]
+        assert hold["api_stats"]["requests"] >= 3 and hold["api_stats"]["failed"] == 0, hold
+        assert report["ramp_down_s"] > 0
+        assert list((out / "service-logs").glob("*.csv")), "the service's CSV log was not copied"
+        if browser:
+            assert report["dashboard"]["updates"] >= 2, report["dashboard"]
+            assert (out / "dashboard.png").stat().st_size > 10_000
+    finally:
+        _out, counts = _converge(Path(str(converged["source"])))
+        assert counts["failed"] == 0
+        images = _run([DOCKER, "images", "--format", "{{.Repository}}:{{.Tag}}", "comet1m"]).stdout
+        for image in images.split():
+            if ":upgrade-" in image:
+                _run([DOCKER, "image", "rm", image], timeout=60)
