@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=fleet.DEFAULT_PORT,
         help="agent control port when not given (inventory var loadgen_control_port)",
     )
+    fl.add_argument(
+        "--timeout",
+        type=float,
+        default=fleet.DEFAULT_TIMEOUT,
+        help="seconds to wait for each agent's answer (a /set that starts engine processes at "
+        "scale takes seconds)",
+    )
     fsub = fl.add_subparsers(dest="action", required=True, metavar="{status,set,restart}")
     st = fsub.add_parser(
         "status",
@@ -223,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
             agents = fleet.agents_from_inventory(args.inventory, args.group, args.port)
     except fleet.FleetError as exc:
         parser.error(str(exc))
-    client = fleet.Client(token)
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be more than 0 seconds, got {args.timeout:g}")
+    client = fleet.Client(token, args.timeout)
     if args.action == "status":
         code = fleet.status(client, agents, args.once, args.interval, console)
     elif args.action == "set":

@@ -164,21 +164,25 @@ def agents_from_inventory(path: str, group: str, default_port: int = DEFAULT_POR
 
 
 SET_KEYS = ("n", "host", "port", "path", "concurrency", "head_timeout")
+# Seconds to wait for an agent's answer. A /set that raises n at scale starts engine processes
+# and asks each of them; on a loaded one-box million that took over 5 s (the old limit).
+DEFAULT_TIMEOUT = 60.0
 
 
 class Client:
     """GETs to agents' control APIs, with the fleet's token when it has one."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.token = token
+        self.timeout = timeout
 
-    def call(self, agent: str, path: str, timeout: float = 5.0) -> dict[str, Any]:
+    def call(self, agent: str, path: str, timeout: float | None = None) -> dict[str, Any]:
         """GET http://agent/path → JSON; {"error": ...} for unreachable agents and HTTP errors."""
         req = urllib.request.Request(f"http://{agent}{path}")
         if self.token is not None:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                 body: dict[str, Any] = json.loads(resp.read())
                 return body
         except urllib.error.HTTPError as exc:
@@ -193,7 +197,9 @@ class Client:
             reason = getattr(exc, "reason", exc)
             return {"error": f"unreachable: {reason}"}
 
-    def call_all(self, agents: list[str], path: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+    def call_all(
+        self, agents: list[str], path: str, timeout: float | None = None
+    ) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=min(32, len(agents))) as ex:
             return list(ex.map(lambda a: self.call(a, path, timeout), agents))
 

@@ -38,6 +38,19 @@ class _Child:
         self.last = Stats()  # its latest answer, kept if it dies
         self.broken = False
 
+    async def stop(self) -> None:
+        """Close its stdin (it drops its connections and exits); kill it if it lingers."""
+        if self.proc.returncode is None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5.0)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.reading.cancel()  # done already (its stdout ended), or cut short now
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reading
+
     async def call(self, msg: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         try:
             return await self.peer.call(msg, timeout)
@@ -99,9 +112,23 @@ class ProcessPool:
         return child
 
     async def grow(self, count: int) -> None:
-        """Start engine processes until there are ``count`` (idle until :meth:`apply`)."""
-        while len(self.children) < count:
-            self.children.append(await self._spawn_one(len(self.children)))
+        """Start engine processes until there are ``count`` (idle until :meth:`apply`), all at
+        once: one at a time, a step of the one-box million that needed five more took longer
+        than a control client waits. If one fails to start, the others are stopped again."""
+        first = len(self.children)
+        if count <= first:
+            return
+        started = await asyncio.gather(
+            *(self._spawn_one(i) for i in range(first, count)), return_exceptions=True
+        )
+        failure = next((r for r in started if isinstance(r, BaseException)), None)
+        if failure is None:
+            self.children.extend(r for r in started if isinstance(r, _Child))
+            return
+        for r in started:
+            if isinstance(r, _Child):
+                await r.stop()
+        raise failure
 
     async def _heal(self) -> None:
         """Replace engine processes that died (OOM, kill): keep their counters, reconnect."""
@@ -180,18 +207,7 @@ class ProcessPool:
         return total
 
     async def close(self) -> None:
-        for c in self.children:
-            if c.proc.returncode is None and c.proc.stdin is not None:
-                c.proc.stdin.close()  # the child drops its connections and exits
-        for c in self.children:
-            try:
-                await asyncio.wait_for(c.proc.wait(), 5.0)
-            except TimeoutError:
-                c.proc.kill()
-                await c.proc.wait()
-            c.reading.cancel()  # done already (its stdout ended), or cut short now
-            with contextlib.suppress(asyncio.CancelledError):
-                await c.reading
+        await asyncio.gather(*(c.stop() for c in self.children))
         self.children = []
 
 

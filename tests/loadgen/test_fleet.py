@@ -71,6 +71,23 @@ def test_fleet_with_an_unreachable_agent(agents, fixture_server):
     assert "Traceback" not in r.stdout + r.stderr
 
 
+def test_fleet_timeout_is_the_callers_choice():
+    """An agent that takes its time (a listener that never answers) is waited for --timeout
+    seconds, then reported; a timeout that is not positive is a usage error."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        r = run_fleet("--agents", f"127.0.0.1:{port}", "--timeout", "1.5", "status", "--once")
+        took = time.monotonic() - started
+    assert r.returncode == 1 and "timed out" in r.stdout, r.stdout
+    assert 1.4 < took < 15, took
+    r = run_fleet("--agents", "127.0.0.1:1", "--timeout", "0", "status", "--once")
+    assert r.returncode == 2 and "--timeout must be more than 0" in r.stderr
+
+
 def test_fleet_status_refreshes(agents, fixture_server):
     a = agents("--port", str(fixture_server), "--n", "5", "--procs", "0")
     a.wait_clients(5)
