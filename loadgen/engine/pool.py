@@ -82,6 +82,8 @@ class ProcessPool:
         self.children: list[_Child] = []
         self.retired = Stats()  # counters of engine processes that died and were replaced
         self.respawned = 0
+        # How long an engine may take to answer before it counts as slow (not gone).
+        self.call_timeout = 60.0
         self._lock = asyncio.Lock()
 
     @property
@@ -148,19 +150,29 @@ class ProcessPool:
                 self.children[i] = fresh
                 await fresh.call({"op": "set", **asdict(self.config), "n": shares[i]})
 
-    async def _call_all(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
-        """``msg`` to every engine; one that fails is replaced and asked again."""
+    async def _call_all(self, msg: dict[str, Any]) -> list[dict[str, Any] | None]:
+        """``msg`` to every engine; one that is gone is replaced and asked again. One that is
+        only slow (no answer within ``call_timeout``: a loaded host, tens of thousands of
+        connections to serve) is not gone: its answer is None, and it keeps its connections.
+        Killing slow engines on a saturated one-box million dropped 21 × 19,600 connections
+        and made the host busier still."""
         for attempt in (1, 2):
             results = await asyncio.gather(
-                *(c.call(msg) for c in self.children), return_exceptions=True
+                *(c.call(msg, self.call_timeout) for c in self.children),
+                return_exceptions=True,
             )
             failed = False
+            answers: list[dict[str, Any] | None] = []
             for c, r in zip(self.children, results, strict=True):
-                if isinstance(r, BaseException):
+                if isinstance(r, TimeoutError) and c.proc.returncode is None:
+                    answers.append(None)
+                elif isinstance(r, BaseException):
                     c.broken = True
                     failed = True
+                else:
+                    answers.append(r)
             if not failed:
-                return [r for r in results if isinstance(r, dict)]
+                return answers
             if attempt == 2:
                 break
             await self._heal()
@@ -175,13 +187,16 @@ class ProcessPool:
             base = asdict(config)
             results = await asyncio.gather(
                 *(
-                    c.call({"op": "set", **base, "n": share})
+                    c.call({"op": "set", **base, "n": share}, self.call_timeout)
                     for c, share in zip(self.children, shares, strict=True)
                 ),
                 return_exceptions=True,
             )
             for c, r in zip(self.children, results, strict=True):
-                if isinstance(r, BaseException):
+                # A slow engine gets the set when it reads its stdin; only a gone one is broken.
+                if isinstance(r, BaseException) and not (
+                    isinstance(r, TimeoutError) and c.proc.returncode is None
+                ):
                     c.broken = True
         if any(c.broken for c in self.children):
             await self._heal()
@@ -202,7 +217,8 @@ class ProcessPool:
         total = Stats()
         total.merge(self.retired)
         for c, a in zip(self.children, await self._call_all({"op": "stats"}), strict=True):
-            c.last = Stats.from_wire(a["stats"])
+            if a is not None:  # else a slow engine: its last answer stands in
+                c.last = Stats.from_wire(a["stats"])
             total.merge(c.last)
         return total
 

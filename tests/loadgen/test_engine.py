@@ -127,3 +127,45 @@ def test_source_ips_and_procs():
         parse_source_ips("nope")
     assert auto_procs(100_000, 19_800) == 6 and auto_procs(0, 19_800) == 1
     assert split_n(10, 3) == [4, 3, 3] and sum(split_n(100_001, 6)) == 100_001
+
+
+def test_a_slow_engine_process_keeps_its_connections(fixture_server):
+    """An engine that does not answer in time (stopped here; on a saturated host, busy) is slow,
+    not gone: the pool reports its last counters and neither kills nor replaces it, so its
+    connections stay up; a dead one is still replaced (test_agent)."""
+    import asyncio
+    import dataclasses
+    import os
+    import signal
+
+    from loadgen.engine.config import EngineConfig
+    from loadgen.engine.pool import ProcessPool
+
+    async def wait_clients(pool: ProcessPool, n: int) -> None:
+        for _ in range(100):
+            if (await pool.stats()).clients == n:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"never {n} clients")
+
+    async def go() -> None:
+        pool = ProcessPool(EngineConfig(n=20, port=fixture_server), [], procs=2)
+        pool.call_timeout = 1.0
+        await pool.start()
+        slow = pool.children[0].proc
+        try:
+            await wait_clients(pool, 20)
+            os.kill(slow.pid, signal.SIGSTOP)
+            st = await pool.stats()  # one call_timeout for the stopped one
+            assert st.clients == 20 and pool.respawned == 0, st
+            await pool.set_config(dataclasses.replace(pool.config, n=24))
+            assert pool.children[0].proc is slow and slow.returncode is None
+            os.kill(slow.pid, signal.SIGCONT)
+            await wait_clients(pool, 24)
+            assert pool.respawned == 0 and pool.children[0].proc is slow
+        finally:
+            if slow.returncode is None:
+                os.kill(slow.pid, signal.SIGCONT)
+            await pool.close()
+
+    asyncio.run(go())
