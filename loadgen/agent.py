@@ -1,6 +1,7 @@
 """The load-generator agent: a pool of engines behind the classic fleet control API.
 
-``GET /`` → stats JSON, ``GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls=`` (``ip`` is
+``GET /`` → stats JSON, ``GET /healthz`` → whether every engine process runs (cheap: no engine
+is asked), ``GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls=`` (``ip`` is
 an alias of ``host``, as in the classic fleet scripts) → the new config, ``GET /restart`` → drop
 every connection and reconnect to ``n``. A bad parameter gets a 400 with a JSON error naming it;
 the control server never sends a traceback.
@@ -22,7 +23,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from loadgen.engine.child import install_uvloop
 from loadgen.engine.config import EngineConfig
-from loadgen.engine.pool import Pool, make_pool
+from loadgen.engine.pool import Pool, ProcessPool, make_pool
 from loadgen.guard import Guard, Refusal, resolve
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,253}$")
@@ -42,6 +43,7 @@ _REASONS = {
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 
 
@@ -156,6 +158,15 @@ class Agent:
             await self.server.wait_closed()
         await self.pool.close()
 
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """Whether every engine process runs, without asking any of them: ``GET /`` merges
+        every engine's counters, which took over the container health check's 5 s at a
+        million on a busy host."""
+        children = self.pool.children if isinstance(self.pool, ProcessPool) else []
+        dead = sum(1 for c in children if c.proc.returncode is not None)
+        body = {"ok": dead == 0, "procs": self.pool.procs, "dead": dead, "n": self.pool.config.n}
+        return (200 if dead == 0 else 503), body
+
     async def stats(self) -> dict[str, Any]:
         stats = await self.pool.stats()
         restarts = getattr(self.pool, "respawned", 0)
@@ -193,6 +204,8 @@ class Agent:
             return refusal.status, {"error": refusal.error}
         if parts.path == "/":
             return 200, await self.stats()
+        if parts.path == "/healthz":
+            return self.health()
         if parts.path == "/set":
             try:
                 new = apply_params(self.pool.config, params)
@@ -211,7 +224,7 @@ class Agent:
         if parts.path == "/restart":
             await self.pool.restart()
             return 200, {"ok": True, "config": self.config_answer(self.pool.config)}
-        return 404, {"error": f"unknown path {parts.path!r} (use /, /set, /restart)"}
+        return 404, {"error": f"unknown path {parts.path!r} (use /, /set, /restart, /healthz)"}
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = "GET"

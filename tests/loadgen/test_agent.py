@@ -125,6 +125,8 @@ def test_control_api_and_bad_input(fixture_server, agents):
     assert a.stats()["config"]["n"] == 20
     status, body = a.get("/nope")
     assert status == 404 and "error" in body
+    status, body = a.get("/healthz")
+    assert status == 200 and body["ok"] and body["dead"] == 0 and body["n"] == 20, body
     req = urllib.request.Request(a.url + "/set?n=1", method="POST")
     try:
         urllib.request.urlopen(req, timeout=5)
@@ -168,8 +170,12 @@ def test_a_killed_engine_process_is_replaced(fixture_server, agents):
     a.wait_clients(100)
     victim = psutil.Process(a.proc.pid).children()[0]
     victim.kill()
+    # /healthz asks no engine, so it sees the dead one until a GET / replaces it.
+    wait_for(lambda: a.get("/healthz")[0] == 503, 10, "/healthz reporting the dead engine")
+    assert a.get("/healthz")[1]["dead"] == 1
     s = a.wait_clients(100, timeout=30)
     assert s["procs"] == 2 and s["engine_restarts"] == 1
+    assert a.get("/healthz") == (200, {"ok": True, "procs": 2, "dead": 0, "n": 100})
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
     assert s["msgs_total"] >= 100  # the dead process's counts are kept
 
