@@ -138,3 +138,22 @@ class Frame(_FrameRequired, total=False):
     bus: dict[str, Any]  # with a Redis bus
     store: dict[str, Any] | None  # the history store's state (None with a Redis bus)
     reload: dict[str, Any]  # the running or last reload: running, workers, done, handed, ...
+
+
+# ---- a worker handing its connections to its successor (service/worker/handoff.py) ----------
+# A successor whose giver has not come by then gives up waiting and listens by itself (the
+# supervisor asks for the handoff once every successor is ready and it holds its broadcast lock,
+# which a broadcast in waves to a million can hold for ~15 s). Givers come a core's worth at a
+# time, so a supervisor adds ROUND_WAIT for every round before the last one's
+# (``adopt_wait``); and tells its workers when the handover has ended (``adopt_end``), so none
+# waits out a giver that will not come.
+GIVER_TIMEOUT = 120.0
+ROUND_WAIT = 30.0
+
+
+def adopt_wait(givers: int, parallel: int) -> float:
+    """How long a successor waits for its giver when ``givers`` hand over ``parallel`` at a
+    time: 54 workers two at a time on a saturated 2-core host took 5-15 s a round, and the last
+    of 27 rounds came long after a flat 120 s."""
+    rounds = -(-max(1, givers) // max(1, parallel))
+    return GIVER_TIMEOUT + (rounds - 1) * ROUND_WAIT

@@ -29,7 +29,7 @@ from typing import Any, cast
 from service.bus import Bus, BusUnavailable, Msg, make_bus
 from service.bus.store import Store
 from service.config import Config, raise_nofile_limit
-from service.contracts import ErrorCode, Frame, WorkerStats
+from service.contracts import ErrorCode, Frame, WorkerStats, adopt_wait
 from service.jsonlines import Pending
 from service.supervisor.control import ControlServer, RequestError
 from service.supervisor.csvlog import CsvLog
@@ -237,7 +237,8 @@ class Supervisor:
             # Every new process starts at once (imports take a while), then the slots hand over,
             # a core's worth at a time, under one hold of the broadcast lock: nothing is published
             # while connections move (publishers wait, none is lost), and the lock is taken once.
-            prepared = await asyncio.gather(*(slot.prepare_reload(run_dir) for slot in slots))
+            wait = adopt_wait(len(slots), self.fanout_parallel)
+            prepared = await asyncio.gather(*(slot.prepare_reload(run_dir, wait) for slot in slots))
             state["prepare_s"] = round(time.monotonic() - t0, 3)
 
             # A core's worth of slots at a time: all six at once on two cores made every old and
@@ -527,8 +528,11 @@ class Supervisor:
             for j in range(count)
         ]
         self.slots = [WorkerSlot(self, j) for j in range(count)]
+        # The predecessor hands over a core's worth of workers at a time (its own
+        # fanout_parallel, taken to be ours): the last round comes long after the first.
+        wait = adopt_wait(m, self.fanout_parallel)
         started = await asyncio.gather(
-            *(s.start_for_takeover(paths[j], givers[j]) for j, s in enumerate(self.slots))
+            *(s.start_for_takeover(paths[j], givers[j], wait) for j, s in enumerate(self.slots))
         )
         ready = [p for p in started if p is not None]
         if len(ready) < count:
@@ -544,8 +548,13 @@ class Supervisor:
             return False
         to = [cast(str, paths[i % count]) for i in range(m)]
         answer = await self._ask_predecessor(
-            {"op": "handover", "to": to, "listeners": min(m, count)}, HANDOFF_TIMEOUT + 30
+            {"op": "handover", "to": to, "listeners": min(m, count)},
+            max(HANDOFF_TIMEOUT, wait) + 30,
         )
+        # Over, whatever the answer: a worker whose giver has not come by now stops waiting for
+        # it and listens by itself (one that adopted already is not affected).
+        for p in ready:
+            p.peer.call_nowait({"op": "adopt_end"})
         if answer is not None and not answer.get("ok"):
             log.error("takeover refused by the running service: %s", answer.get("error"))
             for slot, p in zip(self.slots, ready, strict=True):

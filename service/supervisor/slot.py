@@ -130,7 +130,9 @@ class WorkerSlot:
             self._gated = False
             self.sup.start_gate.release()
 
-    async def _spawn(self, adopt: str | None = None, givers: int = 1) -> WorkerProcess | None:
+    async def _spawn(
+        self, adopt: str | None = None, givers: int = 1, wait: float | None = None
+    ) -> WorkerProcess | None:
         """Start ``python -m service.worker`` for this slot and open its pipe; None if it could
         not be started. With ``adopt``, it takes over from the process now in the slot (or from
         ``givers`` workers of a service being taken over)."""
@@ -141,6 +143,8 @@ class WorkerSlot:
         if adopt is not None:
             env["COMET_WORKER_ADOPT"] = adopt
             env["COMET_WORKER_ADOPT_GIVERS"] = str(givers)
+            if wait is not None:
+                env["COMET_WORKER_ADOPT_WAIT"] = f"{wait:g}"
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
@@ -245,14 +249,16 @@ class WorkerSlot:
         self.peer = p.peer
         self.started_at = p.started_at
 
-    async def prepare_reload(self, run_dir: str) -> tuple[WorkerProcess, str] | dict[str, Any]:
+    async def prepare_reload(
+        self, run_dir: str, wait: float | None = None
+    ) -> tuple[WorkerProcess, str] | dict[str, Any]:
         """Start the process that will take over this slot and wait until it is ready (its
         imports take a while: the supervisor starts every slot's at once). The process and its
         handoff path, or the answer saying why not."""
         if self.state != "up" or self._current is None or self.peer is None:
             return {"index": self.index, "skipped": f"worker is {self.state}"}
         path = os.path.join(run_dir, f"handoff-{self.index}-{os.getpid()}-{next(_seq)}.sock")
-        new = await self._spawn(adopt=path)
+        new = await self._spawn(adopt=path, wait=wait)
         if new is None:
             return {"index": self.index, "error": "cannot start a new worker process"}
         try:
@@ -305,10 +311,13 @@ class WorkerSlot:
             await self._discard(new, path)
             return {"index": self.index, "error": str(exc) or type(exc).__name__}
 
-    async def start_for_takeover(self, path: str | None, givers: int) -> WorkerProcess | None:
+    async def start_for_takeover(
+        self, path: str | None, givers: int, wait: float | None = None
+    ) -> WorkerProcess | None:
         """A process for this slot that adopts from ``givers`` workers of the service being
-        taken over (at ``path``), or listens by itself when none gives to it; ready or None."""
-        p = await self._spawn(adopt=path, givers=givers) if path else await self._spawn()
+        taken over (at ``path``, waiting up to ``wait`` s for them), or listens by itself when
+        none gives to it; ready or None."""
+        p = await self._spawn(path, givers, wait) if path else await self._spawn()
         if p is None:
             return None
         try:

@@ -42,9 +42,11 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from service.contracts import GIVER_TIMEOUT
 from service.worker.protocol import _EXPIRES, _KEEPALIVE, Conn
 from service.worker.states import DONE, HEAD, LAST_STREAM, POLL
 
@@ -59,10 +61,6 @@ BATCH = 200  # sockets per message: below SCM_MAX_FD (253)
 STEP = 2000
 MESSAGE_MAX = 1 << 20
 STEP_TIMEOUT = 30.0
-# A successor whose giver has not come by then gives up waiting and listens by itself (the
-# supervisor asks for the handoff once every successor is ready and it holds its broadcast lock,
-# which a broadcast in waves to a million can hold for ~15 s).
-GIVER_TIMEOUT = 120.0
 
 
 def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -313,6 +311,7 @@ class Receiver:
         givers: int = 1,
         on_init: Any = None,
         on_end: Any = None,
+        wait: float = GIVER_TIMEOUT,
     ) -> None:
         self.path = path
         self.adopt_listener = adopt_listener  # async (socket) -> None
@@ -326,7 +325,10 @@ class Receiver:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(path)
         self.sock.listen(max(1, givers))
-        self.sock.settimeout(GIVER_TIMEOUT)
+        # accept() in a thread wakes once a second to see whether to stop waiting.
+        self.sock.settimeout(1.0)
+        self.deadline = time.monotonic() + wait
+        self.stopping = False
         self.adopted = 0
         self._task = asyncio.get_running_loop().create_task(self._serve_all())
 
@@ -345,7 +347,7 @@ class Receiver:
         loop = asyncio.get_running_loop()
         history: list[dict[str, Any]] = []
         try:
-            conn, _ = await loop.run_in_executor(None, self.sock.accept)
+            conn = await loop.run_in_executor(None, self._accept)
             conn.settimeout(STEP_TIMEOUT)
             with conn:
                 while True:
@@ -379,6 +381,26 @@ class Receiver:
         except Exception as exc:
             log.error("adopting from the previous worker failed: %s", exc)
             return False
+
+    def _accept(self) -> socket.socket:
+        """The next giver; TimeoutError at the deadline or once told the handover has ended."""
+        while True:
+            try:
+                return self.sock.accept()[0]
+            except TimeoutError:
+                if self.stopping:
+                    raise TimeoutError("the handover ended without this worker's giver") from None
+                if time.monotonic() >= self.deadline:
+                    raise
+            except OSError:
+                if self.stopping:  # closed under us: the same
+                    raise TimeoutError("the handover ended without this worker's giver") from None
+                raise
+
+    def stop_waiting(self) -> None:
+        """The handover has ended: a giver not connected by now will not come (one that is
+        connected finishes)."""
+        self.stopping = True
 
     def close(self) -> None:
         self.sock.close()

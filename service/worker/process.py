@@ -30,7 +30,7 @@ from typing import Any, cast
 import uvloop
 
 from service.config import Config, parse_args, raise_nofile_limit
-from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
+from service.contracts import EXIT_CANNOT_LISTEN, GIVER_TIMEOUT, WorkerStats
 from service.jsonlines import Message, Peer
 from service.worker import wire
 from service.worker.handoff import Receiver, give
@@ -115,12 +115,14 @@ class Worker:
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self, adopt: str | None = None, givers: int = 1) -> None:
+    async def start(
+        self, adopt: str | None = None, givers: int = 1, wait: float = GIVER_TIMEOUT
+    ) -> None:
         """Listen on the port; with ``adopt`` (a path), take the listener and the connections
         of the worker(s) this one replaces from there instead (service/worker/handoff.py)."""
         if adopt is not None:
             self.receiver = Receiver(
-                adopt, self._listen, self._adopt, givers, self._giver_init, self._adopted_all
+                adopt, self._listen, self._adopt, givers, self._giver_init, self._adopted_all, wait
             )
             self.hub.start_pings()
             self.hub.start_admission()
@@ -309,6 +311,7 @@ class ControlChannel:
                 "channels": self.channels,
                 "drain": self.drain,
                 "handoff": self.handoff,
+                "adopt_end": self.adopt_end,
             },
             name=f"worker {self.worker.index} control pipe",
         )
@@ -377,6 +380,12 @@ class ControlChannel:
         # Its last counters, for the node's totals: this process is about to go.
         return {**result, "stats": self.worker.stats()}
 
+    async def adopt_end(self, req: Message) -> Message:
+        # The supervisor's handover is over: stop waiting for a giver that has not come.
+        if self.worker.receiver is not None:
+            self.worker.receiver.stop_waiting()
+        return {}
+
     async def drain(self, req: Message) -> Message:
         grace = req.get("grace")
         await self.worker.drain(None if grace is None else float(grace))
@@ -391,6 +400,7 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
         await worker.start(
             os.environ.get("COMET_WORKER_ADOPT") or None,
             int(os.environ.get("COMET_WORKER_ADOPT_GIVERS") or 1),
+            float(os.environ.get("COMET_WORKER_ADOPT_WAIT") or GIVER_TIMEOUT),
         )
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)

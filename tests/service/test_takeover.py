@@ -233,3 +233,81 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
     finally:
         server.close()
         svc.stop()
+
+
+def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
+    short_dir: Path,
+) -> None:
+    """The predecessor answers the handover without handing anything (as one whose workers
+    failed would, or one that answers late): the new workers are told the handover has ended
+    (``adopt_end``) and listen by themselves at once, not after waiting out their giver (120 s
+    and more: the wait grows with the rounds of a big handover)."""
+    import json
+    import os
+    import socket
+
+    from service.contracts import GIVER_TIMEOUT, adopt_wait
+
+    assert adopt_wait(1, 2) == GIVER_TIMEOUT
+    assert adopt_wait(54, 2) == GIVER_TIMEOUT + 26 * 30  # 27 rounds of two
+    run = short_dir / "run"
+    run.mkdir()
+    path = str(run / "control.sock")
+    port = free_port()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+    answered = threading.Event()
+
+    def predecessor() -> None:
+        while not answered.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    op = json.loads(line)["op"]
+                    if op == "health":
+                        answer: dict[str, Any] = {
+                            "ok": True,
+                            "workers": 2,
+                            "pids": [1, 2],
+                            "port": port,
+                        }
+                    else:
+                        time.sleep(1.0)
+                        answer = {"ok": True, "workers": 2, "handed": 0, "kept": 0}
+                        answer |= {"failed": 0, "seconds": 1.0, "pid": 1, "slots": []}
+                        # Gone, as a predecessor is once it has handed over.
+                        server.close()
+                        os.unlink(path)
+                        answered.set()
+                    f.write(json.dumps(answer).encode() + b"\n")
+                    f.flush()
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+    svc = Service(
+        short_dir / "new", "--workers", "2", "--control-socket", path, "--take-over", port=port
+    )
+    try:
+        wait_for(answered.is_set, 60, "the handover request")
+        t0 = time.monotonic()
+
+        def listening() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(listening, 30, "the new workers listening by themselves")
+        s = Stream(port, f"/sub/{CH}", sse=False, timeout=30)
+        wait_for(lambda: b"Welcome!" in s.data, 30, "a welcome from the new service")
+        assert time.monotonic() - t0 < 20
+        s.close()
+        log = svc.log()
+        assert log.count("no listener was handed over; opening one") == 2, log
+        assert "the handover ended without this worker's giver" in log, log
+    finally:
+        if not answered.is_set():
+            server.close()
+        svc.stop()
