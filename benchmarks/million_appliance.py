@@ -631,6 +631,15 @@ class ApplianceRun:
             self.log.write(res.stdout[-20000:] + res.stderr[-5000:] + "\n")
             self.log.flush()
         if res.returncode != 0:
+            # What happened is still worth having: the takeover's own account and the agents'.
+            self.report["upgrade"] = {
+                "image": tag,
+                "converge_s": round(took, 1),
+                "converge_failed": True,
+                "takeover": self._takeover(),
+                "clients_before": before["clients"],
+                "agents_after": self.agent_stats(),
+            }
             raise RunError(f"the upgrade converge failed (see {self.out / 'procedure.log'})")
         new = json.loads(
             subprocess.run(

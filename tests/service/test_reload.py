@@ -87,7 +87,11 @@ def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None
         first = svc.ask({"op": "broadcast", "data": "before", "channel": CH})
         result: dict[str, Any] = {}
         t = threading.Thread(
-            target=lambda: result.update(answer=long_poll(svc.port, CH, since=int(first["id"])))
+            # The longest wait the service grants, so a slow reload on a loaded host cannot
+            # outlast the poll (it would answer empty before "after" is published).
+            target=lambda: result.update(
+                answer=long_poll(svc.port, CH, since=int(first["id"]), timeout=120)
+            )
         )
         t.start()
         time.sleep(0.5)  # the poll is waiting in the old worker

@@ -60,8 +60,12 @@ def test_a_new_service_takes_over_every_connection_under_a_publisher(
         )
         first = old.ask({"op": "broadcast", "data": "m1", "channel": CH})
         acked.append(int(first["id"]))
+        # The longest wait the service grants: on a loaded host the takeover below has taken
+        # over 30 s, and a poll that times out before "side" is published answers empty.
         poller = threading.Thread(
-            target=lambda: poll.update(answer=long_poll(old.port, "side", since=acked[0]))
+            target=lambda: poll.update(
+                answer=long_poll(old.port, "side", since=acked[0], timeout=120)
+            )
         )
         poller.start()
 
