@@ -30,6 +30,7 @@ Needs root (docker, the admin token file, the volumes) and the dev extras for th
 from __future__ import annotations
 
 import argparse
+import calendar
 import contextlib
 import json
 import os
@@ -257,6 +258,7 @@ class ApplianceRun:
         self.agents = [a.strip() for a in args.agents.split(",") if a.strip()]
         self.client = Client(None)
         self.t0 = time.time()
+        self.service_started = time.time()  # the service container's start (setup reads it)
         self.rss0 = self.slab0 = self.client_rss0 = 0
         self.log = (self.out / "procedure.log").open("a")
 
@@ -381,6 +383,8 @@ class ApplianceRun:
                 [DOCKER, "inspect", SERVICE, AGENT], capture_output=True, text=True, timeout=30
             ).stdout
         )
+        started = inspect[0]["State"]["StartedAt"][:19]  # 2026-12-02T18:03:24.48...Z
+        self.service_started = calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%S"))
         self.report.update(
             {
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -711,8 +715,11 @@ class ApplianceRun:
         self.report["sidecar"] = self.sidecar.summary()
         logs = self.out / "service-logs"
         logs.mkdir(exist_ok=True)
-        for path in sorted(volume_dir("comet-logs").glob("*.csv")):
-            if path.stat().st_mtime >= self.t0 - 3600:
+        # The log volume outlives containers: only the logs the service started since this
+        # run's set-up (comet-YYYYMMDD-HHMMSS.csv, the container's clock is UTC) are this run's.
+        since = time.strftime("comet-%Y%m%d-%H%M%S", time.gmtime(self.service_started - 5))
+        for path in sorted(volume_dir("comet-logs").glob("comet-*.csv")):
+            if path.stem >= since:
                 shutil.copy2(path, logs / path.name)
         if self.record.timeline:
             import csv
