@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadgen.bench.preflight import meminfo_kb  # noqa: E402
-from loadgen.bench.record import Record  # noqa: E402
+from loadgen.bench.record import Record, hold_cpu  # noqa: E402
 from loadgen.bench.report import cpu_model, plot_bench, print_report  # noqa: E402
 from loadgen.bench.service import tree_cpu, tree_rss  # noqa: E402
 from loadgen.fleet import Client  # noqa: E402
@@ -452,22 +452,9 @@ class ApplianceRun:
             if time.monotonic() >= end:
                 break
             time.sleep(min(1.0, max(0.0, end - time.monotonic())))
-        dt = max(0.001, time.time() - hold_t0)
-        host1 = psutil.cpu_times()
-        busy = sum(host1) - sum(host0) - (host1.idle - host0.idle)
-        busy -= getattr(host1, "iowait", 0.0) - getattr(host0, "iowait", 0.0)
-        frames = [f for f in self.record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
-        svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
-        report["hold_cpu"] = {
-            "seconds": round(dt, 1),
-            "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
-            "load_generator_pct_of_core": round(
-                100 * (tree_cpu(self.client_pids()) - client_cpu0) / dt, 1
-            ),
-            "host_busy_pct_of_core": round(100 * busy / dt, 1),
-            "cores": os.cpu_count(),
-            "service_lag": self.record.lag_in(hold_t0, time.time() - 1.0),
-        }
+        report["hold_cpu"] = hold_cpu(
+            self.record, hold_t0, host0, tree_cpu(self.client_pids()) - client_cpu0
+        )
         held = max(1, st["clients"])
         rss = tree_rss(self.service_pids())
         slab = meminfo_kb("Slab")

@@ -3,8 +3,12 @@ loop lag), and one row a broadcast."""
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import psutil
 
 
 @dataclass
@@ -31,3 +35,23 @@ class Record:
             nums = [float(v) for v in vals if isinstance(v, (int, float))]
             out[k] = max(nums) if nums else None
         return out
+
+
+def hold_cpu(record: Record, hold_t0: float, host0: Any, client_cpu_s: float) -> dict[str, Any]:
+    """CPU while idle-holding (pings only), % of one core: the service's from its frames (its
+    own psutil readings per worker), the load generator's from ``client_cpu_s`` (its CPU seconds
+    since ``hold_t0``) and the host's from ``psutil.cpu_times()`` then (``host0``) and now."""
+    dt = max(0.001, time.time() - hold_t0)
+    host1 = psutil.cpu_times()
+    busy = sum(host1) - sum(host0) - (host1.idle - host0.idle)
+    busy -= getattr(host1, "iowait", 0.0) - getattr(host0, "iowait", 0.0)
+    frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
+    svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
+    return {
+        "seconds": round(dt, 1),
+        "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
+        "load_generator_pct_of_core": round(100 * client_cpu_s / dt, 1),
+        "host_busy_pct_of_core": round(100 * busy / dt, 1),
+        "cores": os.cpu_count(),
+        "service_lag": record.lag_in(hold_t0, time.time() - 1.0),
+    }

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from loadgen.bench.netns import HOST_ADDRESS, NetnsLab
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
-from loadgen.bench.record import Record
+from loadgen.bench.record import Record, hold_cpu
 from loadgen.bench.report import cpu_model, write_outputs
 from loadgen.bench.service import (
     Service,
@@ -254,24 +254,9 @@ class BenchRun:
             if time.monotonic() >= end:
                 break
             await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
-        # CPU while idle-holding (pings only): % of one core, from the service's frames (its own
-        # psutil readings per worker) and from the load generator's and the host's CPU times.
-        dt = max(0.001, time.time() - hold_t0)
-        host_cpu1 = psutil.cpu_times()
-        busy = sum(host_cpu1) - sum(host_cpu0) - (host_cpu1.idle - host_cpu0.idle)
-        busy -= getattr(host_cpu1, "iowait", 0.0) - getattr(host_cpu0, "iowait", 0.0)
-        frames = [f for f in self.record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
-        svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
-        report["hold_cpu"] = {
-            "seconds": round(dt, 1),
-            "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
-            "load_generator_pct_of_core": round(
-                100 * (tree_cpu(self.client_pids()) - client_cpu0) / dt, 1
-            ),
-            "host_busy_pct_of_core": round(100 * busy / dt, 1),
-            "cores": os.cpu_count(),
-            "service_lag": self.record.lag_in(hold_t0, time.time() - 1.0),
-        }
+        report["hold_cpu"] = hold_cpu(
+            self.record, hold_t0, host_cpu0, tree_cpu(self.client_pids()) - client_cpu0
+        )
         held = max(1, st.clients)
         rss = tree_rss(svc.pids)
         slab = meminfo_kb("Slab")

@@ -38,6 +38,34 @@ def successor(tmp: Path, old: Service, workers: int, *args: str) -> Service:
     return svc
 
 
+def fake_predecessor(path: str, answer: Any) -> Any:
+    """A Unix server at ``path`` standing in for a running service: every JSON request line
+    gets ``answer(op)`` (a dict; None: stop serving). Returns the listening socket."""
+    import json
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    reply = answer(json.loads(line)["op"])
+                    if reply is None:
+                        return
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 2), (3, 2), (1, 2)])
 def test_a_new_service_takes_over_every_connection_under_a_publisher(
     short_dir: Path, before: int, after: int
@@ -180,7 +208,6 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
     """The service at the control socket answers health but refuses the handover (as one in
     the middle of a reload does): the new service stops the workers it started, removes their
     handoff sockets and exits 1, without taking the port."""
-    import json
     import socket
 
     import psutil
@@ -189,34 +216,19 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
     run.mkdir()
     path = str(run / "control.sock")
     port = free_port()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
     asked: list[str] = []
 
-    def predecessor() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, conn.makefile("rwb") as f:
-                for line in f:
-                    op = json.loads(line)["op"]
-                    asked.append(op)
-                    if op == "health":
-                        answer = {"ok": True, "workers": 1, "pids": [1], "port": port}
-                    else:
-                        answer = {
-                            "ok": False,
-                            "code": "bad_request",
-                            "error": "a reload or handover is under way already",
-                        }
-                    f.write(json.dumps(answer).encode() + b"\n")
-                    f.flush()
+    def answer(op: str) -> dict[str, Any]:
+        asked.append(op)
+        if op == "health":
+            return {"ok": True, "workers": 1, "pids": [1], "port": port}
+        return {
+            "ok": False,
+            "code": "bad_request",
+            "error": "a reload or handover is under way already",
+        }
 
-    thread = threading.Thread(target=predecessor, daemon=True)
-    thread.start()
+    server = fake_predecessor(path, answer)
     svc = Service(
         short_dir / "new", "--workers", "2", "--control-socket", path, "--take-over", port=port
     )
@@ -246,7 +258,6 @@ def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
     failed would, or one that answers late): the new workers are told the handover has ended
     (``adopt_end``) and listen by themselves at once, not after waiting out their giver (120 s
     and more: the wait grows with the rounds of a big handover)."""
-    import json
     import os
     import socket
 
@@ -258,40 +269,19 @@ def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
     run.mkdir()
     path = str(run / "control.sock")
     port = free_port()
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(8)
     answered = threading.Event()
 
-    def predecessor() -> None:
-        while not answered.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn, conn.makefile("rwb") as f:
-                for line in f:
-                    op = json.loads(line)["op"]
-                    if op == "health":
-                        answer: dict[str, Any] = {
-                            "ok": True,
-                            "workers": 2,
-                            "pids": [1, 2],
-                            "port": port,
-                        }
-                    else:
-                        time.sleep(1.0)
-                        answer = {"ok": True, "workers": 2, "handed": 0, "kept": 0}
-                        answer |= {"failed": 0, "seconds": 1.0, "pid": 1, "slots": []}
-                        # Gone, as a predecessor is once it has handed over.
-                        server.close()
-                        os.unlink(path)
-                        answered.set()
-                    f.write(json.dumps(answer).encode() + b"\n")
-                    f.flush()
+    def answer(op: str) -> dict[str, Any]:
+        if op == "health":
+            return {"ok": True, "workers": 2, "pids": [1, 2], "port": port}
+        time.sleep(1.0)
+        # Gone, as a predecessor is once it has handed over (the answer still leaves).
+        server.close()
+        os.unlink(path)
+        answered.set()
+        return {"ok": True, "workers": 2, "handed": 0, "kept": 0, "failed": 0, "seconds": 1.0}
 
-    thread = threading.Thread(target=predecessor, daemon=True)
-    thread.start()
+    server = fake_predecessor(path, answer)
     svc = Service(
         short_dir / "new", "--workers", "2", "--control-socket", path, "--take-over", port=port
     )
