@@ -253,8 +253,12 @@ async def _start_service_on(
         try:
             health = await control(sock, {"op": "health"}, timeout=2.0)
             if await _port_open(host, port):
-                svc_workers = health.get("workers")
-                print(f"service up: pid {proc.pid}, {svc_workers} workers, port {port}", flush=True)
+                # Workers still importing are not up yet: say of how many (54 at a million).
+                up = health.get("workers")
+                print(
+                    f"service up: pid {proc.pid}, {up} of {workers} workers so far, port {port}",
+                    flush=True,
+                )
                 return svc
         except (TimeoutError, OSError, BenchError, ValueError):
             pass
