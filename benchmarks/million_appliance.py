@@ -84,17 +84,33 @@ def timing_summary(values: list[float], failures: int) -> dict[str, Any]:
     }
 
 
+def inspect(*names: str) -> list[dict[str, Any]]:
+    """``docker inspect`` of the named containers, in that order."""
+    res = subprocess.run([DOCKER, "inspect", *names], capture_output=True, text=True, timeout=30)
+    if res.returncode != 0:
+        raise RunError(f"docker inspect {' '.join(names)}: {res.stderr.strip()}")
+    found: list[dict[str, Any]] = json.loads(res.stdout)
+    return found
+
+
+def copy_build_inputs(dest: Path) -> Path:
+    """The image's build inputs (what the comet role syncs to its build folder) copied to
+    ``dest``, which must not exist yet."""
+    dest.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    for pkg in ("service", "admin_api", "loadgen"):
+        shutil.copytree(
+            ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
+    return dest
+
+
 def container_pids(name: str) -> list[int]:
     """The host pids of a container's processes (its init and every descendant)."""
-    res = subprocess.run(
-        [DOCKER, "inspect", "--format", "{{.State.Pid}}", name],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    pid = int(res.stdout.strip() or 0) if res.returncode == 0 else 0
+    pid = int(inspect(name)[0]["State"]["Pid"] or 0)
     if pid <= 0:
-        raise RunError(f"container {name} is not running (docker inspect: {res.stderr.strip()})")
+        raise RunError(f"container {name} is not running")
     with contextlib.suppress(psutil.Error):
         return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
     return [pid]
@@ -378,12 +394,8 @@ class ApplianceRun:
         self.slab0 = meminfo_kb("Slab")
         self.rss0 = tree_rss(self.service_pids())
         self.client_rss0 = tree_rss(self.client_pids())
-        inspect = json.loads(
-            subprocess.run(
-                [DOCKER, "inspect", SERVICE, AGENT], capture_output=True, text=True, timeout=30
-            ).stdout
-        )
-        started = inspect[0]["State"]["StartedAt"][:19]  # 2026-12-02T18:03:24.48...Z
+        containers = inspect(SERVICE, AGENT)
+        started = containers[0]["State"]["StartedAt"][:19]  # 2026-12-02T18:03:24.48...Z
         self.service_started = calendar.timegm(time.strptime(started, "%Y-%m-%dT%H:%M:%S"))
         self.report.update(
             {
@@ -403,7 +415,7 @@ class ApplianceRun:
                         "image": c["Config"]["Image"],
                         "nofile": [u for u in c["HostConfig"]["Ulimits"] or []],
                     }
-                    for c in inspect
+                    for c in containers
                 },
                 "server_workers": workers,
                 "server_rss_idle_mb": round(self.rss0 / 2**20, 1),
@@ -573,23 +585,11 @@ class ApplianceRun:
         the new service container, none closed; then a broadcast reaches them all."""
         self.sidecar.window = "upgrade"
         tag = f"comet1m:upgrade-{time.strftime('%Y%m%d%H%M%S')}"
-        old_id = json.loads(
-            subprocess.run(
-                [DOCKER, "inspect", SERVICE], capture_output=True, text=True, timeout=30
-            ).stdout
-        )[0]["Id"]
+        old_id = inspect(SERVICE)[0]["Id"]
         before = self.agent_stats()
         with tempfile.TemporaryDirectory(prefix="comet-upgrade-") as tmp:
-            # The image's build inputs (the comet role syncs no more), with a marker: a new
-            # release, as far as the image id can tell.
-            src = Path(tmp) / "src"
-            src.mkdir()
-            for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
-                shutil.copy2(ROOT / name, src / name)
-            for pkg in ("service", "admin_api", "loadgen"):
-                shutil.copytree(
-                    ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-                )
+            # The build inputs with a marker: a new release, as far as the image id can tell.
+            src = copy_build_inputs(Path(tmp) / "src")
             with open(src / "README.md", "a") as f:
                 f.write(f"\n<!-- upgrade to {tag} -->\n")
             cmd = [str(VENV_BIN / "ansible-playbook"), "site.yml"]
@@ -632,11 +632,7 @@ class ApplianceRun:
                 "agents_after": self.agent_stats(),
             }
             raise RunError(f"the upgrade converge failed (see {self.out / 'procedure.log'})")
-        new = json.loads(
-            subprocess.run(
-                [DOCKER, "inspect", SERVICE], capture_output=True, text=True, timeout=30
-            ).stdout
-        )[0]
+        new = inspect(SERVICE)[0]
         after = self.agent_stats()
         handoff = next((r for r in reversed(self.record.timeline) if r["phase"] == "upgrade"), None)
         self.report["upgrade"] = {

@@ -51,6 +51,14 @@ class _Child:
         with contextlib.suppress(asyncio.CancelledError):
             await self.reading
 
+    def gone(self, outcome: object) -> bool:
+        """Whether a call's outcome (an answer or an exception) means this process is gone. A
+        timeout while it still runs is slow, not gone: killing slow engines on a saturated
+        one-box million dropped 21 × 19,600 connections and made the host busier still."""
+        if isinstance(outcome, TimeoutError) and self.proc.returncode is None:
+            return False
+        return isinstance(outcome, BaseException)
+
     async def call(self, msg: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
         try:
             return await self.peer.call(msg, timeout)
@@ -153,9 +161,7 @@ class ProcessPool:
     async def _call_all(self, msg: dict[str, Any]) -> list[dict[str, Any] | None]:
         """``msg`` to every engine; one that is gone is replaced and asked again. One that is
         only slow (no answer within ``call_timeout``: a loaded host, tens of thousands of
-        connections to serve) is not gone: its answer is None, and it keeps its connections.
-        Killing slow engines on a saturated one-box million dropped 21 × 19,600 connections
-        and made the host busier still."""
+        connections to serve) answers None and keeps its connections (:meth:`_Child.gone`)."""
         for attempt in (1, 2):
             results = await asyncio.gather(
                 *(c.call(msg, self.call_timeout) for c in self.children),
@@ -164,13 +170,11 @@ class ProcessPool:
             failed = False
             answers: list[dict[str, Any] | None] = []
             for c, r in zip(self.children, results, strict=True):
-                if isinstance(r, TimeoutError) and c.proc.returncode is None:
-                    answers.append(None)
-                elif isinstance(r, BaseException):
+                if c.gone(r):
                     c.broken = True
                     failed = True
                 else:
-                    answers.append(r)
+                    answers.append(None if isinstance(r, BaseException) else r)
             if not failed:
                 return answers
             if attempt == 2:
@@ -194,9 +198,7 @@ class ProcessPool:
             )
             for c, r in zip(self.children, results, strict=True):
                 # A slow engine gets the set when it reads its stdin; only a gone one is broken.
-                if isinstance(r, BaseException) and not (
-                    isinstance(r, TimeoutError) and c.proc.returncode is None
-                ):
+                if c.gone(r):
                     c.broken = True
         if any(c.broken for c in self.children):
             await self._heal()

@@ -207,14 +207,9 @@ def docker_engine() -> Iterator[None]:
 
 def _snapshot_sources(dest: Path) -> Path:
     """Freeze the build inputs: edits made during the run must not race the idempotence check."""
-    dest.mkdir()
-    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, dest / name)
-    for pkg in ("service", "admin_api", "loadgen"):
-        shutil.copytree(
-            ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
-    return dest
+    from benchmarks.million_appliance import copy_build_inputs
+
+    return copy_build_inputs(dest)
 
 
 def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
