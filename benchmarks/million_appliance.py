@@ -56,7 +56,7 @@ from loadgen.bench.preflight import meminfo_kb  # noqa: E402
 from loadgen.bench.record import Record, hold_cpu  # noqa: E402
 from loadgen.bench.report import cpu_model, plot_bench, print_report  # noqa: E402
 from loadgen.bench.service import tree_cpu, tree_rss  # noqa: E402
-from loadgen.fleet import Client  # noqa: E402
+from loadgen.fleet import COUNTERS, Client  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DOCKER = "/usr/bin/docker"
@@ -294,12 +294,7 @@ class ApplianceRun:
     def agent_stats(self) -> dict[str, Any]:
         """The agents' ``GET /`` summed (what ``fleet status`` shows)."""
         total: dict[str, Any] = {
-            "clients": 0,
-            "inproc": 0,
-            "errors_req": 0,
-            "errors_resp": 0,
-            "ended_req": 0,
-            "msgs_total": 0,
+            **dict.fromkeys(COUNTERS, 0),
             "deliveries": {},
             "last_delivery": {},
             "procs": 0,
@@ -308,7 +303,7 @@ class ApplianceRun:
         for answer in self.client.call_all(self.agents, "/", timeout=30):
             if "error" in answer:
                 raise RunError(f"an agent did not answer: {answer['error']}")
-            for k in ("clients", "inproc", "errors_req", "errors_resp", "ended_req", "msgs_total"):
+            for k in COUNTERS:
                 total[k] += int(answer.get(k, 0))
             total["procs"] += int(answer.get("procs", 0))
             for seq, n in answer.get("deliveries", {}).items():
