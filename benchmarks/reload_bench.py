@@ -2,6 +2,7 @@
 publisher at --rate broadcasts a second, then --reloads reloads in a row.
 
     .venv/bin/python benchmarks/reload_bench.py --conns 100000 --rate 10 --reloads 10
+    .venv/bin/python benchmarks/reload_bench.py --conns 100000 --takeover --busy 4   # no idle CPU
 
 The service runs with --workers auto (6 workers for 100,000 under a 20,000 nofile limit); the
 clients are benchmarks/comet_clients.py processes on 127.0.0.2-41. Every broadcast carries
@@ -24,6 +25,7 @@ import itertools
 import json
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -92,9 +94,18 @@ def main() -> None:
         action="store_true",
         help="each round starts a new service with --take-over instead of sending reload",
     )
+    ap.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N processes spinning on the CPU through the reloads: a host with no idle CPU, "
+        "as the one-box million is (the load generator and 108 service processes on 2 cores)",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="reload-bench-"))
+    spinners: list[subprocess.Popen[bytes]] = []
     flags = (
         *("--workers", "auto", "--target-connections", str(args.conns)),
         *("--ping-interval", "60", "--state-dir", str(tmp / "state")),
@@ -173,6 +184,8 @@ def main() -> None:
         pub = threading.Thread(target=publisher)
         pub.start()
         time.sleep(2)
+        spin = "while True: pass"
+        spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy)]
         reloads = []
         windows: list[tuple[float, float]] = []
         fds1st = rss1st = 0
@@ -274,6 +287,7 @@ def main() -> None:
             "rss_mb_after_first_reload": round(rss1st / 2**20, 1),
             "rss_mb_after": round(rss1 / 2**20, 1),
             "cpu": psutil.cpu_count(),
+            "busy": args.busy,
         }
         print(json.dumps(out), flush=True)
     except BaseException:
@@ -282,6 +296,9 @@ def main() -> None:
         raise
     finally:
         stop.set()
+        for p in spinners:
+            p.kill()
+            p.wait()
         for c in (plain, sse):
             if c is not None:
                 c.close()

@@ -3,7 +3,8 @@
 A socket is a kernel object: the process holding it can pass it to another (SCM_RIGHTS), and the
 other's event loop adopts it (``loop.connect_accepted_socket``). The giving worker (``give``,
 the ``handoff`` op) and the successor (``Receiver``, started with ``COMET_WORKER_ADOPT=PATH``)
-speak over a SOCK_SEQPACKET Unix socket at PATH, one message per step, fds riding along:
+speak over a SOCK_SEQPACKET Unix socket at PATH, one message per step, fds riding along (both
+ends non-blocking, driven by their event loops; only the connect and accept wait in a thread):
 
     giver → successor   {"history": [MSG, ...]}         (only across services: see below)
     giver → successor   {"init": {"last_id", "pruned", "hole"}}
@@ -12,7 +13,7 @@ speak over a SOCK_SEQPACKET Unix socket at PATH, one message per step, fds ridin
     successor → giver   {"ok": true}                    (it accepts on it now; the giver stops)
     giver → successor   {"conns": [STATE, ...]}       + one socket per STATE (at most BATCH)
     successor → giver   {"adopted": n}                  (the giver lets go of those n)
-    ...
+    ...                                                 (up to WINDOW batches ahead of answers)
     giver → successor   {"done": true}
 
 STATE is what a connection is beyond its socket: ``{"kind": "stream", "fmt", "channel",
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("comet.worker")
 
 BATCH = 200  # sockets per message: below SCM_MAX_FD (253)
+WINDOW = 4  # batches sent ahead of their answers
 # Connections walked (paused, their state built) per loop turn: a worker of 20,000 would
 # otherwise block its loop ~100 ms at a time (the loop lag the frames report).
 STEP = 2000
@@ -63,16 +66,53 @@ MESSAGE_MAX = 1 << 20
 STEP_TIMEOUT = 30.0
 
 
-def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    if fds:
-        socket.send_fds(sock, [data], fds)
+async def _ready(sock: socket.socket, write: bool) -> None:
+    """Until ``sock`` (non-blocking) can be written to, or read from."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
     else:
-        sock.sendall(data)
+        loop.add_reader(fd, wake)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
-def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], list[int]]:
-    data, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, maxfds)
+async def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
+    """One message (and its sockets) on the non-blocking handoff socket, from the loop itself:
+    a thread per step costs two wake-ups, which on a saturated host are most of a batch's time."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            try:
+                if fds:
+                    socket.send_fds(sock, [data], fds)
+                else:
+                    sock.send(data)
+                return
+            except (BlockingIOError, InterruptedError):
+                await _ready(sock, write=True)
+
+
+async def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    async with asyncio.timeout(STEP_TIMEOUT):
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, maxfds)
+                break
+            except (BlockingIOError, InterruptedError):
+                await _ready(sock, write=False)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -193,12 +233,13 @@ async def give(
     kept: list[Conn] = []
     try:
         await loop.run_in_executor(None, sock.connect, path)
+        sock.setblocking(False)
         if history:
             msgs, init = history_of(hub)
             for part in _history_messages(msgs):
-                await loop.run_in_executor(None, _send, sock, part)
-            await loop.run_in_executor(None, _send, sock, {"init": init})
-            answer, _ = await loop.run_in_executor(None, _recv, sock)
+                await _send(sock, part)
+            await _send(sock, {"init": init})
+            answer, _ = await _recv(sock)
             if not answer.get("ok"):
                 raise ConnectionError(f"the successor refused the history: {answer}")
         listeners = getattr(server, "sockets", None) if server is not None else None
@@ -210,10 +251,10 @@ async def give(
         elif server is not None and listeners:
             fd = os.dup(listeners[0].fileno())
             try:
-                await loop.run_in_executor(None, _send, sock, {"listener": True}, [fd])
+                await _send(sock, {"listener": True}, [fd])
             finally:
                 os.close(fd)
-            answer, _ = await loop.run_in_executor(None, _recv, sock)
+            answer, _ = await _recv(sock)
             if not answer.get("ok"):
                 raise ConnectionError(f"the successor refused the listener: {answer}")
             server.close()  # it accepts on the same queue now: nothing waiting there is lost
@@ -248,25 +289,37 @@ async def give(
                 movable.append((c, st))
         t_states = loop.time()
         t_wait = 0.0
+        # Up to WINDOW batches on their way: the successor always has the next one to adopt
+        # while this side builds the one after. A batch is let go only once its answer came
+        # (answers come in order); what is unanswered when something fails stays ours.
+        sent: collections.deque[list[tuple[Conn, dict[str, Any]]]] = collections.deque()
+
+        async def settle() -> None:
+            nonlocal handed, t_wait
+            done = sent.popleft()
+            tw = loop.time()
+            answer, _ = await _recv(sock)
+            t_wait += loop.time() - tw
+            if answer.get("adopted") != len(done):
+                raise ConnectionError(f"the successor adopted {answer.get('adopted')!r} of a batch")
+            for c, _ in done:
+                c.let_go()
+            handed += len(done)
+
         for i in range(0, len(movable), BATCH):
             batch = movable[i : i + BATCH]
             fds = [os.dup(c.transport.get_extra_info("socket").fileno()) for c, _ in batch]
             try:
-                await loop.run_in_executor(
-                    None, _send, sock, {"conns": [st for _, st in batch]}, fds
-                )
+                await _send(sock, {"conns": [st for _, st in batch]}, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
-            tw = loop.time()
-            answer, _ = await loop.run_in_executor(None, _recv, sock)
-            t_wait += loop.time() - tw
-            if answer.get("adopted") != len(batch):
-                raise ConnectionError(f"the successor adopted {answer.get('adopted')!r} of a batch")
-            for c, _ in batch:
-                c.let_go()
-            handed += len(batch)
-        await loop.run_in_executor(None, _send, sock, {"done": True})
+            sent.append(batch)
+            if len(sent) >= WINDOW:
+                await settle()
+        while sent:
+            await settle()
+        await _send(sock, {"done": True})
         timing = (
             f"in {loop.time() - now0:.2f} s (writes done and reading paused "
             f"{t_prep - now0:.2f} s, states {t_states - t_prep:.2f} s, waiting for the "
@@ -348,21 +401,21 @@ class Receiver:
         history: list[dict[str, Any]] = []
         try:
             conn = await loop.run_in_executor(None, self._accept)
-            conn.settimeout(STEP_TIMEOUT)
+            conn.setblocking(False)
             with conn:
                 while True:
-                    msg, fds = await loop.run_in_executor(None, _recv, conn, BATCH)
+                    msg, fds = await _recv(conn, BATCH)
                     if "history" in msg:
                         history.extend(msg["history"])
                     elif "init" in msg:
                         if self.on_init is not None:
                             self.on_init(history, msg["init"])
                         history = []
-                        await loop.run_in_executor(None, _send, conn, {"ok": True})
+                        await _send(conn, {"ok": True})
                     elif msg.get("listener"):
                         await self.adopt_listener(socket.socket(fileno=fds[0]))
                         self.got_listener = True
-                        await loop.run_in_executor(None, _send, conn, {"ok": True})
+                        await _send(conn, {"ok": True})
                     elif "conns" in msg:
                         states = msg["conns"]
                         # A batch at once: each adoption waits for its connection_made.
@@ -373,7 +426,7 @@ class Receiver:
                             )
                         )
                         self.adopted += len(states)
-                        await loop.run_in_executor(None, _send, conn, {"adopted": len(states)})
+                        await _send(conn, {"adopted": len(states)})
                     elif msg.get("done"):
                         break
             log.info("adopted %d connections from the previous worker so far", self.adopted)

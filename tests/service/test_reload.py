@@ -3,6 +3,7 @@ the same TCP connections, under a publisher; nothing lost, nothing twice, nothin
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,6 +18,18 @@ from tests.support.service import Service
 from tests.support.stream import Stream, server_ports
 
 CH = "news"
+
+
+def _recv(conn: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], list[int]]:
+    """The successor's end of the handoff protocol, blocking (a thread of the test plays it)."""
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, maxfds)
+    if not data:
+        raise ConnectionError("the giver closed the handoff socket")
+    return json.loads(data), fds
+
+
+def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(obj).encode())
 
 
 def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path) -> None:
@@ -143,12 +156,12 @@ def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker
     def fake_successor() -> None:
         conn, _ = server.accept()
         with conn:
-            msg, fds = handoff._recv(conn, 1)
+            msg, fds = _recv(conn, 1)
             got["listener"] = msg
             for fd in fds:
                 os.close(fd)
-            handoff._send(conn, {"ok": True})
-            msg, fds = handoff._recv(conn, handoff.BATCH)
+            _send(conn, {"ok": True})
+            msg, fds = _recv(conn, handoff.BATCH)
             got["batch"] = len(msg["conns"])
             for fd in fds:
                 os.close(fd)  # gone before it answers
@@ -171,6 +184,66 @@ def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker
         wait_for(lambda: b"Welcome!" in late.data, 10, "a new subscriber welcomed")
         for s in [*streams, late]:
             s.close()
+
+
+def test_batches_go_ahead_of_their_answers_and_only_answered_ones_are_let_go(
+    short_dir, monkeypatch
+) -> None:
+    """The giver sends up to WINDOW batches before the first answer (a successor always has the
+    next batch to adopt); when the successor goes away with batches unanswered, the giver lets
+    go of the answered batch only and serves every other connection on."""
+    import asyncio
+
+    from service.worker import handoff
+    from tests.service.worker_harness import running_worker
+
+    monkeypatch.setattr(handoff, "BATCH", 2)
+    path = str(short_dir / "handoff.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(1)
+    adopted: list[socket.socket] = []
+    got: dict[str, Any] = {}
+
+    def successor() -> None:
+        conn, _ = server.accept()
+        with conn:
+            _msg, fds = _recv(conn, 1)
+            adopted.extend(socket.socket(fileno=fd) for fd in fds)  # the listener
+            _send(conn, {"ok": True})
+            batches = []
+            for _ in range(handoff.WINDOW):  # all of these come before any answer
+                msg, fds = _recv(conn, handoff.BATCH)
+                batches.append((msg["conns"], fds))
+            got["ahead"] = len(batches)
+            first, first_fds = batches[0]
+            adopted.extend(socket.socket(fileno=fd) for fd in first_fds)
+            _send(conn, {"adopted": len(first)})
+            msg, fds = _recv(conn, handoff.BATCH)  # the next batch, sent after the answer
+            got["after"] = len(msg["conns"])
+            for _conns, fds_of in [*batches[1:], (msg["conns"], fds)]:
+                for fd in fds_of:
+                    os.close(fd)  # gone without answering these
+
+    with running_worker(ping_interval=30.0) as w:
+        streams = [Stream(w.port, f"/sub/{CH}", sse=True) for _ in range(12)]
+        wait_for(lambda: w.stats()["conns"] == 12, 10, "12 streams")
+        t = threading.Thread(target=successor)
+        t.start()
+        assert w.worker is not None
+        answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
+        t.join(10)
+        server.close()
+        assert got == {"ahead": handoff.WINDOW, "after": 2}, got
+        assert answer["handed"] == 2 and answer["kept"] == 10 and "error" in answer, answer
+        assert w.stats()["conns"] == 10
+        assert w.broadcast("still here", CH) == 10
+        wait_for(lambda: sum(b"data: still here" in s.data for s in streams) == 10, 10, "delivery")
+        assert not any(s.closed for s in streams)
+        for s in streams:
+            s.close()
+    for a in adopted:
+        a.close()
 
 
 def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(tmp_path) -> None:
@@ -266,14 +339,14 @@ def test_nothing_answers_a_connection_while_it_is_being_handed(short_dir) -> Non
     def slow_successor() -> None:
         conn, _ = server.accept()
         with conn:
-            msg, fds = handoff._recv(conn, 1)
+            msg, fds = _recv(conn, 1)
             kept.extend(socket.socket(fileno=fd) for fd in fds)
-            handoff._send(conn, {"ok": True})
-            msg, fds = handoff._recv(conn, handoff.BATCH)
+            _send(conn, {"ok": True})
+            msg, fds = _recv(conn, handoff.BATCH)
             kept.extend(socket.socket(fileno=fd) for fd in fds)
             time.sleep(1.5)  # past the poll's deadline
-            handoff._send(conn, {"adopted": len(msg["conns"])})
-            handoff._recv(conn)  # done
+            _send(conn, {"adopted": len(msg["conns"])})
+            _recv(conn)  # done
 
     with running_worker(ping_interval=30.0) as w:
         c = socket.create_connection(("127.0.0.1", w.port), timeout=5)
