@@ -212,8 +212,8 @@ def _snapshot_sources(dest: Path) -> Path:
     return copy_build_inputs(dest)
 
 
-def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
-    res = _run(
+def _playbook(source_dir: Path, **extra: object) -> subprocess.CompletedProcess[str]:
+    return _run(
         [
             _tool("ansible-playbook"),
             "-i",
@@ -226,6 +226,10 @@ def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
         env=_ansible_env(),
         timeout=840,
     )
+
+
+def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
+    res = _playbook(source_dir, **extra)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     recap = re.search(r"^localhost\s*:\s*(.*)$", out, re.MULTILINE)
@@ -587,6 +591,53 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
     finally:
         for s in streams:
             s.close()
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_successor_left_running_stops_a_handoff_and_a_restart_replaces_both(
+    converged: dict[str, object],
+) -> None:
+    """After a failed handoff both containers serve what they hold and the successor owns the
+    control socket. A rerun must not remove it (that closes its connections): it stops before
+    changing anything, naming it. comet_upgrade=restart replaces both."""
+    source = Path(str(converged["source"]))
+    before = _inspect("comet-service")
+    left = _run(
+        [
+            *(DOCKER, "run", "-d", "--name", "comet-service-next", "--network", "none"),
+            *("--entrypoint", "sleep", "comet1m:latest", "600"),
+        ],
+        timeout=60,
+    )
+    assert left.returncode == 0, left.stderr
+    stream = Stream(SERVICE_PORT, "/sub/left", True, timeout=60)
+    try:
+        wait_for(lambda: b"Welcome!" in stream.data, 30, "a welcome")
+        res = _playbook(source, comet_service_env={"COMET_PING_INTERVAL": "26"})
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-3000:]
+        refusal = "comet-service-next, started by an earlier upgrade, is still running"
+        assert refusal in out, out[-3000:]
+        assert "TASK [comet : Start the successor service container]" not in out
+        after = _inspect("comet-service")
+        assert after["Id"] == before["Id"] and after["State"]["Running"]  # type: ignore[index]
+        assert after["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"  # type: ignore[index]
+        assert _inspect("comet-service-next")["State"]["Running"]  # type: ignore[index]
+        time.sleep(1)
+        assert not stream.closed, "a refused upgrade closed a connection"
+
+        _out, counts = _converge(source, comet_upgrade="restart")
+        assert counts["failed"] == 0
+        assert _run([DOCKER, "inspect", "comet-service-next"]).returncode != 0
+        replaced = _inspect("comet-service")
+        assert replaced["Id"] != before["Id"] and replaced["State"]["Running"]  # type: ignore[index]
+    finally:
+        stream.close()
+        _run([DOCKER, "rm", "-f", "comet-service-next"], timeout=60)
+        _out, counts = _converge(source)  # back to the CI deployment (a handoff)
+        assert counts["failed"] == 0
 
 
 def _conntrack_growth(port: int, n: int = 300) -> int:
