@@ -44,9 +44,14 @@ function fromZero(u, min, max) {
   return [0, max > 0 ? max * 1.1 : 1];
 }
 
+// y-axis ticks in a few characters: "1,000,000" did not fit the 60-pixel axis ("1M" does).
+const COMPACT = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+const compactTicks = (u, splits) => splits.map((v) => (v == null ? "" : COMPACT.format(v)));
+
 function makeChart(id, labels) {
   const el = $(id);
   const axis = { stroke: "#8a96a3", grid: { stroke: "#26303b" }, ticks: { stroke: "#26303b" } };
+  const yAxis = { ...axis, size: 60, values: compactTicks };
   const twoScales = labels.some((l) => l.endsWith("@host"));
   const opts = {
     width: Math.max(300, el.clientWidth), height: 200,
@@ -59,8 +64,8 @@ function makeChart(id, labels) {
       y: { range: fromZero },
       host: { range: fromZero },
     },
-    axes: [axis, { ...axis, size: 60 }].concat(twoScales
-      ? [{ ...axis, scale: "host", side: 1, size: 60, grid: { show: false } }] : []),
+    axes: [axis, yAxis].concat(twoScales
+      ? [{ ...yAxis, scale: "host", side: 1, grid: { show: false } }] : []),
     series: [{}, ...labels.map((label, i) => ({
       label: label.replace("@host", ""), stroke: COLORS[i], width: 1.5, points: { show: false },
       scale: label.endsWith("@host") ? "host" : "y",
