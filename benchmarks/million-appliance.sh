@@ -6,7 +6,7 @@
 # admin API, opens the dashboard in Chromium, sends 3 broadcasts with POST /api/broadcast,
 # optionally upgrades the service image with every connection held (--upgrade), ramps down, and
 # draws the service's memory/CPU graphs from its CSV log volume with comet-plot.
-# Not part of the test suite: ~40 minutes and the whole machine (24 GB, both cores). Run as root.
+# Not part of the test suite: ~30 minutes and the whole machine (24 GB, both cores). Run as root.
 #   benchmarks/million-appliance.sh [OUT_DIR] [million_appliance.py flags...]
 set -eu
 cd "$(dirname "$0")/.."
