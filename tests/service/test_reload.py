@@ -32,6 +32,30 @@ def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
     conn.sendall(json.dumps(obj).encode())
 
 
+def _successor_socket(short_dir) -> tuple[str, socket.socket]:
+    """Where a fake successor (a thread of the test) waits for the giver."""
+    path = str(short_dir / "handoff.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    server.bind(path)
+    server.listen(1)
+    return path, server
+
+
+def _hand_over(w, path, server, successor, n) -> tuple[list[Stream], dict[str, Any]]:
+    """``n`` SSE streams on the worker ``w``, then its handoff to ``successor`` at ``path``."""
+    import asyncio
+
+    streams = [Stream(w.port, f"/sub/{CH}", sse=True) for _ in range(n)]
+    wait_for(lambda: w.stats()["conns"] == n, 10, f"{n} streams")
+    t = threading.Thread(target=successor)
+    t.start()
+    assert w.worker is not None
+    answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
+    t.join(10)
+    server.close()
+    return streams, answer
+
+
 def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path) -> None:
     svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30")
     streams: list[Stream] = []
@@ -142,15 +166,11 @@ def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker
     """A successor (here: this test, on the handoff socket) takes the listener and one batch,
     then goes away without saying it adopted it: the worker keeps every connection of that
     batch and of the rest, serves them on, and says what happened."""
-    import asyncio
 
     from service.worker import handoff
     from tests.service.worker_harness import running_worker
 
-    path = str(short_dir / "handoff.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(path)
-    server.listen(1)
+    path, server = _successor_socket(short_dir)
     got: dict[str, Any] = {}
 
     def fake_successor() -> None:
@@ -167,14 +187,7 @@ def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker
                 os.close(fd)  # gone before it answers
 
     with running_worker(ping_interval=30.0) as w:
-        streams = [Stream(w.port, f"/sub/{CH}", sse=True) for _ in range(5)]
-        wait_for(lambda: w.stats()["conns"] == 5, 10, "5 streams")
-        t = threading.Thread(target=fake_successor)
-        t.start()
-        assert w.worker is not None
-        answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
-        t.join(10)
-        server.close()
+        streams, answer = _hand_over(w, path, server, fake_successor, 5)
         assert got["batch"] == 5 and answer["handed"] == 0 and "error" in answer, answer
         assert w.stats()["conns"] == 5 and w.stats()["handed_total"] == 0
         assert w.broadcast("still here", CH) == 5
@@ -192,16 +205,12 @@ def test_batches_go_ahead_of_their_answers_and_only_answered_ones_are_let_go(
     """The giver sends up to WINDOW batches before the first answer (a successor always has the
     next batch to adopt); when the successor goes away with batches unanswered, the giver lets
     go of the answered batch only and serves every other connection on."""
-    import asyncio
 
     from service.worker import handoff
     from tests.service.worker_harness import running_worker
 
     monkeypatch.setattr(handoff, "BATCH", 2)
-    path = str(short_dir / "handoff.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(path)
-    server.listen(1)
+    path, server = _successor_socket(short_dir)
     adopted: list[socket.socket] = []
     got: dict[str, Any] = {}
 
@@ -226,14 +235,7 @@ def test_batches_go_ahead_of_their_answers_and_only_answered_ones_are_let_go(
                     os.close(fd)  # gone without answering these
 
     with running_worker(ping_interval=30.0) as w:
-        streams = [Stream(w.port, f"/sub/{CH}", sse=True) for _ in range(12)]
-        wait_for(lambda: w.stats()["conns"] == 12, 10, "12 streams")
-        t = threading.Thread(target=successor)
-        t.start()
-        assert w.worker is not None
-        answer = asyncio.run_coroutine_threadsafe(w.worker.handoff(path), w.loop).result(30)
-        t.join(10)
-        server.close()
+        streams, answer = _hand_over(w, path, server, successor, 12)
         assert got == {"ahead": handoff.WINDOW, "after": 2}, got
         assert answer["handed"] == 2 and answer["kept"] == 10 and "error" in answer, answer
         assert w.stats()["conns"] == 10
@@ -330,10 +332,7 @@ def test_nothing_answers_a_connection_while_it_is_being_handed(short_dir) -> Non
     from service.worker import handoff
     from tests.service.worker_harness import running_worker
 
-    path = str(short_dir / "handoff.sock")
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    server.bind(path)
-    server.listen(1)
+    path, server = _successor_socket(short_dir)
     kept: list[socket.socket] = []
 
     def slow_successor() -> None:
