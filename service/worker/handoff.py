@@ -76,17 +76,14 @@ async def _ready(sock: socket.socket, write: bool) -> None:
         if not fut.done():
             fut.set_result(None)
 
-    if write:
-        loop.add_writer(fd, wake)
-    else:
-        loop.add_reader(fd, wake)
+    add, remove = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    add(fd, wake)
     try:
         await fut
     finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
+        remove(fd)
 
 
 async def _send(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
@@ -440,15 +437,11 @@ class Receiver:
         while True:
             try:
                 return self.sock.accept()[0]
-            except TimeoutError:
+            except OSError as exc:  # a 1-s tick (TimeoutError), or closed under us once stopping
                 if self.stopping:
                     raise TimeoutError("the handover ended without this worker's giver") from None
-                if time.monotonic() >= self.deadline:
+                if not isinstance(exc, TimeoutError) or time.monotonic() >= self.deadline:
                     raise
-            except OSError:
-                if self.stopping:  # closed under us: the same
-                    raise TimeoutError("the handover ended without this worker's giver") from None
-                raise
 
     def stop_waiting(self) -> None:
         """The handover has ended: a giver not connected by now will not come (one that is
