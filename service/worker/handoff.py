@@ -118,13 +118,9 @@ async def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], l
 
 
 def _where(hub: Hub) -> tuple[dict[int, str], dict[tuple[int, int], float]]:
-    """Each stream's channel, and each live heap deadline (conn id, token id) → loop time."""
+    """Each stream's channel, and each live ticked deadline (conn id, token id) → loop time."""
     channels = {id(c): name for name, subs in hub.streams.items() for c in subs}
-    deadlines = {
-        (id(conn), id(token)): when
-        for when, _seq, conn, token in hub.deadlines.heap
-        if conn.buf is token
-    }
+    deadlines = {(id(conn), id(token)): when for when, conn, token in hub.deadlines.entries()}
     return channels, deadlines
 
 

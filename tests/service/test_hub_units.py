@@ -319,3 +319,73 @@ def test_a_poll_for_an_announced_id_that_times_out_keeps_its_place(bench: Bench)
     bench.run(1.3)
     body = json.loads(t.data.partition(b"\r\n\r\n")[2])
     assert body == {"messages": [], "last_id": 1, "reset": True}
+
+
+class _Waiter:
+    """What Deadlines needs of a connection: its ``buf`` token and ``on_deadline``."""
+
+    def __init__(self, name: str, fired: list[tuple[str, float]], loop: Any) -> None:
+        self.name, self.fired, self.loop = name, fired, loop
+        self.buf: object = object()
+
+    def on_deadline(self, token: object) -> None:
+        self.fired.append((self.name, self.loop.time()))
+
+
+def test_ticked_deadlines_fire_in_order_never_early_and_skip_connections_that_moved_on() -> None:
+    from service.worker.hub import Deadlines
+
+    loop = asyncio.new_event_loop()
+    try:
+        dl = Deadlines(loop, tick=0.05)
+        fired: list[tuple[str, float]] = []
+        due: dict[str, float] = {}
+        waiters = {}
+        # Added out of order at one frozen instant (so which tick each lands in does not depend
+        # on where the clock is within a tick); b and b2 share a tick; one moves on.
+        t0 = loop.time()
+        loop.time = lambda: t0  # type: ignore[method-assign]
+        for name, delay in (("c", 0.30), ("a", 0.10), ("b", 0.20), ("b2", 0.20), ("gone", 0.15)):
+            w = waiters[name] = _Waiter(name, fired, loop)
+            due[name] = t0 + delay
+            dl.add(cast(Conn, w), w.buf, delay)
+        del loop.time  # the loop's own clock again
+        assert dl.pending == 5 and len(dl.ticks) == 4
+        live = {cast(_Waiter, conn).name: when for when, conn, _ in dl.entries()}
+        assert set(live) == set(due) and all(live[n] >= due[n] for n in due)
+        waiters["gone"].buf = object()  # the connection moved on: its entry is stale
+        loop.run_until_complete(asyncio.sleep(0.45))
+        names = [n for n, _ in fired]
+        assert names[0] == "a" and set(names[1:3]) == {"b", "b2"} and names[3] == "c"
+        assert len(names) == 4  # not "gone"
+        for name, at in fired:
+            assert at >= due[name] - 1e-9, (name, at, due[name])  # never early
+        assert dl.pending == 0 and not dl.at and not dl.ticks
+    finally:
+        loop.close()
+
+
+def test_stale_ticked_deadlines_are_compacted_when_the_count_doubles() -> None:
+    from service.worker.hub import Deadlines
+
+    loop = asyncio.new_event_loop()
+    try:
+        dl = Deadlines(loop, tick=0.05)
+        fired: list[tuple[str, float]] = []
+        kept = []
+        for i in range(3000):  # an hour away, spread over many ticks
+            w = _Waiter(str(i), fired, loop)
+            dl.add(cast(Conn, w), w.buf, 3600.0 + i * 0.01)
+            if i % 10 == 0:
+                kept.append(w)
+            else:
+                w.buf = None  # closed
+        # Compacted at 1024 and again as it doubled: only live entries (and recent ones) stay.
+        assert dl.pending < 2 * 1024, dl.pending
+        assert len(dl.ticks) == len(dl.at)
+        live = [conn for _, conn, _ in dl.entries()]
+        assert set(map(id, live)) == set(map(id, kept))
+        dl.stop()
+        assert dl.pending == 0 and not dl.at
+    finally:
+        loop.close()
