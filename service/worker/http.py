@@ -233,11 +233,13 @@ def route(req: Request, limits: Limits) -> Route | HttpError:
         # The common subscribe (`/`, `/sub/news`, `?token=...`): nothing escaped, so the path and
         # the query split as parse_qsl(keep_blank_values=True) would, without the URL parser.
         path, _, query_text = target.partition("?")
-        pairs = (
-            [(k, v) for k, _, v in (p.partition("=") for p in query_text.split("&") if p)]
-            if query_text
-            else []
-        )
+        if not query_text:
+            pairs = []
+        elif "&" not in query_text:  # one parameter (`?token=…`): no split, no generator
+            name, _, value = query_text.partition("=")
+            pairs = [(name, value)]
+        else:
+            pairs = [(k, v) for k, _, v in (p.partition("=") for p in query_text.split("&") if p)]
     else:
         try:
             url = httptools.parse_url(target.encode("ascii"))
