@@ -1,10 +1,12 @@
 """The floor: the leanest uvloop Protocol that holds a stream and writes to all of them.
 
 It answers any request with the same Welcome! head and keeps the connection; no parsing, no
-hub, no state, no pings. SIGUSR1 writes one chunk, ``BCAST\n``, to every connection it holds, in
-one loop turn, and prints the milliseconds it took. Its RSS and CPU per connection are what
-uvloop and the kernel cost; benchmarks/worker_bench.py gives every figure of the service as a
-ratio to this one's.
+hub, no state. SIGUSR1 writes one chunk, ``BCAST\n``, to every connection it holds, in one loop
+turn, and prints the milliseconds it took. ``--ping S`` writes ``ping\n`` to every connection
+every S seconds, also in one loop turn (the least a server can do to keep idle streams alive,
+as the service does every --ping-interval). ``--reuseport`` lets several copies share the port,
+as the service's workers do. Its RSS and CPU per connection are what uvloop and the kernel cost;
+benchmarks/worker_bench.py gives every figure of the service as a ratio to this one's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ WELCOME = (
 
 
 MESSAGE = b"6\r\nBCAST\n\r\n"
+PING = b"5\r\nping\n\r\n"
 HELD: set[asyncio.BaseTransport] = set()
 
 
@@ -50,16 +53,28 @@ def broadcast() -> None:
     print(f"broadcast {len(HELD)} {(time.perf_counter() - t0) * 1000:.1f}", flush=True)
 
 
+def ping(loop: asyncio.AbstractEventLoop, every: float) -> None:
+    for t in HELD:
+        t.write(PING)  # type: ignore[attr-defined]
+    loop.call_later(every, ping, loop, every)
+
+
 async def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--ping", type=float, default=0.0, help="seconds between pings (0: none)")
+    ap.add_argument("--reuseport", action="store_true", help="share the port (SO_REUSEPORT)")
     args = ap.parse_args()
     raise_nofile_limit()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if args.reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", args.port))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, broadcast)
+    if args.ping > 0:
+        loop.call_later(args.ping, ping, loop, args.ping)
     server = await loop.create_server(Bare, sock=sock, backlog=65535)
     print("listening on http", flush=True)
     async with server:

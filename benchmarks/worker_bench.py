@@ -1,6 +1,8 @@
-"""Worker benchmarks: RSS per idle connection and one broadcast to all, N connections, 1 worker.
+"""Worker benchmarks: RSS per idle connection and one broadcast to all, N connections, 1 worker
+(or the whole service with ``--workers W``), each figure also as a ratio to the floor.
 
     .venv/bin/python benchmarks/worker_bench.py --n 19000 --clients 2 --runs 3
+    .venv/bin/python benchmarks/worker_bench.py --n 100000 --workers 6 --clients 6 --ping 20
 
 The worker runs as the supervisor would start it (``python -m service.worker --control-fd``);
 this script speaks the internal protocol over the socketpair. Clients run in separate processes
@@ -15,6 +17,13 @@ holding idle, and per delivery of the broadcast. The same measurements run again
 benchmarks/bare_server.py, the floor (a bare uvloop Protocol: no parsing, no hub, no pings; its
 broadcast is one loop over its transports); with ``--server both`` the last line gives every
 figure of the service as a ratio to the floor's.
+
+``--workers W`` (W > 1) runs the service as users do, ``python -m service --workers W`` (the
+supervisor and its W workers sharing the port), against W copies of the floor sharing the port
+(SO_REUSEPORT); every CPU and RSS figure is the sum over all of the server's processes (the
+supervisor included), and the broadcast goes through the control socket. ``--ping S`` gives both
+the same keep-alive: the service's ``--ping-interval S`` and the floor's ping loop every S s (the
+idle figures then have a ratio; hold at least two intervals, ``--settle``).
 """
 
 from __future__ import annotations
@@ -51,9 +60,8 @@ class CometServer:
         cfg = Config(
             host="127.0.0.1",
             port=port,
-            ping_interval=3600.0,
             timeout_header=timeout_header,
-            **extra,
+            **{"ping_interval": 3600.0, **extra},
         )
         ours, theirs = socket.socketpair()
         self.ctl = ours
@@ -90,28 +98,103 @@ class CometServer:
         self.rfile.close()
         self.ctl.close()
 
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
 
-class BareServer:
-    def __init__(self, port: int) -> None:
-        self.proc = subprocess.Popen(
-            [PY, os.path.join(ROOT, "benchmarks", "bare_server.py"), "--port", str(port)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        assert self.proc.stdout is not None
-        assert b"listening" in self.proc.stdout.readline()
+    def broadcast(self) -> tuple[int, float]:
+        """Recipients and the worker's write time in ms."""
+        msg = {"id": 1, "channel": None, "event": None, "data": "BCAST", "ts": time.time()}
+        ans = self.ask("broadcast", msg=msg)
+        return int(ans["recipients"]), float(ans["elapsed_ms"])
 
-    def broadcast(self) -> float:
-        """One message to every connection (SIGUSR1); the milliseconds the write loop took."""
-        assert self.proc.stdout is not None
-        self.proc.send_signal(signal.SIGUSR1)
-        return float(self.proc.stdout.readline().split()[2])
+    def lag_max(self) -> float:
+        """The worker's loop lag max (ms) since it started."""
+        return float(self.ask("stats")["stats"]["lag_ms"]["max"])
+
+    def conns(self) -> int:
+        return int(self.ask("stats")["stats"]["conns"])
+
+
+class CometService:
+    """``python -m service --workers W``: the supervisor and its workers, as users run it."""
+
+    def __init__(
+        self, port: int, workers: int, ping: float, timeout_header: float, **extra: Any
+    ) -> None:
+        import tempfile
+        from pathlib import Path
+
+        from tests.support.service import Service
+
+        flags = ["--workers", str(workers), "--ping-interval", str(ping or 3600.0)]
+        flags += ["--timeout-header", str(timeout_header)]
+        for name, value in extra.items():
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+        tmp = Path(tempfile.mkdtemp(prefix="worker-bench-service-"))
+        self.svc = Service(tmp, *flags, port=port, env={"COMET_TOKEN_SECRET": SECRET})
+        self.svc.wait_up(workers, timeout=60, with_frame=True)
+        self.proc = self.svc.proc
+        self._pids = [self.proc.pid, *(p.pid for p in psutil.Process(self.proc.pid).children())]
+        assert len(self._pids) == workers + 1, self._pids
+
+    def pids(self) -> list[int]:
+        return self._pids
+
+    def broadcast(self) -> tuple[int, float]:
+        """Recipients and the control answer's round trip in ms (all workers written)."""
+        t0 = time.perf_counter()
+        ans = self.svc.ask({"op": "broadcast", "data": "BCAST"})
+        ms = (time.perf_counter() - t0) * 1000
+        assert ans.get("ok"), ans
+        return int(ans["recipients"]), ms
+
+    def lag_max(self) -> float:
+        """The worst worker's loop lag max (ms) in the next frame (the last second's)."""
+        time.sleep(1.2)
+        return float(max(w["lag_ms"]["max"] for w in self.svc.frame()["workers"]))
+
+    def conns(self) -> int:
+        return int(self.svc.frame()["totals"]["conns"])
 
     def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        self.svc.stop()
+
+
+class BareServer:
+    """``count`` copies of benchmarks/bare_server.py on one port (SO_REUSEPORT when > 1)."""
+
+    def __init__(self, port: int, count: int = 1, ping: float = 0.0) -> None:
+        cmd = [PY, os.path.join(ROOT, "benchmarks", "bare_server.py"), "--port", str(port)]
+        if count > 1:
+            cmd.append("--reuseport")
+        if ping:
+            cmd += ["--ping", str(ping)]
+        self.procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE) for _ in range(count)]
+        self.proc = self.procs[0]
+        for p in self.procs:
+            assert p.stdout is not None
+            assert b"listening" in p.stdout.readline()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def broadcast(self) -> float:
+        """One message to every connection (SIGUSR1 to every copy at once); the milliseconds
+        the slowest copy's write loop took."""
+        for p in self.procs:
+            p.send_signal(signal.SIGUSR1)
+        ms = 0.0
+        for p in self.procs:
+            assert p.stdout is not None
+            ms = max(ms, float(p.stdout.readline().split()[2]))
+        return ms
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
 
 
 def start_clients(
@@ -154,8 +237,8 @@ def stop_clients(groups: list[Clients]) -> None:
         g.close()
 
 
-def rss(pid: int) -> int:
-    return int(psutil.Process(pid).memory_info().rss)
+def rss(pids: list[int]) -> int:
+    return sum(int(psutil.Process(pid).memory_info().rss) for pid in pids)
 
 
 def slab_kb() -> int:
@@ -167,9 +250,13 @@ def slab_kb() -> int:
     return 0
 
 
-def cpu_s(pid: int) -> float:
-    t = psutil.Process(pid).cpu_times()
-    return float(t.user + t.system)
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (the server's, summed)."""
+    total = 0.0
+    for pid in pids:
+        t = psutil.Process(pid).cpu_times()
+        total += t.user + t.system
+    return total
 
 
 def tls_files() -> dict[str, str]:
@@ -207,80 +294,77 @@ def run_once(
     timeout_header: float,
     tls: bool = False,
     private: int = 0,
+    workers: int = 1,
+    ping: float = 0.0,
 ) -> dict[str, float]:
     port = free_port()
-    server: CometServer | BareServer
+    server: CometServer | CometService | BareServer
     extra: dict[str, Any] = tls_files() if tls else {}
     if private:
         extra["private_channels"] = "private-*"
     tokens = token_file(private) if private else ""
-    server = CometServer(port, timeout_header, **extra) if kind == "comet" else BareServer(port)
-    pid = server.proc.pid
+    if kind == "bare":
+        server = BareServer(port, workers, ping)
+    elif workers > 1:
+        server = CometService(port, workers, ping, timeout_header, **extra)
+    else:
+        server = CometServer(port, timeout_header, ping_interval=ping or 3600.0, **extra)
+    pids = server.pids()
     clients: list[Clients] = []
     try:
         time.sleep(0.5)
-        r0 = rss(pid)
+        r0 = rss(pids)
         k0 = slab_kb()
-        c0 = cpu_s(pid)
+        c0 = cpu_s(pids)
         t_conn = time.perf_counter()
         clients = start_clients(port, n, k, tls, private, tokens)
         connect_s = time.perf_counter() - t_conn
-        c1 = cpu_s(pid)
-        r_ready = rss(pid)
-        c_idle0 = cpu_s(pid)
+        c1 = cpu_s(pids)
+        r_ready = rss(pids)
+        c_idle0 = cpu_s(pids)
         time.sleep(settle)
-        c_idle1 = cpu_s(pid)
-        r1 = rss(pid)
+        c_idle1 = cpu_s(pids)
+        r1 = rss(pids)
         k1 = slab_kb()
         out = {
             "connect_s": connect_s,
             "rss0_mb": r0 / 2**20,
             "rss_ready_per_conn": (r_ready - r0) / n,
             "rss_per_conn": (r1 - r0) / n,
-            # The server process's own CPU (user + sys) per accepted connection: accept, TLS
-            # handshake when on, head parse and token check, welcome write.
+            # The server's own CPU (user + sys, all its processes) per accepted connection:
+            # accept, TLS handshake when on, head parse and token check, welcome write.
             "cpu_per_accept_us": (c1 - c0) / n * 1e6,
             # Kernel slab per connection pair (both ends are on this machine).
             "kernel_per_conn": (k1 - k0) * 1024 / n,
-            # Holding idle: the server's CPU per connection per second (the service pings every
-            # --ping-interval, its lag sampler and stats run; the floor does nothing).
+            # Holding idle: the server's CPU per connection per second (pings every --ping when
+            # given; the service's lag sampler and stats always run; the floor does nothing else).
             "idle_cpu_ns_per_conn_s": (c_idle1 - c_idle0) / settle / n * 1e9,
         }
+        if not isinstance(server, BareServer):
+            held = server.conns()
+            assert held == n, (held, n)
+        before = [g.stats()["msgs"] for g in clients]
+        c_b0 = cpu_s(pids)
+        t0 = time.time()
         if isinstance(server, BareServer):
-            before = [g.stats()["msgs"] for g in clients]
-            c_b0 = cpu_s(pid)
-            t0 = time.time()
-            out["broadcast_worker_ms"] = server.broadcast()
-            lasts = []
-            for g, b in zip(clients, before, strict=True):
-                st = g.wait("msgs", b + g.n, timeout=30, every=0.1)
-                lasts.append(float(st["last_msg_t"]))
-            out["broadcast_s"] = max(lasts) - t0
-            out["cpu_per_delivery_us"] = (cpu_s(pid) - c_b0) / n * 1e6
-        if isinstance(server, CometServer):
-            st = server.ask("stats")["stats"]
-            assert st["conns"] == n, st
-            before = [g.stats()["msgs"] for g in clients]
-            msg = {"id": 1, "channel": None, "event": None, "data": "BCAST", "ts": time.time()}
-            c_b0 = cpu_s(pid)
-            t0 = time.time()
-            ans = server.ask("broadcast", msg=msg)
-            lasts = []
-            got = 0
-            # The clients stamp each arrival themselves: ask them only after the worker has
-            # answered (asking during the fan-out would take CPU from the worker it measures).
-            for g, b in zip(clients, before, strict=True):
-                st = g.wait("msgs", b + g.n, timeout=30, every=0.1)  # every connection once
-                got += st["msgs"] - b
-                lasts.append(float(st["last_msg_t"]))
-            assert got == n and ans["recipients"] == n, (got, ans)
-            # The worker's CPU for the broadcast (and the few stats answers around it), per
-            # connection written to.
-            out["cpu_per_delivery_us"] = (cpu_s(pid) - c_b0) / n * 1e6
-            out["broadcast_s"] = max(lasts) - t0
-            out["broadcast_worker_ms"] = float(ans["elapsed_ms"])
-            lag = server.ask("stats")["stats"]["lag_ms"]
-            out["lag_max_ms"] = float(lag["max"])
+            recipients, out["broadcast_worker_ms"] = n, server.broadcast()
+        else:
+            recipients, out["broadcast_worker_ms"] = server.broadcast()
+        lasts = []
+        got = 0
+        # The clients stamp each arrival themselves: ask them only after the server has
+        # answered (asking during the fan-out would take CPU from the server it measures).
+        for g, b in zip(clients, before, strict=True):
+            st = g.wait("msgs", b + g.n, timeout=60, every=0.1)  # every connection once
+            got += st["msgs"] - b
+            lasts.append(float(st["last_msg_t"]))
+        assert got == n and recipients == n, (got, recipients)
+        # The server's CPU for the broadcast (and the few stats answers around it), per
+        # connection written to.
+        out["cpu_per_delivery_us"] = (cpu_s(pids) - c_b0) / n * 1e6
+        out["broadcast_s"] = max(lasts) - t0
+        if not isinstance(server, BareServer):
+            out["lag_max_ms"] = server.lag_max()
         return out
     finally:
         stop_clients(clients)
@@ -302,7 +386,23 @@ def main() -> None:
         default=0,
         help="of the n connections, this many subscribe to a private channel with a token each",
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="W > 1: the whole service with W workers against W copies of the floor",
+    )
+    ap.add_argument(
+        "--ping",
+        type=float,
+        default=0.0,
+        help="seconds between pings, the same for the service and the floor (0: no pings)",
+    )
     args = ap.parse_args()
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
+    if args.ping and args.settle < 2 * args.ping:
+        print(f"note: --settle {args.settle} holds less than two --ping intervals", flush=True)
     kinds = ["comet", "bare"] if args.server == "both" else [args.server]
     medians: dict[str, dict[str, float]] = {}
     for kind in kinds:
@@ -316,6 +416,8 @@ def main() -> None:
                 args.timeout_header,
                 args.tls,
                 args.private,
+                args.workers,
+                args.ping,
             )
             runs.append(r)
             print(
