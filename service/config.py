@@ -60,6 +60,15 @@ class Config:
     host: str = opt("0.0.0.0", "address to listen on")
     port: int = opt(8888, "subscriber port (shared by all workers with SO_REUSEPORT)")
     backlog: int = opt(65535, "listen backlog (the kernel caps it at net.core.somaxconn)")
+    defer_accept: int = opt(
+        1,
+        (
+            "seconds the kernel keeps a new connection until its first bytes arrive before "
+            "waking a worker for it (TCP_DEFER_ACCEPT): every subscriber speaks first, so a "
+            "worker wakes once per connection with the request already there; a silent one "
+            "reaches the worker after about this long (0 = off)"
+        ),
+    )
     allow_shared_port: bool = opt(
         False,
         (
@@ -244,6 +253,8 @@ class Config:
                 raise ValueError(f"workers: must be at least 1, got {n}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port: must be 0..65535, got {self.port}")
+        if not 0 <= self.defer_accept <= 3600:
+            raise ValueError(f"defer_accept: must be 0..3600 seconds, got {self.defer_accept}")
         positive = (
             "ping_interval",
             "ping_slice",

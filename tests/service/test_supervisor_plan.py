@@ -101,3 +101,15 @@ def test_environment_configures_the_supervisor():
     config = parse_args([], environ={"COMET_WORKERS": "3", "COMET_GRACE": "5"})
     assert config.worker_count() == 3 and config.grace == 5.0
     assert parse_args(["--workers", "2"], environ={"COMET_WORKERS": "3"}).workers == "2"
+
+
+def test_defer_accept_defaults_to_one_second_and_a_bad_value_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse_args([], environ={}).defer_accept == 1
+    assert parse_args([], environ={"COMET_DEFER_ACCEPT": "0"}).defer_accept == 0
+    for bad in ("-1", "3601"):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--defer-accept", bad], environ={})
+        assert exc.value.code == 2
+        assert "defer_accept: must be 0..3600 seconds" in capsys.readouterr().err

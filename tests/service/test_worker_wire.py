@@ -402,7 +402,8 @@ def test_drain_sends_reconnect_and_closes() -> None:
     plain = subscribe(w, "/sub/d")
     sse = subscribe(w, "/sub/d?format=sse")
     old = subscribe(w, "/sub/d", ver="1.0")
-    idle = connect(w.port)  # never sends a request
+    idle = connect(w.port)
+    idle.sendall(b"GET /sub/d HTTP/1.1\r\n")  # accepted, its head never finished
     try:
         first = {s: read_until(s, b"Welcome!") for s in (plain, sse, old)}
         wait_for(lambda: channel_count(w, "d") == 3)
@@ -424,6 +425,30 @@ def test_drain_sends_reconnect_and_closes() -> None:
         for s in (plain, sse, old, idle):
             s.close()
         w.stop()
+
+
+def test_a_silent_connection_waits_in_the_kernel_until_it_speaks_or_defer_accept_passes() -> None:
+    """TCP_DEFER_ACCEPT (--defer-accept, default 1 s): the worker is woken for a connection
+    once its request is there; a silent one still reaches it after about the defer time (where
+    the request-head deadline then applies); with 0 it is accepted at once."""
+    with running_worker() as w:
+        silent, speaking = connect(w.port), connect(w.port)
+        try:
+            time.sleep(0.3)  # the kernel's first SYN-ACK retransmit is 1 s away
+            assert w.stats()["conns"] == 0
+            speaking.sendall(b"GET /sub/defer HTTP/1.1\r\nHost: t\r\n\r\n")
+            read_until(speaking, b"Welcome!")
+            assert w.stats()["conns"] == 1
+            wait_for(lambda: w.stats()["conns"] == 2, 10)  # the silent one, about 1 s later
+        finally:
+            silent.close()
+            speaking.close()
+    with running_worker(defer_accept=0) as w:
+        silent = connect(w.port)
+        try:
+            wait_for(lambda: w.stats()["conns"] == 1, 0.9)  # accepted at once
+        finally:
+            silent.close()
 
 
 def test_a_burst_of_small_broadcasts_arrives_in_order_in_few_writes() -> None:
