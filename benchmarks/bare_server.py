@@ -4,7 +4,8 @@ It answers any request with the same Welcome! head and keeps the connection; no 
 hub, no state. SIGUSR1 writes one chunk, ``BCAST\n``, to every connection it holds, in one loop
 turn, and prints the milliseconds it took. ``--ping S`` writes ``ping\n`` to every connection
 every S seconds, also in one loop turn (the least a server can do to keep idle streams alive,
-as the service does every --ping-interval). ``--reuseport`` lets several copies share the port,
+as the service does every --ping-interval), the first at a random phase of the interval like
+the service's. ``--reuseport`` lets several copies share the port,
 as the service's workers do. Its RSS and CPU per connection are what uvloop and the kernel cost;
 benchmarks/worker_bench.py gives every figure of the service as a ratio to this one's.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import signal
 import socket
 import time
@@ -74,7 +76,9 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, broadcast)
     if args.ping > 0:
-        loop.call_later(args.ping, ping, loop, args.ping)
+        # The first ping at a random phase of the interval, as each service worker's first
+        # sweep: neither starts by pinging everything at one instant of a measurement.
+        loop.call_later(random.uniform(0, args.ping), ping, loop, args.ping)
     server = await loop.create_server(Bare, sock=sock, backlog=65535)
     print("listening on http", flush=True)
     async with server:
