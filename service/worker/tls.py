@@ -5,8 +5,8 @@ little per connection as Python's ssl lets us choose: CPython builds every conte
 ``SSL_MODE_RELEASE_BUFFERS`` (the ~34 KB read and write buffers are freed while a connection is
 idle), and the server issues no TLS 1.3 session tickets (``num_tickets = 0``: no ticket and no
 cached session per connection; measured 2.4 KB a connection less). What stays is OpenSSL's own
-state per connection (~20 KB with OpenSSL 3) and uvloop's SSL protocol with its read buffer:
-docs/benchmarks.md has the numbers.
+state per connection (16.7 KB server side with OpenSSL 3.0: benchmarks/tls_memory.py) and
+uvloop's SSL protocol with its read buffer: docs/benchmarks.md has the numbers.
 """
 
 from __future__ import annotations
