@@ -53,7 +53,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from service.contracts import COUNTER_NAMES
@@ -150,6 +150,14 @@ class _Job:
             self.done.set_result(self.sent)
 
 
+def _live(items: list[Any]) -> Iterator[tuple[Conn, object]]:
+    """The (conn, token) pairs of a deadline bucket ``[conn, token, conn, token, …]`` whose
+    connection has not moved on (its ``buf`` is still the token)."""
+    for i in range(0, len(items), 2):
+        if items[i].buf is items[i + 1]:
+            yield items[i], items[i + 1]
+
+
 class Deadlines:
     """Every timeout of every connection behind one armed timer.
 
@@ -174,7 +182,7 @@ class Deadlines:
         self.pending = 0  # entries in ``at``, stale ones included until due or compacted
         self._handle: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
-        self._compact_at = 1024  # heap size at which stale entries are dropped
+        self._compact_at = 1024  # ``pending`` at which stale entries are dropped
         self.held = False
 
     def add_fixed(self, conn: Conn, token: object, delay: float) -> None:
@@ -210,10 +218,7 @@ class Deadlines:
         away, so drop the stale ones whenever the count has doubled since the last time."""
         kept = 0
         for tick, items in list(self.at.items()):
-            live: list[Any] = []
-            for i in range(0, len(items), 2):
-                if items[i].buf is items[i + 1]:
-                    live += (items[i], items[i + 1])
+            live = [x for pair in _live(items) for x in pair]
             if live:
                 self.at[tick] = live
                 kept += len(live) // 2
@@ -228,9 +233,8 @@ class Deadlines:
         """(loop time due, conn, token) of every live entry of the ticked buckets."""
         for tick, items in self.at.items():
             when = tick * self.tick
-            for i in range(0, len(items), 2):
-                if items[i].buf is items[i + 1]:
-                    yield when, items[i], items[i + 1]
+            for conn, token in _live(items):
+                yield when, conn, token
 
     def hold(self) -> None:
         """No deadline fires until :meth:`release`: a handoff is moving these connections, and
@@ -265,10 +269,8 @@ class Deadlines:
             items = self.at.pop(heapq.heappop(ticks))
             self.pending -= len(items) // 2
             due.extend(items)
-        for i in range(0, len(due), 2):
-            conn, token = due[i], due[i + 1]
-            if conn.buf is token:
-                conn.on_deadline(token)
+        for conn, token in _live(due):  # checked as each comes up: an earlier one may close it
+            conn.on_deadline(token)
         nxt = [q[0][0] for q in self.fifos.values() if q]
         if ticks:
             nxt.append(ticks[0] * self.tick)
@@ -280,9 +282,7 @@ class Deadlines:
         out = [conn for _, conn, _ in self.entries()]
         for q in self.fifos.values():
             for _, items in q:
-                out.extend(
-                    items[i] for i in range(0, len(items), 2) if items[i].buf is items[i + 1]
-                )
+                out.extend(conn for conn, _ in _live(items))
         return out
 
     def stop(self) -> None:
