@@ -315,8 +315,7 @@ _RAW_DECODE = json.JSONDecoder().raw_decode
 def _json(text: str) -> Any:
     """``json.loads`` of a str, without its encoding sniffing and end-of-text regex: a token's
     payload is decoded once per new token on the accept path (1.5 → 0.6 µs)."""
-    if text[:1] in (" ", "\t", "\n", "\r"):
-        text = text.lstrip(" \t\n\r")
+    text = text.lstrip(" \t\n\r")  # the same str object when there is nothing to strip
     value, end = _RAW_DECODE(text)
     if end != len(text) and text[end:].strip(" \t\n\r"):
         raise ValueError("extra data after the JSON value")
