@@ -5,9 +5,9 @@ hub, no state. SIGUSR1 writes one chunk, ``BCAST\n``, to every connection it hol
 turn, and prints the milliseconds it took. ``--ping S`` writes ``ping\n`` to every connection
 every S seconds, also in one loop turn (the least a server can do to keep idle streams alive,
 as the service does every --ping-interval), the first at a random phase of the interval like
-the service's. ``--reuseport`` lets several copies share the port,
-as the service's workers do. Its RSS and CPU per connection are what uvloop and the kernel cost;
-benchmarks/worker_bench.py gives every figure of the service as a ratio to this one's.
+the service's. ``--reuseport`` lets several copies share the port, as the service's workers
+do. Its RSS and CPU per connection are what uvloop and the kernel cost; benchmarks/worker_bench.py
+gives every figure of the service as a ratio to this one's.
 """
 
 from __future__ import annotations

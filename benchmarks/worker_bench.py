@@ -14,9 +14,9 @@ request-head deadlines passed (r1): per connection = (r1 - r0) / N. Then one bro
 time from sending it to the moment the last client read it (clients stamp time.time()). CPU (the
 server process's user + system): per accepted connection, per connection per second while
 holding idle, and per delivery of the broadcast. The same measurements run against
-benchmarks/bare_server.py, the floor (a bare uvloop Protocol: no parsing, no hub, no pings; its
-broadcast is one loop over its transports); with ``--server both`` the last line gives every
-figure of the service as a ratio to the floor's.
+benchmarks/bare_server.py, the floor (a bare uvloop Protocol: no parsing, no hub, no pings unless
+``--ping``; its broadcast is one loop over its transports); with ``--server both`` the last line
+gives every figure of the service as a ratio to the floor's.
 
 ``--workers W`` (W > 1) runs the service as users do, ``python -m service --workers W`` (the
 supervisor and its W workers sharing the port), against W copies of the floor sharing the port
@@ -54,14 +54,17 @@ SECRET = "worker-bench-secret-0123456789abcdef"
 
 
 class CometServer:
-    def __init__(self, port: int, timeout_header: float, **extra: Any) -> None:
+    """One worker, started as the supervisor would and driven over its control socketpair."""
+
+    def __init__(self, port: int, ping: float, timeout_header: float, **extra: Any) -> None:
         from service.config import Config
 
         cfg = Config(
             host="127.0.0.1",
             port=port,
+            ping_interval=ping or 3600.0,
             timeout_header=timeout_header,
-            **{"ping_interval": 3600.0, **extra},
+            **extra,
         )
         ours, theirs = socket.socketpair()
         self.ctl = ours
@@ -133,8 +136,8 @@ class CometService:
         tmp = Path(tempfile.mkdtemp(prefix="worker-bench-service-"))
         self.svc = Service(tmp, *flags, port=port, env={"COMET_TOKEN_SECRET": SECRET})
         self.svc.wait_up(workers, timeout=60, with_frame=True)
-        self.proc = self.svc.proc
-        self._pids = [self.proc.pid, *(p.pid for p in psutil.Process(self.proc.pid).children())]
+        pid = self.svc.proc.pid
+        self._pids = [pid, *(p.pid for p in psutil.Process(pid).children())]
         assert len(self._pids) == workers + 1, self._pids
 
     def pids(self) -> list[int]:
@@ -170,7 +173,6 @@ class BareServer:
         if ping:
             cmd += ["--ping", str(ping)]
         self.procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE) for _ in range(count)]
-        self.proc = self.procs[0]
         for p in self.procs:
             assert p.stdout is not None
             assert b"listening" in p.stdout.readline()
@@ -178,16 +180,18 @@ class BareServer:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def broadcast(self) -> float:
-        """One message to every connection (SIGUSR1 to every copy at once); the milliseconds
-        the slowest copy's write loop took."""
+    def broadcast(self) -> tuple[int, float]:
+        """One message to every connection (SIGUSR1 to every copy at once): the connections
+        written to, and the milliseconds the slowest copy's write loop took."""
         for p in self.procs:
             p.send_signal(signal.SIGUSR1)
-        ms = 0.0
+        recipients, ms = 0, 0.0
         for p in self.procs:
             assert p.stdout is not None
-            ms = max(ms, float(p.stdout.readline().split()[2]))
-        return ms
+            _, count, took = p.stdout.readline().split()  # "broadcast N MS"
+            recipients += int(count)
+            ms = max(ms, float(took))
+        return recipients, ms
 
     def stop(self) -> None:
         for p in self.procs:
@@ -308,7 +312,7 @@ def run_once(
     elif workers > 1:
         server = CometService(port, workers, ping, timeout_header, **extra)
     else:
-        server = CometServer(port, timeout_header, ping_interval=ping or 3600.0, **extra)
+        server = CometServer(port, ping, timeout_header, **extra)
     pids = server.pids()
     clients: list[Clients] = []
     try:
@@ -346,10 +350,7 @@ def run_once(
         before = [g.stats()["msgs"] for g in clients]
         c_b0 = cpu_s(pids)
         t0 = time.time()
-        if isinstance(server, BareServer):
-            recipients, out["broadcast_worker_ms"] = n, server.broadcast()
-        else:
-            recipients, out["broadcast_worker_ms"] = server.broadcast()
+        recipients, out["broadcast_worker_ms"] = server.broadcast()
         lasts = []
         got = 0
         # The clients stamp each arrival themselves: ask them only after the server has
