@@ -601,6 +601,14 @@ class ApplianceRun:
             stop = threading.Event()
             sampler = threading.Thread(target=self._sample_until, args=(stop, "upgrade"))
             sampler.start()
+            # The old service's own account of each worker's handoff (its "handed N connections
+            # ... in X s (...)" lines) leaves with its container: follow its log from now on.
+            old_log = open(self.out / "upgrade-old-service-log.txt", "w")
+            follower = subprocess.Popen(
+                [DOCKER, "logs", "--follow", "--since", "1s", old_id],
+                stdout=old_log,
+                stderr=subprocess.STDOUT,
+            )
             try:
                 res = subprocess.run(
                     cmd,
@@ -613,6 +621,11 @@ class ApplianceRun:
             finally:
                 stop.set()
                 sampler.join()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    follower.wait(10)  # ends with the old container
+                follower.kill()
+                follower.wait()
+                old_log.close()
             took = time.monotonic() - started
             self.log.write(res.stdout[-20000:] + res.stderr[-5000:] + "\n")
             self.log.flush()
@@ -628,6 +641,9 @@ class ApplianceRun:
             }
             raise RunError(f"the upgrade converge failed (see {self.out / 'procedure.log'})")
         new = inspect(SERVICE)[0]
+        with open(self.out / "upgrade-new-service-log.txt", "w") as f:  # the adoptions
+            cmd = [DOCKER, "logs", SERVICE]
+            subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=60)
         after = self.agent_stats()
         handoff = next((r for r in reversed(self.record.timeline) if r["phase"] == "upgrade"), None)
         self.report["upgrade"] = {

@@ -49,6 +49,20 @@ def tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds of the service so far: the supervisor, its live workers, and the workers it
+    has reaped (a reload's old ones)."""
+    t = psutil.Process(pid).cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            c = p.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:
+            continue
+    return total
+
+
 def fds_and_rss(pid: int) -> tuple[int, int]:
     fds = rss = 0
     for p in tree(pid):
@@ -213,6 +227,7 @@ def main() -> None:
                 assert took["failed"] == 0, took
                 reloads.append({**took, "wall_s": round(time.time() - w0, 3)})
             else:
+                cpu0 = cpu_s(svc.proc.pid)
                 # 54 workers at a million take longer than the control client's 30 s default.
                 with Control(control_path, timeout=600) as ctl:
                     r = ctl.ask({"op": "reload"})
@@ -228,6 +243,9 @@ def main() -> None:
                 30,
                 "old gone",
             )
+            if not args.takeover:  # the old workers are reaped now: their CPU counts
+                spent = cpu_s(svc.proc.pid) - cpu0
+                reloads[-1]["cpu_us_per_handed"] = round(spent * 1e6 / max(1, r["handed"]), 1)
             time.sleep(1.5)
             if len(reloads) == 1:  # new processes hold a few one-time things (threads, imports)
                 fds1st, rss1st = fds_and_rss(svc.proc.pid)
@@ -265,6 +283,13 @@ def main() -> None:
             "reloads": reloads,
             "reload_s_max": max(r["seconds"] for r in reloads),
             "reload_s_median": sorted(r["seconds"] for r in reloads)[len(reloads) // 2],
+            # The service's CPU from the reload's request until its old workers were reaped,
+            # per connection handed (both ends, plus the pings and broadcasts of those seconds).
+            "cpu_us_per_handed_median": (
+                None
+                if args.takeover
+                else sorted(r["cpu_us_per_handed"] for r in reloads)[len(reloads) // 2]
+            ),
             "closed": sum(s["closed"] for s in st),
             "msgs": sum(s["msgs"] for s in st),
             "msgs_expected": args.conns * len(sent),

@@ -216,3 +216,56 @@ def test_a_ping_sweep_is_spread_over_a_quarter_of_the_interval() -> None:
     assert full, sweeps
     for sw in full:
         assert 0.09 <= sw[-1] - sw[0] <= 0.35, [round(t - sw[0], 3) for t in sw]
+
+
+def test_connections_move_with_the_cyclic_collector_off_and_it_is_restored_after() -> None:
+    """A handoff runs with gc off (adoptions make long-lived objects the collector would walk
+    again and again); on success and on failure it is back as it was, also when it was off."""
+    import gc
+
+    from service.worker.handoff import _collector_paused
+
+    seen: list[bool] = []
+
+    @_collector_paused
+    async def move(fail: bool) -> int:
+        seen.append(gc.isenabled())
+        await asyncio.sleep(0)  # other callbacks run in between, still with it off
+        seen.append(gc.isenabled())
+        if fail:
+            raise ConnectionError("the successor went away")
+        return 7
+
+    assert gc.isenabled()
+    assert asyncio.run(move(False)) == 7
+    assert gc.isenabled()
+    with pytest.raises(ConnectionError):
+        asyncio.run(move(True))
+    assert gc.isenabled() and seen == [False] * 4
+    gc.disable()
+    try:
+        asyncio.run(move(False))
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
+def test_a_handed_descriptor_is_the_same_socket_with_or_without_its_family() -> None:
+    """The giver names the family so the successor need not ask the kernel; a giver of an
+    older release does not, and its descriptors are wrapped by asking."""
+    import os
+
+    from service.worker.handoff import _wrap
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        with client, accepted:
+            for family in (socket.AF_INET, None):
+                with _wrap(os.dup(accepted.fileno()), family) as s:
+                    assert (s.family, s.type, s.proto) == (
+                        socket.AF_INET,
+                        socket.SOCK_STREAM,
+                        socket.IPPROTO_TCP,
+                    )
+                    assert s.getpeername() == client.getsockname()
