@@ -202,7 +202,13 @@ class BareServer:
 
 
 def start_clients(
-    port: int, n: int, k: int, tls: bool = False, private: int = 0, tokens_file: str = ""
+    port: int,
+    n: int,
+    k: int,
+    tls: bool = False,
+    private: int = 0,
+    tokens_file: str = "",
+    concurrency: int = 500,
 ) -> list[Clients]:
     """``k`` processes of benchmarks/comet_clients.py for ``n`` connections, one source address
     each; ``private`` of them (in a process of their own) subscribe to a private channel, each
@@ -215,7 +221,13 @@ def start_clients(
         if public:
             procs = min(k, public)
             groups.append(
-                Clients(port, public, procs, sources(2, procs), "--concurrency", "500", *tls_args)
+                Clients(
+                    port,
+                    public,
+                    procs,
+                    sources(2, procs),
+                    *("--concurrency", str(concurrency), *tls_args),
+                )
             )
         if private:
             groups.append(
@@ -224,7 +236,7 @@ def start_clients(
                     private,
                     1,
                     sources(2 + k, 1),
-                    *("--concurrency", "500", "--path", "/sub/private-bench"),
+                    *("--concurrency", str(concurrency), "--path", "/sub/private-bench"),
                     *("--tokens-file", tokens_file, *tls_args),
                 )
             )
@@ -300,10 +312,14 @@ def run_once(
     private: int = 0,
     workers: int = 1,
     ping: float = 0.0,
+    defer_accept: int | None = None,
+    concurrency: int = 500,
 ) -> dict[str, float]:
     port = free_port()
     server: CometServer | CometService | BareServer
     extra: dict[str, Any] = tls_files() if tls else {}
+    if defer_accept is not None:
+        extra["defer_accept"] = defer_accept
     if private:
         extra["private_channels"] = "private-*"
     tokens = token_file(private) if private else ""
@@ -321,7 +337,7 @@ def run_once(
         k0 = slab_kb()
         c0 = cpu_s(pids)
         t_conn = time.perf_counter()
-        clients = start_clients(port, n, k, tls, private, tokens)
+        clients = start_clients(port, n, k, tls, private, tokens, concurrency)
         connect_s = time.perf_counter() - t_conn
         c1 = cpu_s(pids)
         r_ready = rss(pids)
@@ -399,6 +415,19 @@ def main() -> None:
         default=0.0,
         help="seconds between pings, the same for the service and the floor (0: no pings)",
     )
+    ap.add_argument(
+        "--defer-accept",
+        type=int,
+        default=None,
+        help="the service's --defer-accept for this run (default: the service's default)",
+    )
+    ap.add_argument(
+        "--client-concurrency",
+        type=int,
+        default=500,
+        help="connections each client process has in flight while connecting: how many new "
+        "connections the server finds at each wake-up",
+    )
     args = ap.parse_args()
     if args.workers < 1:
         ap.error("--workers must be at least 1")
@@ -419,6 +448,8 @@ def main() -> None:
                 args.private,
                 args.workers,
                 args.ping,
+                args.defer_accept,
+                args.client_concurrency,
             )
             runs.append(r)
             print(
