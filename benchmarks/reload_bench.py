@@ -41,26 +41,12 @@ import psutil  # noqa: E402
 from service.config import Config  # noqa: E402
 from tests.support.control import Control  # noqa: E402
 from tests.support.net import long_poll, wait_for  # noqa: E402
-from tests.support.service import Clients, Service, sources  # noqa: E402
+from tests.support.service import Clients, Service, sources, tree_cpu_s  # noqa: E402
 
 
 def tree(pid: int) -> list[psutil.Process]:
     root = psutil.Process(pid)
     return [root, *root.children(recursive=True)]
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds of the service so far: the supervisor, its live workers, and the workers it
-    has reaped (a reload's old ones)."""
-    t = psutil.Process(pid).cpu_times()
-    total = t.user + t.system + t.children_user + t.children_system
-    for p in psutil.Process(pid).children(recursive=True):
-        try:
-            c = p.cpu_times()
-            total += c.user + c.system
-        except psutil.Error:
-            continue
-    return total
 
 
 def fds_and_rss(pid: int) -> tuple[int, int]:
@@ -227,7 +213,7 @@ def main() -> None:
                 assert took["failed"] == 0, took
                 reloads.append({**took, "wall_s": round(time.time() - w0, 3)})
             else:
-                cpu0 = cpu_s(svc.proc.pid)
+                cpu0 = tree_cpu_s(svc.proc.pid, reaped=True)
                 # 54 workers at a million take longer than the control client's 30 s default.
                 with Control(control_path, timeout=600) as ctl:
                     r = ctl.ask({"op": "reload"})
@@ -244,7 +230,7 @@ def main() -> None:
                 "old gone",
             )
             if not args.takeover:  # the old workers are reaped now: their CPU counts
-                spent = cpu_s(svc.proc.pid) - cpu0
+                spent = tree_cpu_s(svc.proc.pid, reaped=True) - cpu0
                 reloads[-1]["cpu_us_per_handed"] = round(spent * 1e6 / max(1, r["handed"]), 1)
             time.sleep(1.5)
             if len(reloads) == 1:  # new processes hold a few one-time things (threads, imports)

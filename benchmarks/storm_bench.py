@@ -33,27 +33,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
 
-import psutil  # noqa: E402
-
 from service.config import Config  # noqa: E402
 from tests.support.control import Control  # noqa: E402
 from tests.support.net import wait_for  # noqa: E402
-from tests.support.service import Clients, Service, sources  # noqa: E402
+from tests.support.service import Clients, Service, sources, tree_cpu_s  # noqa: E402
 
 CH = "storm"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of the service tree (the supervisor and its workers)."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
 
 
 class Publisher(threading.Thread):
@@ -189,11 +174,11 @@ def main() -> None:
         watcher.start()
         svc.wait_up(workers, 120 * slow)
         t_health = time.time()
-        cpu0 = cpu_seconds(svc.proc.pid)
+        cpu0 = tree_cpu_s(svc.proc.pid)
         pub.on.set()
         st = clients.wait("up", args.conns, timeout=args.timeout, every=0.5)
         t_back = float(st["last_welcome_t"])
-        cpu1 = cpu_seconds(svc.proc.pid)
+        cpu1 = tree_cpu_s(svc.proc.pid)
         time.sleep(1.2)  # the next frame counts every accept of the storm
         accepted = int(svc.frame()["totals"]["accepted_total"])
         n_after = pub.n

@@ -261,6 +261,23 @@ class Clients:
                 p.stdout.close()
 
 
+def tree_cpu_s(pid: int, reaped: bool = False) -> float:
+    """User + system CPU seconds of a process and its live descendants; with ``reaped``, also
+    of the children it has waited for (a reload's old workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    t = root.cpu_times()
+    total = t.user + t.system + (t.children_user + t.children_system if reaped else 0.0)
+    for p in root.children(recursive=True):
+        try:
+            c = p.cpu_times()
+            total += c.user + c.system
+        except psutil.Error:
+            continue
+    return total
+
+
 def sources(first: int, count: int) -> list[str]:
     return [f"127.0.0.{i}" for i in range(first, first + count)]
 
