@@ -597,35 +597,34 @@ class ApplianceRun:
                 json.dumps({"comet_image": tag, "comet_source_dir": str(src)}),
             ]
             self.log.write(f"$ {' '.join(cmd)}\n")
-            started = time.monotonic()
-            stop = threading.Event()
-            sampler = threading.Thread(target=self._sample_until, args=(stop, "upgrade"))
-            sampler.start()
             # The old service's own account of each worker's handoff (its "handed N connections
             # ... in X s (...)" lines) leaves with its container: follow its log from now on.
-            old_log = open(self.out / "upgrade-old-service-log.txt", "w")
-            follower = subprocess.Popen(
-                [DOCKER, "logs", "--follow", "--since", "1s", old_id],
-                stdout=old_log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                res = subprocess.run(
-                    cmd,
-                    cwd=ROOT / "ansible",
-                    capture_output=True,
-                    text=True,
-                    timeout=1800,
-                    env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+            with open(self.out / "upgrade-old-service-log.txt", "w") as old_log:
+                follower = subprocess.Popen(
+                    [DOCKER, "logs", "--follow", "--since", "1s", old_id],
+                    stdout=old_log,
+                    stderr=subprocess.STDOUT,
                 )
-            finally:
-                stop.set()
-                sampler.join()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    follower.wait(10)  # ends with the old container
-                follower.kill()
-                follower.wait()
-                old_log.close()
+                started = time.monotonic()
+                stop = threading.Event()
+                sampler = threading.Thread(target=self._sample_until, args=(stop, "upgrade"))
+                sampler.start()
+                try:
+                    res = subprocess.run(
+                        cmd,
+                        cwd=ROOT / "ansible",
+                        capture_output=True,
+                        text=True,
+                        timeout=1800,
+                        env={**os.environ, "ANSIBLE_NOCOLOR": "1"},
+                    )
+                finally:
+                    stop.set()
+                    sampler.join()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        follower.wait(10)  # ends with the old container
+                    follower.kill()
+                    follower.wait()
             took = time.monotonic() - started
             self.log.write(res.stdout[-20000:] + res.stderr[-5000:] + "\n")
             self.log.flush()
