@@ -8,11 +8,14 @@
 # draws the service's memory/CPU graphs from its CSV log volume with comet-plot.
 # Not part of the test suite: ~30 minutes and the whole machine (24 GB, both cores). Run as root.
 #   benchmarks/million-appliance.sh [OUT_DIR] [million_appliance.py flags...]
+# COMET_APPLIANCE_PROFILE names another profile (an A/B of one setting: a copy of the profile
+# with it changed); the upgrade then deploys with the same one.
 set -eu
 cd "$(dirname "$0")/.."
 OUT=${1:-million-appliance-out}
 [ $# -gt 0 ] && shift
-(cd ansible && ../.venv/bin/ansible-playbook site.yml -e @profiles/million-appliance.yml)
-.venv/bin/python benchmarks/million_appliance.py --out "$OUT" "$@"
+PROFILE=$(realpath "${COMET_APPLIANCE_PROFILE:-ansible/profiles/million-appliance.yml}")
+(cd ansible && ../.venv/bin/ansible-playbook site.yml -e "@$PROFILE")
+.venv/bin/python benchmarks/million_appliance.py --out "$OUT" --profile "$PROFILE" "$@"
 .venv/bin/comet-plot -o "$OUT" --title "1,000,000 connections through the containers, one 2-core box" \
     "$OUT"/service-logs/*.csv

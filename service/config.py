@@ -180,6 +180,13 @@ class Config:
         0,
         "workers writing one broadcast at the same time (0 = one per CPU core)",
     )
+    handoff_parallel: int = opt(
+        0,
+        (
+            "workers handing their connections over at the same time in a reload or a "
+            "takeover (0 = as --fanout-parallel)"
+        ),
+    )
     # The port skips connection tracking (raw NOTRACK, host_tuning_notrack_ports): set by the
     # comet role, since the service (non-root in its container) cannot read the host's rules.
     port_untracked: bool = opt(
@@ -272,6 +279,9 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("fanout_parallel", "handoff_parallel"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be 0 (automatic) or more, got {getattr(self, name)}")
         if self.screen not in ("auto", "on", "off"):
             raise ValueError(f"screen: expected auto|on|off, got {self.screen!r}")
         if self.bus != "local" and not self.bus.startswith(("redis://", "rediss://", "unix://")):

@@ -98,6 +98,11 @@ class Supervisor:
         self.fanout_parallel = (
             config.fanout_parallel if config.fanout_parallel > 0 else (os.cpu_count() or 1)
         )
+        # Slots handing over at once in a reload or takeover: the handoffs compete with the
+        # connections being held, not with a broadcast, so the best count can differ.
+        self.handoff_parallel = (
+            config.handoff_parallel if config.handoff_parallel > 0 else self.fanout_parallel
+        )
 
     def _open_history(self) -> None:
         # One node keeps its history in its own store; a Redis bus keeps it in Redis.
@@ -237,18 +242,22 @@ class Supervisor:
             # Every new process starts at once (imports take a while), then the slots hand over,
             # a core's worth at a time, under one hold of the broadcast lock: nothing is published
             # while connections move (publishers wait, none is lost), and the lock is taken once.
-            wait = adopt_wait(len(slots), self.fanout_parallel)
+            wait = adopt_wait(len(slots), self.handoff_parallel)
             prepared = await asyncio.gather(*(slot.prepare_reload(run_dir, wait) for slot in slots))
             state["prepare_s"] = round(time.monotonic() - t0, 3)
 
             # A core's worth of slots at a time: all six at once on two cores made every old and
             # new process wait for the CPU (each handoff's loop stalled 70-140 ms, the frames'
             # lag), for no gain in total time.
-            gate = asyncio.Semaphore(self.fanout_parallel)
+            gate = asyncio.Semaphore(self.handoff_parallel)
 
             async def one(slot: WorkerSlot, ready: Any) -> dict[str, Any]:
                 async with gate:
+                    began = time.monotonic() - t0
                     result = ready if isinstance(ready, dict) else await slot.reload(*ready)
+                    # When each slot held a place at the gate, from the reload's start.
+                    result["began_s"] = round(began, 3)
+                    result["ended_s"] = round(time.monotonic() - t0, 3)
                 state["done"] += 1
                 state["handed"] += int(result.get("handed", 0))
                 state["failed"] += 1 if "error" in result else 0
@@ -297,7 +306,7 @@ class Supervisor:
         self._reloading = True
         t0 = time.monotonic()
         log.info("handover: a new service asks for %d workers' connections", len(slots))
-        gate = asyncio.Semaphore(self.fanout_parallel)  # a core's worth at a time, as in reload
+        gate = asyncio.Semaphore(self.handoff_parallel)  # as in reload
 
         async def one(i: int, slot: WorkerSlot, path: str) -> dict[str, Any]:
             async with gate:
@@ -528,9 +537,9 @@ class Supervisor:
             for j in range(count)
         ]
         self.slots = [WorkerSlot(self, j) for j in range(count)]
-        # The predecessor hands over a core's worth of workers at a time (its own
-        # fanout_parallel, taken to be ours): the last round comes long after the first.
-        wait = adopt_wait(m, self.fanout_parallel)
+        # The predecessor hands over handoff_parallel workers at a time (its own, taken to be
+        # ours): the last round comes long after the first.
+        wait = adopt_wait(m, self.handoff_parallel)
         started = await asyncio.gather(
             *(s.start_for_takeover(paths[j], givers[j], wait) for j, s in enumerate(self.slots))
         )

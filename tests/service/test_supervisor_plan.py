@@ -113,3 +113,15 @@ def test_defer_accept_defaults_to_one_second_and_a_bad_value_is_a_usage_error(
             parse_args(["--defer-accept", bad], environ={})
         assert exc.value.code == 2
         assert "defer_accept: must be 0..3600 seconds" in capsys.readouterr().err
+
+
+def test_handoff_parallel_follows_fanout_parallel_unless_set_and_rejects_a_negative(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert parse_args([], environ={}).handoff_parallel == 0
+    assert parse_args([], environ={"COMET_HANDOFF_PARALLEL": "3"}).handoff_parallel == 3
+    for flag in ("--handoff-parallel", "--fanout-parallel"):
+        with pytest.raises(SystemExit) as exc:
+            parse_args([flag, "-1"], environ={})
+        assert exc.value.code == 2
+        assert "must be 0 (automatic) or more, got -1" in capsys.readouterr().err
