@@ -281,7 +281,9 @@ class Config:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("fanout_parallel", "handoff_parallel"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be 0 (automatic) or more, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name}: must be 0 (automatic) or more, got {getattr(self, name)}"
+                )
         if self.screen not in ("auto", "on", "off"):
             raise ValueError(f"screen: expected auto|on|off, got {self.screen!r}")
         if self.bus != "local" and not self.bus.startswith(("redis://", "rediss://", "unix://")):
