@@ -370,31 +370,31 @@ def test_nothing_answers_a_connection_while_it_is_being_handed(short_dir) -> Non
     server.close()
 
 
+def _slots_at_once(tmp_path, parallel: int) -> int:
+    """Reload 3 workers holding 6 SSE streams with ``--handoff-parallel``; how many slots were
+    under way together when the first one ended. Every stream stays open and gets a broadcast."""
+    svc = Service(tmp_path, "--workers", "3", "--handoff-parallel", str(parallel))
+    try:
+        svc.wait_up(3)
+        streams = [Stream(svc.port, f"/sub/{CH}", sse=True) for _ in range(6)]
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "welcomes")
+        answer = svc.ask({"op": "reload"})
+        assert answer["reloaded"] == 3 and answer["handed"] == 6, answer
+        first_end = min(r["ended_s"] for r in answer["slots"])
+        at_once = sum(r["began_s"] < first_end for r in answer["slots"])
+        sent = svc.ask({"op": "broadcast", "data": "after", "channel": CH})
+        mark = f"id: {sent['id']}".encode()
+        wait_for(lambda: all(mark in s.data for s in streams), 10, "the broadcast after it")
+        assert not any(s.closed for s in streams)
+        for s in streams:
+            s.close()
+        return at_once
+    finally:
+        svc.stop()
+
+
 def test_handoff_parallel_sets_how_many_slots_hand_over_at_once(tmp_path) -> None:
     """``--handoff-parallel 1``: one slot at a time; ``3``: all three at once (the default on
     this 2-core box would be two)."""
-    for parallel in (1, 3):
-        svc = Service(
-            tmp_path / str(parallel), "--workers", "3", "--handoff-parallel", str(parallel)
-        )
-        try:
-            svc.wait_up(3)
-            streams = [Stream(svc.port, f"/sub/{CH}", sse=True) for _ in range(6)]
-            wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "welcomes")
-            answer = svc.ask({"op": "reload"})
-            slots = sorted(answer["slots"], key=lambda r: r["began_s"])
-            assert answer["reloaded"] == 3 and answer["handed"] == 6, answer
-            # Slots under way together at the first end: exactly the number allowed.
-            first_end = min(r["ended_s"] for r in slots)
-            assert sum(r["began_s"] < first_end for r in slots) == parallel, slots
-            sent = svc.ask({"op": "broadcast", "data": "after", "channel": CH})
-            wait_for(
-                lambda: all(f"id: {sent['id']}".encode() in s.data for s in streams),
-                10,
-                "a broadcast on every stream after the reload",
-            )
-            assert not any(s.closed for s in streams)
-            for s in streams:
-                s.close()
-        finally:
-            svc.stop()
+    assert _slots_at_once(tmp_path / "one", 1) == 1
+    assert _slots_at_once(tmp_path / "three", 3) == 3
