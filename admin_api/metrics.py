@@ -13,8 +13,15 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from service.contracts import LAG_BOUNDS_MS
 
 TOTAL_COUNTERS = (
     # (frame key under "totals", metric name without _total, help)
@@ -70,6 +77,23 @@ def _flatten(prefix: str, value: Any) -> Iterator[tuple[str, float]]:
         number = _num(value)
         if number is not None:
             yield prefix, number
+
+
+def _lag_buckets(counts: Any) -> list[tuple[str, float]] | None:
+    """A frame's ``lag_hist`` (counts per LAG_BOUNDS_MS bucket) as Prometheus's cumulative
+    ``le`` buckets, ``+Inf`` last; None when it is missing or not a list of counts."""
+    if not isinstance(counts, list) or not all(_num(n) is not None for n in counts):
+        return None
+    if len(counts) > len(LAG_BOUNDS_MS) + 1:
+        return None
+    out: list[tuple[str, float]] = []
+    seen = 0.0
+    for i, bound in enumerate(LAG_BOUNDS_MS):
+        seen += float(counts[i]) if i < len(counts) else 0.0
+        out.append((repr(bound / 1000.0), seen))
+    seen += float(counts[-1]) if len(counts) > len(LAG_BOUNDS_MS) else 0.0
+    out.append(("+Inf", seen))
+    return out
 
 
 class FrameCollector(Collector):
@@ -135,6 +159,15 @@ class FrameCollector(Collector):
                 lag.add_metric([stat], value / 1000.0)
         if lag.samples:
             yield lag
+        hist = _lag_buckets(totals.get("lag_hist"))
+        if hist is not None:
+            # Every loop-lag sample of every worker since the service started: a p99 over any
+            # window is histogram_quantile(0.99, rate(..._bucket[window])).
+            yield HistogramMetricFamily(
+                "comet_loop_lag_histogram_seconds",
+                "Event-loop lag samples of all workers since start (no _sum: not kept)",
+                buckets=hist,
+            )
 
     def _workers(self, workers: Any) -> Iterator[Metric]:
         if not isinstance(workers, list):

@@ -560,13 +560,16 @@ class ApplianceRun:
             "answer_ms": round(answer_ms, 1),
             "lag_p90_ms": lag["p90"],
             "lag_p99_ms": lag["p99"],
+            "lag_p99_worker_ms": lag["p99_worker"],
+            "lag_p99_all_ms": lag["p99_all"],
             "lag_max_ms": lag["max"],
         }
         self.sample(window, self.args.conns, st)
         self.console.print(
             f"  broadcast {seq}: {row['delivered']:,}/{expect:,} delivered, last "
             f"{row['last_delivery_ms']} ms, answer {row['answer_ms']} ms "
-            f"(recipients {row['recipients']}), lag p99 {row['lag_p99_ms']} ms"
+            f"(recipients {row['recipients']}), lag p99 {row['lag_p99_ms']} ms (window: worst "
+            f"worker p99 <= {row['lag_p99_worker_ms']}, all <= {row['lag_p99_all_ms']} ms)"
         )
         return row
 

@@ -97,12 +97,22 @@ class LagMs(TypedDict):
     max: float
 
 
+# Upper bounds (ms) of the loop-lag histogram's buckets; one more bucket takes everything above
+# the last. A histogram holds counts per bucket (not cumulative), trailing empty buckets left off.
+# A window's percentile is read from the difference of two histograms: a p99 over a broadcast's
+# 13 s is a p99 of its ~1,300 samples per worker, not the worst of 13 one-second p99s.
+LAG_BOUNDS_MS: tuple[float, ...] = (
+    1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000,
+)  # fmt: skip
+
+
 class WorkerStats(Counts):
     """WSTATS of docs/architecture.md: a worker's answer to ``stats``: its counters and these."""
 
     pid: int
     index: int
     lag_ms: LagMs
+    lag_hist: list[int]  # every sample since the worker started, by LAG_BOUNDS_MS
 
 
 class WorkerRow(TypedDict):
@@ -116,6 +126,7 @@ class WorkerRow(TypedDict):
     rss_bytes: int
     cpu_percent: float
     lag_ms: LagMs
+    lag_hist: list[int]  # this slot's samples since the service started (every process in it)
     msgs_sent_total: int
 
 
@@ -127,7 +138,7 @@ class _FrameRequired(TypedDict):
     node_id: str
     frame_ms: float
     supervisor: dict[str, Any]  # pid, cpu_percent
-    totals: dict[str, Any]  # COUNTER_NAMES summed, rss_bytes, cpu_percent, lag_ms (LagMs)
+    totals: dict[str, Any]  # COUNTER_NAMES summed, rss_bytes, cpu_percent, lag_ms, lag_hist
     system: dict[str, Any]  # cpu, mem, sockstat, fds, limits
     workers: list[WorkerRow]
 
@@ -149,6 +160,31 @@ class Frame(_FrameRequired, total=False):
 # waits out a giver that will not come.
 GIVER_TIMEOUT = 120.0
 ROUND_WAIT = 30.0
+
+
+def hist_add(a: list[int], b: list[int]) -> list[int]:
+    """Two lag histograms (counts by LAG_BOUNDS_MS, trailing buckets left off) added."""
+    if len(a) < len(b):
+        a, b = b, a
+    out = list(a)
+    for i, n in enumerate(b):
+        out[i] += n
+    return out
+
+
+def hist_quantile(counts: list[int], q: float) -> float | None:
+    """The upper bound (ms) of the bucket holding the ``q`` quantile: the true value is at or
+    below it. None for no samples; ``inf`` past the last bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    need = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= need:
+            return float(LAG_BOUNDS_MS[i]) if i < len(LAG_BOUNDS_MS) else float("inf")
+    return float("inf")
 
 
 def adopt_wait(givers: int, parallel: int) -> float:

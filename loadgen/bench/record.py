@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from service.contracts import hist_quantile
+
 
 @dataclass
 class Record:
@@ -25,8 +27,15 @@ class Record:
             self.worst_lag_ms = max(self.worst_lag_ms or 0.0, float(lag))
 
     def lag_in(self, since: float, until: float) -> dict[str, float | None]:
-        """The worst worker's loop lag (p90 / p99 / max) over the frames covering
-        [since, until]."""
+        """Loop lag over [since, until], two ways.
+
+        ``p90`` / ``p99`` / ``max``: the highest of the frames' one-second figures (each frame
+        has the worst worker's p99 of that second; with 20-100 samples a second that is the
+        second's worst sample or next to it) — a worst case over the window.
+        ``p99_worker``: the worst worker's p99 over all its samples in the window, and
+        ``p99_all``: the p99 of every worker's samples pooled — both from the difference of the
+        frames' lag histograms, as the upper bound of the bucket they fall in (None with a
+        service that sends no histogram)."""
         out: dict[str, float | None] = {}
         # A frame at time t reports the second before it.
         frames = [f for f in self.frames if since < float(f.get("t", 0)) <= until + 1.0]
@@ -34,7 +43,49 @@ class Record:
             vals = [((f.get("totals") or {}).get("lag_ms") or {}).get(k) for f in frames]
             nums = [float(v) for v in vals if isinstance(v, (int, float))]
             out[k] = max(nums) if nums else None
+        before = [f for f in self.frames if float(f.get("t", 0)) <= since]
+        out.update(window_p99(before[-1] if before else None, frames[-1] if frames else None))
+        if out["max"] is not None:  # past the last bucket: the worst sample seen says more
+            for k in ("p99_worker", "p99_all"):
+                if out[k] == float("inf"):
+                    out[k] = out["max"]
         return out
+
+
+def _hist(obj: Any) -> list[int] | None:
+    h = (obj or {}).get("lag_hist")
+    return [int(n) for n in h] if isinstance(h, list) else None
+
+
+def _delta(end: list[int], start: list[int] | None) -> list[int]:
+    """end - start, bucket by bucket; a histogram that went back (another service took over
+    in between) counts from zero."""
+    if start is None:
+        return end
+    diff = [n - (start[i] if i < len(start) else 0) for i, n in enumerate(end)]
+    return end if any(d < 0 for d in diff) or len(start) > len(end) else diff
+
+
+def window_p99(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict[str, float | None]:
+    """``p99_worker`` and ``p99_all`` (ms) of the samples between two frames (see lag_in)."""
+    none: dict[str, float | None] = {"p99_worker": None, "p99_all": None}
+    if end is None:
+        return none
+    total_end = _hist(end.get("totals"))
+    if total_end is None:
+        return none
+    total_start = _hist((start or {}).get("totals"))
+    pooled = hist_quantile(_delta(total_end, total_start), 0.99)
+    starts = {w.get("index"): _hist(w) for w in (start or {}).get("workers") or []}
+    worst: float | None = None
+    for w in end.get("workers") or []:
+        h = _hist(w)
+        if h is None:
+            continue
+        q = hist_quantile(_delta(h, starts.get(w.get("index"))), 0.99)
+        if q is not None and (worst is None or q > worst):
+            worst = q
+    return {"p99_worker": worst, "p99_all": pooled}
 
 
 def hold_cpu(record: Record, hold_t0: float, host0: Any, client_cpu_s: float) -> dict[str, Any]:

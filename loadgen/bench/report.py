@@ -201,7 +201,9 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
                 f"broadcast {b['seq']}: delivered, first / last delivery",
                 f"{fmt(b['delivered'])}/{fmt(b['expected'])}, "
                 f"{fmt(b.get('first_delivery_ms'))} / {fmt(b['last_delivery_ms'], ' ms')}; "
-                f"lag p99 {fmt(b.get('lag_p99_ms'))} max {fmt(b.get('lag_max_ms'), ' ms')}",
+                f"lag p99 {fmt(b.get('lag_p99_ms'))} max {fmt(b.get('lag_max_ms'), ' ms')} "
+                f"(over the window: worst worker p99 <= {fmt(b.get('lag_p99_worker_ms'))}, "
+                f"all workers p99 <= {fmt(b.get('lag_p99_all_ms'), ' ms')})",
             )
         )
     for k, v in rows:

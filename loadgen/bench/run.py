@@ -306,6 +306,8 @@ class BenchRun:
                     "answer_ms": round((answered - ts) * 1000, 1),
                     "lag_p90_ms": lag["p90"],
                     "lag_p99_ms": lag["p99"],
+                    "lag_p99_worker_ms": lag["p99_worker"],
+                    "lag_p99_all_ms": lag["p99_all"],
                     "lag_max_ms": lag["max"],
                 }
             )

@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from service.contracts import TOTAL_NAMES, Frame, LagMs, WorkerRow, WorkerStats
+from service.contracts import TOTAL_NAMES, Frame, LagMs, WorkerRow, WorkerStats, hist_add
 
 LAG_ZERO: LagMs = {"avg": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0}
 LAG_KEYS = tuple(LAG_ZERO)
@@ -118,6 +118,9 @@ class FrameBuilder:
     _limits_at: float = 0.0
     _accepted_before: int = 0
     _accepted_at: float = 0.0
+    # Slot index → [pid, histogram of its earlier processes, the current one's latest]: a
+    # slot's lag histogram never goes back when its worker is replaced (restart or reload).
+    _lag_slots: dict[int, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # The first cpu_percent reading of any psutil object is meaningless; prime them now.
@@ -133,6 +136,17 @@ class FrameBuilder:
         counts: Mapping[str, Any] = stats
         for key in TOTAL_NAMES:
             self._retired[key] += int(counts.get(key, 0) or 0)
+
+    def _slot_hist(self, index: int, pid: int | None, hist: list[int] | None) -> list[int]:
+        entry = self._lag_slots.get(index)
+        if entry is None:
+            entry = self._lag_slots[index] = [pid, [], []]
+        if hist is not None:
+            if pid != entry[0] or sum(hist) < sum(entry[2]):  # another process in the slot
+                entry[1] = hist_add(entry[1], entry[2])
+                entry[0] = pid
+            entry[2] = list(hist)
+        return hist_add(entry[1], entry[2])
 
     def _proc(self, pid: int) -> psutil.Process | None:
         proc = self._procs.get(pid)
@@ -170,6 +184,7 @@ class FrameBuilder:
         lag_p90 = 0.0
         lag_p99 = 0.0
         lag_max = 0.0
+        lag_hist: list[int] = []
         rows: list[WorkerRow] = []
         for w in workers:
             # Read by name from a mapping: a worker of another version may lack a counter.
@@ -198,6 +213,9 @@ class FrameBuilder:
                 lag_p90 = max(lag_p90, float(lag.get("p90", 0.0)))
                 lag_p99 = max(lag_p99, float(lag.get("p99", 0.0)))
                 lag_max = max(lag_max, float(lag.get("max", 0.0)))
+            hist = stats.get("lag_hist")
+            slot_hist = self._slot_hist(w.index, w.pid, hist if isinstance(hist, list) else None)
+            lag_hist = hist_add(lag_hist, slot_hist)
             rows.append(
                 {
                     "pid": w.pid,
@@ -208,6 +226,7 @@ class FrameBuilder:
                     "rss_bytes": rss,
                     "cpu_percent": round(cpu, 1),
                     "lag_ms": _rounded(lag),
+                    "lag_hist": slot_hist,
                     "msgs_sent_total": int(stats.get("msgs_sent_total", 0) or 0),
                 }
             )
@@ -228,6 +247,8 @@ class FrameBuilder:
             "p99": round(lag_p99, 2),
             "max": round(lag_max, 2),
         }
+        # Every sample of every slot since this supervisor started, by LAG_BOUNDS_MS.
+        totals["lag_hist"] = lag_hist
 
         try:
             with self._self.oneshot():

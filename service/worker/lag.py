@@ -11,10 +11,13 @@ them can only raise the reported percentiles, never hide a stall.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 
-from service.contracts import LagMs
+from service.contracts import LAG_BOUNDS_MS, LagMs
+
+_BOUNDS_S = tuple(b / 1000.0 for b in LAG_BOUNDS_MS)
 
 
 class LagSampler:
@@ -33,6 +36,7 @@ class LagSampler:
         "_max",
         "_handle",
         "_due",
+        "_hist",
     )
 
     # A sample later than this keeps the sampler at ``interval``. libuv fires timers on whole
@@ -56,6 +60,8 @@ class LagSampler:
         self._max = 0.0
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
+        # Every sample since start, by bucket (service/contracts.py LAG_BOUNDS_MS).
+        self._hist = [0] * (len(_BOUNDS_S) + 1)
 
     def start(self) -> None:
         self._due = self._loop.time() + self._interval
@@ -70,6 +76,7 @@ class LagSampler:
         now = self._loop.time()
         lag = max(0.0, now - self._due)
         self._samples.append(lag)
+        self._hist[bisect_left(_BOUNDS_S, lag)] += 1
         if lag > self._max:
             self._max = lag
         idle = lag < self.IDLE_BELOW and not (self._busy is not None and self._busy())
@@ -101,3 +108,12 @@ class LagSampler:
             "p99": round(1000 * p99, 3),
             "max": round(1000 * peak, 3),
         }
+
+    def histogram(self) -> list[int]:
+        """Every sample since start, counted by LAG_BOUNDS_MS (a sample of exactly a bound in
+        that bound's bucket), trailing empty buckets left off."""
+        counts = self._hist
+        n = len(counts)
+        while n and not counts[n - 1]:
+            n -= 1
+        return counts[:n]

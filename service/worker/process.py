@@ -256,10 +256,12 @@ class Worker:
         return self.hub.broadcast(m)
 
     def stats(self) -> WorkerStats:
-        """WSTATS; ``lag_ms`` covers the time since the previous call."""
+        """WSTATS; ``lag_ms`` covers the time since the previous call, ``lag_hist`` the
+        worker's life."""
         out: dict[str, Any] = {"pid": os.getpid(), "index": self.index}
         out.update(self.hub.counters.as_dict())  # every name of COUNTER_NAMES
         out["lag_ms"] = self.lag.read()
+        out["lag_hist"] = self.lag.histogram()
         return cast(WorkerStats, out)
 
     def channels(self) -> dict[str, int]:

@@ -106,6 +106,7 @@ class FakeControl:
                 "rss_bytes": sum(w["rss_bytes"] for w in workers) + 25_000_000,
                 "cpu_percent": sum(w["cpu_percent"] for w in workers),
                 "lag_ms": {"avg": 0.5, "p90": 1.0, "max": 3.5},
+                "lag_hist": [900, 90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],
             },
             "system": {
                 "cpu": {"user": 12.5, "sys": 7.5, "idle": 80.0, "iowait": 0.0},

@@ -343,6 +343,11 @@ def test_metrics_parse_as_prometheus_text(client: httpx.Client, fake: FakeContro
     assert value("comet_worker_cpu_percent", worker="0") == 1.5
     assert value("comet_loop_lag_seconds", stat="p90") == pytest.approx(0.001)
     assert value("comet_worker_loop_lag_seconds", worker="1", stat="max") == pytest.approx(0.0035)
+    lag = families["comet_loop_lag_histogram_seconds"]
+    assert lag.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in lag.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 900 and buckets["0.002"] == 990 and buckets["5.0"] == 990
+    assert buckets["+Inf"] == 1000 and len(buckets) == 17
     assert value("comet_system_cpu_percent", mode="idle") == 80.0
     assert value("comet_system_memory_bytes", kind="total") == 24 * 2**30
     assert value("comet_open_fds") == 390

@@ -30,9 +30,11 @@ FRAME_KEYS = {
     "system",
     "workers",
 }
-TOTALS_KEYS = {*COUNTER_NAMES, "rss_bytes", "cpu_percent", "lag_ms"}  # every counter, summed
+TOTALS_KEYS = {*COUNTER_NAMES, "rss_bytes", "cpu_percent", "lag_ms", "lag_hist"}  # summed
 SYSTEM_KEYS = {"cpu", "mem", "sockstat", "fds", "limits"}
-WORKER_KEYS = {"pid", "index", "conns", "rss_bytes", "cpu_percent", "lag_ms", "msgs_sent_total"}
+WORKER_KEYS = {
+    *("pid", "index", "conns", "rss_bytes", "cpu_percent", "lag_ms", "lag_hist", "msgs_sent_total")
+}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,10 @@ def test_watch_yields_frames_every_second(svc):
         check_frame(f)
     steps = [f["step"] for f in frames]
     assert steps == sorted(steps) and len(set(steps)) == 3
+    # The lag histogram counts every sample the worker takes (20-100 a second) and only grows.
+    counts = [sum(f["totals"]["lag_hist"]) for f in frames]
+    assert counts[0] > 0 and counts[2] - counts[0] >= 20, counts
+    assert counts[2] == sum(sum(w["lag_hist"]) for w in frames[2]["workers"])
     gaps = [b["t"] - a["t"] for a, b in zip(frames, frames[1:], strict=False)]
     assert all(0.5 < g < 2.0 for g in gaps), gaps
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import pytest
 import uvloop
 
+from service.contracts import LAG_BOUNDS_MS, hist_add, hist_quantile
+from service.supervisor.frames import FrameBuilder, WorkerView
 from service.worker.lag import LagSampler
 from tests.service.worker_harness import (
     channel_count,
@@ -269,3 +271,37 @@ def test_a_handed_descriptor_is_the_same_socket_with_or_without_its_family() -> 
                         socket.IPPROTO_TCP,
                     )
                     assert s.getpeername() == client.getsockname()
+
+
+def test_lag_sampler_counts_every_sample_in_its_histogram_bucket() -> None:
+    """Buckets by LAG_BOUNDS_MS, kept for the worker's life: read() empties the second's
+    samples, not the histogram."""
+    loop = FakeLoop()
+    lag = LagSampler(loop)  # type: ignore[arg-type]
+    lag.start()
+    for late in (0.0, 0.0005, 0.0009, 0.003, 0.045, 0.0505, 7.0):
+        loop.run_next(late=late)
+    lag.read()
+    assert lag.histogram() == [3, 0, 1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert len(lag.histogram()) == len(LAG_BOUNDS_MS) + 1
+    loop.run_next(late=0.0)
+    assert lag.histogram()[0] == 4 and sum(lag.histogram()) == 8
+    assert hist_quantile(lag.histogram(), 0.5) == 1.0
+    assert hist_quantile(lag.histogram(), 0.8) == 75.0
+    assert hist_quantile(lag.histogram(), 0.99) == float("inf")
+    assert hist_quantile([], 0.99) is None
+
+
+def test_a_slots_lag_histogram_never_goes_back_when_its_worker_is_replaced() -> None:
+    frames = FrameBuilder(target_connections=10, node_id="n")
+
+    def view(pid: int, hist: list[int] | None) -> WorkerView:
+        stats = None if hist is None else {"pid": pid, "index": 0, "lag_hist": hist}
+        return WorkerView(index=0, pid=pid, state="up", stats=stats)  # type: ignore[arg-type]
+
+    assert frames.build([view(1, [5, 1])], None)["totals"]["lag_hist"] == [5, 1]
+    assert frames.build([view(1, [9, 1, 2])], None)["workers"][0]["lag_hist"] == [9, 1, 2]
+    assert frames.build([view(2, None)], None)["totals"]["lag_hist"] == [9, 1, 2]  # restarting
+    frame = frames.build([view(2, [3])], None)  # the new process's own samples come on top
+    assert frame["totals"]["lag_hist"] == [12, 1, 2] == frame["workers"][0]["lag_hist"]
+    assert hist_add([1, 2], [3, 4, 5]) == [4, 6, 5]

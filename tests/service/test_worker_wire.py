@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from service.contracts import LAG_BOUNDS_MS
 from tests.service.worker_harness import (
     ThreadWorker,
     channel_count,
@@ -352,6 +353,7 @@ def test_error_paths_leave_counters_consistent(w: ThreadWorker) -> None:
     st = w.stats()
     assert st["conns"] >= 0 and st["accepted_total"] >= st["closed_total"]
     assert set(st["lag_ms"]) == {"avg", "p90", "p99", "max"}
+    assert len(st["lag_hist"]) <= len(LAG_BOUNDS_MS) + 1 and sum(st["lag_hist"]) > 0
 
 
 # -- slow consumer, cap, drain --------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""The bench's loop-lag figures over a window, from the frames the service sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadgen.bench.record import Record
+
+
+def _frame(t: float, p99: float, workers: dict[int, list[int]]) -> dict[str, Any]:
+    total: list[int] = []
+    for h in workers.values():
+        total = [a + b for a, b in zip(total + [0] * len(h), h + [0] * len(total), strict=False)]
+    return {
+        "t": t,
+        "totals": {"lag_ms": {"p90": p99, "p99": p99, "max": p99}, "lag_hist": total},
+        "workers": [{"index": i, "lag_hist": h} for i, h in workers.items()],
+    }
+
+
+def test_window_p99_is_read_from_the_histograms_difference_not_the_worst_second() -> None:
+    r = Record()
+    # Before the window: worker 1 had a bad time (200 samples in the 100-150 ms bucket).
+    r.add_frame(_frame(10.0, 140.0, {0: [100], 1: [0] * 9 + [200]}))
+    # In it: worker 0 takes 1,000 samples <= 1 ms and 5 at 20-30 ms (one bad second: its
+    # frame's p99 says 30 ms); worker 1 takes 5 samples, all in 1-2 ms.
+    r.add_frame(_frame(11.0, 30.0, {0: [600, 0, 0, 0, 0, 5], 1: [0, 3] + [0] * 7 + [200]}))
+    r.add_frame(_frame(12.0, 1.0, {0: [1100, 0, 0, 0, 0, 5], 1: [0, 5] + [0] * 7 + [200]}))
+    lag = r.lag_in(10.5, 11.5)
+    assert lag["p99"] == 30.0  # the worst one-second figure
+    assert lag["p99_worker"] == 2.0  # worker 0's p99 of 1,005 samples is <= 1 ms; worker 1's 2
+    assert lag["p99_all"] == 1.0  # 1,010 samples pooled, 10 of them above 1 ms
+    # Worker 0 with only its bad samples in a window: its p99 is their bucket's bound.
+    r.add_frame(_frame(13.0, 30.0, {0: [1100, 0, 0, 0, 0, 15], 1: [0, 5] + [0] * 7 + [200]}))
+    assert r.lag_in(12.5, 12.5)["p99_worker"] == 30.0
+
+
+def test_window_p99_survives_a_new_service_and_an_old_one_without_histograms() -> None:
+    r = Record()
+    r.add_frame(_frame(1.0, 5.0, {0: [1000, 10]}))
+    r.add_frame(_frame(2.0, 5.0, {0: [3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]}))
+    lag = r.lag_in(1.5, 1.5)  # another supervisor took over: its counts start from zero
+    assert lag["p99_all"] == lag["p99_worker"] == 5.0  # past the last bucket: the window's max
+    old = Record()
+    old.add_frame({"t": 2.0, "totals": {"lag_ms": {"p90": 1, "p99": 2, "max": 3}}, "workers": []})
+    assert old.lag_in(1.5, 1.5) == {
+        "p90": 1.0,
+        "p99": 2.0,
+        "max": 3.0,
+        "p99_worker": None,
+        "p99_all": None,
+    }
