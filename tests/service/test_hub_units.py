@@ -262,7 +262,13 @@ def test_the_counters_are_named_once() -> None:
 
     assert Counters.__slots__ == COUNTER_NAMES
     assert tuple(Counters.__annotations__) == COUNTER_NAMES
-    assert set(WorkerStats.__required_keys__) == {*COUNTER_NAMES, "pid", "index", "lag_ms"}
+    assert set(WorkerStats.__required_keys__) == {
+        *COUNTER_NAMES,
+        "pid",
+        "index",
+        "lag_ms",
+        "lag_hist",
+    }
     b = Bench()
     try:
         stats = b.hub.counters.as_dict()
