@@ -240,15 +240,17 @@ class Supervisor:
         try:
             run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
             # Every new process starts at once (imports take a while), then the slots hand over,
-            # a core's worth at a time, under one hold of the broadcast lock: nothing is published
-            # while connections move (publishers wait, none is lost), and the lock is taken once.
+            # handoff_parallel at a time (a core's worth by default), under one hold of the
+            # broadcast lock: nothing is published while connections move (publishers wait, none
+            # is lost), and the lock is taken once.
             wait = adopt_wait(len(slots), self.handoff_parallel)
             prepared = await asyncio.gather(*(slot.prepare_reload(run_dir, wait) for slot in slots))
             state["prepare_s"] = round(time.monotonic() - t0, 3)
 
-            # A core's worth of slots at a time: all six at once on two cores made every old and
-            # new process wait for the CPU (each handoff's loop stalled 70-140 ms, the frames'
-            # lag), for no gain in total time.
+            # Not every slot at once: all six on two cores made every old and new process wait
+            # for the CPU (each handoff's loop stalled 70-140 ms, the frames' lag), for no gain
+            # in total time. On a host saturated by something else, one more than the cores
+            # takes a bigger share of the CPU for the handoffs (docs/benchmarks.md, runs N-P).
             gate = asyncio.Semaphore(self.handoff_parallel)
 
             async def one(slot: WorkerSlot, ready: Any) -> dict[str, Any]:
