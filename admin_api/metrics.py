@@ -88,11 +88,10 @@ def _lag_buckets(counts: Any) -> list[tuple[str, float]] | None:
         return None
     out: list[tuple[str, float]] = []
     seen = 0.0
-    for i, bound in enumerate(LAG_BOUNDS_MS):
-        seen += float(counts[i]) if i < len(counts) else 0.0
+    for bound, n in zip(LAG_BOUNDS_MS, [*counts, *[0] * len(LAG_BOUNDS_MS)], strict=False):
+        seen += float(n)
         out.append((repr(bound / 1000.0), seen))
-    seen += float(counts[-1]) if len(counts) > len(LAG_BOUNDS_MS) else 0.0
-    out.append(("+Inf", seen))
+    out.append(("+Inf", float(sum(counts))))  # every sample, the one past the last bound too
     return out
 
 

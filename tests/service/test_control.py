@@ -33,7 +33,14 @@ FRAME_KEYS = {
 TOTALS_KEYS = {*COUNTER_NAMES, "rss_bytes", "cpu_percent", "lag_ms", "lag_hist"}  # summed
 SYSTEM_KEYS = {"cpu", "mem", "sockstat", "fds", "limits"}
 WORKER_KEYS = {
-    *("pid", "index", "conns", "rss_bytes", "cpu_percent", "lag_ms", "lag_hist", "msgs_sent_total")
+    "pid",
+    "index",
+    "conns",
+    "rss_bytes",
+    "cpu_percent",
+    "lag_ms",
+    "lag_hist",
+    "msgs_sent_total",
 }
 
 
