@@ -546,24 +546,18 @@ class ApplianceRun:
             time.sleep(0.2)
         last = st["last_delivery"].get(str(seq))
         time.sleep(1.5)  # the frame covering the last second of the fan-out
-        lag = self.record.lag_in(ts, last or time.time())
-        row = {
-            "seq": seq,
-            "published": ts,
-            "status": status,
-            "recipients": answer.get("recipients"),
-            "answer": answer if status != 200 else None,
-            "expected": expect,
-            "delivered": st["deliveries"].get(str(seq), 0),
-            "first_delivery_ms": None,
-            "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
-            "answer_ms": round(answer_ms, 1),
-            "lag_p90_ms": lag["p90"],
-            "lag_p99_ms": lag["p99"],
-            "lag_p99_worker_ms": lag["p99_worker"],
-            "lag_p99_all_ms": lag["p99_all"],
-            "lag_max_ms": lag["max"],
-        }
+        row = self.record.broadcast_row(
+            seq,
+            ts,
+            recipients=answer.get("recipients"),
+            expected=expect,
+            delivered=st["deliveries"].get(str(seq), 0),
+            first=None,
+            last=last,
+            answered_ms=answer_ms,
+        )
+        row["status"] = status
+        row["answer"] = answer if status != 200 else None
         self.sample(window, self.args.conns, st)
         self.console.print(
             f"  broadcast {seq}: {row['delivered']:,}/{expect:,} delivered, last "

@@ -51,6 +51,42 @@ class Record:
                     out[k] = out["max"]
         return out
 
+    def broadcast_row(
+        self,
+        seq: int,
+        published: float,
+        *,
+        recipients: Any,
+        expected: int,
+        delivered: int,
+        first: float | None,
+        last: float | None,
+        answered_ms: float,
+    ) -> dict[str, Any]:
+        """One broadcast's row of the report: who got it, when (ms after ``published``), and
+        the loop lag over its fan-out (``lag_in``); the same row for the bare and the appliance
+        runs."""
+        lag = self.lag_in(published, last or time.time())
+
+        def ms(t: float | None) -> float | None:
+            return round((t - published) * 1000, 1) if t else None
+
+        return {
+            "seq": seq,
+            "published": published,
+            "recipients": recipients,
+            "expected": expected,
+            "delivered": delivered,
+            "first_delivery_ms": ms(first),
+            "last_delivery_ms": ms(last),
+            "answer_ms": round(answered_ms, 1),
+            "lag_p90_ms": lag["p90"],
+            "lag_p99_ms": lag["p99"],
+            "lag_p99_worker_ms": lag["p99_worker"],
+            "lag_p99_all_ms": lag["p99_all"],
+            "lag_max_ms": lag["max"],
+        }
+
 
 def _hist(obj: Any) -> list[int] | None:
     h = (obj or {}).get("lag_hist")

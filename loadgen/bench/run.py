@@ -293,23 +293,17 @@ class BenchRun:
             first = st.first_delivery.get(seq)
             # The frames covering the fan-out arrive once a second: wait for the one after it.
             await asyncio.sleep(1.2)
-            lag = self.record.lag_in(ts, last or time.time())
             self.record.broadcasts.append(
-                {
-                    "seq": seq,
-                    "published": ts,
-                    "recipients": recipients,
-                    "expected": expect,
-                    "delivered": delivered,
-                    "first_delivery_ms": round((first - ts) * 1000, 1) if first else None,
-                    "last_delivery_ms": round((last - ts) * 1000, 1) if last else None,
-                    "answer_ms": round((answered - ts) * 1000, 1),
-                    "lag_p90_ms": lag["p90"],
-                    "lag_p99_ms": lag["p99"],
-                    "lag_p99_worker_ms": lag["p99_worker"],
-                    "lag_p99_all_ms": lag["p99_all"],
-                    "lag_max_ms": lag["max"],
-                }
+                self.record.broadcast_row(
+                    seq,
+                    ts,
+                    recipients=recipients,
+                    expected=expect,
+                    delivered=delivered,
+                    first=first,
+                    last=last,
+                    answered_ms=(answered - ts) * 1000,
+                )
             )
             self.sample("broadcast", opts.conns, st)
             self.check_memory()

@@ -50,3 +50,29 @@ def test_window_p99_survives_a_new_service_and_an_old_one_without_histograms() -
         "p99_worker": None,
         "p99_all": None,
     }
+
+
+def test_broadcast_row_times_from_the_publish_and_reads_the_lag_over_the_fan_out() -> None:
+    r = Record()
+    r.add_frame(_frame(100.0, 1.0, {0: [50]}))
+    r.add_frame(_frame(101.0, 20.0, {0: [50, 0, 0, 0, 10]}))  # during the fan-out
+    r.add_frame(_frame(103.0, 99.0, {0: [50, 0, 0, 0, 10] + [0] * 8 + [5]}))  # well after it
+    row = r.broadcast_row(
+        7,
+        100.25,
+        recipients=60,
+        expected=60,
+        delivered=59,
+        first=100.5,
+        last=100.875,
+        answered_ms=12.345,
+    )
+    assert row["seq"] == 7 and row["recipients"] == 60 and row["delivered"] == 59
+    assert row["first_delivery_ms"] == 250.0 and row["last_delivery_ms"] == 625.0
+    assert row["answer_ms"] == 12.3
+    # The frame at 101 (the second of the fan-out) counts, the one at 103 does not.
+    assert row["lag_p99_ms"] == 20.0 and row["lag_p99_worker_ms"] == 20.0
+    nobody = r.broadcast_row(
+        8, 100.25, recipients=0, expected=60, delivered=0, first=None, last=None, answered_ms=1.0
+    )
+    assert nobody["first_delivery_ms"] is None and nobody["last_delivery_ms"] is None
