@@ -42,7 +42,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 IP_BIND_ADDRESS_NO_PORT = 24
 RETRY_RE = re.compile(rb"retry: ?(\d+)\n")
@@ -114,6 +114,9 @@ RETRY_AFTER_RE = re.compile(rb"\r\nRetry-After: (\d+)\r\n")
 
 class Client(asyncio.Protocol):
     __slots__ = ("counts", "marker", "hint", "tail", "welcomed", "transport", "request", "slot")
+    # What makes a connection held (--welcome); b"" is its first bytes, for a server that
+    # greets no one (Nchan's raw stream sends its head and then nothing until a message).
+    welcome: ClassVar[bytes] = b"Welcome!"
 
     def __init__(
         self, counts: Counts, marker: bytes, hint: bytes, request: bytes, slot: Slot | None = None
@@ -147,7 +150,7 @@ class Client(asyncio.Protocol):
         buf = self.tail + data
         head = len(self.tail)
         self.tail = buf[-16:]
-        if not self.welcomed and b"Welcome!" in buf:
+        if not self.welcomed and self.welcome in buf:
             self.welcomed = True
             c.welcomed += 1
             c.up += 1
@@ -216,6 +219,7 @@ async def connect_all(
     if args.sse:
         headers += "Accept: text/event-stream\r\n"
     marker = args.marker.encode()
+    Client.welcome = args.welcome.encode()
     tokens: list[str] = []
     if args.tokens_file:
         with open(args.tokens_file) as f:
@@ -392,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sse", action="store_true", help="ask for text/event-stream")
     p.add_argument("--concurrency", type=int, default=200, help="connects in flight at once")
     p.add_argument("--marker", default="BCAST", help="bytes counted as one received message")
+    p.add_argument(
+        "--welcome",
+        default="Welcome!",
+        help="what makes a connection held; '' is its first bytes (a server that greets no one)",
+    )
     p.add_argument("--tls", action="store_true", help="HTTPS, the certificate not checked")
     p.add_argument("--tokens-file", help="subscriber tokens, one a line: connection i uses line i")
     p.add_argument(

@@ -136,15 +136,16 @@ def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[
     server: Nchan | Service
     if kind == "nchan":
         server = Nchan(tmp, port, workers, nofile)
-        path = "/sub"
+        path, welcome = "/sub", ""  # Nchan greets no one: its response head is the sign
     else:
         server = Service(tmp, "--workers", str(workers), "--ping-interval", "60", port=port)
         server.wait_up(workers, 120)
-        path = "/"
+        path, welcome = "/", "Welcome!"
     clients = None
     try:
         clients = Clients(
-            port, conns, procs, sources(2, 40), "--path", path, "--concurrency", "300"
+            *(port, conns, procs, sources(2, 40)),
+            *("--path", path, "--concurrency", "300", "--welcome", welcome),
         )
         clients.wait("ready", conns, timeout=180, every=0.5)
         time.sleep(3)  # the ramp's last writes and timers settle
