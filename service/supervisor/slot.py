@@ -195,7 +195,7 @@ class WorkerSlot:
         while True:
             try:
                 if handshake:
-                    await self._handshake(p)
+                    await self._handshake(p, deliver=first is not None)
                 await p.reading
             except (WorkerGone, TimeoutError, ConnectionError, RuntimeError) as exc:
                 if not self.sup.stopping and self._current is p:
@@ -367,26 +367,31 @@ class WorkerSlot:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _init_request(self) -> dict[str, Any]:
-        """``init``: the bus's last id and history, for a process about to serve this slot."""
+    def _init_request(self, deliver: bool = False) -> dict[str, Any]:
+        """``init``: the bus's last id and history, for a process about to serve this slot.
+        ``deliver``: the process holds live connections already (a takeover's), so what it has
+        not seen of the history is written to them too, not only kept."""
         bus = self.sup.bus
         return {
             "op": "init",
             "last_id": bus.last_id,
             "history": bus.history(),
             **bus.resume_limits(),
+            **({"deliver": True} if deliver else {}),
         }
 
-    async def _handshake(self, p: WorkerProcess) -> None:
+    async def _handshake(self, p: WorkerProcess, deliver: bool = False) -> None:
         ready = await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
         if ready.get("pid") not in (None, self.pid):
             log.info(
                 "worker %d reports pid %s (started %s)", self.index, ready.get("pid"), self.pid
             )
         # Under the broadcast lock, a message is either in the history sent now or fanned out to
-        # this worker after it is up: never both, never neither.
+        # this worker after it is up: never both, never neither. A takeover's worker took its
+        # connections before this supervisor's control socket opened: a message published since
+        # reaches them only through this init, so it is delivered, not only kept.
         async with self.sup.broadcast_lock:
-            await self.request(self._init_request(), 30.0)
+            await self.request(self._init_request(deliver), 30.0)
             self.state = "up"
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)

@@ -226,14 +226,20 @@ class Worker:
         history: Sequence[Mapping[str, Any]],
         pruned: Mapping[str, int] | None = None,
         hole: tuple[int, int] | None = None,
+        deliver: bool = False,
     ) -> None:
         """Take the supervisor's id sequence and history (before any broadcast), and what its
         store pruned or never held (service/store.py): resumes into those get a reset. Sent
-        again (a giver's history first, then the supervisor's), only what is newer is taken."""
+        again (a giver's history first, then the supervisor's), only what is newer is taken.
+        ``deliver``: this worker holds live connections (it took them over) and the newer
+        messages were published while it was not yet up: write them to their subscribers too."""
         held = self.hub.last_id
         for msg in sorted(history, key=lambda m: int(m["id"])):
             if int(msg["id"]) > held:
-                self.hub.record(msg)
+                if deliver:
+                    self.hub.broadcast(msg)
+                else:
+                    self.hub.record(msg)
         self.hub.last_id = max(self.hub.last_id, int(last_id))
         self.hub.limit_resumes(pruned or {}, hole)
 
@@ -345,6 +351,7 @@ class ControlChannel:
             list(req.get("history") or []),
             {str(k): int(v) for k, v in (req.get("pruned") or {}).items()},
             (int(hole[0]), int(hole[1])) if hole else None,
+            deliver=bool(req.get("deliver")),
         )
         return {}
 

@@ -142,6 +142,31 @@ def test_control_protocol_init_stats_broadcast_channels_drain() -> None:
         w.stop()
 
 
+def test_init_with_deliver_writes_what_live_streams_have_not_seen() -> None:
+    """A takeover's worker holds live connections before its supervisor's first ``init``: what
+    was published in between comes with ``deliver`` and reaches them, once; without it, init
+    only keeps history (a fresh worker's streams come later and resume from it)."""
+    w = SubprocessWorker(ping_interval=30.0)
+    try:
+        w.ask("init", last_id=3, history=[])
+        with connect(w.port) as s:
+            s.sendall(b"GET /sub/c?format=sse HTTP/1.1\r\nHost: t\r\n\r\n")
+            read_until(s, b"Welcome!")
+            kept = {"id": 4, "channel": "c", "event": None, "data": "four", "ts": time.time()}
+            w.ask("init", last_id=4, history=[kept])  # kept, not written
+            new = {"id": 5, "channel": "c", "event": None, "data": "five", "ts": time.time()}
+            w.ask("init", last_id=5, history=[kept, new], deliver=True)
+            got = read_until(s, b"data: five\n\n")
+            assert b"four" not in got and got.count(b"id: 5\n") == 1, got
+            w.ask("init", last_id=5, history=[kept, new], deliver=True)  # nothing newer: no-op
+            msg = {"id": 6, "channel": "c", "event": None, "data": "six", "ts": time.time()}
+            assert w.ask("broadcast", msg=msg)["recipients"] == 1
+            tail = read_until(s, b"data: six\n\n")
+            assert b"five" not in tail, tail  # the second init wrote nothing
+    finally:
+        w.stop()
+
+
 def test_control_pipe_closed_means_drain_and_exit() -> None:
     w = SubprocessWorker(ping_interval=30.0)
     try:
