@@ -121,7 +121,8 @@ def main() -> None:
     assert isinstance(first, ssl.SSLObject)
     print(
         f"{ssl.OPENSSL_VERSION}, {first.version()} {first.cipher()[0]}, n={args.n}: "  # type: ignore[index]
-        f"pair {(both - base) / args.n:,.0f} B, server side {(server_side - base) / args.n:,.0f} B; "
+        f"pair {(both - base) / args.n:,.0f} B, "
+        f"server side {(server_side - base) / args.n:,.0f} B; "
         f"a fresh server SSLObject before its handshake {fresh_bytes / args.n:,.0f} B"
     )
 
