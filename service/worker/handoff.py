@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -375,6 +376,12 @@ async def give(
     return {"handed": handed, "kept": len(kept)}
 
 
+def _peer_pid(conn: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
+
+
 def _wrap(fd: int, family: int | None) -> socket.socket:
     """A received TCP descriptor as a socket object. Given its family, the three getsockopt
     calls with which ``socket.socket(fileno=fd)`` finds family, type and protocol are skipped."""
@@ -412,6 +419,7 @@ class Receiver:
         self.sock.settimeout(1.0)
         self.deadline = time.monotonic() + wait
         self.stopping = False
+        self._waker: socket.socket | None = None  # stop_waiting's connection to self.sock
         self.adopted = 0
         self._task = asyncio.get_running_loop().create_task(self._serve_all())
 
@@ -471,19 +479,40 @@ class Receiver:
         """The next giver; TimeoutError at the deadline or once told the handover has ended."""
         while True:
             try:
-                return self.sock.accept()[0]
+                conn = self.sock.accept()[0]
             except OSError as exc:  # a 1-s tick (TimeoutError), or closed under us once stopping
                 if self.stopping:
                     raise TimeoutError("the handover ended without this worker's giver") from None
                 if not isinstance(exc, TimeoutError) or time.monotonic() >= self.deadline:
                     raise
+                continue
+            if _peer_pid(conn) != os.getpid():
+                return conn
+            # stop_waiting's wake-up call: every giver that had connected before it was ahead
+            # of it in the queue and has been served.
+            conn.close()
+            raise TimeoutError("the handover ended without this worker's giver")
 
     def stop_waiting(self) -> None:
         """The handover has ended: a giver not connected by now will not come (one that is
-        connected finishes)."""
+        connected finishes). The accept waiting in its thread is woken at once by a connection
+        from this process (which ``_accept`` tells from a giver's by its peer pid), not at its
+        next 1-s tick."""
         self.stopping = True
+        if self._waker is None:
+            waker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            waker.setblocking(False)
+            try:
+                waker.connect(self.path)
+            except OSError:  # closed already, or its backlog full of givers: the tick will do
+                waker.close()
+                return
+            self._waker = waker
 
     def close(self) -> None:
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

@@ -298,8 +298,8 @@ def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
         wait_for(lambda: b"Welcome!" in s.data, 30, "a welcome from the new service")
         assert time.monotonic() - t0 < 20
         s.close()
-        # Each worker's wait for its giver wakes once a second (handoff.py): both open their own
-        # listener within a tick of adopt_end, not only the one that happened to wake first.
+        # adopt_end wakes each worker's wait for its giver (handoff.py's stop_waiting): both
+        # open their own listener, not only the one whose log line happened to come first.
         wait_for(
             lambda: svc.log().count("no listener was handed over; opening one") == 2,
             5,

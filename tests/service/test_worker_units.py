@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -305,3 +308,55 @@ def test_a_slots_lag_histogram_never_goes_back_when_its_worker_is_replaced() -> 
     frame = frames.build([view(2, [3])], None)  # the new process's own samples come on top
     assert frame["totals"]["lag_hist"] == [12, 1, 2] == frame["workers"][0]["lag_hist"]
     assert hist_add([1, 2], [3, 4, 5]) == [4, 6, 5]
+
+
+def test_a_receiver_told_the_handover_ended_stops_at_once_after_serving_the_givers_queued(
+    tmp_path: Path,
+) -> None:
+    """A successor with two givers to wait for: one (another process) connects and finishes,
+    the other never comes. Once told the handover has ended, the successor stops waiting at
+    once (its accept is woken, not left to its 1-s tick), having served the giver that came."""
+    import sys
+
+    from service.worker.handoff import Receiver
+
+    path = str(tmp_path / "handoff.sock")
+    giver = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.send(b'{\"done\": true}')\n"
+        "s.recv(1)\n"  # returns once the successor has served it and closed its end
+    )
+
+    async def main() -> tuple[list[bool], float]:
+        ended: list[bool] = []
+        done = asyncio.Event()
+
+        async def on_end(got_listener: bool) -> None:
+            ended.append(got_listener)
+            done.set()
+
+        async def unused(*args: object) -> None:
+            raise AssertionError("nothing is handed in this test")
+
+        r = Receiver(path, unused, unused, givers=2, on_end=on_end, wait=30.0)
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", giver, path)
+        try:
+            async with asyncio.timeout(20):
+                assert await proc.wait() == 0  # the first giver was served to its end
+            assert not done.is_set()  # still waiting for the second
+            t0 = time.monotonic()
+            r.stop_waiting()
+            async with asyncio.timeout(10):
+                await done.wait()
+            return ended, time.monotonic() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
+    ended, took = uvloop.run(main())
+    assert ended == [False]
+    # With only the tick it would take up to a second; the wake-up takes a few milliseconds.
+    assert took < 0.5, took
+    assert not os.path.exists(path)  # closed and unlinked
