@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -129,16 +130,80 @@ def hold_cpu(record: Record, hold_t0: float, host0: Any, client_cpu_s: float) ->
     own psutil readings per worker), the load generator's from ``client_cpu_s`` (its CPU seconds
     since ``hold_t0``) and the host's from ``psutil.cpu_times()`` then (``host0``) and now."""
     dt = max(0.001, time.time() - hold_t0)
-    host1 = psutil.cpu_times()
-    busy = sum(host1) - sum(host0) - (host1.idle - host0.idle)
-    busy -= getattr(host1, "iowait", 0.0) - getattr(host0, "iowait", 0.0)
     frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
     svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
     return {
         "seconds": round(dt, 1),
         "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
         "load_generator_pct_of_core": round(100 * client_cpu_s / dt, 1),
-        "host_busy_pct_of_core": round(100 * busy / dt, 1),
+        "host_busy_pct_of_core": host_busy_pct(host0, psutil.cpu_times(), dt),
         "cores": os.cpu_count(),
         "service_lag": record.lag_in(hold_t0, time.time() - 1.0),
     }
+
+
+# The kernel's TCP counters that say why connects did not get through (/proc/net/netstat,
+# TcpExt): SYN and SYN-ACK sent again, the listen queue full, requests dropped.
+RAMP_COUNTERS = ("TCPSynRetrans", "ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
+
+
+def tcp_counters(path: str = "/proc/net/netstat") -> dict[str, int]:
+    """RAMP_COUNTERS from this network namespace's TcpExt line (0 where the kernel has none)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return dict.fromkeys(RAMP_COUNTERS, 0)
+    values: dict[str, int] = {}
+    for names, nums in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:") and nums.startswith("TcpExt:"):
+            values = dict(zip(names.split()[1:], (int(v) for v in nums.split()[1:]), strict=False))
+    return {k: values.get(k, 0) for k in RAMP_COUNTERS}
+
+
+def host_busy_pct(t0: Any, t1: Any, seconds: float) -> float:
+    """Host CPU busy between two ``psutil.cpu_times()`` readings, % of one core."""
+    busy = sum(t1) - sum(t0) - (t1.idle - t0.idle)
+    busy -= getattr(t1, "iowait", 0.0) - getattr(t0, "iowait", 0.0)
+    return round(100 * float(busy) / max(0.001, seconds), 1)
+
+
+def ramp_diagnosis(
+    ended: str, tcp0: dict[str, int], tcp1: dict[str, int], busy_pct: float | None
+) -> dict[str, Any]:
+    """How a ramp ended and what the kernel counted meanwhile: ``ended`` is ``reached``,
+    ``stalled`` (no new connection for the stall window) or ``time limit``; ``busy_pct`` is the
+    host's CPU over the last stall window of the ramp, % of one core."""
+    return {
+        "ended": ended,
+        **{k: tcp1.get(k, 0) - tcp0.get(k, 0) for k in RAMP_COUNTERS},
+        "host_busy_pct_of_core_at_end": busy_pct,
+        "cores": os.cpu_count(),
+    }
+
+
+def ramp_advice(d: dict[str, Any]) -> str:
+    """One line for a ramp that did not reach its target: what the counters point at."""
+    why = (
+        "no new connection for 30 s"
+        if d.get("ended") == "stalled"
+        else "out of time (--ramp-timeout, or twice the nominal ramp + 60 s)"
+    )
+    cores = d.get("cores") or 1
+    busy = d.get("host_busy_pct_of_core_at_end")
+    parts = [f"The ramp stopped short: {why}"]
+    if busy is not None:
+        parts.append(f"host CPU {busy:.0f} % of {cores * 100} % at its end")
+    parts.append(
+        f"SYN/SYN-ACK retransmissions {d.get('TCPSynRetrans', 0):,}, "
+        f"listen-queue overflows {d.get('ListenOverflows', 0):,}"
+    )
+    if d.get("ListenOverflows") or d.get("TCPReqQFullDrop"):
+        hint = "the accept queues overflowed: see the preflight (somaxconn, the service's backlog)"
+    elif busy is not None and busy >= 90 * cores:
+        hint = (
+            "the host's CPU is full: fewer connections, or --netns N (the clients' sockets in TCP "
+            "tables of their own: docs/benchmarks.md, 'On the AMD EPYC')"
+        )
+    else:
+        hint = "see the server's log and bench.csv for where it slowed"
+    return "; ".join(parts) + ". " + hint[0].upper() + hint[1:] + "."

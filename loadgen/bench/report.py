@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.bench.record import Record
+from loadgen.bench.record import Record, ramp_advice
 from loadgen.bench.service import Service
 
 
@@ -149,6 +149,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     lat = r.get("latency_ms") or {}
     errs = r.get("errors") or {}
     ns = r.get("netns")
+    rd = r.get("ramp_diagnosis") or {}
     rows = [
         (
             "clients from",
@@ -163,6 +164,10 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
         (
             "ramp time",
             fmt(r.get("ramp_s"), " s") + ("" if r.get("ramp_complete") else " (incomplete)"),
+        ),
+        (
+            "ramp: SYN/SYN-ACK retransmissions, listen-queue overflows",
+            f"{fmt(rd.get('TCPSynRetrans'))}, {fmt(rd.get('ListenOverflows'))}",
         ),
         (
             "errors req / resp, ended",
@@ -209,6 +214,8 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+    if rd and not r.get("ramp_complete"):
+        console.print(ramp_advice(rd))
     console.print(f"preflight: {r.get('preflight_verdict')}")
     for k, v in (r.get("files") or {}).items():
         console.print(f"  {k}: {v}")

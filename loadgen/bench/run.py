@@ -5,6 +5,7 @@ signal can cancel and always stops what they started."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from loadgen.bench.netns import HOST_ADDRESS, NetnsLab
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
-from loadgen.bench.record import Record, hold_cpu
+from loadgen.bench.record import Record, hold_cpu, host_busy_pct, ramp_diagnosis, tcp_counters
 from loadgen.bench.report import cpu_model, write_outputs
 from loadgen.bench.service import (
     Service,
@@ -39,6 +40,9 @@ from loadgen.engine.config import EngineConfig
 from loadgen.engine.pool import ProcessPool
 from loadgen.engine.sources import Namespace, auto_procs, parse_source_ips
 from loadgen.engine.stats import Stats
+
+# Seconds without a new connection, once every connection has been asked for, that end a ramp.
+STALL_S = 30
 
 
 class Interrupted(Exception):
@@ -188,9 +192,13 @@ class BenchRun:
         start = time.monotonic()
         best, best_at = 0, start
         reached_at: float | None = None
-        # A ramp may take twice its nominal time (+60 s, or --ramp-timeout) and stall 30 s at
-        # most before we give up.
+        ended = "reached"
+        # A ramp may take twice its nominal time (+60 s, or --ramp-timeout) and stall STALL_S
+        # at most before we give up.
         deadline = start + (opts.ramp_timeout or opts.conns / opts.rate * 2 + 60)
+        tcp0 = tcp_counters()
+        # The host's CPU a second apart over the last stall window: how busy it was at the end.
+        cpu_seen: collections.deque[tuple[float, Any]] = collections.deque(maxlen=STALL_S + 1)
         progress = Progress(
             TextColumn("ramp"),
             BarColumn(),
@@ -221,11 +229,16 @@ class BenchRun:
                 if now - last_sample >= 1.0:
                     self.sample("ramp", target, st)
                     last_sample = now
+                    cpu_seen.append((now, psutil.cpu_times()))
                     self.check_memory()
                 if st.clients >= opts.conns:
                     reached_at = now
                     break
-                if now > deadline or (target == opts.conns and now - best_at > 30):
+                if target == opts.conns and now - best_at > STALL_S:
+                    ended = "stalled"
+                    break
+                if now > deadline:
+                    ended = "time limit"
                     break
                 await asyncio.sleep(0.2)
         self.record.timeline[-1:] = []  # replaced by the final sample below
@@ -237,6 +250,13 @@ class BenchRun:
                 "ramp_complete": reached_at is not None,
                 "reached": best,
             }
+        )
+        busy = None
+        if cpu_seen:
+            t_first, cpu_first = cpu_seen[0]
+            busy = host_busy_pct(cpu_first, psutil.cpu_times(), time.monotonic() - t_first)
+        self.report["ramp_diagnosis"] = ramp_diagnosis(
+            "reached" if reached_at is not None else ended, tcp0, tcp_counters(), busy
         )
 
     async def hold(self) -> None:

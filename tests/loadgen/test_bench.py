@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.loadgen.conftest import ROOT, bench, wait_for
+from tests.loadgen.conftest import FIXTURE, ROOT, bench, kill_group, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -112,6 +112,42 @@ def test_bench_against_another_server_with_publish_cmd(tmp_path, fixture_server)
     assert [b["delivered"] for b in report["broadcasts"]] == [300, 300]
     assert report["server_rss_mb"] > 0  # found through the listener on the target's port
     assert (out / "bench.png").read_bytes()[:8] == PNG
+
+
+def test_a_ramp_that_stops_short_says_how_it_ended_and_what_the_kernel_counted(tmp_path):
+    """A server that answers only its first 100 streams: the ramp ends at --ramp-timeout with
+    100 reached, bench.json says so with the TCP counters of the ramp, and the printed report
+    explains in one line why it stopped and what to look at."""
+    proc = subprocess.Popen(
+        [sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5", "--serve", "100"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        out = tmp_path / "out"
+        r = bench(
+            *("--target", f"http://127.0.0.1:{port}/", "--broadcasts", "0"),
+            *("--conns", "300", "--rate", "1000", "--ramp-timeout", "3", "--hold", "0"),
+            *("--out", str(out), "--no-progress"),
+        )
+    finally:
+        kill_group(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["reached"] == 100 and report["ramp_complete"] is False
+    d = report["ramp_diagnosis"]
+    assert d["ended"] == "time limit", d
+    for k in ("TCPSynRetrans", "ListenOverflows", "ListenDrops", "TCPReqQFullDrop"):
+        assert isinstance(d[k], int) and d[k] >= 0, d
+    assert d["host_busy_pct_of_core_at_end"] is not None and d["cores"] == os.cpu_count()
+    text = " ".join(r.stdout.split())  # the console wraps long lines
+    assert "The ramp stopped short: out of time" in text, r.stdout[-3000:]
+    assert "SYN/SYN-ACK retransmissions" in text and "(incomplete)" in text
 
 
 def test_bench_bad_arguments():

@@ -76,3 +76,37 @@ def test_broadcast_row_times_from_the_publish_and_reads_the_lag_over_the_fan_out
         8, 100.25, recipients=0, expected=60, delivered=0, first=None, last=None, answered_ms=1.0
     )
     assert nobody["first_delivery_ms"] is None and nobody["last_delivery_ms"] is None
+
+
+def test_tcp_counters_read_the_tcpext_lines_and_the_advice_names_what_they_point_at(
+    tmp_path: Any,
+) -> None:
+    from loadgen.bench.record import ramp_advice, ramp_diagnosis, tcp_counters
+
+    netstat = tmp_path / "netstat"
+    netstat.write_text(
+        "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPSynRetrans TCPReqQFullDrop\n"
+        "TcpExt: 0 7 9 120 2\n"
+        "IpExt: InNoRoutes InTruncatedPkts\n"
+        "IpExt: 0 0\n"
+    )
+    c0 = tcp_counters(str(netstat))
+    assert c0 == {
+        "TCPSynRetrans": 120,
+        "ListenOverflows": 7,
+        "ListenDrops": 9,
+        "TCPReqQFullDrop": 2,
+    }
+    assert set(tcp_counters()) == set(c0)  # this machine's own file has them all
+    assert tcp_counters(str(tmp_path / "absent")) == dict.fromkeys(c0, 0)
+    c1 = {**c0, "TCPSynRetrans": 80_120}
+    d = ramp_diagnosis("stalled", c0, c1, 196.0)
+    assert d["ended"] == "stalled" and d["TCPSynRetrans"] == 80_000 and d["ListenOverflows"] == 0
+    cores = d["cores"]
+    full = ramp_advice({**d, "host_busy_pct_of_core_at_end": 95.0 * cores})
+    assert full.startswith("The ramp stopped short: no new connection for 30 s")
+    assert "80,000" in full and "--netns" in full  # a full CPU: the clients elsewhere
+    queues = ramp_advice({**d, "ListenOverflows": 3})
+    assert "accept queues overflowed" in queues and "--netns" not in queues
+    calm = ramp_advice({**ramp_diagnosis("time limit", c0, c0, 10.0)})
+    assert "out of time" in calm and "server's log" in calm
