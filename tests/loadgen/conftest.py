@@ -5,6 +5,7 @@ Every process is started in its own session and its whole process group is kille
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -160,10 +161,11 @@ def agents(tmp_path: Path) -> Iterator[Callable[..., Agent]]:
             a.stop()
 
 
-@pytest.fixture
-def fixture_server() -> Iterator[int]:
+@contextlib.contextmanager
+def running_fixture_server(*args: str) -> Iterator[int]:
+    """tests/loadgen/fixture_server.py on a free port (pings every 0.5 s, ``args`` added)."""
     proc = subprocess.Popen(
-        [sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5"],
+        [sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5", *args],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
@@ -176,3 +178,9 @@ def fixture_server() -> Iterator[int]:
         kill_group(proc)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture
+def fixture_server() -> Iterator[int]:
+    with running_fixture_server() as port:
+        yield port

@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.loadgen.conftest import FIXTURE, ROOT, bench, kill_group, wait_for
+from tests.loadgen.conftest import ROOT, bench, running_fixture_server, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -118,25 +118,13 @@ def test_a_ramp_that_stops_short_says_how_it_ended_and_what_the_kernel_counted(t
     """A server that answers only its first 100 streams: the ramp ends at --ramp-timeout with
     100 reached, bench.json says so with the TCP counters of the ramp, and the printed report
     explains in one line why it stopped and what to look at."""
-    proc = subprocess.Popen(
-        [sys.executable, str(FIXTURE), "--port", "0", "--ping", "0.5", "--serve", "100"],
-        stdout=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        out = tmp_path / "out"
+    out = tmp_path / "out"
+    with running_fixture_server("--serve", "100") as port:
         r = bench(
             *("--target", f"http://127.0.0.1:{port}/", "--broadcasts", "0"),
             *("--conns", "300", "--rate", "1000", "--ramp-timeout", "3", "--hold", "0"),
             *("--out", str(out), "--no-progress"),
         )
-    finally:
-        kill_group(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["reached"] == 100 and report["ramp_complete"] is False
