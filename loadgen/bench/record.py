@@ -142,6 +142,9 @@ def hold_cpu(record: Record, hold_t0: float, host0: Any, client_cpu_s: float) ->
     }
 
 
+# Seconds without a new connection, once every connection has been asked for, that end a ramp.
+STALL_S = 30
+
 # The kernel's TCP counters that say why connects did not get through (/proc/net/netstat,
 # TcpExt): SYN and SYN-ACK sent again, the listen queue full, requests dropped.
 RAMP_COUNTERS = ("TCPSynRetrans", "ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
@@ -184,7 +187,7 @@ def ramp_diagnosis(
 def ramp_advice(d: dict[str, Any]) -> str:
     """One line for a ramp that did not reach its target: what the counters point at."""
     why = (
-        "no new connection for 30 s"
+        f"no new connection for {STALL_S} s"
         if d.get("ended") == "stalled"
         else "out of time (--ramp-timeout, or twice the nominal ramp + 60 s)"
     )

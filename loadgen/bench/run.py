@@ -24,7 +24,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from loadgen.bench.netns import HOST_ADDRESS, NetnsLab
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
-from loadgen.bench.record import Record, hold_cpu, host_busy_pct, ramp_diagnosis, tcp_counters
+from loadgen.bench.record import (
+    STALL_S,
+    Record,
+    hold_cpu,
+    host_busy_pct,
+    ramp_diagnosis,
+    tcp_counters,
+)
 from loadgen.bench.report import cpu_model, write_outputs
 from loadgen.bench.service import (
     Service,
@@ -40,9 +47,6 @@ from loadgen.engine.config import EngineConfig
 from loadgen.engine.pool import ProcessPool
 from loadgen.engine.sources import Namespace, auto_procs, parse_source_ips
 from loadgen.engine.stats import Stats
-
-# Seconds without a new connection, once every connection has been asked for, that end a ramp.
-STALL_S = 30
 
 
 class Interrupted(Exception):
@@ -255,9 +259,7 @@ class BenchRun:
         if cpu_seen:
             t_first, cpu_first = cpu_seen[0]
             busy = host_busy_pct(cpu_first, psutil.cpu_times(), time.monotonic() - t_first)
-        self.report["ramp_diagnosis"] = ramp_diagnosis(
-            "reached" if reached_at is not None else ended, tcp0, tcp_counters(), busy
-        )
+        self.report["ramp_diagnosis"] = ramp_diagnosis(ended, tcp0, tcp_counters(), busy)
 
     async def hold(self) -> None:
         """Hold ``--hold`` seconds, then measure memory per connection and idle CPU."""
