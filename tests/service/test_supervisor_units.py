@@ -159,3 +159,96 @@ def test_unwritable_log_dir_disables_the_csv_but_not_the_service(tmp_path):
         assert frame["step"] >= 1
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+class _PreparingSlot:
+    """A worker slot whose new process takes ``prepare`` seconds to come up (or fails to)."""
+
+    def __init__(self, prepare: float, fail: bool = False) -> None:
+        self.prepare = prepare
+        self.fail = fail
+        self.reloaded_at: float | None = None
+
+    async def prepare_reload(self, run_dir: str, wait: float | None = None) -> tuple[str, str]:
+        await asyncio.sleep(self.prepare)
+        if self.fail:
+            raise RuntimeError("cannot start")
+        return "process", "path"
+
+    async def reload(self, new: str, path: str) -> dict[str, object]:
+        self.reloaded_at = asyncio.get_running_loop().time()
+        return {"index": 0, "handed": 0, "kept": 0, "seconds": 0.0}
+
+
+def _bare_supervisor(tmp_path, slots: list[_PreparingSlot]):
+    from service.config import Config
+    from service.supervisor.process import Supervisor
+
+    # take_over: no history store is opened; nothing is started or bound.
+    sup = Supervisor(Config(control_socket=str(tmp_path / "control.sock"), take_over=True))
+    sup.slots = slots  # type: ignore[assignment]
+    return sup
+
+
+def test_a_reload_waits_out_a_broadcast_while_its_new_processes_start(tmp_path):
+    """The broadcast lock is asked for when the reload starts: a broadcast under way finishes
+    while the new processes import, and nothing is published from then until the handoffs end."""
+
+    async def go() -> None:
+        slot = _PreparingSlot(prepare=0.6)
+        sup = _bare_supervisor(tmp_path, [slot])
+        loop = asyncio.get_running_loop()
+        released_at: list[float] = []
+
+        async def broadcast_under_way() -> None:
+            async with sup.broadcast_lock:
+                await asyncio.sleep(0.6)
+                released_at.append(loop.time())
+
+        under_way = asyncio.create_task(broadcast_under_way())
+        await asyncio.sleep(0)  # it holds the lock
+        t0 = loop.time()
+        answer = await sup.reload()
+        await under_way
+        # Overlapped: ~0.6 s; one after the other it would be >= 1.2 s.
+        assert answer["locked_s"] < 1.0, answer
+        assert slot.reloaded_at is not None and slot.reloaded_at >= released_at[0]
+        assert answer["prepare_s"] >= 0.6 and answer["seconds"] >= answer["locked_s"]
+        assert not sup.broadcast_lock.locked()
+        assert loop.time() - t0 < 1.0
+
+    asyncio.run(go())
+
+
+def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_the_broadcast_lock_free(
+    tmp_path,
+):
+    async def go() -> None:
+        # The lock was free (so the reload took it at once) and the new process fails.
+        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=0.05, fail=True)])
+        with pytest.raises(RuntimeError, match="cannot start"):
+            await sup.reload()
+        assert not sup.broadcast_lock.locked()
+        # Cancelled while a broadcast holds the lock (the reload still queued for it).
+        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=0.05)])
+        await sup.broadcast_lock.acquire()
+        reload = asyncio.create_task(sup.reload())
+        await asyncio.sleep(0.2)  # prepared; waiting for the lock
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        sup.broadcast_lock.release()
+        await asyncio.wait_for(sup.broadcast_lock.acquire(), 1.0)  # nobody else holds it
+        sup.broadcast_lock.release()
+        # Cancelled while starting, the lock taken at once: released.
+        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=5.0)])
+        reload = asyncio.create_task(sup.reload())
+        await asyncio.sleep(0.1)
+        assert sup.broadcast_lock.locked()
+        reload.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reload
+        assert not sup.broadcast_lock.locked()
+        assert not sup._reloading
+
+    asyncio.run(go())
