@@ -19,6 +19,7 @@ from service.supervisor.frames import FrameBuilder, WorkerView
 from service.worker.lag import LagSampler
 from tests.service.worker_harness import (
     channel_count,
+    make_config,
     read_for,
     read_until,
     running_worker,
@@ -360,3 +361,86 @@ def test_a_receiver_told_the_handover_ended_stops_at_once_after_serving_the_give
     # With only the tick it would take up to a second; the wake-up takes a few milliseconds.
     assert took < 0.5, took
     assert not os.path.exists(path)  # closed and unlinked
+
+
+_STREAM = {"kind": "stream", "fmt": 0, "channel": "news", "last_id": 0, "expires_in": 0.0}
+
+
+def _accepted_pairs(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
+    """``n`` loopback TCP connections: the client ends, and the accepted ends as a successor
+    receives them (non-blocking socket objects over descriptors of their own)."""
+    from service.worker.handoff import _wrap
+
+    clients, handed = [], []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        for _ in range(n):
+            clients.append(socket.create_connection(listener.getsockname()))
+            accepted, _ = listener.accept()
+            handed.append(_wrap(accepted.detach(), socket.AF_INET))
+    return clients, handed
+
+
+def test_a_batch_is_adopted_without_a_task_each() -> None:
+    """Worker._adopt steps each connect_accepted_socket by hand: every stream of the batch is
+    made, counted and subscribed, on its client's connection; nothing is left in ADOPTING."""
+    from service.worker.process import Worker
+    from service.worker.protocol import ADOPTING
+
+    async def go() -> None:
+        worker = Worker(make_config(ping_interval=3600.0), asyncio.get_running_loop())
+        clients, handed = _accepted_pairs(50)
+        await worker._adopt([(s, dict(_STREAM)) for s in handed])
+        assert worker.hub.counters.adopted_total == worker.hub.counters.conns == 50
+        subscribed = worker.hub.stream_set("news")
+        assert len(subscribed) == 50
+        assert not ADOPTING
+        for conn in subscribed:  # each one's transport is its client's connection
+            conn.transport.write(b"through the adopted transport")
+        await asyncio.sleep(0.05)
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(4096) == b"through the adopted transport"
+            c.close()
+        for conn in list(subscribed):
+            conn.transport.abort()
+        await asyncio.sleep(0.05)
+
+    uvloop.run(go())
+
+
+@pytest.mark.parametrize("how", ["a socket uvloop refuses", "cancelled"])
+def test_a_batch_that_fails_or_is_cancelled_leaves_nothing_here(how: str) -> None:
+    """All or nothing: the giver gets no answer for the batch and keeps every connection of it,
+    so none may stay with the successor — not the ones already made (let go), not the ones
+    still waiting (closed before connection_made). Nothing is left subscribed, counted or in
+    ADOPTING; here the given descriptors were the only ones, so every client sees the end."""
+    from service.worker.process import Worker
+    from service.worker.protocol import ADOPTING
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        worker = Worker(make_config(ping_interval=3600.0), loop)
+        clients, handed = _accepted_pairs(20)
+        batch = [(s, dict(_STREAM)) for s in handed]
+        if how == "cancelled":
+            task = loop.create_task(worker._adopt(batch))
+            await asyncio.sleep(0)  # every transport made, connection_made scheduled
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        else:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            batch.insert(10, (udp, dict(_STREAM)))
+            with pytest.raises(ValueError, match="Stream Socket"):
+                await worker._adopt(batch)
+            udp.close()
+        await asyncio.sleep(0.05)  # the let-go transports' connection_lost
+        assert not ADOPTING
+        assert not worker.hub.stream_set("news")
+        assert worker.hub.counters.conns == 0
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(4096) == b""
+            c.close()
+
+    uvloop.run(go())
