@@ -244,22 +244,6 @@ class Supervisor:
             # broadcast lock: nothing is published while connections move (publishers wait, none
             # is lost), and the lock is taken once.
             wait = adopt_wait(len(slots), self.handoff_parallel)
-            # The lock is asked for now, not once the new processes are up: a broadcast under
-            # way (~1-2 s of waves at 100,000) finishes while they import, instead of after.
-            locking = asyncio.ensure_future(self.broadcast_lock.acquire())
-            try:
-                prepared = await asyncio.gather(
-                    *(slot.prepare_reload(run_dir, wait) for slot in slots)
-                )
-                state["prepare_s"] = round(time.monotonic() - t0, 3)
-                await locking
-            except BaseException:
-                if locking.done() and not locking.cancelled() and locking.exception() is None:
-                    self.broadcast_lock.release()
-                else:
-                    locking.cancel()
-                raise
-
             # Not every slot at once: all six on two cores made every old and new process wait
             # for the CPU (each handoff's loop stalled 70-140 ms, the frames' lag), for no gain
             # in total time. On a host saturated by something else, one more than the cores
@@ -279,13 +263,24 @@ class Supervisor:
                 state["seconds"] = round(time.monotonic() - t0, 3)
                 return result
 
+            # The lock is asked for now, not once the new processes are up: a broadcast under
+            # way (~1-2 s of waves at 100,000) finishes while they import, instead of after.
+            locking = asyncio.ensure_future(self.broadcast_lock.acquire())
             try:
+                prepared = await asyncio.gather(
+                    *(slot.prepare_reload(run_dir, wait) for slot in slots)
+                )
+                state["prepare_s"] = round(time.monotonic() - t0, 3)
+                await locking
                 state["locked_s"] = round(time.monotonic() - t0, 3)
                 results = list(
                     await asyncio.gather(*(one(s, r) for s, r in zip(slots, prepared, strict=True)))
                 )
             finally:
-                self.broadcast_lock.release()
+                if locking.done() and not locking.cancelled() and locking.exception() is None:
+                    self.broadcast_lock.release()
+                else:  # failed or cancelled before the lock was ours
+                    locking.cancel()
         finally:
             self._reloading = False
             state["running"] = False
