@@ -44,6 +44,7 @@ from service.supervisor.slot import (
     WorkerProcess,
     WorkerSlot,
 )
+from service.supervisor.spawn import Spawner
 
 log = logging.getLogger("comet.supervisor")
 
@@ -92,7 +93,11 @@ class Supervisor:
         # Multi-node bus: message id → recipients here, for broadcast() waiting on its own message.
         self._delivered: dict[int, int] = {}
         self._awaiting: dict[int, asyncio.Future[int]] = {}
+        # How many slots start a process at once. Each started its own interpreter that spent
+        # ~0.2 s of CPU importing: 52 at once on 2 cores would all be slow and could pass the
+        # ready timeout. Forked from one import (spawn.py), every slot starts at once (run()).
         self.start_gate = asyncio.Semaphore(2 * (os.cpu_count() or 1))
+        self.spawner = Spawner(lambda: self.screen.worker_stderr if self.screen else None)
         self._port_sock: socket.socket | None = None
         self.nofile = 0
         self.fanout_parallel = (
@@ -447,6 +452,8 @@ class Supervisor:
         log.info("plan: %s", plan_line(self.config, self.nofile, count))
         for warning in host_warnings(self.config, count, read_limits()):
             log.warning("host limit: %s", warning)
+        if self.spawner.forking():
+            self.start_gate = asyncio.Semaphore(max(1, count))
 
         predecessor = await self._predecessor() if self.config.take_over else None
         if predecessor is None:

@@ -1,9 +1,11 @@
 """One worker slot: an index the supervisor keeps for its whole life, and the process filling it.
 
-The slot spawns ``python -m service.worker --control-fd N`` with one end of a socketpair, gates
-its start, does the ``init`` handshake, matches requests to answers over the pipe (JSON lines,
-docs/architecture.md "Supervisor ⇄ worker"), reaps the process and restarts it after a backoff
-that doubles on quick successive deaths.
+The slot starts a worker process (``python -m service.worker --control-fd N``, or its equal
+forked by a forkserver together with the other slots starting in the same loop turn:
+service/supervisor/spawn.py) with one end of a socketpair, gates its start, does the ``init``
+handshake, matches requests to answers over the pipe (JSON lines, docs/architecture.md
+"Supervisor ⇄ worker"), reaps the process and restarts it after a backoff that doubles on quick
+successive deaths.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
 from service.jsonlines import Message, Peer, PeerGone, Pending
 from service.supervisor.frames import WorkerView
+from service.supervisor.spawn import Process
 
 if TYPE_CHECKING:
     from service.supervisor.process import Supervisor
@@ -51,7 +52,7 @@ _seq = itertools.count(1)
 class WorkerProcess:
     """One worker process of a slot and its pipe."""
 
-    proc: subprocess.Popen[bytes]
+    proc: Process
     peer: Peer
     writer: asyncio.StreamWriter
     ready: asyncio.Future[Message]  # its {"op": "ready"}
@@ -65,7 +66,7 @@ class WorkerSlot:
     def __init__(self, sup: Supervisor, index: int) -> None:
         self.sup = sup
         self.index = index
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Process | None = None
         self.pid: int | None = None
         self.state = "down"
         self.stats: WorkerStats | None = None  # its latest answer to stats
@@ -116,8 +117,8 @@ class WorkerSlot:
 
     async def _one_life(self, first: WorkerProcess | None = None) -> float:
         """Start one process, serve its pipe until it closes; return how long it lived."""
-        # Start-up is CPU-bound (imports); 52 workers booting at once on 2 cores would all be
-        # slow and could pass the ready timeout, so only a few start at the same time.
+        # Only as many slots start at once as the supervisor's start gate lets (every slot when
+        # workers are forked from one import; a few when each imports on its own).
         await self.sup.start_gate.acquire()
         self._gated = True
         try:
@@ -137,31 +138,27 @@ class WorkerSlot:
         not be started. With ``adopt``, it takes over from the process now in the slot (or from
         ``givers`` workers of a service being taken over)."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        env["COMET_WORKER_CONFIG"] = self.sup.worker_config.to_json()
-        env["COMET_WORKER_INDEX"] = str(self.index)
+        env = {
+            "COMET_WORKER_CONFIG": self.sup.worker_config.to_json(),
+            "COMET_WORKER_INDEX": str(self.index),
+        }
         if adopt is not None:
             env["COMET_WORKER_ADOPT"] = adopt
             env["COMET_WORKER_ADOPT_GIVERS"] = str(givers)
             if wait is not None:
                 env["COMET_WORKER_ADOPT_WAIT"] = f"{wait:g}"
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "service.worker", "--control-fd", str(child.fileno())],
-                pass_fds=[child.fileno()],
-                env=env,
-                # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
-                # drains the workers in order instead of racing them.
-                start_new_session=True,
-                # Beside a live screen the workers log to its file, not over it.
-                stderr=self.sup.screen.worker_stderr if self.sup.screen is not None else None,
-            )
-        except OSError as exc:
-            log.error("worker %d: cannot start: %s", self.index, exc)
+            # Started with the other slots asking in this loop turn (service/supervisor/spawn.py).
+            proc = await self.sup.spawner.spawn(child.fileno(), env)
+        except BaseException:
             parent.close()
-            return None
+            raise
         finally:
             child.close()
+        if proc is None:
+            log.error("worker %d: cannot start", self.index)
+            parent.close()
+            return None
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[Message] = loop.create_future()
 
@@ -396,7 +393,7 @@ class WorkerSlot:
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
 
-    async def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
+    async def _reap(self, proc: Process) -> int | None:
         """The pipe is closed; the process should be gone or going. Make sure it is."""
         deadline = time.monotonic() + (self.sup.config.grace if self.sup.stopping else 2.0)
         while proc.poll() is None and time.monotonic() < deadline:

@@ -47,7 +47,8 @@ class Service:
     """``python -m service`` on ``port`` (a free one by default), started at construction.
 
     ``args`` are more service flags (a later flag wins, so ``--host`` may be overridden);
-    ``nofile`` sets the supervisor's RLIMIT_NOFILE; ``env`` adds environment variables.
+    ``nofile`` sets the supervisor's RLIMIT_NOFILE; ``env`` adds environment variables; ``code``
+    runs the ``service`` package found in that folder instead of the repository's.
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Service:
         port: int | None = None,
         nofile: int | None = None,
         env: dict[str, str] | None = None,
+        code: Path | None = None,
     ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
@@ -89,10 +91,11 @@ class Service:
 
         self._log: IO[bytes] | None = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._log_from = self._log.tell()  # a service restarted in the same folder appends
+        where = str(code or ROOT)  # `python -m` looks in the working folder first
         self.proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            cwd=where,
+            env={**os.environ, "PYTHONPATH": where, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
