@@ -694,12 +694,15 @@ class ApplianceRun:
 
     def finish(self) -> dict[str, Any]:
         self.sidecar.stop.set()
-        st = self.agent_stats()
-        self.report["errors"] = {
-            "errors_req": st["errors_req"],
-            "errors_resp": st["errors_resp"],
-            "ended_req": st["ended_req"],
-        }
+        try:
+            st = self.agent_stats()
+            self.report["errors"] = {
+                "errors_req": st["errors_req"],
+                "errors_resp": st["errors_resp"],
+                "ended_req": st["ended_req"],
+            }
+        except RunError as exc:  # a run that failed because an agent stopped answering
+            self.report["errors"] = {"agents": str(exc)}
         self.report["worst_loop_lag_ms"] = self.record.worst_lag_ms
         self.report["broadcasts"] = self.record.broadcasts
         self.report["sidecar"] = self.sidecar.summary()
