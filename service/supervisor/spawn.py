@@ -1,14 +1,15 @@
 """Starting worker processes: one import per batch, not one per worker.
 
 Every worker used to be ``python -m service.worker --control-fd N``, a fresh interpreter that
-imports the worker (~0.2 s of CPU). Slots that ask for a process in the same loop turn (a
-reload's six, a takeover's fifty-four, the first start's gated few) are now started together by
+imports the worker (~0.2 s of CPU). Slots that ask for a process in the same loop turn (the
+first start's, a reload's six, a takeover's fifty-four, a crash's restarts) are started together by
 one ``python -m service.worker.forkserver`` (service/worker/forkserver.py): it imports the code
 on disk once, forks one child per slot and exits, and the children are re-parented to this
 process, which made itself a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``) for that, so
 it waits for them and reads their exit codes as it does for processes it started itself.
-Measured on an idle 2-core box: six workers' imports 0.82 s → one import and six forks ~0.25 s;
-fifty-four 6.4 s → 0.4 s.
+Measured on the 2-core AMD EPYC box (docs/benchmarks.md, issue 14's section): 54 workers up
+5.5 → 0.8 s; a reload's 54 new processes ready 7.0 → 0.5 s, its six at 100,000 held 0.9–1.4 →
+0.4 s.
 
 Where the kernel has no child subreapers (not Linux), each worker is started on its own as
 before. A forkserver that fails (the code on disk does not import, say) fails the slots it had
