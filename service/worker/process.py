@@ -113,15 +113,24 @@ class Worker:
             },
         )
         self.receiver: Receiver | None = None  # while taking over from the previous worker
+        self._queued: socket.socket | None = None  # listening, not yet accepting (before init)
         self.stopped = self.loop.create_future()
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(
-        self, adopt: str | None = None, givers: int = 1, wait: float = GIVER_TIMEOUT
+        self,
+        adopt: str | None = None,
+        givers: int = 1,
+        wait: float = GIVER_TIMEOUT,
+        serve: bool = True,
     ) -> None:
         """Listen on the port; with ``adopt`` (a path), take the listener and the connections
-        of the worker(s) this one replaces from there instead (service/worker/handoff.py)."""
+        of the worker(s) this one replaces from there instead (service/worker/handoff.py).
+        ``serve`` False (a supervised worker): the port is bound and listening, so connections
+        queue in the kernel, but they are accepted only once ``init`` has given this worker the
+        history (:meth:`serve_queued`): a client resuming in between would otherwise be told
+        its id is unknown (a false reset) instead of getting what it missed."""
         if adopt is not None:
             self.receiver = Receiver(
                 adopt, self._listen, self._adopt, givers, self._giver_init, self._adopted_all, wait
@@ -133,10 +142,21 @@ class Worker:
                 "worker %d (pid %d) waiting for a handoff at %s", self.index, os.getpid(), adopt
             )
             return
-        await self._listen(self._sock or make_listener(self.config.host, self.config.port))
+        sock = self._sock or make_listener(self.config.host, self.config.port)
+        if serve:
+            await self._listen(sock)
+        else:
+            sock.listen(self.backlog)  # connections queue here meanwhile instead of refused
+            self._queued = sock
         self.hub.start_pings()
         self.hub.start_admission()
         self.lag.start()
+
+    async def serve_queued(self) -> None:
+        """Accept on the listener held back until ``init`` (see :meth:`start`)."""
+        sock, self._queued = self._queued, None
+        if sock is not None:
+            await self._listen(sock)
 
     async def _listen(self, sock: socket.socket) -> None:
         cfg = self.config
@@ -410,6 +430,7 @@ class ControlChannel:
             (int(hole[0]), int(hole[1])) if hole else None,
             deliver=bool(req.get("deliver")),
         )
+        await self.worker.serve_queued()
         return {}
 
     async def limits(self, req: Message) -> Message:
@@ -473,6 +494,7 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
             os.environ.get("COMET_WORKER_ADOPT") or None,
             int(os.environ.get("COMET_WORKER_ADOPT_GIVERS") or 1),
             float(os.environ.get("COMET_WORKER_ADOPT_WAIT") or GIVER_TIMEOUT),
+            serve=control_fd is None,  # supervised: accepted once init has brought the history
         )
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import pytest
 import uvloop
 
 from service.config import raise_nofile_limit
@@ -170,6 +171,7 @@ def test_init_with_deliver_writes_what_live_streams_have_not_seen() -> None:
 def test_control_pipe_closed_means_drain_and_exit() -> None:
     w = SubprocessWorker(ping_interval=30.0)
     try:
+        w.ask("init", last_id=0, history=[])  # as the supervisor: it accepts after init
         with connect(w.port) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
             read_until(s, b"Welcome!")
@@ -183,6 +185,7 @@ def test_control_pipe_closed_means_drain_and_exit() -> None:
 def test_sigterm_drains_and_exits_zero() -> None:
     w = SubprocessWorker(ping_interval=30.0)
     try:
+        w.ask("init", last_id=0, history=[])  # as the supervisor: it accepts after init
         with connect(w.port) as s:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             read_until(s, b"Welcome!")
@@ -266,6 +269,7 @@ def test_quiet_holds_the_pings_for_an_interval() -> None:
     """``quiet`` (sent before a broadcast's later waves) restarts the worker's ping period."""
     w = SubprocessWorker(ping_interval=0.5)
     try:
+        w.ask("init", last_id=0, history=[])  # as the supervisor: it accepts after init
         with connect(w.port) as s:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             read_until(s, b"Welcome!")
@@ -278,5 +282,29 @@ def test_quiet_holds_the_pings_for_an_interval() -> None:
             t0 = time.monotonic()
             read_until(s, b"ping\n", limit=3.0)
             assert time.monotonic() - t0 <= 1.0
+    finally:
+        w.stop()
+
+
+def test_a_supervised_worker_accepts_only_once_init_has_brought_the_history() -> None:
+    # A worker restarted after a crash listens before the supervisor's init arrives; a client
+    # resuming in between must get what it missed, not a reset for an id unknown to the
+    # worker. Connections queue in the kernel until init, then are answered from the history.
+    w = SubprocessWorker(ping_interval=30.0)
+    try:
+        with connect(w.port) as s:  # the port is bound and listening: the connect succeeds
+            s.sendall(b"GET /sub/xo?format=sse HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 5\r\n\r\n")
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recv(1)  # not accepted yet: no answer before init
+            s.settimeout(5.0)
+            history = [
+                {"id": i, "data": f"m{i}", "channel": "xo", "event": None, "ts": time.time()}
+                for i in range(1, 8)
+            ]
+            assert w.ask("init", last_id=7, history=history)["ok"] is True
+            got = read_until(s, b"data: m7\n")
+            assert b"reset" not in got and b"data: m5\n" not in got
+            assert b"data: m6\n" in got
     finally:
         w.stop()
