@@ -61,23 +61,22 @@ class Forked:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def wait(self) -> int:
+        code = self._reap(0)
+        assert code is not None  # waitpid without WNOHANG returns once it has exited
+        return code
+
+    def _reap(self, flags: int) -> int | None:
         if self.returncode is None:
             try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                pid, status = os.waitpid(self.pid, flags)
             except ChildProcessError:  # reaped elsewhere: its status is lost
                 self.returncode = -int(signal.SIGKILL)
                 return self.returncode
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self) -> int:
-        if self.returncode is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                self.returncode = os.waitstatus_to_exitcode(status)
-            except ChildProcessError:
-                self.returncode = -int(signal.SIGKILL)
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -87,9 +86,6 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
 
 Process = subprocess.Popen[bytes] | Forked
