@@ -153,11 +153,11 @@ class Frame(_FrameRequired, total=False):
 
 # ---- a worker handing its connections to its successor (service/worker/handoff.py) ----------
 # A successor whose giver has not come by then gives up waiting and listens by itself (the
-# supervisor asks for the handoff once every successor is ready and it holds its broadcast lock,
-# which a broadcast in waves to a million can hold for ~15 s). Givers come a core's worth at a
-# time, so a supervisor adds ROUND_WAIT for every round before the last one's
-# (``adopt_wait``); and tells its workers when the handover has ended (``adopt_end``), so none
-# waits out a giver that will not come.
+# supervisor asks for a slot's handoff once its successor is ready and nothing is being written to
+# the slot: a wave of a broadcast to a million writes to one for several seconds). Givers come a
+# core's worth at a time, so a supervisor adds ROUND_WAIT for every round before the last one's
+# (``adopt_wait``); and tells its workers when the handover has ended (``adopt_end``), so none waits
+# out a giver that will not come.
 GIVER_TIMEOUT = 120.0
 ROUND_WAIT = 30.0
 

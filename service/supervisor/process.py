@@ -163,7 +163,7 @@ class Supervisor:
             async with self.broadcast_lock:
                 self._check_not_handed()  # it may have waited for the lock through a handover
                 msg = await self.bus.publish(data, channel, event)
-                sent = self._send_all({"op": "broadcast", "msg": msg})
+                sent = await self._send_all(msg)
             recipients = await self._recipients(msg, sent)
             await self.bus.committed()  # on disk before its id is answered
             return {"id": msg["id"], "recipients": recipients}
@@ -176,12 +176,16 @@ class Supervisor:
         await self.bus.committed()
         return {"id": msg["id"], "recipients": recipients}
 
-    def _send_all(self, body: dict[str, Any]) -> list[tuple[WorkerSlot, Pending]]:
+    async def _send_all(self, msg: Msg) -> list[tuple[WorkerSlot, Pending]]:
+        """Write ``msg`` to every live worker's pipe, each under its slot's lock (free unless the
+        slot is handing over in a reload: then to its new process, once it has)."""
         sent = []
         for slot in self.slots:
             if slot.usable:
-                with contextlib.suppress(WorkerGone):
-                    sent.append((slot, slot.send(body)))
+                async with slot.lock:
+                    if slot.usable:
+                        with contextlib.suppress(WorkerGone):
+                            sent.append((slot, slot.send_message(msg)))
         return sent
 
     async def _recipients(self, msg: Msg, sent: list[tuple[WorkerSlot, Pending]]) -> int:
@@ -245,9 +249,10 @@ class Supervisor:
         try:
             run_dir = os.path.dirname(os.path.abspath(self.config.control_socket))
             # Every new process starts at once (imports take a while), then the slots hand over,
-            # handoff_parallel at a time (a core's worth by default), under one hold of the
-            # broadcast lock: nothing is published while connections move (publishers wait, none
-            # is lost), and the lock is taken once.
+            # handoff_parallel at a time (a core's worth by default), each slot's lock held from
+            # the start to the end of the reload: nothing is written to a worker while its
+            # connections move; a message numbered meanwhile waits (its publisher too, none is
+            # lost) and reaches the new processes after.
             wait = adopt_wait(len(slots), self.handoff_parallel)
             # Not every slot at once: all six on two cores made every old and new process wait
             # for the CPU (each handoff's loop stalled 70-140 ms, the frames' lag), for no gain
@@ -255,7 +260,11 @@ class Supervisor:
             # takes a bigger share of the CPU for the handoffs (docs/benchmarks.md, runs N-P).
             gate = asyncio.Semaphore(self.handoff_parallel)
 
-            async def one(slot: WorkerSlot, ready: Any) -> dict[str, Any]:
+            async def one(
+                slot: WorkerSlot, ready: Any, locked: asyncio.Future[Any]
+            ) -> dict[str, Any]:
+                await locked  # nothing is being written to it now, and nothing will be
+                state["locked_s"] = round(time.monotonic() - t0, 3)  # the last slot's, at the end
                 async with gate:
                     began = time.monotonic() - t0
                     result = ready if isinstance(ready, dict) else await slot.reload(*ready)
@@ -268,24 +277,28 @@ class Supervisor:
                 state["seconds"] = round(time.monotonic() - t0, 3)
                 return result
 
-            # The lock is asked for now, not once the new processes are up: a broadcast under
-            # way (~1-2 s of waves at 100,000) finishes while they import, instead of after.
-            locking = asyncio.ensure_future(self.broadcast_lock.acquire())
+            # The slots' locks are asked for now, while the new processes start. Not the
+            # broadcast lock: a broadcast under way in waves (~2 s at 100,000 on two cores)
+            # holds only the lock of the slot it is writing to, so only that slot's handoff
+            # waits, for that one write, and the broadcast's later waves reach the new
+            # processes once the reload is over.
+            locking = [asyncio.ensure_future(slot.lock.acquire()) for slot in slots]
             try:
                 prepared = await asyncio.gather(
                     *(slot.prepare_reload(run_dir, wait) for slot in slots)
                 )
                 state["prepare_s"] = round(time.monotonic() - t0, 3)
-                await locking
-                state["locked_s"] = round(time.monotonic() - t0, 3)
                 results = list(
-                    await asyncio.gather(*(one(s, r) for s, r in zip(slots, prepared, strict=True)))
+                    await asyncio.gather(
+                        *(one(s, r, t) for s, r, t in zip(slots, prepared, locking, strict=True))
+                    )
                 )
             finally:
-                if locking.done() and not locking.cancelled() and locking.exception() is None:
-                    self.broadcast_lock.release()
-                else:  # failed or cancelled before the lock was ours
-                    locking.cancel()
+                for slot, took in zip(slots, locking, strict=True):
+                    if took.done() and not took.cancelled() and took.exception() is None:
+                        slot.lock.release()
+                    else:  # failed or cancelled before the lock was ours
+                        took.cancel()
         finally:
             self._reloading = False
             state["running"] = False
@@ -394,8 +407,12 @@ class Supervisor:
             )
 
         async def one(slot: WorkerSlot) -> dict[str, Any]:
-            async with wave:
-                return await slot.request({"op": "broadcast", "msg": msg}, BROADCAST_TIMEOUT)
+            # The wave's place first, then the slot: a slot's lock is held only while its
+            # worker writes (a reload waits for that one write, not for the whole broadcast).
+            async with wave, slot.lock:
+                if not slot.usable:  # it died while this waited
+                    raise WorkerGone("not running")
+                return await slot.reply(slot.send_message(msg), BROADCAST_TIMEOUT)
 
         answers = await asyncio.gather(*(one(s) for s in slots), return_exceptions=True)
         total = 0
@@ -617,8 +634,11 @@ class Supervisor:
                 **self.bus.resume_limits(),
             }
             answers = await asyncio.gather(
-                *(s.request(init, 30.0) for s in slots), return_exceptions=True
+                *(s.request_in_order(init, 30.0) for s in slots), return_exceptions=True
             )
+            for s, answer in zip(slots, answers, strict=True):
+                if not isinstance(answer, BaseException):
+                    s.seen_id = self.bus.last_id
         failed = sum(1 for a in answers if isinstance(a, BaseException))
         log.info(
             "bus history (last id %d) sent to %d running workers%s",
@@ -634,7 +654,7 @@ class Supervisor:
         async with self.broadcast_lock:
             slots = [s for s in self.slots if s.usable]
             answers = await asyncio.gather(
-                *(s.request(limits, 10.0) for s in slots), return_exceptions=True
+                *(s.request_in_order(limits, 10.0) for s in slots), return_exceptions=True
             )
         failed = sum(1 for a in answers if isinstance(a, BaseException))
         if failed:

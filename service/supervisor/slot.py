@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from service.contracts import EXIT_CANNOT_LISTEN, WorkerStats
+from service.contracts import EXIT_CANNOT_LISTEN, Msg, WorkerStats
 from service.jsonlines import Message, Peer, PeerGone, Pending
 from service.supervisor.frames import WorkerView
 from service.supervisor.spawn import Process
@@ -79,6 +79,15 @@ class WorkerSlot:
         self._task: asyncio.Task[None] | None = None
         self._exited = asyncio.Event()
         self._gated = False
+        # Held while something must reach this slot's process in order with a handoff: one
+        # message being written (and answered, in a fan-out's wave) or the whole handoff of a
+        # reload. A reload waits only for the message being written to this slot, and a
+        # message reaching a slot in a reload waits for that slot's handoff, not for the others.
+        self.lock = asyncio.Lock()
+        # The highest message id this slot's process has been given (init or broadcast): where
+        # a successor's history must end, so that a message is written to it once, either from
+        # that history or as a broadcast after the handoff.
+        self.seen_id = 0
 
     def view(self) -> WorkerView:
         return WorkerView(self.index, self.pid, self.state, self.stats, self.restarts)
@@ -269,15 +278,15 @@ class WorkerSlot:
     async def reload(self, new: WorkerProcess, path: str) -> dict[str, Any]:
         """Hand this slot's listener and live connections to ``new`` (service/worker/handoff.py)
         and serve it from then on. If it fails, the old process keeps serving what it still
-        holds; the answer says what happened. The caller holds the broadcast lock: nothing is
-        published while the connections move, and the new process's history ends where the
-        old one's writes did."""
+        holds; the answer says what happened. The caller holds this slot's lock: nothing is
+        written to it while the connections move, and the new process's history ends at the last
+        message the old one was given (a message numbered meanwhile reaches the new one after)."""
         old = self._current
         if old is None or self.peer is None or self.state != "up":
             await self._discard(new, path)
             return {"index": self.index, "skipped": f"worker is {self.state}"}
         try:
-            answer = await new.peer.call(self._init_request(), 30.0)
+            answer = await new.peer.call(self._init_request(upto=self.seen_id), 30.0)
             if not answer.get("ok"):
                 raise RuntimeError(f"init: {answer.get('error')}")
             t0 = time.monotonic()
@@ -364,15 +373,21 @@ class WorkerSlot:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 
-    def _init_request(self, deliver: bool = False) -> dict[str, Any]:
+    def _init_request(self, deliver: bool = False, upto: int | None = None) -> dict[str, Any]:
         """``init``: the bus's last id and history, for a process about to serve this slot.
         ``deliver``: the process holds live connections already (a takeover's), so what it has
-        not seen of the history is written to them too, not only kept."""
+        not seen of the history is written to them too, not only kept. ``upto``: the history
+        ends at that id (a reload's successor: what the slot's process was given so far)."""
         bus = self.sup.bus
+        history = bus.history()
+        last_id = bus.last_id
+        if upto is not None and upto < last_id:
+            history = [m for m in history if m["id"] <= upto]
+            last_id = upto
         return {
             "op": "init",
-            "last_id": bus.last_id,
-            "history": bus.history(),
+            "last_id": last_id,
+            "history": history,
             **bus.resume_limits(),
             **({"deliver": True} if deliver else {}),
         }
@@ -388,7 +403,9 @@ class WorkerSlot:
         # connections before this supervisor's control socket opened: a message published since
         # reaches them only through this init, so it is delivered, not only kept.
         async with self.sup.broadcast_lock:
-            await self.request(self._init_request(deliver), 30.0)
+            init = self._init_request(deliver)
+            await self.request(init, 30.0)
+            self.seen_id = init["last_id"]
             self.state = "up"
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
@@ -408,6 +425,17 @@ class WorkerSlot:
     async def request(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """Send one request, wait for its answer; raise WorkerGone / TimeoutError."""
         return await self.reply(self.send(body), timeout)
+
+    def send_message(self, msg: Msg) -> Pending:
+        """Write a numbered message (``broadcast``) now; the caller holds :attr:`lock`."""
+        pending = self.send({"op": "broadcast", "msg": msg})
+        self.seen_id = max(self.seen_id, int(msg["id"]))
+        return pending
+
+    async def request_in_order(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """A request that must not overtake or be overtaken by a handoff (``init``, ``limits``)."""
+        async with self.lock:
+            return await self.request(body, timeout)
 
     def send(self, body: dict[str, Any]) -> Pending:
         """Write one request now (requests reach the worker in the order they are sent); what

@@ -16,16 +16,16 @@ ends non-blocking, driven by their event loops; only the connect and accept wait
     ...                                                 (up to WINDOW batches ahead of answers)
     giver → successor   {"done": true}
 
-STATE is what a connection is beyond its socket: ``{"kind": "stream", "fmt", "channel",
-"last_id", "expires"}``, ``{"kind": "poll", "since", "channel", "http11", "keep_alive",
-"cors", "left", "buf"}`` or ``{"kind": "head", "buf", "keepalive"}`` (a request head being
-read, or a keep-alive connection between long-polls). The supervisor holds its broadcast lock
-for the whole handoff, so the giver's queued writes are finished first and nothing is published
-meanwhile; a stream's ``last_id`` is the giver's, and the successor sends whatever its history
-has after it all the same. A connection is owned by exactly one process at every moment: the
-giver lets go of a batch only when the successor says it adopted it; if the successor fails,
-the giver keeps (and goes on serving) what it still holds. TLS connections cannot move (their
-session lives in the process): they get the reconnect hint and are closed.
+STATE is what a connection is beyond its socket: ``{"kind": "stream", "fmt", "channel", "last_id",
+"expires"}``, ``{"kind": "poll", "since", "channel", "http11", "keep_alive", "cors", "left",
+"buf"}`` or ``{"kind": "head", "buf", "keepalive"}`` (a request head being read, or a keep-alive
+connection between long-polls). The supervisor holds the slot's lock for the whole handoff, so the
+giver's queued writes are finished first and nothing is written to it meanwhile (the successor's
+history ends at the giver's last message); a stream's ``last_id`` is the giver's, and the successor
+sends whatever its history has after it all the same. A connection is owned by exactly one process
+at every moment: the giver lets go of a batch only when the successor says it adopted it; if the
+successor fails, the giver keeps (and goes on serving) what it still holds. TLS connections cannot
+move (their session lives in the process): they get the reconnect hint and are closed.
 
 Across services (a new container taking over, ``take_over`` in docs/architecture.md) the
 successor's supervisor cannot give it the history before the handoff, so the giver sends its own

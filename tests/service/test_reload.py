@@ -117,6 +117,85 @@ def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path
         svc.stop()
 
 
+def test_a_reload_during_a_broadcast_in_waves_waits_only_for_the_write_under_way(
+    tmp_path,
+) -> None:
+    """Three workers written to one at a time (``--fanout-parallel 1``), the first of them
+    stopped (SIGSTOP) so a broadcast to everyone cannot get past it: a reload asked meanwhile
+    hands the other two over at once and ends as soon as that worker answers, before the
+    broadcast does; the broadcast's later waves reach the new processes, and every stream gets
+    every message once, in order, on the same connection."""
+    svc = Service(
+        tmp_path,
+        "--workers",
+        "3",
+        "--fanout-parallel",
+        "1",
+        "--handoff-parallel",
+        "3",
+        "--ping-interval",
+        "30",
+    )
+    streams: list[Stream] = []
+    stopped: int | None = None
+    try:
+        pids = svc.up(3).ask({"op": "health"})["pids"]
+        streams = [Stream(svc.port, f"/sub/{CH}", sse=i % 2 == 0) for i in range(15)]
+        wait_for(
+            lambda: svc.ask({"op": "channels"})["channels"].get(CH) == 15, 10, "15 subscribers"
+        )
+        first = svc.ask({"op": "broadcast", "data": "m1", "channel": None})
+        assert first["ok"] and first["recipients"] == 15, first
+        answers: dict[str, tuple[dict[str, Any], float]] = {}
+
+        def ask(name: str, req: dict[str, Any]) -> None:
+            answers[name] = (svc.ask(req), time.monotonic())
+
+        stopped = pids[0]
+        os.kill(stopped, signal.SIGSTOP)
+        b = threading.Thread(target=ask, args=("broadcast", {"op": "broadcast", "data": "m2"}))
+        b.start()
+        time.sleep(0.3)  # it is waiting for the stopped worker
+        r = threading.Thread(target=ask, args=("reload", {"op": "reload"}))
+        r.start()
+        # The two running workers hand over while the stopped one holds up the broadcast.
+        wait_for(
+            lambda: (svc.frame().get("reload") or {}).get("done", 0) >= 2,
+            15,
+            "two slots reloaded while the broadcast waits for the stopped worker",
+        )
+        assert "broadcast" not in answers and "reload" not in answers
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        r.join(30)
+        b.join(30)
+        reload, reloaded_at = answers["reload"]
+        broadcast, broadcast_at = answers["broadcast"]
+        assert reload["ok"] and reload["reloaded"] == 3 and reload["failed"] == 0, reload
+        assert reload["handed"] >= 15 and reload["kept"] == 0, reload
+        assert broadcast["ok"] and broadcast["recipients"] == 15, broadcast
+        assert reloaded_at <= broadcast_at  # its later waves waited for the reload, not it
+        third = svc.ask({"op": "broadcast", "data": "m3", "channel": None})
+        assert third["ok"] and third["recipients"] == 15, third
+        ids = [first["id"], broadcast["id"], third["id"]]
+        wait_for(lambda: all(b"m3\n" in s.data for s in streams), 10, "m3 on every stream")
+        time.sleep(0.3)  # a duplicate would have come by now
+        for i, s in enumerate(streams):
+            assert not s.closed and s.sock.getsockname() == s.local
+            if i % 2 == 0:
+                assert s.ids() == ids, s.data
+            else:
+                assert s.plain_messages() == ["m1", "m2", "m3"], s.data
+        assert set(svc.ask({"op": "health"})["pids"]).isdisjoint(pids)
+        assert svc.stop() == 0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        for s in streams:
+            s.close()
+        svc.stop()
+
+
 def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None:
     svc = Service(tmp_path, "--workers", "1")
     try:

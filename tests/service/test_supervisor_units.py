@@ -164,9 +164,11 @@ def test_unwritable_log_dir_disables_the_csv_but_not_the_service(tmp_path):
 class _PreparingSlot:
     """A worker slot whose new process takes ``prepare`` seconds to come up (or fails to)."""
 
-    def __init__(self, prepare: float, fail: bool = False) -> None:
+    def __init__(self, prepare: float, fail: bool = False, index: int = 0) -> None:
         self.prepare = prepare
         self.fail = fail
+        self.index = index
+        self.lock = asyncio.Lock()
         self.reloaded_at: float | None = None
 
     async def prepare_reload(self, run_dir: str, wait: float | None = None) -> tuple[str, str]:
@@ -176,8 +178,10 @@ class _PreparingSlot:
         return "process", "path"
 
     async def reload(self, new: str, path: str) -> dict[str, object]:
+        assert self.lock.locked()  # nothing is written to it while it hands over
         self.reloaded_at = asyncio.get_running_loop().time()
-        return {"index": 0, "handed": 0, "kept": 0, "seconds": 0.0}
+        await asyncio.sleep(0.1)
+        return {"index": self.index, "handed": 0, "kept": 0, "seconds": 0.1}
 
 
 def _bare_supervisor(tmp_path, slots: list[_PreparingSlot]):
@@ -190,65 +194,78 @@ def _bare_supervisor(tmp_path, slots: list[_PreparingSlot]):
     return sup
 
 
-def test_a_reload_waits_out_a_broadcast_while_its_new_processes_start(tmp_path):
-    """The broadcast lock is asked for when the reload starts: a broadcast under way finishes
-    while the new processes import, and nothing is published from then until the handoffs end."""
+def test_a_reload_waits_only_for_the_write_under_way_to_each_slot(tmp_path):
+    """Each slot's lock is asked for when the reload starts: a broadcast's write under way to
+    one slot delays that slot's handoff only, not the others', and a write to any slot waits
+    until the whole reload is over (the broadcast's later waves go to the new processes)."""
 
     async def go() -> None:
-        slot = _PreparingSlot(prepare=0.6)
-        sup = _bare_supervisor(tmp_path, [slot])
+        busy, free = _PreparingSlot(prepare=0.1, index=0), _PreparingSlot(prepare=0.1, index=1)
+        sup = _bare_supervisor(tmp_path, [busy, free])
         loop = asyncio.get_running_loop()
-        released_at: list[float] = []
+        written_at: dict[str, float] = {}
 
-        async def broadcast_under_way() -> None:
-            async with sup.broadcast_lock:
+        async def write_under_way() -> None:  # a wave writing to ``busy`` for 0.6 s
+            async with busy.lock:
                 await asyncio.sleep(0.6)
-                released_at.append(loop.time())
+                written_at["busy"] = loop.time()
 
-        under_way = asyncio.create_task(broadcast_under_way())
-        await asyncio.sleep(0)  # it holds the lock
+        async def next_wave() -> None:  # the same broadcast's write to ``free``, asked later
+            await asyncio.sleep(0.05)
+            async with free.lock:
+                written_at["free"] = loop.time()
+
+        under_way = asyncio.create_task(write_under_way())
+        later = asyncio.create_task(next_wave())
+        await asyncio.sleep(0)  # it holds the busy slot's lock
         t0 = loop.time()
         answer = await sup.reload()
-        await under_way
-        # Overlapped: ~0.6 s; one after the other it would be >= 1.2 s.
-        assert answer["locked_s"] < 1.0, answer
-        assert slot.reloaded_at is not None and slot.reloaded_at >= released_at[0]
-        assert answer["prepare_s"] >= 0.6 and answer["seconds"] >= answer["locked_s"]
-        assert not sup.broadcast_lock.locked()
-        assert loop.time() - t0 < 1.0
+        ended = loop.time()
+        await asyncio.gather(under_way, later)
+        assert free.reloaded_at is not None and free.reloaded_at - t0 < 0.3, answer
+        assert busy.reloaded_at is not None and busy.reloaded_at >= written_at["busy"]
+        assert written_at["free"] >= ended  # after the reload, never during it
+        assert answer["prepare_s"] >= 0.1 and 0.6 <= answer["locked_s"] < 1.0, answer
+        assert answer["reloaded"] == 2 and ended - t0 < 1.2
+        assert not busy.lock.locked() and not free.lock.locked()
 
     asyncio.run(go())
 
 
-def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_the_broadcast_lock_free(
+def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_every_slot_free(
     tmp_path,
 ):
     async def go() -> None:
-        # The lock was free (so the reload took it at once) and the new process fails.
-        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=0.05, fail=True)])
+        # The locks were free (so the reload took them at once) and a new process fails.
+        slots = [_PreparingSlot(prepare=0.05), _PreparingSlot(prepare=0.05, fail=True)]
+        sup = _bare_supervisor(tmp_path, slots)
         with pytest.raises(RuntimeError, match="cannot start"):
             await sup.reload()
-        assert not sup.broadcast_lock.locked()
-        # Cancelled while a broadcast holds the lock (the reload still queued for it).
-        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=0.05)])
-        await sup.broadcast_lock.acquire()
+        assert not any(s.lock.locked() for s in slots)
+        # Cancelled while a write holds one slot's lock (the reload still queued for it).
+        slots = [_PreparingSlot(prepare=0.05), _PreparingSlot(prepare=0.05)]
+        sup = _bare_supervisor(tmp_path, slots)
+        await slots[0].lock.acquire()
         reload = asyncio.create_task(sup.reload())
-        await asyncio.sleep(0.2)  # prepared; waiting for the lock
+        await asyncio.sleep(0.2)  # prepared; waiting for the first slot's lock
+        assert slots[1].lock.locked()
         reload.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reload
-        sup.broadcast_lock.release()
-        await asyncio.wait_for(sup.broadcast_lock.acquire(), 1.0)  # nobody else holds it
-        sup.broadcast_lock.release()
-        # Cancelled while starting, the lock taken at once: released.
-        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=5.0)])
+        assert not slots[1].lock.locked()
+        slots[0].lock.release()
+        await asyncio.wait_for(slots[0].lock.acquire(), 1.0)  # nobody else holds it
+        slots[0].lock.release()
+        # Cancelled while starting, the locks taken at once: released.
+        slots = [_PreparingSlot(prepare=5.0), _PreparingSlot(prepare=5.0)]
+        sup = _bare_supervisor(tmp_path, slots)
         reload = asyncio.create_task(sup.reload())
         await asyncio.sleep(0.1)
-        assert sup.broadcast_lock.locked()
+        assert all(s.lock.locked() for s in slots)
         reload.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reload
-        assert not sup.broadcast_lock.locked()
+        assert not any(s.lock.locked() for s in slots)
         assert not sup._reloading
 
     asyncio.run(go())
