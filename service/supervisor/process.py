@@ -182,6 +182,8 @@ class Supervisor:
         sent = []
         for slot in self.slots:
             if slot.usable:
+                if slot.lock.locked():  # a reload: it reaches that worker after the handoff
+                    slot.announce(msg["id"])
                 async with slot.lock:
                     if slot.usable:
                         with contextlib.suppress(WorkerGone):
@@ -407,6 +409,8 @@ class Supervisor:
             )
 
         async def one(slot: WorkerSlot) -> dict[str, Any]:
+            if slot.lock.locked():  # a reload: it reaches that worker after the handoff
+                slot.announce(msg["id"])
             # The wave's place first, then the slot: a slot's lock is held only while its
             # worker writes (a reload waits for that one write, not for the whole broadcast).
             async with wave, slot.lock:

@@ -430,6 +430,10 @@ class ControlChannel:
             (int(hole[0]), int(hole[1])) if hole else None,
             deliver=bool(req.get("deliver")),
         )
+        # A reload's successor: messages up to this id are numbered and come as broadcasts once
+        # the handoff is over (a long-poll from one of them waits for it, as after ``quiet``).
+        hub = self.worker.hub
+        hub.upcoming_id = max(hub.upcoming_id, int(req.get("upcoming") or 0))
         await self.worker.serve_queued()
         return {}
 

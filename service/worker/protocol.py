@@ -109,13 +109,20 @@ class Conn(asyncio.Protocol):
                          bool(st["keep_alive"]), cors)  # fmt: skip
             self.buf = bytearray(base64.b64decode(st["buf"]))
             self.state = POLL
-            entries, gap, _ = hub.history_since(self.poll[1], self.poll[0])
-            if entries or gap or float(st["left"]) <= 0:
-                self.answer_poll()
+            since, left = self.poll[0], float(st["left"])
+            entries, gap, _ = hub.history_since(self.poll[1], since)
+            # As a fresh long-poll (_start_poll): an id past this worker's newest waits for it
+            # (the whole time left when it is announced: a reload's later message), not a reset.
+            ahead = since > hub.last_id
+            if entries or (gap and not ahead) or left <= 0:
+                self.answer_poll(timed_out=True)
                 return
             subs = self.subs = hub.poll_set(self.poll[1])
             subs.add(self)
-            hub.add_deadline(self, self.buf, float(st["left"]))
+            announced = since <= hub.upcoming_id
+            hub.add_deadline(
+                self, self.buf, left if announced or not ahead else min(left, AHEAD_WAIT)
+            )
         else:  # a head being read, or a keep-alive connection between long-polls
             self.state = HEAD
             self.poll = _KEEPALIVE if st.get("keepalive") else None

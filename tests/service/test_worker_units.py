@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import socket
@@ -442,5 +443,66 @@ def test_a_batch_that_fails_or_is_cancelled_leaves_nothing_here(how: str) -> Non
             c.settimeout(5)
             assert c.recv(4096) == b""
             c.close()
+
+    uvloop.run(go())
+
+
+def _poll_state(since: int, left: float) -> dict[str, object]:
+    return {
+        "kind": "poll",
+        "since": since,
+        "channel": "news",
+        "http11": True,
+        "keep_alive": False,
+        "cors": "",
+        "left": left,
+        "buf": "",
+    }
+
+
+def _answer_of(client: socket.socket, timeout: float) -> dict[str, object] | None:
+    """The JSON body of a long-poll answer on ``client``, or None if none came in time."""
+    client.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = client.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except TimeoutError:
+        return None
+    return json.loads(data.split(b"\r\n\r\n", 1)[1]) if data else None
+
+
+def test_a_handed_long_poll_from_an_announced_id_waits_for_it_and_an_unknown_one_is_answered():
+    """A reload's successor may adopt a long-poll from an id that another worker delivered and
+    that reaches this one only after the handoff: announced (init's ``upcoming``), it waits for
+    it and gets it; not announced, it is answered within AHEAD_WAIT (never left unanswered)."""
+    from service.worker.process import Worker
+    from service.worker.protocol import AHEAD_WAIT
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        worker = Worker(make_config(ping_interval=3600.0), loop)
+        ts = time.time()
+        worker.init(5, [{"id": i, "data": f"m{i}", "channel": None, "ts": ts} for i in (4, 5)])
+        worker.hub.upcoming_id = 6
+        (announced, unknown), handed = _accepted_pairs(2)
+        await worker._adopt([(handed[0], _poll_state(6, 30.0)), (handed[1], _poll_state(7, 30.0))])
+        t0 = loop.time()
+        got_unknown = await asyncio.to_thread(_answer_of, unknown, AHEAD_WAIT + 2.0)
+        assert got_unknown is not None, "a long-poll from an id nobody announced was left waiting"
+        assert got_unknown["messages"] == [] and got_unknown["reset"] is True, got_unknown
+        assert AHEAD_WAIT - 0.1 <= loop.time() - t0 < AHEAD_WAIT + 1.5
+        assert await asyncio.to_thread(_answer_of, announced, 0.2) is None  # still waiting
+        # 6 arrives: the client had it already (from another worker), so nothing twice and
+        # no reset: it goes on from 6.
+        await worker.broadcast({"id": 6, "data": "m6", "channel": None, "ts": ts})
+        got = await asyncio.to_thread(_answer_of, announced, 5.0)
+        assert got == {"messages": [], "last_id": 6, "reset": False}, got
+        for c in (announced, unknown):
+            c.close()
+        await asyncio.sleep(0.05)
 
     uvloop.run(go())
