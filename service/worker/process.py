@@ -114,6 +114,8 @@ class Worker:
         )
         self.receiver: Receiver | None = None  # while taking over from the previous worker
         self._queued: socket.socket | None = None  # listening, not yet accepting (before init)
+        self._serve_before_init = True  # False when supervised (start's ``serve``)
+        self._initialized = False  # a history came (the supervisor's init or a giver's)
         self.stopped = self.loop.create_future()
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -131,6 +133,7 @@ class Worker:
         queue in the kernel, but they are accepted only once ``init`` has given this worker the
         history (:meth:`serve_queued`): a client resuming in between would otherwise be told
         its id is unknown (a false reset) instead of getting what it missed."""
+        self._serve_before_init = serve
         if adopt is not None:
             self.receiver = Receiver(
                 adopt, self._listen, self._adopt, givers, self._giver_init, self._adopted_all, wait
@@ -211,7 +214,12 @@ class Worker:
         if not got_listener and self._server is None and not self.hub.draining:
             log.warning("worker %d: no listener was handed over; opening one", self.index)
             try:
-                await self._listen(make_listener(self.config.host, self.config.port))
+                sock = make_listener(self.config.host, self.config.port)
+                if self._serve_before_init or self._initialized:
+                    await self._listen(sock)
+                else:  # no giver brought a history: accepted once init has (see start)
+                    sock.listen(self.backlog)
+                    self._queued = sock
             except OSError as exc:
                 log.error("worker %d: cannot listen: %s", self.index, exc)
 
@@ -318,6 +326,7 @@ class Worker:
                 else:
                     self.hub.record(msg)
         self.hub.last_id = max(self.hub.last_id, int(last_id))
+        self._initialized = True
         self.hub.limit_resumes(pruned or {}, hole)
 
     def broadcast(self, msg: Mapping[str, Any]) -> asyncio.Future[int]:

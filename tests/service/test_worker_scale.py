@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -12,6 +13,7 @@ import uvloop
 
 from service.config import raise_nofile_limit
 from tests.service.worker_harness import SubprocessWorker, connect, read_for, read_until
+from tests.support.net import wait_for
 
 N_CONNS = 10_000
 
@@ -308,3 +310,42 @@ def test_a_supervised_worker_accepts_only_once_init_has_brought_the_history() ->
             assert b"data: m6\n" in got
     finally:
         w.stop()
+
+
+def test_a_successor_whose_giver_never_came_accepts_only_once_init_has_brought_the_history(
+    tmp_path,
+) -> None:
+    # A takeover's (or reload's) new worker whose giver never came opens a listener of its
+    # own; with no history from a giver yet, it must not answer a resume before init either.
+    w = SubprocessWorker(
+        env={
+            "COMET_WORKER_ADOPT": str(tmp_path / "nobody-gives.sock"),
+            "COMET_WORKER_ADOPT_WAIT": "0.3",
+        },
+        ping_interval=30.0,
+    )
+    try:
+        s = wait_for(lambda: _connected(w.port), 10, "the worker's own listener")
+        with s:
+            s.sendall(b"GET /sub/xo?format=sse HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 5\r\n\r\n")
+            s.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                s.recv(1)  # not accepted yet: no answer before init
+            s.settimeout(5.0)
+            history = [
+                {"id": i, "data": f"m{i}", "channel": "xo", "event": None, "ts": time.time()}
+                for i in range(1, 8)
+            ]
+            assert w.ask("init", last_id=7, history=history)["ok"] is True
+            got = read_until(s, b"data: m7\n")
+            assert b"reset" not in got and b"data: m5\n" not in got
+            assert b"data: m6\n" in got
+    finally:
+        w.stop()
+
+
+def _connected(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=1)
+    except ConnectionRefusedError:
+        return None

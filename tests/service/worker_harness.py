@@ -201,7 +201,7 @@ class SubprocessWorker:
     """``python -m service.worker --control-fd N`` in a subprocess, driven over the internal
     supervisor protocol exactly as the supervisor does (socketpair, JSON lines)."""
 
-    def __init__(self, **overrides: Any) -> None:
+    def __init__(self, env: dict[str, str] | None = None, **overrides: Any) -> None:
         self.config = make_config(port=free_port(), **overrides)
         self.port = self.config.port
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -212,6 +212,7 @@ class SubprocessWorker:
             **os.environ,
             "COMET_WORKER_CONFIG": self.config.to_json(),
             "COMET_WORKER_INDEX": "3",
+            **(env or {}),
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.worker", "--control-fd", str(theirs.fileno())],
