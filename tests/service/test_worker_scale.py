@@ -295,19 +295,7 @@ def test_a_supervised_worker_accepts_only_once_init_has_brought_the_history() ->
     w = SubprocessWorker(ping_interval=30.0)
     try:
         with connect(w.port) as s:  # the port is bound and listening: the connect succeeds
-            s.sendall(b"GET /sub/xo?format=sse HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 5\r\n\r\n")
-            s.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                s.recv(1)  # not accepted yet: no answer before init
-            s.settimeout(5.0)
-            history = [
-                {"id": i, "data": f"m{i}", "channel": "xo", "event": None, "ts": time.time()}
-                for i in range(1, 8)
-            ]
-            assert w.ask("init", last_id=7, history=history)["ok"] is True
-            got = read_until(s, b"data: m7\n")
-            assert b"reset" not in got and b"data: m5\n" not in got
-            assert b"data: m6\n" in got
+            _resume_is_answered_only_after_init(w, s)
     finally:
         w.stop()
 
@@ -327,21 +315,26 @@ def test_a_successor_whose_giver_never_came_accepts_only_once_init_has_brought_t
     try:
         s = wait_for(lambda: _connected(w.port), 10, "the worker's own listener")
         with s:
-            s.sendall(b"GET /sub/xo?format=sse HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 5\r\n\r\n")
-            s.settimeout(0.5)
-            with pytest.raises(TimeoutError):
-                s.recv(1)  # not accepted yet: no answer before init
-            s.settimeout(5.0)
-            history = [
-                {"id": i, "data": f"m{i}", "channel": "xo", "event": None, "ts": time.time()}
-                for i in range(1, 8)
-            ]
-            assert w.ask("init", last_id=7, history=history)["ok"] is True
-            got = read_until(s, b"data: m7\n")
-            assert b"reset" not in got and b"data: m5\n" not in got
-            assert b"data: m6\n" in got
+            _resume_is_answered_only_after_init(w, s)
     finally:
         w.stop()
+
+
+def _resume_is_answered_only_after_init(w: SubprocessWorker, s: socket.socket) -> None:
+    """A resume from id 5 sent on ``s`` gets nothing before init, then m6 and m7 (no reset)."""
+    s.sendall(b"GET /sub/xo?format=sse HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 5\r\n\r\n")
+    s.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        s.recv(1)  # not accepted yet: no answer before init
+    s.settimeout(5.0)
+    history = [
+        {"id": i, "data": f"m{i}", "channel": "xo", "event": None, "ts": time.time()}
+        for i in range(1, 8)
+    ]
+    assert w.ask("init", last_id=7, history=history)["ok"] is True
+    got = read_until(s, b"data: m7\n")
+    assert b"reset" not in got and b"data: m5\n" not in got
+    assert b"data: m6\n" in got
 
 
 def _connected(port: int) -> socket.socket | None:
