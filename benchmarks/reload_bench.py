@@ -102,6 +102,12 @@ def main() -> None:
         help="N processes spinning on the CPU through the reloads: a host with no idle CPU, "
         "as the one-box million is (the load generator and 108 service processes on 2 cores)",
     )
+    ap.add_argument(
+        "--frames-out",
+        metavar="PATH",
+        help="also write the run's frames (every worker's own lag), the reloads' windows and "
+        "their full answers (each slot's began_s / ended_s, pids) to PATH as JSON",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="reload-bench-"))
@@ -187,6 +193,7 @@ def main() -> None:
         spin = "while True: pass"
         spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(args.busy)]
         reloads = []
+        answers: list[dict[str, Any]] = []  # the reloads' full answers, for --frames-out
         windows: list[tuple[float, float]] = []
         fds1st = rss1st = 0
         for gen in range(1, args.reloads + 1):
@@ -224,6 +231,7 @@ def main() -> None:
                     *("handed", "kept", "failed"),
                 )
                 reloads.append({k: r[k] for k in keys})
+                answers.append(r)
             wait_for(
                 lambda pid=svc.proc.pid: len(psutil.Process(pid).children()) == workers,
                 30,
@@ -256,6 +264,10 @@ def main() -> None:
             )
             for a, b in windows
         ]
+        if args.frames_out:
+            Path(args.frames_out).write_text(
+                json.dumps({"windows": windows, "answers": answers, "frames": during})
+            )
         for p in pollers:
             p.stop.set()
         polled_ok = all(p.ids == sorted(set(p.ids)) for p in pollers)
