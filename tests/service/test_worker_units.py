@@ -506,3 +506,94 @@ def test_a_handed_long_poll_from_an_announced_id_waits_for_it_and_an_unknown_one
         await asyncio.sleep(0.05)
 
     uvloop.run(go())
+
+
+_GIVER = """
+import json, socket, sys, time
+# A giver (another process: the successor tells its own wake-up call by the peer pid) speaking
+# handoff.py's protocol: three batches of 200 streams, done; its clients close when told.
+listener = socket.create_server(("127.0.0.1", 0))
+clients, handed = [], []
+for _ in range(600):
+    clients.append(socket.create_connection(listener.getsockname()))
+    handed.append(listener.accept()[0])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+for i in range(0, 600, 200):
+    batch = handed[i:i + 200]
+    msg = {"conns": [json.loads(sys.argv[2])] * len(batch), "family": int(socket.AF_INET)}
+    socket.send_fds(s, [json.dumps(msg).encode()], [b.fileno() for b in batch])
+    assert json.loads(s.recv(65536)) == {"adopted": len(batch)}
+    for b in batch:
+        b.close()
+s.send(b'{"done": true}')
+s.recv(1)  # the successor closed its end
+sys.stdin.readline()  # the successor has looked at what it adopted
+for c in clients:
+    c.close()
+"""
+
+_FROZEN_ADOPTION = """
+import asyncio, gc, json, subprocess, sys, weakref
+import uvloop
+from tests.service.test_worker_units import _GIVER, _STREAM
+from tests.service.worker_harness import make_config
+from service.worker.handoff import Receiver
+from service.worker.process import Worker
+
+async def go():
+    worker = Worker(make_config(ping_interval=3600.0), asyncio.get_running_loop())
+    ended = asyncio.Event()
+
+    async def on_end(got_listener):
+        ended.set()
+
+    async def unused(*args):
+        raise AssertionError("no listener in this test")
+
+    path = sys.argv[1]
+    Receiver(path, unused, worker._adopt, givers=1, on_end=on_end, wait=30.0)
+    giver = subprocess.Popen(
+        [sys.executable, "-c", _GIVER, path, json.dumps(_STREAM)], stdin=subprocess.PIPE
+    )
+    await asyncio.wait_for(ended.wait(), 30)
+    conns = list(worker.hub.stream_set("news"))
+    tracked = {id(o) for o in gc.get_objects()}
+    walked = sum(id(c) in tracked for c in conns)
+    refs = [weakref.ref(c.transport) for c in conns]
+    n = len(conns)
+    del conns, tracked
+    giver.communicate(b"close them\\n", timeout=30)
+    assert giver.returncode == 0  # and its clients are closed
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if not any(r() for r in refs):
+            break
+    print(n, gc.isenabled(), walked, sum(r() is not None for r in refs), worker.hub.counters.conns)
+
+uvloop.run(go())
+"""
+
+
+def test_a_successors_adopted_connections_are_out_of_the_collectors_walks_and_freed_when_closed(
+    tmp_path: Path,
+) -> None:
+    """A successor's adopted connections are frozen (no collection walks them: the first full
+    collection after a reload stalled the new worker's loop), and closing them still frees
+    them. In a process of its own: gc.freeze is process-wide."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _FROZEN_ADOPTION, str(tmp_path / "handoff.sock")],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    adopted, enabled, walked, alive, conns = out.stdout.split()
+    assert adopted == "600"
+    assert enabled == "True"  # the collector is back on for what comes next
+    assert walked == "0"  # none of the 600 adopted Conn objects is in a generation it walks
+    assert (alive, conns) == ("0", "0")  # closed: every transport freed by reference counts
