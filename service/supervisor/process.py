@@ -182,8 +182,7 @@ class Supervisor:
         sent = []
         for slot in self.slots:
             if slot.usable:
-                if slot.lock.locked():  # a reload: it reaches that worker after the handoff
-                    slot.announce(msg["id"])
+                slot.announce(msg["id"])  # if a reload holds it: it reaches that worker after
                 async with slot.lock:
                     if slot.usable:
                         with contextlib.suppress(WorkerGone):
@@ -409,8 +408,7 @@ class Supervisor:
             )
 
         async def one(slot: WorkerSlot) -> dict[str, Any]:
-            if slot.lock.locked():  # a reload: it reaches that worker after the handoff
-                slot.announce(msg["id"])
+            slot.announce(msg["id"])  # if a reload holds it: it reaches that worker after
             # The wave's place first, then the slot: a slot's lock is held only while its
             # worker writes (a reload waits for that one write, not for the whole broadcast).
             async with wave, slot.lock:

@@ -288,8 +288,9 @@ class WorkerSlot:
         try:
             bus = self.sup.bus
             init = self._init_request(upto=self.seen_id)
-            if bus.last_id > self.seen_id:  # numbered, waiting for this handoff: announced
-                init["upcoming"] = bus.last_id
+            announced = bus.last_id
+            if announced > self.seen_id:  # numbered, waiting for this handoff: announced
+                init["upcoming"] = announced
             answer = await new.peer.call(init, 30.0)
             if not answer.get("ok"):
                 raise RuntimeError(f"init: {answer.get('error')}")
@@ -298,7 +299,7 @@ class WorkerSlot:
             if handed.get("error"):
                 raise RuntimeError(handed["error"])
             self._use(new)
-            if bus.last_id > max(self.seen_id, int(init.get("upcoming", 0))):
+            if bus.last_id > announced:
                 self.announce(bus.last_id)  # numbered during the handoff: to the new process
             # The old process's counters go into the node's totals now; the new one's stats
             # come with the next frame.
@@ -439,14 +440,12 @@ class WorkerSlot:
         return pending
 
     def announce(self, msg_id: int) -> None:
-        """Tell the process now in the slot that ``msg_id`` is numbered and on its way (``quiet``:
-        a long-poll from it waits for it instead of getting a reset), while the slot's lock keeps
-        it from being written there yet (a reload). The answer is not waited for."""
-        if self.peer is None:
-            return
-        with contextlib.suppress(WorkerGone):
-            _rid, answer = self.peer.call_nowait({"op": "quiet", "upcoming": msg_id})
-            answer.add_done_callback(_ignore_outcome)
+        """While the slot's lock keeps ``msg_id`` from being written to it (a reload), tell the
+        process now in the slot that it is numbered and on its way (``quiet``: a long-poll from
+        it waits for it instead of getting a reset). No answer is asked for (no ``rid``)."""
+        if self.lock.locked() and self.peer is not None:
+            with contextlib.suppress(WorkerGone):
+                self.peer.send({"op": "quiet", "upcoming": msg_id})
 
     async def request_in_order(self, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         """A request that must not overtake or be overtaken by a handoff (``init``, ``limits``)."""
@@ -480,11 +479,6 @@ class WorkerSlot:
 
     async def wait_exited(self) -> None:
         await self._exited.wait()
-
-
-def _ignore_outcome(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # retrieved: a process gone meanwhile is its own slot's news
 
 
 def _describe_exit(code: int | None) -> str:

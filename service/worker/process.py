@@ -145,15 +145,19 @@ class Worker:
                 "worker %d (pid %d) waiting for a handoff at %s", self.index, os.getpid(), adopt
             )
             return
-        sock = self._sock or make_listener(self.config.host, self.config.port)
-        if serve:
-            await self._listen(sock)
-        else:
-            sock.listen(self.backlog)  # connections queue here meanwhile instead of refused
-            self._queued = sock
+        await self._open(self._sock or make_listener(self.config.host, self.config.port), serve)
         self.hub.start_pings()
         self.hub.start_admission()
         self.lag.start()
+
+    async def _open(self, sock: socket.socket, serve: bool) -> None:
+        """Accept on ``sock`` now, or (``serve`` False) only listen: connections queue in the
+        kernel until :meth:`serve_queued` (see :meth:`start`)."""
+        if serve:
+            await self._listen(sock)
+        else:
+            sock.listen(self.backlog)  # queued meanwhile instead of refused
+            self._queued = sock
 
     async def serve_queued(self) -> None:
         """Accept on the listener held back until ``init`` (see :meth:`start`)."""
@@ -214,12 +218,11 @@ class Worker:
         if not got_listener and self._server is None and not self.hub.draining:
             log.warning("worker %d: no listener was handed over; opening one", self.index)
             try:
-                sock = make_listener(self.config.host, self.config.port)
-                if self._serve_before_init or self._initialized:
-                    await self._listen(sock)
-                else:  # no giver brought a history: accepted once init has (see start)
-                    sock.listen(self.backlog)
-                    self._queued = sock
+                # No giver brought a history: accepted once init has (see start).
+                await self._open(
+                    make_listener(self.config.host, self.config.port),
+                    self._serve_before_init or self._initialized,
+                )
             except OSError as exc:
                 log.error("worker %d: cannot listen: %s", self.index, exc)
 

@@ -21,9 +21,11 @@ from service.worker.lag import LagSampler
 from tests.service.worker_harness import (
     channel_count,
     make_config,
+    read_all,
     read_for,
     read_until,
     running_worker,
+    split_head,
     subscribe,
     wait_for,
 )
@@ -461,18 +463,13 @@ def _poll_state(since: int, left: float) -> dict[str, object]:
 
 
 def _answer_of(client: socket.socket, timeout: float) -> dict[str, object] | None:
-    """The JSON body of a long-poll answer on ``client``, or None if none came in time."""
+    """The JSON body of a long-poll answer on ``client`` (closed after it: no keep-alive), or
+    None if none came in time."""
     client.settimeout(timeout)
-    data = b""
     try:
-        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-            chunk = client.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        return dict(json.loads(split_head(read_all(client))[1]))
     except TimeoutError:
         return None
-    return json.loads(data.split(b"\r\n\r\n", 1)[1]) if data else None
 
 
 def test_a_handed_long_poll_from_an_announced_id_waits_for_it_and_an_unknown_one_is_answered():
