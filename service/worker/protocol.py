@@ -109,20 +109,7 @@ class Conn(asyncio.Protocol):
                          bool(st["keep_alive"]), cors)  # fmt: skip
             self.buf = bytearray(base64.b64decode(st["buf"]))
             self.state = POLL
-            since, left = self.poll[0], float(st["left"])
-            entries, gap, _ = hub.history_since(self.poll[1], since)
-            # As a fresh long-poll (_start_poll): an id past this worker's newest waits for it
-            # (the whole time left when it is announced: a reload's later message), not a reset.
-            ahead = since > hub.last_id
-            if entries or (gap and not ahead) or left <= 0:
-                self.answer_poll(timed_out=True)
-                return
-            subs = self.subs = hub.poll_set(self.poll[1])
-            subs.add(self)
-            announced = since <= hub.upcoming_id
-            hub.add_deadline(
-                self, self.buf, left if announced or not ahead else min(left, AHEAD_WAIT)
-            )
+            self._wait_or_answer(self.poll[0], self.poll[1], float(st["left"]))
         else:  # a head being read, or a keep-alive connection between long-polls
             self.state = HEAD
             self.poll = _KEEPALIVE if st.get("keepalive") else None
@@ -262,20 +249,29 @@ class Conn(asyncio.Protocol):
         self.poll = (since, r.channel, req.http11, req.keep_alive, cors)
         self.buf = rest
         self.state = POLL
-        entries, gap, _ = hub.history_since(r.channel, since)
+        self._wait_or_answer(since, r.channel, r.timeout)
+
+    def _wait_or_answer(self, since: int, channel: str, wait: float) -> None:
+        """A long-poll (fresh, or adopted from the previous worker with the time it had left)
+        from ``since``: answered now if there is something to say, else it waits up to ``wait``
+        for a message."""
+        hub = self.hub
+        entries, gap, _ = hub.history_since(channel, since)
         # An id this worker has not seen yet is most often another worker's newest one, a few
         # ms ahead of this worker's copy: wait for it a moment before calling it a reset (which
-        # would send the client back to an older last_id, and the message twice).
+        # would send the client back to an older last_id, and the message twice); an announced
+        # one (a later wave's, a reload's) for all of ``wait``.
         ahead = since > hub.last_id
-        announced = since <= hub.upcoming_id  # on its way to this worker in a later wave
-        # A gap is told at once ("reset": true), so the client can go on from last_id.
-        if entries or (gap and not ahead) or r.timeout <= 0 or hub.draining:
-            self.answer_poll()
+        # A gap is told at once ("reset": true), so the client can go on from last_id. With no
+        # time to wait the answer is the timed-out one: an id ahead is not waited for then.
+        if entries or (gap and not ahead) or wait <= 0 or hub.draining:
+            self.answer_poll(timed_out=True)
             return
-        subs = self.subs = hub.poll_set(r.channel)
+        subs = self.subs = hub.poll_set(channel)
         subs.add(self)
-        wait = min(r.timeout, AHEAD_WAIT) if ahead and not announced else r.timeout
-        hub.add_deadline(self, rest, wait)
+        if ahead and since > hub.upcoming_id:
+            wait = min(wait, AHEAD_WAIT)
+        hub.add_deadline(self, self.buf, wait)
 
     def answer_poll(self, timed_out: bool = False) -> None:
         """Send the long-poll answer (messages newer than ``since``, maybe none) and go on."""

@@ -327,6 +327,21 @@ def test_a_poll_for_an_announced_id_that_times_out_keeps_its_place(bench: Bench)
     assert body == {"messages": [], "last_id": 1, "reset": True}
 
 
+def test_a_poll_with_no_time_to_wait_from_an_id_ahead_is_answered_at_once(bench: Bench) -> None:
+    """timeout=0 from an id past this worker's newest: the answer a timed-out poll gets, at once
+    (a reset to the newest; "nothing yet" for an announced id), never a poll left unanswered."""
+    bench.broadcast("one", "p")  # id 1 here
+    _c, t = bench.connect(b"GET /poll/p?since=9&timeout=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+    bench.run(0.05)
+    body = json.loads(t.data.partition(b"\r\n\r\n")[2])
+    assert body == {"messages": [], "last_id": 1, "reset": True}
+    bench.hub.upcoming_id = 2
+    _c, t = bench.connect(b"GET /poll/p?since=2&timeout=0 HTTP/1.1\r\nHost: t\r\n\r\n")
+    bench.run(0.05)
+    body = json.loads(t.data.partition(b"\r\n\r\n")[2])
+    assert body == {"messages": [], "last_id": 2, "reset": False}
+
+
 class _Waiter:
     """What Deadlines needs of a connection: its ``buf`` token and ``on_deadline``."""
 
