@@ -12,16 +12,16 @@ may cost per-connection objects beyond the protocol instance itself:
   The rings are merged by id on replay, so a channel created after a global broadcast still
   replays it. Each ring remembers the highest id it ever evicted (by size or age): a resume
   from an id below that has a gap, and the client is told so with a ``reset`` event.
-* A broadcast is split into a synchronous part and a paced part. Synchronously it is recorded
-  in history, encoded once per stream format, and the list of recipients is snapshotted. Doing the
-  three at the same instant is what makes SSE resume exact: a client that subscribes later is
-  either in the snapshot (gets it live) or not (finds it in history), never both, never neither.
-  The paced part writes those bytes to ``fanout_slice`` connections per loop iteration
-  (``call_soon`` chain, no Task); jobs run strictly one after the other so every subscriber sees
-  messages in id order. Small jobs queued together (a burst of broadcasts to a small channel)
-  are written as one batch within the same slice budget: each connection gets all of its messages
-  in one write instead of one write per message (5,000 broadcasts a second to 10 subscribers
-  was 50,000 sends a second).
+* A broadcast is split into a synchronous part and a paced part. Synchronously it is recorded in
+  history, encoded once per stream format, and the list of recipients is snapshotted. Doing the
+  three at the same instant is what makes SSE resume exact: a client that subscribes later is either
+  in the snapshot (gets it live) or not (finds it in history), never both, never neither. The paced
+  part writes those bytes to ``fanout_slice`` connections per loop iteration, or for
+  ``fanout_slice_ms`` if that comes first (``call_soon`` chain, no Task); jobs run strictly one
+  after the other so every subscriber sees messages in id order. Small jobs queued together (a burst
+  of broadcasts to a small channel) are written as one batch within the same slice budget: each
+  connection gets all of its messages in one write instead of one write per message (5,000
+  broadcasts a second to 10 subscribers was 50,000 sends a second).
 * Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
   them at a time, the slices spread evenly over the first quarter of the interval (a 18,500-stream
   worker: 37 slices of 500, one every ~135 ms), so ~54 workers add up to a flat ~50,000 pings a
@@ -119,6 +119,11 @@ class Ring:
         items = self.items
         while items and items[0].at < oldest_at:
             self.evicted_max = max(self.evicted_max, items.popleft().id)
+
+
+# A broadcast slice reads the clock after every this many writes (a write is 5-40 us).
+_CLOCK_EVERY = 16
+_clock = time.perf_counter
 
 
 class _Job:
@@ -480,18 +485,35 @@ class Hub:
                 self.loop.call_soon(self._pump)
             return
         job = jobs[0]
-        end = min(job.pos + n, len(job.conns))
+        stop = min(job.pos + n, len(job.conns))
         if job.each is not None:
-            for c in job.conns[job.pos : end]:
+            for c in job.conns[job.pos : stop]:
                 job.each(c)
+            end = stop
         else:
-            job.sent += self._write_many(job.conns, job.pos, end, job.encoded, job.is_msg)
+            end = self._write_for(job, stop)
         job.pos = end
         if end >= len(job.conns):
             self._jobs.popleft()
             job.finish()
         if self._jobs:
             self.loop.call_soon(self._pump)
+
+    def _write_for(self, job: _Job, stop: int) -> int:
+        """Write ``job`` from its position towards ``stop`` for at most ``fanout_slice_ms``;
+        return where it stopped. The same number of writes costs ~5x more on some CPUs than on
+        others (the send and the loopback delivery it triggers): a slice capped only by count held
+        the loop ~20 ms on one, and two cores shared by a dozen busy processes made that ~100 ms
+        of loop lag in every worker writing a broadcast."""
+        deadline = _clock() + self.config.fanout_slice_ms / 1000
+        pos = job.pos
+        while pos < stop:
+            end = min(pos + _CLOCK_EVERY, stop)
+            job.sent += self._write_many(job.conns, pos, end, job.encoded, job.is_msg)
+            pos = end
+            if _clock() >= deadline:
+                break
+        return pos
 
     @staticmethod
     def _batchable(job: _Job) -> bool:

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import pytest
 
+from service.worker import hub as hub_module
 from service.worker import wire
 from service.worker.http import Limits
 from service.worker.hub import Hub
@@ -206,6 +207,43 @@ def test_a_broadcast_to_many_is_written_in_slices_of_fanout_slice() -> None:
         assert written == [3, 6, 7]  # a slice a loop turn: the loop serves others between
     finally:
         b.close()
+
+
+def test_a_broadcast_slice_ends_after_fanout_slice_ms_whatever_its_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where a write costs more (another CPU), a slice is cut by time, not by count."""
+    clock = [0.0]
+    monkeypatch.setattr(hub_module, "_clock", lambda: clock[0])
+    b = Bench(ping_interval=3600.0, fanout_slice=1000, fanout_slice_ms=20.0)
+    try:
+        transports = [b.connect(sub("x"))[1] for _ in range(100)]
+        for t in transports:
+            t.writes.clear()
+            t.write = _costing(t.write, clock, 0.001)  # type: ignore[method-assign]
+        done = b.hub.broadcast(
+            {"id": 1, "channel": "x", "event": None, "data": "big", "ts": time.time()}
+        )
+        written = []
+        while not done.done():
+            b.one_turn()
+            written.append(sum(1 for t in transports if t.writes))
+        every = hub_module._CLOCK_EVERY
+        per_turn = every * -(-20 // every)  # the first clock reading at or past 20 ms
+        assert per_turn < 100
+        assert written == [*range(per_turn, 100, per_turn), 100]
+        assert done.result() == 100
+        assert all(t.data.count(b"big") == 1 for t in transports)
+    finally:
+        b.close()
+
+
+def _costing(write: Any, clock: list[float], seconds: float) -> Any:
+    def costly(data: bytes) -> None:
+        clock[0] += seconds
+        write(data)
+
+    return costly
 
 
 def test_a_slow_subscriber_is_dropped_and_counted(bench: Bench) -> None:
