@@ -116,8 +116,9 @@ class Config:
     fanout_slice_ms: float = opt(
         2.0,
         (
-            "longest a broadcast writes before the event loop runs again (ms), whichever of "
-            "this and --fanout-slice comes first: a write costs 5-40 us depending on the CPU"
+            "longest a broadcast or a ping slice writes before the event loop runs again (ms), "
+            "whichever of this and --fanout-slice (--ping-slice) comes first: a write costs "
+            "5-40 us depending on the CPU"
         ),
     )
     limit_write_buffer: int = opt(

@@ -22,12 +22,12 @@ may cost per-connection objects beyond the protocol instance itself:
   of broadcasts to a small channel) are written as one batch within the same slice budget: each
   connection gets all of its messages in one write instead of one write per message (5,000
   broadcasts a second to 10 subscribers was 50,000 sends a second).
-* Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of
-  them at a time, the slices spread evenly over the first quarter of the interval (a 18,500-stream
-  worker: 37 slices of 500, one every ~135 ms), so ~54 workers add up to a flat ~50,000 pings a
-  second at 1,000,000 streams instead of bursts that saturate both cores. Pings are independent
-  of message order so they run in their own lane. Each worker's first sweep is at a random phase
-  of the interval so workers do not sweep at once.
+* Pings come from one timer per worker that snapshots all streams and writes ``ping_slice`` of them
+  at a time (over as many loop turns as ``fanout_slice_ms`` makes it), the slices spread evenly over
+  the first quarter of the interval (a 18,500-stream worker: 37 slices of 500, one every ~135 ms),
+  so ~54 workers add up to a flat ~50,000 pings a second at 1,000,000 streams instead of bursts that
+  saturate both cores. Pings are independent of message order so they run in their own lane. Each
+  worker's first sweep is at a random phase of the interval so workers do not sweep at once.
   A ping only keeps a silent stream alive, so a broadcast to everyone restarts the worker's ping
   period (and cancels a sweep in progress): pings resume an interval after it, and at 1,000,000
   connections a broadcast does not also pay for the ~half-million pings that would otherwise have
@@ -322,10 +322,11 @@ class Hub:
         self.on_empty: asyncio.Future[None] | None = None  # set while draining
         self._jobs: deque[_Job] = deque()
         self._ping_handle: asyncio.TimerHandle | None = None
-        self._ping_slice_handle: asyncio.TimerHandle | None = None
+        self._ping_slice_handle: asyncio.Handle | None = None
         self._ping_step = 0.0
         self._ping_conns: list[Conn] = []
         self._ping_pos = 0
+        self._ping_slice_end = 0
         self._housekept_at = 0.0
         self.deadlines = Deadlines(loop)
         self.cap = config.connection_cap()
@@ -491,7 +492,8 @@ class Hub:
                 job.each(c)
             end = stop
         else:
-            end = self._write_for(job, stop)
+            sent, end = self._write_for(job.conns, job.pos, stop, job.encoded, job.is_msg)
+            job.sent += sent
         job.pos = end
         if end >= len(job.conns):
             self._jobs.popleft()
@@ -499,21 +501,25 @@ class Hub:
         if self._jobs:
             self.loop.call_soon(self._pump)
 
-    def _write_for(self, job: _Job, stop: int) -> int:
-        """Write ``job`` from its position towards ``stop`` for at most ``fanout_slice_ms``;
-        return where it stopped. The same number of writes costs ~5x more on some CPUs than on
-        others (the send and the loopback delivery it triggers): a slice capped only by count held
-        the loop ~20 ms on one, and two cores shared by a dozen busy processes made that ~100 ms
-        of loop lag in every worker writing a broadcast."""
+    def _write_for(
+        self, conns: list[Conn], pos: int, stop: int, encoded: Encoded, msg: bool
+    ) -> tuple[int, int]:
+        """Write ``conns[pos:stop]`` for at most ``fanout_slice_ms``; return how many were
+        written and where it stopped (a broadcast's slice, a ping sweep's slice).
+
+        The same number of writes costs ~5x more on some CPUs than on others (the send and the
+        loopback delivery it triggers): a slice capped only by count held the loop ~20 ms on
+        one, and two cores shared by a dozen busy processes made that ~100 ms of loop lag in
+        every worker writing a broadcast."""
         deadline = _clock() + self.config.fanout_slice_ms / 1000
-        pos = job.pos
+        sent = 0
         while pos < stop:
             end = min(pos + _CLOCK_EVERY, stop)
-            job.sent += self._write_many(job.conns, pos, end, job.encoded, job.is_msg)
+            sent += self._write_many(conns, pos, end, encoded, msg)
             pos = end
             if _clock() >= deadline:
                 break
-        return pos
+        return sent, pos
 
     @staticmethod
     def _batchable(job: _Job) -> bool:
@@ -608,6 +614,7 @@ class Hub:
             return  # the previous sweep is still running (enormous worker); let it finish
         conns = self._ping_conns = self.all_streams()
         self._ping_pos = 0
+        self._ping_slice_end = 0
         slices = -(-len(conns) // max(1, self.config.ping_slice))
         self._ping_step = self.config.ping_interval * self.PING_SPREAD / max(1, slices)
         self._ping_slice()
@@ -627,22 +634,29 @@ class Hub:
     def busy(self) -> bool:
         """True while a broadcast is being written (the lag sampler's cue to sample every 10 ms).
 
-        A ping slice runs within one callback and is spaced from the next, so it needs no cue:
-        a sample it delays comes back late, and a late sample switches to 10 ms by itself."""
+        A ping slice is short and spaced from the next, so it needs no cue: a sample it delays
+        comes back late, and a late sample switches to 10 ms by itself."""
         return bool(self._jobs)
 
     def _ping_slice(self) -> None:
+        """One slice of ``ping_slice`` streams; one that takes longer than ``fanout_slice_ms``
+        goes on at the loop's next turn, and the next slice is due a step after it ends."""
         self._ping_slice_handle = None
         conns = self._ping_conns
         start = self._ping_pos
-        end = min(start + self.config.ping_slice, len(conns))
-        self._write_many(conns, start, end, wire.PING, False)
+        if start >= self._ping_slice_end:
+            self._ping_slice_end = min(start + self.config.ping_slice, len(conns))
+        stop = self._ping_slice_end
+        _sent, end = self._write_for(conns, start, stop, wire.PING, False)
         self._ping_pos = end
-        if end < len(conns):
+        if end < stop:
+            self._ping_slice_handle = self.loop.call_soon(self._ping_slice)
+        elif end < len(conns):
             self._ping_slice_handle = self.loop.call_later(self._ping_step, self._ping_slice)
         else:
             self._ping_conns = []
             self._ping_pos = 0
+            self._ping_slice_end = 0
 
     def _cancel_sweep(self) -> None:
         if self._ping_slice_handle is not None:
@@ -650,6 +664,7 @@ class Hub:
             self._ping_slice_handle = None
         self._ping_conns = []
         self._ping_pos = 0
+        self._ping_slice_end = 0
 
     def start_admission(self) -> None:
         """Refill the accept tokens every 100 ms (with --accept-rate)."""

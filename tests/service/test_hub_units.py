@@ -238,6 +238,35 @@ def test_a_broadcast_slice_ends_after_fanout_slice_ms_whatever_its_count(
         b.close()
 
 
+def test_a_ping_slice_past_fanout_slice_ms_goes_on_at_the_next_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(hub_module, "_clock", lambda: clock[0])
+    b = Bench(ping_interval=3600.0, ping_slice=100, fanout_slice_ms=20.0)
+    try:
+        transports = [b.connect(sub("x"))[1] for _ in range(150)]
+        for t in transports:
+            t.writes.clear()
+            t.write = _costing(t.write, clock, 0.001)  # type: ignore[method-assign]
+        b.hub._ping_start()  # a sweep: 150 streams in slices of 100, a step apart
+        written = [sum(1 for t in transports if t.writes)]
+        while written[-1] < 100:
+            b.one_turn()
+            written.append(sum(1 for t in transports if t.writes))
+        every = hub_module._CLOCK_EVERY
+        per_turn = every * -(-20 // every)
+        assert written == [*range(per_turn, 100, per_turn), 100]
+        b.one_turn()  # the slice is over: the next one waits for its step, not the next turn
+        assert sum(1 for t in transports if t.writes) == 100
+        handle = b.hub._ping_slice_handle
+        assert isinstance(handle, asyncio.TimerHandle)
+        assert handle.when() - b.loop.time() == pytest.approx(b.hub._ping_step, abs=1.0)
+        assert all(t.data == wire.PING[t.proto.state] for t in transports if t.writes)
+    finally:
+        b.close()
+
+
 def _costing(write: Any, clock: list[float], seconds: float) -> Any:
     def costly(data: bytes) -> None:
         clock[0] += seconds
