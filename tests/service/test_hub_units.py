@@ -209,29 +209,53 @@ def test_a_broadcast_to_many_is_written_in_slices_of_fanout_slice() -> None:
         b.close()
 
 
+# A write "costs" 1 ms of a fake clock the hub reads; slices are cut at 20 ms. The hub reads its
+# clock every _CLOCK_EVERY writes, so a turn writes up to the first reading at or past 20 ms.
+BUDGET_MS = 20
+
+
+def _costly_streams(
+    monkeypatch: pytest.MonkeyPatch, n: int, **overrides: Any
+) -> tuple[Bench, list[FakeTransport], int]:
+    clock = [0.0]
+    monkeypatch.setattr(hub_module, "_clock", lambda: clock[0])
+    b = Bench(ping_interval=3600.0, fanout_slice_ms=float(BUDGET_MS), **overrides)
+    transports = [b.connect(sub("x"))[1] for _ in range(n)]
+    for t in transports:
+        t.writes.clear()
+        t.write = _costing(t.write, clock, 0.001)  # type: ignore[method-assign]
+    every = hub_module._CLOCK_EVERY
+    return b, transports, every * -(-BUDGET_MS // every)
+
+
+def _costing(write: Any, clock: list[float], seconds: float) -> Any:
+    def costly(data: bytes) -> None:
+        clock[0] += seconds
+        write(data)
+
+    return costly
+
+
+def _turns_until(b: Bench, transports: list[FakeTransport], reached: int) -> list[int]:
+    """How many transports were written after each loop turn, until ``reached`` were."""
+    written = [sum(1 for t in transports if t.writes)]
+    while written[-1] < reached:
+        b.one_turn()
+        written.append(sum(1 for t in transports if t.writes))
+    return written
+
+
 def test_a_broadcast_slice_ends_after_fanout_slice_ms_whatever_its_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where a write costs more (another CPU), a slice is cut by time, not by count."""
-    clock = [0.0]
-    monkeypatch.setattr(hub_module, "_clock", lambda: clock[0])
-    b = Bench(ping_interval=3600.0, fanout_slice=1000, fanout_slice_ms=20.0)
+    b, transports, per_turn = _costly_streams(monkeypatch, 100, fanout_slice=1000)
     try:
-        transports = [b.connect(sub("x"))[1] for _ in range(100)]
-        for t in transports:
-            t.writes.clear()
-            t.write = _costing(t.write, clock, 0.001)  # type: ignore[method-assign]
         done = b.hub.broadcast(
             {"id": 1, "channel": "x", "event": None, "data": "big", "ts": time.time()}
         )
-        written = []
-        while not done.done():
-            b.one_turn()
-            written.append(sum(1 for t in transports if t.writes))
-        every = hub_module._CLOCK_EVERY
-        per_turn = every * -(-20 // every)  # the first clock reading at or past 20 ms
         assert per_turn < 100
-        assert written == [*range(per_turn, 100, per_turn), 100]
+        assert _turns_until(b, transports, 100) == [0, *range(per_turn, 100, per_turn), 100]
         assert done.result() == 100
         assert all(t.data.count(b"big") == 1 for t in transports)
     finally:
@@ -241,22 +265,10 @@ def test_a_broadcast_slice_ends_after_fanout_slice_ms_whatever_its_count(
 def test_a_ping_slice_past_fanout_slice_ms_goes_on_at_the_next_turn(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clock = [0.0]
-    monkeypatch.setattr(hub_module, "_clock", lambda: clock[0])
-    b = Bench(ping_interval=3600.0, ping_slice=100, fanout_slice_ms=20.0)
+    b, transports, per_turn = _costly_streams(monkeypatch, 150, ping_slice=100)
     try:
-        transports = [b.connect(sub("x"))[1] for _ in range(150)]
-        for t in transports:
-            t.writes.clear()
-            t.write = _costing(t.write, clock, 0.001)  # type: ignore[method-assign]
         b.hub._ping_start()  # a sweep: 150 streams in slices of 100, a step apart
-        written = [sum(1 for t in transports if t.writes)]
-        while written[-1] < 100:
-            b.one_turn()
-            written.append(sum(1 for t in transports if t.writes))
-        every = hub_module._CLOCK_EVERY
-        per_turn = every * -(-20 // every)
-        assert written == [*range(per_turn, 100, per_turn), 100]
+        assert _turns_until(b, transports, 100) == [*range(per_turn, 100, per_turn), 100]
         b.one_turn()  # the slice is over: the next one waits for its step, not the next turn
         assert sum(1 for t in transports if t.writes) == 100
         handle = b.hub._ping_slice_handle
@@ -265,14 +277,6 @@ def test_a_ping_slice_past_fanout_slice_ms_goes_on_at_the_next_turn(
         assert all(t.data == wire.PING[t.proto.state] for t in transports if t.writes)
     finally:
         b.close()
-
-
-def _costing(write: Any, clock: list[float], seconds: float) -> Any:
-    def costly(data: bytes) -> None:
-        clock[0] += seconds
-        write(data)
-
-    return costly
 
 
 def test_a_slow_subscriber_is_dropped_and_counted(bench: Bench) -> None:
