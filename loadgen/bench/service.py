@@ -117,6 +117,25 @@ def listening_pids(port: int) -> list[int]:
     return sorted(pids)
 
 
+def listening_strangers(port: int, roots: list[int]) -> list[int]:
+    """Pids listening on ``port`` that are neither one of ``roots`` nor a descendant of one.
+
+    Decided by each listener's ancestry, not by a list of the service's children taken
+    beforehand: the service answers as soon as its first worker listens, and with 27 workers
+    the later ones were forked between such a list and the listener scan, so they looked like
+    strangers and every attempt failed ("could not find a port ...").
+    """
+    out = []
+    for pid in listening_pids(port):
+        try:
+            line = {pid, *(a.pid for a in psutil.Process(pid).parents())}
+        except psutil.Error:
+            continue  # gone, so no longer listening
+        if not line.intersection(roots):
+            out.append(pid)
+    return out
+
+
 @dataclass
 class Service:
     proc: subprocess.Popen[bytes] | None
@@ -180,13 +199,7 @@ async def start_service(opts: Options, out: Path, run_dir: str, host: str = "127
         svc = await _start_service_on(opts, out, run_dir, host, port)
         # SO_REUSEPORT lets any other process of this user bind the same port and silently take
         # a share of our connections, so make sure every listener on it is ours.
-        ours = set(svc.pids)
-        for pid in svc.pids:
-            try:
-                ours.update(c.pid for c in psutil.Process(pid).children(recursive=True))
-            except psutil.Error:
-                pass
-        strangers = set(listening_pids(port)) - ours
+        strangers = listening_strangers(port, svc.pids)
         if not strangers:
             return svc
         svc.stop()

@@ -335,3 +335,47 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
     assert _namespaces() == []
     assert not os.path.exists("/sys/class/net/cbench-br")
     assert EHASH_SYSCTL.read_text() == ehash_before
+
+
+_REUSEPORT_LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_listener_the_service_forks_late_is_ours_and_another_process_is_a_stranger():
+    """The bench's check that it is alone on its port goes by each listener's ancestry: a
+    worker forked after the service answered (a child started later here) is ours; another process
+    that shares the port through SO_REUSEPORT is named."""
+    from loadgen.bench.service import free_port, listening_pids, listening_strangers
+
+    port = free_port()
+    # The "service": a process that, after a moment, starts a child that listens.
+    spawner = (
+        "import subprocess, sys, time; time.sleep(0.3); "
+        "c = subprocess.Popen([sys.executable, '-c', sys.argv[1], sys.argv[2]]); c.wait()"
+    )
+    root = subprocess.Popen([sys.executable, "-c", spawner, _REUSEPORT_LISTENER, str(port)])
+    stranger = None
+    try:
+        assert listening_strangers(port, [root.pid]) == []
+        wait_for(lambda: listening_pids(port), 30, "the child's listener")
+        assert listening_strangers(port, [root.pid]) == []
+        stranger = subprocess.Popen(
+            [sys.executable, "-c", _REUSEPORT_LISTENER, str(port)], stdout=subprocess.PIPE
+        )
+        assert stranger.stdout is not None and stranger.stdout.readline() == b"listening\n"
+        assert listening_strangers(port, [root.pid]) == [stranger.pid]
+    finally:
+        for p in psutil.Process(root.pid).children(recursive=True) + [psutil.Process(root.pid)]:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        root.wait(10)
+        if stranger is not None:
+            stranger.kill()
+            stranger.communicate(timeout=10)
