@@ -121,7 +121,8 @@ class Ring:
             self.evicted_max = max(self.evicted_max, items.popleft().id)
 
 
-# A broadcast slice reads the clock after every this many writes (a write is 5-40 us).
+# A broadcast's or a ping sweep's slice reads the clock after every this many writes (a write
+# costs 5-40 us).
 _CLOCK_EVERY = 16
 _clock = time.perf_counter
 
@@ -326,7 +327,6 @@ class Hub:
         self._ping_step = 0.0
         self._ping_conns: list[Conn] = []
         self._ping_pos = 0
-        self._ping_slice_end = 0
         self._housekept_at = 0.0
         self.deadlines = Deadlines(loop)
         self.cap = config.connection_cap()
@@ -614,7 +614,6 @@ class Hub:
             return  # the previous sweep is still running (enormous worker); let it finish
         conns = self._ping_conns = self.all_streams()
         self._ping_pos = 0
-        self._ping_slice_end = 0
         slices = -(-len(conns) // max(1, self.config.ping_slice))
         self._ping_step = self.config.ping_interval * self.PING_SPREAD / max(1, slices)
         self._ping_slice()
@@ -644,9 +643,8 @@ class Hub:
         self._ping_slice_handle = None
         conns = self._ping_conns
         start = self._ping_pos
-        if start >= self._ping_slice_end:
-            self._ping_slice_end = min(start + self.config.ping_slice, len(conns))
-        stop = self._ping_slice_end
+        size = self.config.ping_slice  # slices start at 0: where this one ends follows from start
+        stop = min((start // size + 1) * size, len(conns))
         _sent, end = self._write_for(conns, start, stop, wire.PING, False)
         self._ping_pos = end
         if end < stop:
@@ -656,7 +654,6 @@ class Hub:
         else:
             self._ping_conns = []
             self._ping_pos = 0
-            self._ping_slice_end = 0
 
     def _cancel_sweep(self) -> None:
         if self._ping_slice_handle is not None:
@@ -664,7 +661,6 @@ class Hub:
             self._ping_slice_handle = None
         self._ping_conns = []
         self._ping_pos = 0
-        self._ping_slice_end = 0
 
     def start_admission(self) -> None:
         """Refill the accept tokens every 100 ms (with --accept-rate)."""
