@@ -49,6 +49,17 @@ TOTAL_COUNTERS = (
     ),
     ("handed_total", "comet_handed_connections", "Connections given to a new worker (reload)"),
     ("adopted_total", "comet_adopted_connections", "Connections taken from an old worker (reload)"),
+    (
+        "tls_offloaded_total",
+        "comet_tls_offloaded_connections",
+        "TLS 1.3 connections whose records the worker seals (OpenSSL's state freed)",
+    ),
+    (
+        "tls_kept_total",
+        "comet_tls_kept_connections",
+        "TLS connections whose records OpenSSL keeps (TLS 1.2, or --tls-offload off)",
+    ),
+    ("tls_failed_total", "comet_tls_failed_handshakes", "TLS handshakes refused or timed out"),
 )
 LAG_STATS = ("avg", "p90", "max")
 

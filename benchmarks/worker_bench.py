@@ -314,10 +314,13 @@ def run_once(
     ping: float = 0.0,
     defer_accept: int | None = None,
     concurrency: int = 500,
+    tls_offload: bool = True,
 ) -> dict[str, float]:
     port = free_port()
     server: CometServer | CometService | BareServer
     extra: dict[str, Any] = tls_files() if tls else {}
+    if tls and not tls_offload:
+        extra["tls_offload"] = False
     if defer_accept is not None:
         extra["defer_accept"] = defer_accept
     if private:
@@ -398,6 +401,11 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=11.0, help="seconds before the RSS read")
     ap.add_argument("--tls", action="store_true", help="HTTPS: the worker with a test certificate")
     ap.add_argument(
+        "--no-tls-offload",
+        action="store_true",
+        help="with --tls: the service's --no-tls-offload (OpenSSL keeps every connection)",
+    )
+    ap.add_argument(
         "--private",
         type=int,
         default=0,
@@ -450,6 +458,7 @@ def main() -> None:
                 args.ping,
                 args.defer_accept,
                 args.client_concurrency,
+                not args.no_tls_offload,
             )
             runs.append(r)
             print(

@@ -231,6 +231,14 @@ class Config:
     token_public_key_file: str = opt("", "PEM public key for RS256 / ES256 subscriber tokens")
     tls_cert: str = opt("", "PEM certificate (chain) file: serve HTTPS on --port (needs --tls-key)")
     tls_key: str = opt("", "PEM private key file of --tls-cert")
+    tls_offload: bool = opt(
+        True,
+        (
+            "after a TLS 1.3 handshake, seal and open the records in the worker with the "
+            "session's keys and free OpenSSL's state (~2 KB an idle connection instead of ~26 KB; "
+            "TLS 1.2 stays with OpenSSL); off: OpenSSL keeps every connection"
+        ),
+    )
 
     # ---- derived values ----------------------------------------------------------------------
     def connection_cap(self, nofile: int | None = None) -> int:

@@ -63,6 +63,9 @@ class Counts(TypedDict):
     token_forbidden_total: int  # 403: the token does not name the channel
     handed_total: int  # given to the successor process in a reload (not counted as closed)
     adopted_total: int  # taken over from the previous process in a reload (not as accepted)
+    tls_offloaded_total: int  # TLS 1.3 handshakes done whose records this worker then seals
+    tls_kept_total: int  # TLS handshakes done whose records OpenSSL keeps (TLS 1.2, offload off)
+    tls_failed_total: int  # TLS handshakes refused, broken off or not done in time
 
 
 COUNTER_NAMES: tuple[str, ...] = tuple(Counts.__annotations__)

@@ -84,6 +84,9 @@ class Counters:
     token_forbidden_total: int
     handed_total: int
     adopted_total: int
+    tls_offloaded_total: int
+    tls_kept_total: int
+    tls_failed_total: int
 
     def __init__(self) -> None:
         for name in COUNTER_NAMES:

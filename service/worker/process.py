@@ -40,6 +40,7 @@ from service.worker.hub import Hub
 from service.worker.lag import LagSampler
 from service.worker.protocol import ADOPTING, Conn
 from service.worker.states import DONE
+from service.worker.tls import TlsConn
 from service.worker.tls import server_context as tls_context
 
 log = logging.getLogger("comet.worker")
@@ -173,14 +174,13 @@ class Worker:
         # readable, instead of once for accept and again for the bytes: at 100,000 on 6 workers,
         # 51 -> 39 us of CPU per accepted connection (docs/benchmarks.md, issue 19).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, cfg.defer_accept)
-        self._server = await self.loop.create_server(
-            self.protocol_class,
-            sock=sock,
-            backlog=self.backlog,
-            ssl=tls,
+        factory: Any = self.protocol_class
+        if tls is not None:
             # The handshake gets the request head's deadline: a silent TLS client is cut as soon.
-            ssl_handshake_timeout=cfg.timeout_header if tls is not None else None,
-        )
+            factory = TlsConn.subclass_for(
+                tls, self.protocol_class, cfg.timeout_header, cfg.tls_offload, self.hub.counters
+            )
+        self._server = await self.loop.create_server(factory, sock=sock, backlog=self.backlog)
         self.port = sock.getsockname()[1]
         capped = (
             f" (asked {self.config.backlog}, capped by net.core.somaxconn)"

@@ -1,24 +1,70 @@
-"""TLS on the service port: one server context per worker, built from --tls-cert / --tls-key.
+"""TLS on the service port: the server context, and the connection that speaks TLS for a ``Conn``.
 
-Memory per idle TLS connection is what decides whether a million fit, so the context keeps as
-little per connection as Python's ssl lets us choose: CPython builds every context with
-``SSL_MODE_RELEASE_BUFFERS`` (the ~34 KB read and write buffers are freed while a connection is
-idle), and the server issues no TLS 1.3 session tickets (``num_tickets = 0``: no ticket and no
-cached session per connection; measured 2.4 KB a connection less). What stays is OpenSSL's own
-state per connection (16.7 KB server side with OpenSSL 3.0: benchmarks/tls_memory.py) and
-uvloop's SSL protocol with its read buffer: docs/benchmarks.md has the numbers.
+Memory per idle TLS connection is what decides whether a million fit. OpenSSL 3.0 keeps ~16.7 KB
+per handshaken connection (benchmarks/tls_memory.py: ~9.3 KB before a byte is exchanged), so
+with uvloop's SSL transport an idle TLS stream cost ~26 KB against ~1.4 KB in plain HTTP. What
+the kernel's TLS offload (kTLS) does, done here in the worker: OpenSSL runs the handshake (all of
+the negotiation, certificates and key exchange stay its job), and once a TLS 1.3 handshake is
+done the connection keeps only the two traffic secrets and their sequence numbers; each record is
+sealed and opened with ``cryptography``'s AEAD (AES-GCM or ChaCha20-Poly1305, OpenSSL's own code)
+and the ``SSL`` object is freed. RFC 8446 §5.2 (record protection), §7.1 (HKDF-Expand-Label),
+§7.2 (KeyUpdate) and §6.1 (alerts) are all the record layer there is.
+
+Where the secrets come from: Python's ``ssl`` has no call for them, but it has the key log every
+TLS tool has (``SSLContext.keylog_filename``, the NSS key log format). The context logs into a
+pipe this worker alone reads, and each handshake step's lines are read right after the step — one
+thread, so the lines read after a connection's ``do_handshake`` are that connection's. The lines
+also carry the client random, checked against the connection's own across its steps.
+
+What stays with OpenSSL: TLS 1.2 connections (their record layer and renegotiation rules are not
+reimplemented here) and every connection with ``--tls-offload`` off; ``TlsConn`` then moves
+records through the ``SSLObject`` as uvloop's SSL transport does.
+
+Also here: no TLS 1.3 session tickets (``num_tickets = 0``: no ticket and no cached session per
+connection, and no record sent under the application keys before the handover), and CPython
+builds contexts with ``SSL_MODE_RELEASE_BUFFERS`` (idle connections that stay with OpenSSL free
+their ~34 KB of record buffers).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import ssl
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+if TYPE_CHECKING:
+    from service.worker.hub import Counters
+
+log = logging.getLogger("comet.worker")
+
+# TLS 1.3 cipher suite -> (AEAD class, hash of its key schedule, key length)
+Suite = tuple[type[AESGCM] | type[ChaCha20Poly1305], hashes.HashAlgorithm, int]
+SUITES: dict[str, Suite] = {
+    "TLS_AES_128_GCM_SHA256": (AESGCM, hashes.SHA256(), 16),
+    "TLS_AES_256_GCM_SHA384": (AESGCM, hashes.SHA384(), 32),
+    "TLS_CHACHA20_POLY1305_SHA256": (ChaCha20Poly1305, hashes.SHA256(), 32),
+}
+MAX_PLAINTEXT = 1 << 14  # RFC 8446 §5.1
+MAX_CIPHERTEXT = MAX_PLAINTEXT + 256  # §5.2
+APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
+KEY_UPDATE = 24
+# Alert descriptions (§6): what a peer is told before the connection is closed.
+CLOSE_NOTIFY, UNEXPECTED_MESSAGE, BAD_RECORD_MAC, RECORD_OVERFLOW, DECODE_ERROR = 0, 10, 20, 22, 50
+_TYPE = {t: bytes((t,)) for t in (APPLICATION_DATA, ALERT, HANDSHAKE)}
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A TLS 1.2+ server context; ValueError names the file that is wrong."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.num_tickets = 0
     ctx.set_alpn_protocols(["http/1.1"])
     try:
@@ -37,3 +83,445 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     except OSError as exc:
         raise ValueError(f"tls: cannot read {cert_file} / {key_file}: {exc}") from None
     return ctx
+
+
+def expand_label(
+    secret: bytes, label: bytes, length: int, algorithm: hashes.HashAlgorithm
+) -> bytes:
+    """HKDF-Expand-Label(secret, label, "", length), RFC 8446 §7.1."""
+    full = b"tls13 " + label
+    info = length.to_bytes(2, "big") + bytes((len(full),)) + full + b"\x00"
+    return HKDFExpand(algorithm, length, info).derive(secret)
+
+
+class KeyLog:
+    """The context's key log, read back through a pipe: ``take()`` returns the lines OpenSSL
+    wrote since the last call as ``{label: (client_random, secret)}``.
+
+    OpenSSL writes them (through CPython's callback, flushed per line) while ``do_handshake``
+    runs; ``take()`` is called after every step, so the pipe never holds more than one step's
+    few hundred bytes and a write to it never waits."""
+
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            ctx.keylog_filename = f"/proc/self/fd/{w}"  # CPython opens its own descriptor
+        finally:
+            os.close(w)
+        self.fd = r
+
+    def take(self) -> dict[str, tuple[bytes, bytes]]:
+        out: dict[str, tuple[bytes, bytes]] = {}
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        for line in b"".join(chunks).split(b"\n"):
+            parts = line.split()
+            if len(parts) == 3:
+                out[parts[0].decode("ascii", "replace")] = (
+                    bytes.fromhex(parts[1].decode()),
+                    bytes.fromhex(parts[2].decode()),
+                )
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class TlsConn(asyncio.Protocol):
+    """One TLS connection: the protocol of its TCP transport, and the transport of its ``Conn``.
+
+    States: handshaking (``ssl`` set, ``app`` None); then either *offloaded* (``wkey`` set:
+    records sealed and opened here, ``ssl`` freed) or *kept* (``ssl`` set: OpenSSL moves the
+    records). ``app`` (the ``Conn``) is made when the handshake is done, as uvloop's SSL
+    transport makes it, so a connection that never finishes one costs the hub nothing."""
+
+    __slots__ = (
+        "tcp", "app", "sslobj", "inbio", "outbio", "timer", "logged",
+        "suite", "wsec", "wkey", "wiv", "wseq", "rsec", "rkey", "riv", "rseq", "rbuf",
+    )  # fmt: skip
+
+    # Bound per worker by a subclass (see subclass_for), as Conn's are.
+    context: ClassVar[ssl.SSLContext]
+    keylog: ClassVar[KeyLog | None]  # None: --tls-offload off
+    app_class: ClassVar[type[asyncio.Protocol]]
+    handshake_timeout: ClassVar[float]
+    counters: ClassVar[Counters]
+
+    tcp: asyncio.Transport
+    app: asyncio.Protocol | None
+    sslobj: ssl.SSLObject | None
+    inbio: ssl.MemoryBIO | None
+    outbio: ssl.MemoryBIO | None
+    timer: asyncio.TimerHandle | None
+    logged: dict[str, tuple[bytes, bytes]] | None  # key log lines while handshaking
+    suite: Suite
+    wsec: bytes  # the server's traffic secret, and the key, IV and sequence from it
+    wkey: bytes | None
+    wiv: int
+    wseq: int
+    rsec: bytes  # the client's
+    rkey: bytes | None
+    riv: int
+    rseq: int
+    rbuf: bytes | None  # the start of a record not all in yet
+
+    @classmethod
+    def subclass_for(
+        cls,
+        context: ssl.SSLContext,
+        app_class: type[asyncio.Protocol],
+        handshake_timeout: float,
+        offload: bool,
+        counters: Counters,
+    ) -> type[TlsConn]:
+        return type(
+            "TlsConn",
+            (cls,),
+            {
+                "__slots__": (),
+                "context": context,
+                "keylog": KeyLog(context) if offload else None,
+                "app_class": app_class,
+                "handshake_timeout": handshake_timeout,
+                "counters": counters,
+            },
+        )
+
+    # -- the TCP side (asyncio.Protocol) --------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.tcp = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        self.app = None
+        self.wkey = self.rkey = None
+        self.wsec = self.rsec = b""
+        self.rbuf = None
+        self.logged = None
+        self.inbio = ssl.MemoryBIO()
+        self.outbio = ssl.MemoryBIO()
+        self.sslobj = self.context.wrap_bio(self.inbio, self.outbio, server_side=True)
+        self.timer = asyncio.get_running_loop().call_later(
+            self.handshake_timeout, self._handshake_timed_out
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self.wkey is not None:
+            self._open_records(data)
+            return
+        sslobj = self.sslobj
+        if sslobj is None:  # closed
+            return
+        assert self.inbio is not None
+        self.inbio.write(data)
+        if self.app is None:
+            self._handshake(sslobj)
+        else:
+            self._read_kept(sslobj)
+
+    def eof_received(self) -> bool | None:
+        return None  # a client that stops sending is done: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.sslobj = self.inbio = self.outbio = None
+        self.wkey = self.rkey = None
+        self.wsec = self.rsec = b""
+        self.rbuf = None
+        app, self.app = self.app, None
+        if app is not None:
+            app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None:
+            self.app.resume_writing()
+
+    # -- the handshake ----------------------------------------------------------------------------
+    def _handshake(self, sslobj: ssl.SSLObject) -> None:
+        done = False
+        try:
+            sslobj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:
+            self._flush()  # OpenSSL's alert, if it made one
+            self.counters.tls_failed_total += 1
+            log.debug("tls handshake from %s failed: %s", self.tcp.get_extra_info("peername"), exc)
+            self._drop_ssl()
+            self.tcp.close()
+            return
+        finally:
+            if self.keylog is not None:
+                self._note_secrets(self.keylog.take())
+        self._flush()
+        if done:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._handshake_done(sslobj)
+
+    def _note_secrets(self, lines: dict[str, tuple[bytes, bytes]]) -> None:
+        if not lines:
+            return
+        if self.logged is None:
+            self.logged = {}
+        self.logged.update(lines)
+
+    def _handshake_timed_out(self) -> None:
+        self.timer = None
+        if self.app is None and not self.tcp.is_closing():
+            self.counters.tls_failed_total += 1
+            self._drop_ssl()
+            self.tcp.abort()
+
+    def _handshake_done(self, sslobj: ssl.SSLObject) -> None:
+        assert self.inbio is not None
+        suite = SUITES.get((sslobj.cipher() or ("",))[0]) if sslobj.version() == "TLSv1.3" else None
+        logged, self.logged = self.logged, None
+        secrets = self._traffic_secrets(logged) if suite is not None and logged else None
+        rest = b""
+        if suite is not None and secrets is not None and sslobj.pending() == 0:
+            rest = self.inbio.read()  # records the client sent after its Finished
+            self.suite = suite
+            self.wsec, self.rsec = secrets
+            self._set_write_keys()
+            self._set_read_keys()
+            self._drop_ssl()  # OpenSSL's per-connection state goes here
+            self.counters.tls_offloaded_total += 1
+        else:
+            self.counters.tls_kept_total += 1
+        app = self.app = self.app_class()
+        app.connection_made(cast(asyncio.Transport, self))  # the part of one a Conn uses
+        if self.wkey is not None:
+            if rest:
+                self._open_records(rest)
+        elif self.sslobj is not None:
+            self._read_kept(self.sslobj)
+
+    @staticmethod
+    def _traffic_secrets(logged: dict[str, tuple[bytes, bytes]]) -> tuple[bytes, bytes] | None:
+        """(server, client) application traffic secrets, if the log has both for one client."""
+        server = logged.get("SERVER_TRAFFIC_SECRET_0")
+        client = logged.get("CLIENT_TRAFFIC_SECRET_0")
+        if server is None or client is None:
+            return None
+        randoms = {random for random, _ in logged.values()}
+        if len(randoms) != 1:  # lines of two handshakes: never on one thread; keep OpenSSL
+            log.warning(
+                "tls: key log lines of %d handshakes in one step; kept in OpenSSL", len(randoms)
+            )
+            return None
+        return server[1], client[1]
+
+    def _drop_ssl(self) -> None:
+        self.sslobj = self.inbio = self.outbio = None
+
+    # -- records, offloaded ----------------------------------------------------------------------
+    def _set_write_keys(self) -> None:
+        _, algorithm, key_len = self.suite
+        self.wkey = expand_label(self.wsec, b"key", key_len, algorithm)
+        self.wiv = int.from_bytes(expand_label(self.wsec, b"iv", 12, algorithm), "big")
+        self.wseq = 0
+
+    def _set_read_keys(self) -> None:
+        _, algorithm, key_len = self.suite
+        self.rkey = expand_label(self.rsec, b"key", key_len, algorithm)
+        self.riv = int.from_bytes(expand_label(self.rsec, b"iv", 12, algorithm), "big")
+        self.rseq = 0
+
+    def _seal(self, content_type: int, data: bytes) -> bytes:
+        """One record: ``data`` (≤ 16 KB) of ``content_type`` under the write key (§5.2)."""
+        seq = self.wseq
+        self.wseq = seq + 1
+        n = len(data) + 17  # the content type byte and the 16-byte tag
+        header = bytes((APPLICATION_DATA, 3, 3, n >> 8, n & 255))
+        # The AEAD is made per record (~1 us): an idle connection keeps its 32-byte key, not
+        # the ~2.3 KB cipher context an AESGCM object holds.
+        key = self.wkey
+        assert key is not None
+        aead = self.suite[0](key)
+        return header + aead.encrypt(
+            (self.wiv ^ seq).to_bytes(12, "big"), data + _TYPE[content_type], header
+        )
+
+    def _open_records(self, data: bytes) -> None:
+        buf = self.rbuf + data if self.rbuf else data
+        self.rbuf = None
+        pos = 0
+        end = len(buf)
+        while end - pos >= 5 and self.wkey is not None:
+            outer = buf[pos]
+            length = (buf[pos + 3] << 8) | buf[pos + 4]
+            if outer != APPLICATION_DATA:
+                return self._fatal(
+                    UNEXPECTED_MESSAGE, f"a record of type {outer} after the handshake"
+                )
+            if length > MAX_CIPHERTEXT:
+                return self._fatal(RECORD_OVERFLOW, f"a record of {length} bytes")
+            if end - pos < 5 + length:
+                break
+            header = buf[pos : pos + 5]
+            body = buf[pos + 5 : pos + 5 + length]
+            pos += 5 + length
+            seq = self.rseq
+            self.rseq = seq + 1
+            key = self.rkey
+            assert key is not None
+            try:
+                plain = self.suite[0](key).decrypt(
+                    (self.riv ^ seq).to_bytes(12, "big"), body, header
+                )
+            except InvalidTag:
+                return self._fatal(BAD_RECORD_MAC, "a record that does not authenticate")
+            plain = plain.rstrip(b"\x00")  # §5.4: padding, then the real content type
+            if not plain:
+                return self._fatal(UNEXPECTED_MESSAGE, "a record with no content type")
+            inner = plain[-1]
+            content = plain[:-1]
+            if inner == APPLICATION_DATA:
+                if content and self.app is not None:
+                    self.app.data_received(content)
+            elif inner == ALERT:
+                if len(content) == 2 and content[1] == CLOSE_NOTIFY:
+                    self.close()
+                else:
+                    self._drop_keys()
+                    self.tcp.close()
+                return None
+            elif inner == HANDSHAKE:
+                if not self._post_handshake(content):
+                    return None
+            else:
+                return self._fatal(UNEXPECTED_MESSAGE, f"content of type {inner}")
+            if self.tcp.is_closing():
+                return None
+        if pos < end and self.wkey is not None:
+            self.rbuf = buf[pos:]
+        return None
+
+    def _post_handshake(self, content: bytes) -> bool:
+        """KeyUpdate (§4.6.3) is the one message a client may send after the handshake."""
+        pos = 0
+        while pos < len(content):
+            if len(content) - pos < 4:
+                self._fatal(DECODE_ERROR, "a truncated handshake message")
+                return False
+            kind = content[pos]
+            length = int.from_bytes(content[pos + 1 : pos + 4], "big")
+            body = content[pos + 4 : pos + 4 + length]
+            pos += 4 + length
+            if kind != KEY_UPDATE or length != 1 or len(body) != 1 or body[0] > 1:
+                self._fatal(UNEXPECTED_MESSAGE, f"handshake message {kind} after the handshake")
+                return False
+            _, algorithm, _ = self.suite
+            self.rsec = expand_label(self.rsec, b"traffic upd", algorithm.digest_size, algorithm)
+            self._set_read_keys()
+            if body[0] == 1:  # update_requested: answer under the old key, then move on
+                self.tcp.write(self._seal(HANDSHAKE, b"\x18\x00\x00\x01\x00"))
+                self.wsec = expand_label(
+                    self.wsec, b"traffic upd", algorithm.digest_size, algorithm
+                )
+                self._set_write_keys()
+        return True
+
+    def _fatal(self, description: int, why: str) -> None:
+        log.debug("tls: %s from %s: closing", why, self.tcp.get_extra_info("peername"))
+        if not self.tcp.is_closing():
+            self.tcp.write(self._seal(ALERT, bytes((2, description))))
+            self.tcp.close()
+        self._drop_keys()
+
+    def _drop_keys(self) -> None:
+        self.wkey = self.rkey = None
+        self.wsec = self.rsec = b""
+        self.rbuf = None
+
+    # -- records, kept in OpenSSL ----------------------------------------------------------------
+    def _read_kept(self, sslobj: ssl.SSLObject) -> None:
+        while self.sslobj is sslobj and self.app is not None:
+            try:
+                chunk = sslobj.read(MAX_PLAINTEXT)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:  # the client's close_notify
+                chunk = b""
+            except ssl.SSLError as exc:
+                log.debug("tls: %s from %s: closing", exc, self.tcp.get_extra_info("peername"))
+                self._flush()
+                self._drop_ssl()
+                self.tcp.close()
+                return
+            if not chunk:  # the client's close_notify (no data raises SSLWantReadError)
+                self.close()
+                return
+            self.app.data_received(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outbio.read() if self.outbio is not None else b""
+        if out and not self.tcp.is_closing():
+            self.tcp.write(out)
+
+    # -- the Conn's side (asyncio.Transport) -----------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.wkey is not None:
+            tcp = self.tcp
+            if len(data) <= MAX_PLAINTEXT:
+                tcp.write(self._seal(APPLICATION_DATA, bytes(data)))
+            else:
+                view = memoryview(data)
+                for i in range(0, len(view), MAX_PLAINTEXT):
+                    tcp.write(self._seal(APPLICATION_DATA, bytes(view[i : i + MAX_PLAINTEXT])))
+        elif self.sslobj is not None and self.app is not None:
+            self.sslobj.write(data)
+            self._flush()
+
+    def close(self) -> None:
+        if self.tcp.is_closing():
+            return
+        if self.wkey is not None:
+            self.tcp.write(self._seal(ALERT, bytes((1, CLOSE_NOTIFY))))
+            self._drop_keys()
+        elif self.sslobj is not None and self.app is not None:
+            try:
+                self.sslobj.unwrap()  # queues our close_notify
+            except (ssl.SSLError, ValueError):
+                pass
+            self._flush()
+            self._drop_ssl()
+        self.tcp.close()
+
+    def abort(self) -> None:
+        self._drop_keys()
+        self._drop_ssl()
+        self.tcp.abort()
+
+    def is_closing(self) -> bool:
+        return self.tcp.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.tcp.get_write_buffer_size()
+
+    def pause_reading(self) -> None:
+        self.tcp.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.tcp.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "sslcontext":
+            return self.context
+        if name == "ssl_object":
+            return self.sslobj
+        return self.tcp.get_extra_info(name, default)

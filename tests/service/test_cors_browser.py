@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.make_test_cert import write
 from tests.support.browser import launch, needs_chromium
 from tests.support.net import free_port, wait_for
 from tests.support.service import Service
@@ -75,8 +76,8 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def page_html(svc: Service, creds: bool) -> str:
-    url = f"http://localhost:{svc.port}/sub/xo?format=sse"
+def page_html(svc: Service, creds: bool, scheme: str = "http") -> str:
+    url = f"{scheme}://localhost:{svc.port}/sub/xo?format=sse"
     return PAGE % {"url": repr(url), "creds": "true" if creds else "false"}
 
 
@@ -143,5 +144,47 @@ def test_with_credentials_against_an_explicit_origin(tmp_path: Path, browser: An
             bad.goto(other.origin + "/")
             bad.wait_for_function("window.errors >= 1 && window.state === 2", timeout=15_000)
             assert bad.evaluate("window.opened") == 0
+    finally:
+        svc.stop()
+
+
+def test_a_page_subscribes_over_https_and_resumes_after_a_crash(
+    tmp_path: Path, browser: Any
+) -> None:
+    """Chromium's own TLS (BoringSSL) against the worker's record layer: the stream is sealed by
+    the worker after the handshake (tls_offloaded_total), resumes after every worker is
+    killed, and loses nothing."""
+    pki = write(tmp_path / "pki")
+    svc = Service(
+        tmp_path, "--workers", "2", "--sse-retry-ms", "300",
+        "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
+    )  # fmt: skip
+    try:
+        svc.wait_up(2)
+        with PageServer(page_html(svc, creds=False, scheme="https")) as site:
+            context = browser.new_context(ignore_https_errors=True)  # the test CA is not its
+            tab = context.new_page()
+            tab.goto(site.origin + "/")
+            tab.wait_for_function("window.opened >= 1", timeout=15_000)
+            wait_for(
+                lambda: svc.ask({"op": "channels"})["channels"].get("xo") == 1, 10, "subscriber"
+            )
+            ids = [published(svc, f"m{i}") for i in range(3)]
+            tab.wait_for_function("window.got.length >= 3", timeout=10_000)
+            health = svc.health()
+            assert health is not None
+            for pid in health["pids"]:
+                os.kill(pid, signal.SIGKILL)
+            ids += [published(svc, f"m{i}") for i in range(3, 5)]
+            svc.wait_up(2)
+            tab.wait_for_function("window.got.length >= 5", timeout=20_000)
+            got = tab.evaluate("window.got")
+            assert got == [[i, f"m{n}"] for n, i in enumerate(ids)]
+            wait_for(
+                lambda: svc.ask({"op": "stats"})["frame"]["totals"]["tls_offloaded_total"] >= 1,
+                10,
+                "the resumed stream counted as offloaded",
+            )
+            context.close()
     finally:
         svc.stop()

@@ -68,6 +68,7 @@ def test_curl_with_the_test_ca_gets_welcome_and_a_broadcast(
         out, err = proc.communicate(timeout=15)
     assert out.startswith(b"Welcome!\n"), (out, err)
     assert b"over tls\n" in out
+    wait_for(lambda: totals(tls_service)["tls_offloaded_total"] >= 1, 10, "an offloaded count")
     # Without the CA, curl refuses the certificate; plain HTTP on the TLS port gets no stream.
     bad = curl(url, timeout=5)
     out, err = bad.communicate(timeout=15)
@@ -75,6 +76,96 @@ def test_curl_with_the_test_ca_gets_welcome_and_a_broadcast(
     plain = curl(f"http://127.0.0.1:{tls_service.port}/", timeout=5)
     out, _ = plain.communicate(timeout=15)
     assert b"Welcome" not in out
+
+
+def read_until(proc: subprocess.Popen[bytes], marker: bytes) -> bytes:
+    assert proc.stdout is not None
+    out = b""
+    while marker not in out:
+        chunk = proc.stdout.read1(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def totals(svc: Service) -> dict[str, int]:
+    return svc.ask({"op": "stats"})["frame"]["totals"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "args,offloaded",
+    [
+        (["--tls13-ciphers", "TLS_AES_128_GCM_SHA256"], True),
+        (["--tls13-ciphers", "TLS_AES_256_GCM_SHA384"], True),
+        (["--tls13-ciphers", "TLS_CHACHA20_POLY1305_SHA256"], True),
+        (["--tls-max", "1.2"], False),  # TLS 1.2 stays with OpenSSL
+    ],
+)
+def test_every_tls13_suite_is_offloaded_and_tls12_kept(
+    tls_service: Service, pki: dict[str, Path], args: list[str], offloaded: bool
+) -> None:
+    """curl (its own OpenSSL) as the client: each suite gets the welcome and a broadcast, and
+    the counters say which side seals the records."""
+    key = "tls_offloaded_total" if offloaded else "tls_kept_total"
+    wait_for(lambda: "tls_kept_total" in totals(tls_service), 10, "a stats frame")
+    before = totals(tls_service)[key]
+    channel = "suite-" + args[-1].replace(".", "-")
+    url = f"https://localhost:{tls_service.port}/sub/{channel}"
+    proc = curl("--cacert", str(pki["ca"]), *args, url, timeout=8)
+    try:
+        wait_for(
+            lambda: tls_service.ask({"op": "channels"})["channels"].get(channel, 0) == 1,
+            10,
+            "the curl subscriber",
+        )
+        answer = tls_service.ask({"op": "broadcast", "data": "sealed", "channel": channel})
+        assert answer["recipients"] == 1
+        wait_for(lambda: totals(tls_service)[key] >= before + 1, 10, key)
+        out = read_until(proc, b"sealed\n")  # curl's --max-time bounds the wait
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=15)
+    assert out.startswith(b"Welcome!\n") and b"sealed\n" in out, (out, err)
+
+
+def test_key_updates_both_ways_with_openssl_s_client(
+    tls_service: Service, pki: dict[str, Path]
+) -> None:
+    """RFC 8446 §4.6.3 against OpenSSL's own client: `K` sends a KeyUpdate that asks for ours,
+    `k` one that does not; long-polls on the same connection are answered after each."""
+    tls_service.ask({"op": "broadcast", "data": "before", "channel": "ku"})
+    request = b"GET /poll/ku?since=0 HTTP/1.1\r\nHost: x\r\n\r\n"
+    proc = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{tls_service.port}"]
+        + ["-CAfile", str(pki["ca"]), "-tls1_3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        got = b""
+        for command in (b"", b"K\n", b"k\n", b"K\n"):
+            proc.stdin.write(command)
+            proc.stdin.flush()
+            time.sleep(0.3)
+            proc.stdin.write(request)
+            proc.stdin.flush()
+            deadline = time.monotonic() + 10
+            want = got.count(b"HTTP/1.1 200 OK") + 1
+            while got.count(b"HTTP/1.1 200 OK") < want and time.monotonic() < deadline:
+                chunk = proc.stdout.read1(65536)
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        proc.stdin.close()
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+    assert got.count(b"KEYUPDATE") == 3, got
+    assert got.count(b"HTTP/1.1 200 OK") == 4 and got.count(b'"data":"before"') == 4, got
 
 
 def test_the_load_generator_holds_https_streams(tls_service: Service, pki: dict[str, Path]) -> None:
