@@ -24,8 +24,14 @@ giver's queued writes are finished first and nothing is written to it meanwhile 
 history ends at the giver's last message); a stream's ``last_id`` is the giver's, and the successor
 sends whatever its history has after it all the same. A connection is owned by exactly one process
 at every moment: the giver lets go of a batch only when the successor says it adopted it; if the
-successor fails, the giver keeps (and goes on serving) what it still holds. TLS connections cannot
-move (their session lives in the process): they get the reconnect hint and are closed.
+successor fails, the giver keeps (and goes on serving) what it still holds.
+
+A TLS connection whose records the worker seals (service/worker/tls.py, a TLS 1.3 session after
+its handshake) moves too: its STATE has ``"tls": {"suite", "wsec", "rsec", "wseq", "rseq"}``
+(the traffic secrets, as the fds themselves only between our own processes), and the successor
+goes on with the same keys and sequence numbers. Those go last, in ``{"tls_conns": [...]}``
+batches. TLS connections OpenSSL keeps (TLS 1.2, ``--no-tls-offload``) cannot move: their session
+lives in the process; they get the reconnect hint and are closed.
 
 Across services (a new container taking over, ``take_over`` in docs/architecture.md) the
 successor's supervisor cannot give it the history before the handoff, so the giver sends its own
@@ -55,6 +61,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from service.contracts import GIVER_TIMEOUT
 from service.worker.protocol import _EXPIRES, _KEEPALIVE, Conn
 from service.worker.states import DONE, HEAD, LAST_STREAM, POLL
+from service.worker.tls import TlsConn
 
 if TYPE_CHECKING:
     from service.worker.hub import Hub
@@ -258,11 +265,11 @@ async def give(
     history: bool = False,
 ) -> dict[str, Any]:
     """Hand the listener and every connection that can move to the successor at ``path``.
-    Returns ``{"handed": n, "kept": k}``: ``kept`` could not move (TLS, unsent bytes, or the
-    successor failed) and were closed with the reconnect hint (or are still served here). If
-    the successor fails after it took the listener, ``relisten`` opens a new one here. With
-    ``history``, the history goes first; without ``listener`` the listener is closed instead
-    of passed (another giver passes its own)."""
+    Returns ``{"handed": n, "kept": k}``: ``kept`` could not move (TLS kept by OpenSSL, unsent
+    bytes, or the successor failed) and were closed with the reconnect hint (or are still
+    served here). If the successor fails after it took the listener, ``relisten`` opens a new
+    one here. With ``history``, the history goes first; without ``listener`` the listener is
+    closed instead of passed (another giver passes its own)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.settimeout(STEP_TIMEOUT)
@@ -316,17 +323,28 @@ async def give(
         channels, deadlines = _where(hub)
         now = loop.time()
         movable: list[tuple[Conn, dict[str, Any]]] = []
+        movable_tls: list[tuple[Conn, dict[str, Any]]] = []
         for i, c in enumerate(conns, 1):
             if i % STEP == 0:
                 await asyncio.sleep(0)
             st = None
-            if c.state < DONE and not c.transport.get_extra_info("sslcontext"):
-                if not c.transport.get_write_buffer_size():
+            t = c.transport
+            tls = t.handoff_state() if isinstance(t, TlsConn) else None
+            if c.state < DONE and not t.get_write_buffer_size():
+                if tls is not None or not isinstance(t, TlsConn):
                     st = state_of(c, hub, channels, deadlines, now)
             if st is None:
                 kept.append(c)
+            elif tls is not None:
+                st["tls"] = tls
+                movable_tls.append((c, st))
             else:
                 movable.append((c, st))
+        # TLS ones last, in batches of their own under another key: a successor of older code
+        # that cannot seal their records never answers one (the giver keeps them at the step's
+        # timeout) instead of taking them for plain connections.
+        n_plain = len(movable)
+        movable += movable_tls
         t_states = loop.time()
         t_wait = 0.0
         # Up to WINDOW batches on their way: the successor always has the next one to adopt
@@ -346,13 +364,15 @@ async def give(
                 c.let_go()
             handed += len(done)
 
-        for i in range(0, len(movable), BATCH):
-            batch = movable[i : i + BATCH]
+        starts = [*range(0, n_plain, BATCH), *range(n_plain, len(movable), BATCH)]
+        for i in starts:
+            batch = movable[i : min(i + BATCH, n_plain if i < n_plain else len(movable))]
             socks = [c.transport.get_extra_info("socket") for c, _ in batch]
             fds = [os.dup(s.fileno()) for s in socks]
             try:
                 # The family lets the successor wrap each descriptor without asking the kernel.
-                msg = {"conns": [st for _, st in batch], "family": socks[0].family}
+                key = "conns" if i < n_plain else "tls_conns"
+                msg = {key: [st for _, st in batch], "family": socks[0].family}
                 await _send(sock, msg, fds)
             finally:
                 for fd in fds:
@@ -492,8 +512,8 @@ class Receiver:
                         await self.adopt_listener(socket.socket(fileno=fds[0]))
                         self.got_listener = True
                         await _send(conn, {"ok": True})
-                    elif "conns" in msg:
-                        states = msg["conns"]
+                    elif "conns" in msg or "tls_conns" in msg:
+                        states = msg.get("conns") or msg["tls_conns"]
                         family = msg.get("family")
                         await self.adopt_conns(
                             [(_wrap(fd, family), st) for st, fd in zip(states, fds, strict=True)]

@@ -85,6 +85,7 @@ class Worker:
         self.backlog = effective_backlog(config.backlog)
         self._sock = sock
         self._server: asyncio.AbstractServer | None = None
+        self._tls_class: type[TlsConn] | None = None
         limits = Limits(
             request_line=config.limit_request_line,
             headers_bytes=config.limit_headers_bytes,
@@ -168,18 +169,12 @@ class Worker:
 
     async def _listen(self, sock: socket.socket) -> None:
         cfg = self.config
-        tls = tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None
         sock.setblocking(False)
         # A new connection wakes this loop once, with its request (or ClientHello) already
         # readable, instead of once for accept and again for the bytes: at 100,000 on 6 workers,
         # 51 -> 39 us of CPU per accepted connection (docs/benchmarks.md, issue 19).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, cfg.defer_accept)
-        factory: Any = self.protocol_class
-        if tls is not None:
-            # The handshake gets the request head's deadline: a silent TLS client is cut as soon.
-            factory = TlsConn.subclass_for(
-                tls, self.protocol_class, cfg.timeout_header, cfg.tls_offload, self.hub.counters
-            )
+        factory: Any = self.tls_class() if cfg.tls_cert else self.protocol_class
         self._server = await self.loop.create_server(factory, sock=sock, backlog=self.backlog)
         self.port = sock.getsockname()[1]
         capped = (
@@ -194,7 +189,7 @@ class Worker:
             os.getpid(),
             self.config.host,
             self.port,
-            " (TLS)" if tls is not None else "",
+            " (TLS)" if cfg.tls_cert else "",
             self.backlog,
             capped,
             cfg.defer_accept,
@@ -226,6 +221,21 @@ class Worker:
             except OSError as exc:
                 log.error("worker %d: cannot listen: %s", self.index, exc)
 
+    def tls_class(self) -> type[TlsConn]:
+        """This worker's TLS connections' class (made once: it holds the context and its key
+        log). Without --tls-cert it only adopts TLS connections a previous worker offloaded."""
+        if self._tls_class is None:
+            cfg = self.config
+            self._tls_class = TlsConn.subclass_for(
+                tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None,
+                self.protocol_class,
+                # The handshake gets the request head's deadline: a silent client is cut as soon.
+                cfg.timeout_header,
+                cfg.tls_offload,
+                self.hub.counters,
+            )
+        return self._tls_class
+
     async def _adopt(self, handed: Sequence[tuple[socket.socket, dict[str, Any]]]) -> None:
         """Connections of the previous worker, a batch at once, going on here (Conn._adopt).
 
@@ -243,11 +253,12 @@ class Worker:
         made: list[Conn] = []
         state: dict[str, Any] = {}
 
-        def factory() -> Conn:
+        def factory() -> asyncio.Protocol:
             conn = self.protocol_class()
             ADOPTING[id(conn)] = state
             made.append(conn)
-            return conn
+            tls = state.get("tls")
+            return self.tls_class().adopted(conn, tls) if tls else conn
 
         waiting: list[tuple[Any, asyncio.Future[Any]]] = []
         error: BaseException | None = None

@@ -106,9 +106,26 @@ class KeyLog:
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             ctx.keylog_filename = f"/proc/self/fd/{w}"  # CPython opens its own descriptor
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(w)
         self.fd = r
+
+    @classmethod
+    def open(cls, ctx: ssl.SSLContext) -> KeyLog | None:
+        """The key log, or None (with a warning: OpenSSL then keeps every connection) where the
+        process cannot open its own descriptors by path (no /proc)."""
+        try:
+            return cls(ctx)
+        except OSError as exc:
+            log.warning(
+                "tls: no key log pipe (%s): OpenSSL keeps every connection's records "
+                "(as with --no-tls-offload)",
+                exc,
+            )
+            return None
 
     def take(self) -> dict[str, tuple[bytes, bytes]]:
         out: dict[str, tuple[bytes, bytes]] = {}
@@ -148,7 +165,7 @@ class TlsConn(asyncio.Protocol):
     )  # fmt: skip
 
     # Bound per worker by a subclass (see subclass_for), as Conn's are.
-    context: ClassVar[ssl.SSLContext]
+    context: ClassVar[ssl.SSLContext | None]
     keylog: ClassVar[KeyLog | None]  # None: --tls-offload off
     app_class: ClassVar[type[asyncio.Protocol]]
     handshake_timeout: ClassVar[float]
@@ -172,22 +189,57 @@ class TlsConn(asyncio.Protocol):
     rseq: int
     rbuf: bytes | None  # the start of a record not all in yet
 
+    def __init__(self) -> None:
+        self.app = None  # made when the handshake is done, or given by adopted()
+        self.wkey = self.rkey = None
+
+    @classmethod
+    def adopted(cls, app: asyncio.Protocol, state: dict[str, Any]) -> TlsConn:
+        """A connection offloaded in another process (``handoff_state``), going on here: no
+        handshake, the same keys and sequence numbers, ``app`` made when the socket is."""
+        conn = cls()
+        conn.app = app
+        conn.suite = SUITES[state["suite"]]
+        conn.wsec = bytes.fromhex(state["wsec"])
+        conn.rsec = bytes.fromhex(state["rsec"])
+        conn._set_write_keys()
+        conn._set_read_keys()
+        conn.wseq = int(state["wseq"])
+        conn.rseq = int(state["rseq"])
+        return conn
+
+    def handoff_state(self) -> dict[str, Any] | None:
+        """What another process needs to go on sealing and opening this connection's records;
+        None if it cannot move (OpenSSL keeps it, or the start of a record is waiting here)."""
+        if self.wkey is None or self.app is None or self.rbuf:
+            return None
+        name = next(n for n, suite in SUITES.items() if suite is self.suite)
+        return {
+            "suite": name,
+            "wsec": self.wsec.hex(),
+            "rsec": self.rsec.hex(),
+            "wseq": self.wseq,
+            "rseq": self.rseq,
+        }
+
     @classmethod
     def subclass_for(
         cls,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | None,
         app_class: type[asyncio.Protocol],
         handshake_timeout: float,
         offload: bool,
         counters: Counters,
     ) -> type[TlsConn]:
+        """The class of this worker's TLS connections. Without a ``context`` (a successor whose
+        new configuration has no TLS) it only adopts connections offloaded elsewhere."""
         return type(
             "TlsConn",
             (cls,),
             {
                 "__slots__": (),
                 "context": context,
-                "keylog": KeyLog(context) if offload else None,
+                "keylog": KeyLog.open(context) if offload and context is not None else None,
                 "app_class": app_class,
                 "handshake_timeout": handshake_timeout,
                 "counters": counters,
@@ -197,11 +249,15 @@ class TlsConn(asyncio.Protocol):
     # -- the TCP side (asyncio.Protocol) --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = transport  # type: ignore[assignment]  # uvloop's TCPTransport
-        self.app = None
-        self.wkey = self.rkey = None
-        self.wsec = self.rsec = b""
         self.rbuf = None
         self.logged = None
+        self.timer = None
+        self.sslobj = self.inbio = self.outbio = None
+        if self.app is not None:  # adopted(): the keys are set, the Conn goes on
+            self.app.connection_made(cast(asyncio.Transport, self))
+            return
+        assert self.context is not None, "a TLS class without a context only adopts"
+        self.wsec = self.rsec = b""
         self.inbio = ssl.MemoryBIO()
         self.outbio = ssl.MemoryBIO()
         self.sslobj = self.context.wrap_bio(self.inbio, self.outbio, server_side=True)
@@ -224,7 +280,9 @@ class TlsConn(asyncio.Protocol):
             self._read_kept(sslobj)
 
     def eof_received(self) -> bool | None:
-        return None  # a client that stops sending is done: the transport closes
+        # The Conn decides (a long-poll still answers a half-closed client); before it exists,
+        # a client that stops sending is done.
+        return self.app.eof_received() if self.app is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.timer is not None:

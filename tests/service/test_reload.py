@@ -363,9 +363,11 @@ def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(tmp_path)
         svc.stop()
 
 
-def test_a_tls_connection_cannot_move_and_is_told_to_reconnect(tmp_path) -> None:
-    """The TLS session lives in the old process: the stream gets the reconnect hint and is
-    closed (it reconnects to the new worker); the answer counts it as kept, not handed."""
+def test_a_tls13_connection_moves_and_a_tls12_one_is_told_to_reconnect(tmp_path) -> None:
+    """A TLS 1.3 stream whose records the worker seals moves with its keys and sequence numbers:
+    the same TLS connection goes on reading every message, in order, from the new process (and a
+    byte it sends checks the successor's read side). A TLS 1.2 one (its session
+    inside OpenSSL in the old process) gets the reconnect hint and is closed."""
     import ssl
 
     from benchmarks.make_test_cert import write
@@ -375,30 +377,74 @@ def test_a_tls_connection_cannot_move_and_is_told_to_reconnect(tmp_path) -> None
         tmp_path / "svc",
         *("--workers", "1", "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"])),
     )
-    try:
-        svc.wait_up(1)
+
+    def subscribe(tls12: bool) -> tuple[ssl.SSLSocket, bytes]:
         ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         raw = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
-        s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
         s.sendall(
             f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n".encode()
         )
         data = b""
         while b"Welcome!" not in data:
             data += s.recv(65536)
+        return s, data
+
+    def read_until(s: ssl.SSLSocket, data: bytes, marker: bytes) -> bytes:
+        while marker not in data:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    opened: list[ssl.SSLSocket] = []
+    try:
+        svc.wait_up(1)
+        s13, got13 = subscribe(tls12=False)
+        s12, got12 = subscribe(tls12=True)
+        opened += [s13, s12]
+        assert s13.version() == "TLSv1.3" and s12.version() == "TLSv1.2"
+        port13 = s13.getsockname()[1]
+        wait_for(lambda: svc.ask({"op": "channels"})["channels"].get(CH) == 2, 10, "two streams")
+        svc.ask({"op": "broadcast", "data": "one", "channel": CH})
+        got13 = read_until(s13, got13, b"data: one")
         answer = svc.ask({"op": "reload"})
-        assert answer["ok"] and answer["handed"] == 0 and answer["kept"] == 1, answer
-        s.settimeout(10)
+        assert answer["ok"] and answer["handed"] == 1 and answer["kept"] == 1, answer
+        s12.settimeout(10)
         try:
-            while chunk := s.recv(65536):
-                data += chunk
+            got12 = read_until(s12, got12, b"event: reconnect")
         except (ssl.SSLError, OSError):
             pass  # the server closed: an abrupt TLS close is fine here
-        assert b"event: reconnect" in data
-        s.close()
-        sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
-        assert sent["ok"]  # and the new worker serves
+        assert b"event: reconnect" in got12
+        s12.close()
+        wait_for(lambda: svc.ask({"op": "channels"})["channels"].get(CH) == 1, 10, "moved")
+        for word in ("two", "three"):
+            svc.ask({"op": "broadcast", "data": word, "channel": CH})
+        got13 = read_until(s13, got13, b"data: three")
+        assert s13.getsockname()[1] == port13  # the same TCP (and TLS) connection
+        assert [line for line in got13.split(b"\n") if line.startswith(b"data: ")] == [
+            b"data: Welcome!", b"data: one", b"data: two", b"data: three",
+        ]  # fmt: skip
+        assert b"reconnect" not in got13
+
+        def counted() -> dict[str, Any] | None:
+            a = svc.ask({"op": "stats"})  # not_ready until the new worker's first frame
+            return a["frame"] if a["ok"] and a["frame"]["totals"]["adopted_total"] >= 1 else None
+
+        frame = wait_for(counted, 10, "the adopted stream in the frame")
+        assert frame["totals"]["tls_offloaded_total"] >= 1
+        # A stream's client only listens: a byte from it ends the stream with the server's
+        # close_notify (recv gives b""), which the successor sends only if it could open the
+        # record, i.e. its read keys and sequence are right (else: a bad_record_mac alert).
+        s13.sendall(b"x")
+        while s13.recv(65536):
+            pass
     finally:
+        for s in opened:
+            s.close()
         svc.stop()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import ssl
 import struct
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from benchmarks.make_test_cert import write
 from service.worker.hub import Counters
-from service.worker.tls import TlsConn, server_context
+from service.worker.tls import KeyLog, TlsConn, server_context
 
 
 @pytest.fixture(scope="module")
@@ -348,3 +349,70 @@ def test_no_ssl_object_outlives_an_offloaded_handshake(pki: dict[str, Path]) -> 
         assert all(pair.server.sslobj is None for pair in pairs)
 
     run(body)
+
+
+def test_a_connection_goes_on_in_another_tlsconn_from_its_handoff_state(
+    pki: dict[str, Path],
+) -> None:
+    """What a reload moves: the state (JSON-able: it crosses the handoff socket) makes a
+    TlsConn that seals and opens where the first one stopped, with no handshake."""
+
+    def body() -> None:
+        p = Pair(pki)
+        p.handshake()
+        p.app.transport.write(b"before")
+        p.client.write(b"up")
+        p.to_server()
+        assert p.client_read() == b"before"
+        state = json.loads(json.dumps(p.server.handoff_state()))
+        p.server.abort()  # the giver lets go (sends nothing)
+        assert p.tcp.take() == b""
+        successor_cls = TlsConn.subclass_for(None, App, 5.0, True, Counters())
+        app = App()
+        moved = successor_cls.adopted(app, state)
+        tcp = Tcp()
+        moved.connection_made(tcp)  # type: ignore[arg-type]
+        assert app.transport is moved and moved.sslobj is None
+        app.transport.write(b"after")
+        p.cin.write(tcp.take())
+        assert p.client.read(100) == b"after"
+        p.client.write(b"down")
+        moved.data_received(p.cout.read())
+        assert app.got == b"down"
+
+    run(body)
+
+
+def test_a_connection_openssl_keeps_has_no_handoff_state(pki: dict[str, Path]) -> None:
+    def body() -> None:
+        p = Pair(pki, maximum_version=ssl.TLSVersion.TLSv1_2)
+        p.handshake()
+        assert p.server.handoff_state() is None
+        q = Pair(pki)
+        q.handshake()
+        q.client.write(b"partial")
+        q.server.data_received(q.cout.read()[:7])  # the start of a record only
+        assert q.server.handoff_state() is None
+
+    run(body)
+
+
+def test_without_a_key_log_openssl_keeps_every_connection(
+    pki: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the key log cannot be opened (no /proc), TLS still works: as --no-tls-offload."""
+
+    def no_proc(self: KeyLog, ctx: ssl.SSLContext) -> None:
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/fd/9")
+
+    monkeypatch.setattr(KeyLog, "__init__", no_proc)
+
+    def body() -> None:
+        p = Pair(pki)
+        p.handshake()
+        assert p.server.sslobj is not None and p.counters.tls_kept_total == 1
+        p.app.transport.write(b"still tls")
+        assert p.client_read() == b"still tls"
+
+    run(body)
+    assert "no key log pipe" in caplog.text and "OpenSSL keeps" in caplog.text
