@@ -12,9 +12,9 @@ and the ``SSL`` object is freed. RFC 8446 §5.2 (record protection), §7.1 (HKDF
 
 Where the secrets come from: Python's ``ssl`` has no call for them, but it has the key log every
 TLS tool has (``SSLContext.keylog_filename``, the NSS key log format). The context logs into an
-in-memory file (memfd) this worker alone reads, and each handshake step's lines are read (and the
-file emptied) right after the step — one thread, so the lines read after a connection's
-``do_handshake`` are that connection's; their client random ties its steps together.
+in-memory file (memfd) this worker alone reads, and each handshake step's lines are read right
+after the step — one thread, so the lines read after a connection's ``do_handshake`` are that
+connection's; their client random ties its steps together.
 
 What stays with OpenSSL: TLS 1.2 connections (their record layer and renegotiation rules are not
 reimplemented here) and every connection with ``--tls-offload`` off; ``TlsConn`` then moves
@@ -57,6 +57,9 @@ APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
 KEY_UPDATE = 24
 # Alert descriptions (§6): what a peer is told before the connection is closed.
 CLOSE_NOTIFY, UNEXPECTED_MESSAGE, BAD_RECORD_MAC, RECORD_OVERFLOW, DECODE_ERROR = 0, 10, 20, 22, 50
+# The key log is emptied once this much has been read (~1,000 handshakes): a truncate per
+# handshake was one more system call and a page freed and taken again each time.
+TRUNCATE_AT = 1 << 20
 _TYPE = {t: bytes((t,)) for t in (APPLICATION_DATA, ALERT, HANDSHAKE)}
 
 
@@ -103,8 +106,8 @@ class KeyLog:
     OpenSSL wrote since the last call as ``{label: (client_random, secret)}`` and empties it.
 
     OpenSSL writes them (through CPython's callback, flushed per line, appending) while
-    ``do_handshake`` runs; ``take()`` is called after every step, so the file holds one step's
-    few hundred bytes. A memfd and not a pipe: a write to it never waits, whatever reads it."""
+    ``do_handshake`` runs; ``take()`` is called after every step and reads what is new. A memfd
+    and not a pipe: a write to it never waits, whatever reads it."""
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
         fd = os.memfd_create("comet-tls-keylog", os.MFD_CLOEXEC)
@@ -114,6 +117,7 @@ class KeyLog:
             os.close(fd)
             raise
         self.fd = fd
+        self.pos = 0  # what has been read; emptied past TRUNCATE_AT, not at every take
 
     @classmethod
     def open(cls, ctx: ssl.SSLContext) -> KeyLog | None:
@@ -132,15 +136,18 @@ class KeyLog:
     def take(self) -> list[tuple[str, bytes, bytes]]:
         """(label, client random, secret) of every line since the last call, in order; the
         random and the secret as the log's hex."""
-        data = os.pread(self.fd, 1 << 16, 0)  # one step of one handshake: ~1 KB
+        data = os.pread(self.fd, 1 << 16, self.pos)  # one step of one handshake: ~1 KB
         if not data:
             return []
         while len(data) % (1 << 16) == 0:  # more than that: lines no one read before
-            more = os.pread(self.fd, 1 << 16, len(data))
+            more = os.pread(self.fd, 1 << 16, self.pos + len(data))
             if not more:
                 break
             data += more
-        os.ftruncate(self.fd, 0)  # OpenSSL's next line goes at the (new) end: offset 0
+        self.pos += len(data)
+        if self.pos >= TRUNCATE_AT:  # all read: OpenSSL's next line goes at offset 0
+            os.ftruncate(self.fd, 0)
+            self.pos = 0
         out = []
         for line in data.split(b"\n"):
             parts = line.split()
