@@ -162,10 +162,11 @@ class KeyLog:
 class TlsConn(asyncio.Protocol):
     """One TLS connection: the protocol of its TCP transport, and the transport of its ``Conn``.
 
-    States: handshaking (``ssl`` set, ``app`` None); then either *offloaded* (``wkey`` set:
-    records sealed and opened here, ``ssl`` freed) or *kept* (``ssl`` set: OpenSSL moves the
-    records). ``app`` (the ``Conn``) is made when the handshake is done, as uvloop's SSL
-    transport makes it, so a connection that never finishes one costs the hub nothing."""
+    States: handshaking (``sslobj`` set, ``app`` None); then either *offloaded* (``wkey`` set:
+    records sealed and opened here, ``sslobj`` freed) or *kept* (``sslobj`` set: OpenSSL moves
+    the records). A connection ``adopted`` from another process starts offloaded. ``app`` (the
+    ``Conn``) is made when the handshake is done, as uvloop's SSL transport makes it, so a
+    connection that never finishes one costs the hub nothing."""
 
     __slots__ = (
         "tcp", "app", "sslobj", "inbio", "outbio", "timer", "logged",
