@@ -29,28 +29,23 @@ their ~34 KB of record buffers).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import os
 import ssl
-from typing import TYPE_CHECKING, Any, ClassVar, cast
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
     from service.worker.hub import Counters
 
-log = logging.getLogger("comet.worker")
+    # TLS 1.3 cipher suite -> (AEAD class, hash of its key schedule, key length)
+    Suite: TypeAlias = tuple[type[AESGCM] | type[ChaCha20Poly1305], hashes.HashAlgorithm, int]
 
-# TLS 1.3 cipher suite -> (AEAD class, hash of its key schedule, key length)
-Suite = tuple[type[AESGCM] | type[ChaCha20Poly1305], hashes.HashAlgorithm, int]
-SUITES: dict[str, Suite] = {
-    "TLS_AES_128_GCM_SHA256": (AESGCM, hashes.SHA256(), 16),
-    "TLS_AES_256_GCM_SHA384": (AESGCM, hashes.SHA384(), 32),
-    "TLS_CHACHA20_POLY1305_SHA256": (ChaCha20Poly1305, hashes.SHA256(), 32),
-}
+log = logging.getLogger("comet.worker")
 MAX_PLAINTEXT = 1 << 14  # RFC 8446 §5.1
 MAX_CIPHERTEXT = MAX_PLAINTEXT + 256  # §5.2
 APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
@@ -86,6 +81,23 @@ def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     except OSError as exc:
         raise ValueError(f"tls: cannot read {cert_file} / {key_file}: {exc}") from None
     return ctx
+
+
+@functools.cache
+def crypto() -> tuple[dict[str, Suite], type[Exception]]:
+    """The TLS 1.3 suites sealed here and the AEADs' "does not authenticate" error, imported on
+    first use: ``cryptography`` is ~6 MB of a worker's RSS, and only a worker with TLS (or
+    adopting TLS connections) needs it — not the 54 plain workers of a million."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+    suites: dict[str, Suite] = {
+        "TLS_AES_128_GCM_SHA256": (AESGCM, hashes.SHA256(), 16),
+        "TLS_AES_256_GCM_SHA384": (AESGCM, hashes.SHA384(), 32),
+        "TLS_CHACHA20_POLY1305_SHA256": (ChaCha20Poly1305, hashes.SHA256(), 32),
+    }
+    return suites, InvalidTag
 
 
 def expand_label(
@@ -179,6 +191,8 @@ class TlsConn(asyncio.Protocol):
     app_class: ClassVar[type[asyncio.Protocol]]
     handshake_timeout: ClassVar[float]
     counters: ClassVar[Counters]
+    suites: ClassVar[dict[str, Suite]]  # crypto()'s, bound with the rest
+    invalid_tag: ClassVar[type[Exception]]
 
     tcp: asyncio.Transport
     app: asyncio.Protocol | None
@@ -208,7 +222,7 @@ class TlsConn(asyncio.Protocol):
         handshake, the same keys and sequence numbers, ``app`` made when the socket is."""
         conn = cls()
         conn.app = app
-        conn.suite = SUITES[state["suite"]]
+        conn.suite = cls.suites[state["suite"]]
         conn.wsec = bytes.fromhex(state["wsec"])
         conn.rsec = bytes.fromhex(state["rsec"])
         conn._set_write_keys()
@@ -222,7 +236,7 @@ class TlsConn(asyncio.Protocol):
         None if it cannot move (OpenSSL keeps it, or the start of a record is waiting here)."""
         if self.wkey is None or self.app is None or self.rbuf:
             return None
-        name = next(n for n, suite in SUITES.items() if suite is self.suite)
+        name = next(n for n, suite in self.suites.items() if suite is self.suite)
         return {
             "suite": name,
             "wsec": self.wsec.hex(),
@@ -242,6 +256,7 @@ class TlsConn(asyncio.Protocol):
     ) -> type[TlsConn]:
         """The class of this worker's TLS connections. Without a ``context`` (a successor whose
         new configuration has no TLS) it only adopts connections offloaded elsewhere."""
+        suites, invalid_tag = crypto()
         return type(
             "TlsConn",
             (cls,),
@@ -252,6 +267,8 @@ class TlsConn(asyncio.Protocol):
                 "app_class": app_class,
                 "handshake_timeout": handshake_timeout,
                 "counters": counters,
+                "suites": suites,
+                "invalid_tag": invalid_tag,
             },
         )
 
@@ -362,7 +379,11 @@ class TlsConn(asyncio.Protocol):
 
     def _handshake_done(self, sslobj: ssl.SSLObject) -> None:
         assert self.inbio is not None
-        suite = SUITES.get((sslobj.cipher() or ("",))[0]) if sslobj.version() == "TLSv1.3" else None
+        suite = (
+            self.suites.get((sslobj.cipher() or ("",))[0])
+            if sslobj.version() == "TLSv1.3"
+            else None
+        )
         logged, self.logged = self.logged, None
         secrets = self._traffic_secrets(logged) if suite is not None and logged else None
         rest = b""
@@ -451,7 +472,7 @@ class TlsConn(asyncio.Protocol):
                 plain = self.suite[0](key).decrypt(
                     (self.riv ^ seq).to_bytes(12, "big"), body, header
                 )
-            except InvalidTag:
+            except self.invalid_tag:
                 return self._fatal(BAD_RECORD_MAC, "a record that does not authenticate")
             plain = plain.rstrip(b"\x00")  # §5.4: padding, then the real content type
             if not plain:

@@ -353,12 +353,14 @@ def test_secret_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_a_worker_without_tokens_does_not_load_pyjwt() -> None:
     """PyJWT and cryptography cost ~10 MB of RSS a process: only a worker that checks tokens
-    loads them (54 workers at a million)."""
+    (or speaks TLS) loads them (54 workers at a million). The whole worker is imported, as the
+    forkserver does: a module-level import anywhere in it would load them in every worker."""
     import subprocess
     import sys
 
     code = (
         "import sys; from service.config import Config; from service.worker.hub import Hub; "
+        "import service.worker.process, service.worker.forkserver, service.worker.handoff; "
         "import asyncio; Hub(Config(), asyncio.new_event_loop()); "
         "print('jwt' in sys.modules, 'cryptography' in sys.modules)"
     )
