@@ -343,8 +343,11 @@ async def give(
         # TLS ones last, in batches of their own under another key: a successor of older code
         # that cannot seal their records never answers one (the giver keeps them at the step's
         # timeout) instead of taking them for plain connections.
-        n_plain = len(movable)
-        movable += movable_tls
+        batches = [
+            (key, group[i : i + BATCH])
+            for key, group in (("conns", movable), ("tls_conns", movable_tls))
+            for i in range(0, len(group), BATCH)
+        ]
         t_states = loop.time()
         t_wait = 0.0
         # Up to WINDOW batches on their way: the successor always has the next one to adopt
@@ -364,14 +367,11 @@ async def give(
                 c.let_go()
             handed += len(done)
 
-        starts = [*range(0, n_plain, BATCH), *range(n_plain, len(movable), BATCH)]
-        for i in starts:
-            batch = movable[i : min(i + BATCH, n_plain if i < n_plain else len(movable))]
+        for key, batch in batches:
             socks = [c.transport.get_extra_info("socket") for c, _ in batch]
             fds = [os.dup(s.fileno()) for s in socks]
             try:
                 # The family lets the successor wrap each descriptor without asking the kernel.
-                key = "conns" if i < n_plain else "tls_conns"
                 msg = {key: [st for _, st in batch], "family": socks[0].family}
                 await _send(sock, msg, fds)
             finally:

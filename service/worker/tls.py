@@ -115,7 +115,7 @@ def expand_label(
 
 class KeyLog:
     """The context's key log, read back from an in-memory file: ``take()`` returns the lines
-    OpenSSL wrote since the last call as ``{label: (client_random, secret)}`` and empties it.
+    OpenSSL wrote since the last call.
 
     OpenSSL writes them (through CPython's callback, flushed per line, appending) while
     ``do_handshake`` runs; ``take()`` is called after every step and reads what is new. A memfd
@@ -166,9 +166,6 @@ class KeyLog:
             if len(parts) == 3:
                 out.append((parts[0].decode("ascii", "replace"), parts[1], parts[2]))
         return out
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class TlsConn(asyncio.Protocol):
@@ -314,10 +311,8 @@ class TlsConn(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        self.sslobj = self.inbio = self.outbio = None
-        self.wkey = self.rkey = None
-        self.wsec = self.rsec = b""
-        self.rbuf = None
+        self._drop_ssl()
+        self._drop_keys()
         app, self.app = self.app, None
         if app is not None:
             app.connection_lost(exc)
@@ -418,16 +413,18 @@ class TlsConn(asyncio.Protocol):
         self.sslobj = self.inbio = self.outbio = None
 
     # -- records, offloaded ----------------------------------------------------------------------
-    def _set_write_keys(self) -> None:
+    def _keys(self, secret: bytes) -> tuple[bytes, int]:
+        """The key and the IV (as an int, xor-ed with each sequence) of a traffic secret."""
         _, algorithm, key_len = self.suite
-        self.wkey = expand_label(self.wsec, b"key", key_len, algorithm)
-        self.wiv = int.from_bytes(expand_label(self.wsec, b"iv", 12, algorithm), "big")
+        iv = expand_label(secret, b"iv", 12, algorithm)
+        return expand_label(secret, b"key", key_len, algorithm), int.from_bytes(iv, "big")
+
+    def _set_write_keys(self) -> None:
+        self.wkey, self.wiv = self._keys(self.wsec)
         self.wseq = 0
 
     def _set_read_keys(self) -> None:
-        _, algorithm, key_len = self.suite
-        self.rkey = expand_label(self.rsec, b"key", key_len, algorithm)
-        self.riv = int.from_bytes(expand_label(self.rsec, b"iv", 12, algorithm), "big")
+        self.rkey, self.riv = self._keys(self.rsec)
         self.rseq = 0
 
     def _seal(self, content_type: int, data: bytes) -> bytes:

@@ -83,10 +83,19 @@ class Tcp:
 class Pair:
     """A TlsConn (with its fake TCP side) and an OpenSSL client, bytes moved by hand."""
 
-    def __init__(self, pki: dict[str, Path], offload: bool = True, **client: Any) -> None:
-        ctx = server_context(str(pki["cert"]), str(pki["key"]))
+    def __init__(
+        self,
+        pki: dict[str, Path],
+        offload: bool = True,
+        server_class: type[TlsConn] | None = None,
+        **client: Any,
+    ) -> None:
+        """A server of its own context and class, or of ``server_class`` (shared)."""
         self.counters = Counters()
-        cls = TlsConn.subclass_for(ctx, App, 5.0, offload, self.counters)
+        cls = server_class
+        if cls is None:
+            ctx = server_context(str(pki["cert"]), str(pki["key"]))
+            cls = TlsConn.subclass_for(ctx, App, 5.0, offload, self.counters)
         self.server = cls()
         self.tcp = Tcp()
         self.server.connection_made(self.tcp)  # type: ignore[arg-type]
@@ -428,30 +437,15 @@ def test_handshakes_nobody_reads_the_key_log_of_never_block(pki: dict[str, Path]
         ctx = server_context(str(pki["cert"]), str(pki["key"]))
         offloading = TlsConn.subclass_for(ctx, App, 5.0, True, Counters())
         keeping = TlsConn.subclass_for(ctx, App, 5.0, False, Counters())
-        cctx = ssl.create_default_context(cafile=str(pki["ca"]))
-
-        def handshake(cls: type[TlsConn]) -> tuple[TlsConn, ssl.SSLObject, ssl.MemoryBIO]:
-            server, tcp = cls(), Tcp()
-            server.connection_made(tcp)  # type: ignore[arg-type]
-            cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
-            client = cctx.wrap_bio(cin, cout, server_hostname="localhost")
-            for _ in range(10):
-                try:
-                    client.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    server.data_received(cout.read())
-                    cin.write(tcp.take())
-            server.data_received(cout.read())
-            return server, client, cin
-
         for _ in range(150):  # ~150 KB of lines nobody reads
-            assert handshake(keeping)[0].sslobj is not None
+            p = Pair(pki, server_class=keeping)
+            p.handshake()
+            assert p.server.sslobj is not None
         for _ in range(2):
-            server, client, cin = handshake(offloading)
-            assert server.sslobj is None and server.app is not None
-            server.app.transport.write(b"right keys")
-            cin.write(server.tcp.take())  # type: ignore[attr-defined]
-            assert client.read(100) == b"right keys"
+            p = Pair(pki, server_class=offloading)
+            p.handshake()
+            assert p.server.sslobj is None
+            p.app.transport.write(b"right keys")
+            assert p.client_read() == b"right keys"
 
     run(body)
