@@ -70,7 +70,7 @@ def service_workers(bench_pid: int) -> list[int]:
     return [
         p.pid
         for p in psutil.Process(bench_pid).children(recursive=True)
-        if "service.worker" in " ".join(p.cmdline())
+        if p.name().startswith("comet-worker")  # service/proctitle.py
     ]
 
 

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     from service.supervisor.process import run
 
-    sys.exit(run(config))
+    sys.exit(run(config, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 from typing import Any, cast
 
@@ -31,6 +32,7 @@ from service.bus.store import Store
 from service.config import Config, raise_nofile_limit
 from service.contracts import ErrorCode, Frame, WorkerStats, adopt_wait
 from service.jsonlines import Pending
+from service.proctitle import PREFIX, set_title, supervisor_title
 from service.supervisor.control import ControlServer, RequestError
 from service.supervisor.csvlog import CsvLog
 from service.supervisor.frames import FrameBuilder, read_limits
@@ -66,6 +68,7 @@ class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.worker_config = config
+        self.title_args: list[str] | None = None  # run() sets it: ps shows these flags
         self._reloading = False
         # The running (or last) reload, shown in the frame: running, workers done of total,
         # connections handed so far, started (unix time), seconds, failed.
@@ -492,6 +495,8 @@ class Supervisor:
         elif not await self._take_over(predecessor, count):
             return 1
 
+        if self.title_args is not None:
+            set_title(supervisor_title(self.worker_config.port, count, self.title_args), PREFIX)
         await self.bus.start(self._remote_message, self._reseed_workers, self._limit_workers)
         await self.control.start(replace=predecessor is not None)
         try:
@@ -752,8 +757,9 @@ def _make_screen(config: Config) -> Any:
     return make_screen(config.screen, config.log_dir)
 
 
-def run(config: Config) -> int:
-    """Run the supervisor until SIGTERM/SIGINT; the exit code."""
+def run(config: Config, args: list[str] | None = None) -> int:
+    """Run the supervisor until SIGTERM/SIGINT; the exit code. ``args``: the command line it
+    was given, shown in its process title."""
     try:
         import uvloop
 
@@ -761,6 +767,7 @@ def run(config: Config) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         runner = asyncio.run
     sup = Supervisor(config)
+    sup.title_args = list(sys.argv[1:] if args is None else args)
     try:
         return int(runner(sup.run()))
     except RuntimeError as exc:

@@ -30,6 +30,7 @@ import traceback
 from typing import Any
 
 # The import this program exists for: everything a worker needs, loaded before the forks.
+from service.proctitle import PREFIX, set_title
 from service.worker import process
 
 
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError) as exc:
         print(f"forkserver: bad batch on stdin: {exc}", file=sys.stderr)
         return 2
+    set_title(f"{PREFIX}: forking {len(entries)} workers", "comet-fork")
     sys.stdout.flush()
     sys.stderr.flush()
     gc.collect()

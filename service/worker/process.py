@@ -33,6 +33,7 @@ import uvloop
 from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_CANNOT_LISTEN, GIVER_TIMEOUT, WorkerStats
 from service.jsonlines import Message, Peer
+from service.proctitle import set_title, worker_comm, worker_title
 from service.worker import wire
 from service.worker.handoff import Receiver, give
 from service.worker.http import Limits
@@ -85,6 +86,7 @@ class Worker:
         self.backlog = effective_backlog(config.backlog)
         self._sock = sock
         self._server: asyncio.AbstractServer | None = None
+        self.titled = False  # a process of its own: its title shows its state (serve() sets it)
         self._tls_class: type[TlsConn] | None = None
         limits = Limits(
             request_line=config.limit_request_line,
@@ -143,6 +145,7 @@ class Worker:
             self.hub.start_pings()
             self.hub.start_admission()
             self.lag.start()
+            self._title("taking over")
             log.info(
                 "worker %d (pid %d) waiting for a handoff at %s", self.index, os.getpid(), adopt
             )
@@ -177,6 +180,7 @@ class Worker:
         factory: Any = self.tls_class() if cfg.tls_cert else self.protocol_class
         self._server = await self.loop.create_server(factory, sock=sock, backlog=self.backlog)
         self.port = sock.getsockname()[1]
+        self._title()
         capped = (
             f" (asked {self.config.backlog}, capped by net.core.somaxconn)"
             if self.backlog < self.config.backlog
@@ -317,7 +321,17 @@ class Worker:
         async def relisten() -> None:
             await self._listen(make_listener(self.config.host, self.port))
 
-        return await give(self.hub, self._server, path, relisten, listener, history)
+        self._title("handing over")
+        try:
+            return await give(self.hub, self._server, path, relisten, listener, history)
+        finally:
+            serving = self._server is not None and self._server.is_serving()
+            self._title("" if serving else "handed over")
+
+    def _title(self, state: str = "") -> None:
+        """What ps and top show for this process (service/proctitle.py)."""
+        if self.titled:
+            set_title(worker_title(self.index, self.port, state), worker_comm(self.index))
 
     def init(
         self,
@@ -384,6 +398,7 @@ class Worker:
         deadline = self.loop.time() + grace
         if self._server is not None:
             self._server.close()
+        self._title("draining")
         log.info(
             "worker %d draining %d streams (grace %.1fs)",
             self.index,
@@ -516,6 +531,7 @@ class ControlChannel:
 async def serve(config: Config, index: int = 0, control_fd: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     worker = Worker(config, loop, index)
+    worker.titled = True
     try:
         await worker.start(
             os.environ.get("COMET_WORKER_ADOPT") or None,
@@ -568,5 +584,6 @@ def main(argv: list[str] | None = None) -> None:
         level=getattr(logging, config.log_level.upper(), logging.INFO),
         format=f"%(asctime)s worker{index} %(levelname)s %(message)s",
     )
+    set_title(worker_title(index, config.port, "starting"), worker_comm(index))
     raise_nofile_limit()
     uvloop.run(serve(config, index, ns.control_fd))

@@ -1,0 +1,53 @@
+"""What ``ps``, ``top`` and ``htop`` show for the service's processes.
+
+Without this every worker reads ``python -m service.worker.forkserver --report-fd 26`` (the
+program that forked it) and its name in ``top`` is ``python``: 54 identical lines, none saying
+which worker it is or whether it is on its way out. Like nginx's "master process" / "worker
+process", each process sets its title (``/proc/PID/cmdline``, ``ps -o args``) and its name
+(``/proc/PID/comm``, 15 bytes, what ``top`` and ``ps -o comm`` show) with the setproctitle
+library:
+
+    comet-service: supervisor :8888, 54 workers [--workers auto ...]   comm comet-service
+    comet-service: worker 3 :8888                                      comm comet-worker 3
+    comet-service: worker 3 :8888 (handing over)                       (a reload's old worker)
+    comet-service: worker 3 :8888 (draining)                           (stopping)
+
+The supervisor's title keeps its command-line flags (after the summary), as ``ps`` showed them
+before. A title is cosmetic: if setproctitle is missing or fails, nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("comet.proctitle")
+
+PREFIX = "comet-service"
+COMM_LIMIT = 15  # bytes of /proc/PID/comm, without its NUL
+
+
+def set_title(title: str, comm: str) -> None:
+    """Set this process's title and name (``comm``, cut to 15 bytes); never raises."""
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - a dependency; a title is not worth failing for
+        return
+    try:
+        setproctitle.setproctitle(title)
+        # After the title: setproctitle also writes the title's first 15 bytes as the name.
+        setproctitle.setthreadtitle(comm[:COMM_LIMIT])
+    except Exception as exc:  # pragma: no cover - e.g. an unusual argv layout
+        log.debug("cannot set the process title: %s", exc)
+
+
+def supervisor_title(port: int, workers: int, args: list[str]) -> str:
+    flags = f" [{' '.join(args)}]" if args else ""
+    return f"{PREFIX}: supervisor :{port}, {workers} worker{'s' if workers != 1 else ''}{flags}"
+
+
+def worker_title(index: int, port: int, state: str = "") -> str:
+    return f"{PREFIX}: worker {index} :{port}" + (f" ({state})" if state else "")
+
+
+def worker_comm(index: int) -> str:
+    return f"comet-worker {index}"
