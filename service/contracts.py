@@ -32,6 +32,10 @@ def text_problem(value: str) -> str | None:
 # A worker's exit status when it cannot listen on the service port (EX_CONFIG): the supervisor
 # stops instead of restarting it, since another try cannot succeed.
 EXIT_CANNOT_LISTEN = 78
+# A worker's exit status when its TLS or token files cannot be loaded (EX_NOINPUT): they changed
+# since the supervisor checked them. Its slot retries with the usual backoff (the files may be
+# put right); the worker's log line names the file.
+EXIT_BAD_FILES = 66
 
 
 class Msg(TypedDict):

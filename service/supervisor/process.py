@@ -237,6 +237,19 @@ class Supervisor:
             raise RequestError("the service is stopping", ErrorCode.STOPPING)
         if self._reloading:
             raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
+        # The new processes read the TLS and token files now on disk (a renewed certificate, a
+        # rotated secret): files that would fail every one of them refuse the reload here, with
+        # the reason, instead of failing each handoff with "the other side closed".
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.worker_config.validate_access
+            )
+        except ValueError as exc:
+            raise RequestError(
+                f"reload refused, every worker serves on as it is: {exc}", ErrorCode.BAD_REQUEST
+            ) from None
+        if self._reloading:  # another reload started while the files were read
+            raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
         self._reloading = True
         t0 = time.monotonic()
         slots = list(self.slots)

@@ -31,7 +31,7 @@ from typing import Any, cast
 import uvloop
 
 from service.config import Config, parse_args, raise_nofile_limit
-from service.contracts import EXIT_CANNOT_LISTEN, GIVER_TIMEOUT, WorkerStats
+from service.contracts import EXIT_BAD_FILES, EXIT_CANNOT_LISTEN, GIVER_TIMEOUT, WorkerStats
 from service.jsonlines import Message, Peer
 from service.proctitle import set_title, worker_comm, worker_title
 from service.worker import wire
@@ -530,7 +530,13 @@ class ControlChannel:
 # -- process entry -----------------------------------------------------------------------------
 async def serve(config: Config, index: int = 0, control_fd: int | None = None) -> None:
     loop = asyncio.get_running_loop()
-    worker = Worker(config, loop, index)
+    try:
+        worker = Worker(config, loop, index)  # reads the token key files
+        if config.tls_cert:
+            worker.tls_class()  # the certificate and key, before it listens or adopts
+    except ValueError as exc:  # a file changed since the supervisor checked it
+        log.error("worker %d cannot start: %s", index, exc)
+        sys.exit(EXIT_BAD_FILES)
     worker.titled = True
     try:
         await worker.start(

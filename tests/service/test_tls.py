@@ -4,6 +4,11 @@ the load generator as clients, and the start-up errors of a bad certificate."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import signal
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -210,3 +215,92 @@ def test_a_bad_certificate_path_is_a_clear_start_up_error(tmp_path: Path) -> Non
     svc.stop()
     assert code == 2
     assert f"cannot read {tmp_path / 'missing.pem'}" in log and "Traceback" not in log
+
+
+def served_certificate(port: int, ca: Path) -> bytes:
+    """The certificate a new TLS connection gets (DER), verified against ``ca``."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_renewed_certificate_is_served_after_a_reload_with_every_stream_held(
+    tmp_path: Path,
+) -> None:
+    """The certificate renewed in place (new files at the same paths), then `reload`: new
+    connections get the new one, a TLS 1.3 stream opened before goes on on its connection. A
+    renewal gone wrong (the new certificate with the old key) is refused with the reason and
+    the workers serve on with what they have."""
+    old, new = write(tmp_path / "old"), write(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert", "key"):
+        shutil.copy(old[name], live / f"{name}.pem")
+    svc = Service(
+        tmp_path / "svc",
+        *("--workers", "2", "--tls-cert", str(live / "cert.pem")),
+        *("--tls-key", str(live / "key.pem")),
+    )
+    held: subprocess.Popen[bytes] | None = None
+    try:
+        svc.wait_up(2, with_frame=True)
+        held = curl(
+            "--cacert", str(old["ca"]), f"https://localhost:{svc.port}/sub/renew", timeout=30
+        )
+        wait_for(
+            lambda: svc.ask({"op": "channels"})["channels"].get("renew", 0) == 1, 10, "the stream"
+        )
+        before = served_certificate(svc.port, old["ca"])
+        for name in ("cert", "key"):  # as certbot does: new files, renamed into place
+            shutil.copy(new[name], live / f"{name}.tmp")
+            (live / f"{name}.tmp").rename(live / f"{name}.pem")
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["reloaded"] == 2 and answer["handed"] == 1, answer
+        after = served_certificate(svc.port, new["ca"])
+        assert after != before
+        with pytest.raises(ssl.SSLCertVerificationError):
+            served_certificate(svc.port, old["ca"])
+
+        # The certificate of the next renewal with the key of this one: refused, nothing moves.
+        shutil.copy(old["cert"], live / "cert.pem")
+        pids = svc.wait_up(2)["pids"]
+        refused = svc.ask({"op": "reload"})
+        assert refused["ok"] is False and refused["code"] == "bad_request", refused
+        assert "reload refused, every worker serves on as it is" in refused["error"]
+        assert "KEY_VALUES_MISMATCH" in refused["error"], refused
+        assert svc.wait_up(2)["pids"] == pids
+        assert served_certificate(svc.port, new["ca"]) == after
+
+        # A worker that dies meanwhile cannot start on those files: one line, and it comes
+        # back once they are put right.
+        def idle_worker() -> int | None:
+            """The pid of the worker without the stream, once a frame counts only it."""
+            rows = svc.frame()["workers"]
+            if sum(r["conns"] for r in rows) != 1 or {r["pid"] for r in rows} != set(pids):
+                return None  # a frame from before the reload, or with the checks' connections
+            return next(r["pid"] for r in rows if r["conns"] == 0)
+
+        idle = wait_for(idle_worker, 10, "a frame with the one stream")
+        os.kill(idle, signal.SIGKILL)
+        wait_for(lambda: "cannot start: tls: " in svc.log(), 15, "the worker's one line")
+        shutil.copy(new["cert"], live / "cert.pem")
+        wait_for(
+            lambda: (h := svc.health()) and h["workers"] == 2 and idle not in h["pids"],
+            30,
+            "the slot back",
+        )
+        assert served_certificate(svc.port, new["ca"]) == after
+
+        sent = svc.ask({"op": "broadcast", "data": "still here", "channel": "renew"})
+        assert sent["ok"] and sent["recipients"] == 1, sent
+        out = read_until(held, b"still here\n")
+        assert out.count(b"Welcome!") == 1 and out.endswith(b"still here\n"), out
+        assert "Traceback" not in svc.log()
+    finally:
+        if held is not None:
+            held.terminate()
+            held.communicate(timeout=10)
+        svc.stop()
