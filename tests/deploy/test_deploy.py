@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -683,7 +684,9 @@ def test_tls_and_private_channels_through_the_role(
     converged: dict[str, object], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """comet_tls_cert/key are mounted read-only and served on the port; private channels get a
-    generated secret that the sidecar mints tokens with; then back to the CI defaults."""
+    generated secret that the sidecar mints tokens with; a certificate renewed in place is served
+    after the next run, with a TLS stream opened before still on its connection; then back to
+    the CI defaults."""
     from benchmarks.make_test_cert import write
 
     pki = Path("/etc/comet1m/test-tls")
@@ -736,10 +739,68 @@ def test_tls_and_private_channels_through_the_role(
             timeout=30,
         )
         assert held.stdout.startswith(b"Welcome!"), held
+
+        # The certificate renewed in place (new files renamed over the old, as certbot does; here
+        # from another CA): the next run hands the service to a container that mounts the new
+        # files, and a TLS stream opened before goes on on its connection.
+        old_service = _inspect("comet-service")
+        stream = _tls_stream(ca_file, "/sub/renewal")
+        renewed = write(tmp_path_factory.mktemp("renewed"))
+        for f in ("cert.pem", "key.pem"):
+            shutil.copy(renewed[f.removesuffix(".pem")], pki / f"{f}.new")
+            os.chown(pki / f"{f}.new", uid, uid)
+            os.chmod(pki / f"{f}.new", 0o400)
+            (pki / f"{f}.new").rename(pki / f)
+        out, counts = _converge(
+            source,
+            comet_tls_cert=str(pki / "cert.pem"),
+            comet_tls_key=str(pki / "key.pem"),
+            comet_private_channels="private-*",
+        )
+        assert counts["failed"] == 0
+        assert "TASK [comet : Start the successor service container]" in out
+        assert _inspect("comet-service")["Id"] != old_service["Id"]
+        answer = httpx.post(
+            f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
+            json={"data": "after the renewal", "channel": "renewal"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200 and answer.json()["recipients"] == 1, answer.text
+        got = b""
+        while b"after the renewal" not in got:
+            chunk = stream.recv(4096)
+            assert chunk, f"the stream was closed by the renewal: {got!r}"
+            got += chunk
+        stream.close()
+        assert _served_by(renewed["ca"]) and not _served_by(ca_file)
     finally:
         _out, counts = _converge(source)
         assert counts["failed"] == 0
         shutil.rmtree(pki, ignore_errors=True)
+
+
+def _tls_stream(ca_file: Path, path: str) -> ssl.SSLSocket:
+    """An HTTPS stream to the service (verified against ``ca_file``), past its Welcome!."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    raw = socket.create_connection(("127.0.0.1", SERVICE_PORT), timeout=60)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    got = b""
+    while b"Welcome!" not in got:
+        chunk = tls.recv(4096)
+        assert chunk, got
+        got += chunk
+    return tls
+
+
+def _served_by(ca_file: Path) -> bool:
+    """Whether a new HTTPS connection to the service verifies against ``ca_file``."""
+    try:
+        _tls_stream(ca_file, "/").close()
+    except ssl.SSLCertVerificationError:
+        return False
+    return True
 
 
 @pytest.mark.docker
