@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -392,6 +393,11 @@ def test_containers_run_as_non_root_and_report_healthy(converged: dict[str, obje
         assert host["ReadonlyRootfs"] is True, name
         assert host["NetworkMode"] == "host", name
         assert host["RestartPolicy"]["Name"] == "unless-stopped", name
+        # Rotated logs: Docker's default json-file log grows for as long as the container lives.
+        assert host["LogConfig"] == {
+            "Type": "json-file",
+            "Config": {"max-size": "10m", "max-file": "5"},
+        }, name
         if name != "comet-admin":  # the sidecar holds a handful of sockets; the default suffices
             assert {"Name": "nofile", "Soft": 20000, "Hard": 20000} in host["Ulimits"], name
     service = _inspect("comet-service")
@@ -858,3 +864,61 @@ def test_the_appliance_procedure_and_an_upgrade_with_the_clients_held(
         for image in images.split():
             if ":upgrade-" in image:
                 _run([DOCKER, "image", "rm", image], timeout=60)
+
+
+def _restart_dockerd() -> None:
+    """Stop dockerd and start it again, as a docker.io upgrade does."""
+    if Path("/run/systemd/system").exists():
+        res = _run(["systemctl", "restart", "docker"], timeout=180)
+        assert res.returncode == 0, res.stderr
+    else:
+        (pid, *_others) = [int(p) for p in _run(["pgrep", "-x", "dockerd"]).stdout.split()]
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "dockerd to stop")
+        res = _run(
+            [
+                *("start-stop-daemon", "--start", "--background", "--make-pidfile"),
+                *("--pidfile", str(DOCKERD_PIDFILE), "--output", "/var/log/dockerd.log"),
+                *("--exec", "/usr/sbin/dockerd"),
+            ],
+            timeout=30,
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(_docker_ok, 60, "dockerd to answer again")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_dockerd_restart_keeps_the_containers_and_their_connections(
+    converged: dict[str, object],
+) -> None:
+    """docker_engine_live_restore: dockerd stopped and started again (a docker.io upgrade, a
+    crash of the daemon) leaves the containers running, not restarted, and a stream held
+    through it gets the next broadcast on the same connection."""
+    live = _run([DOCKER, "info", "--format", "{{.LiveRestoreEnabled}}"], timeout=30)
+    assert live.stdout.strip() == "true", live
+    config = json.loads(Path("/etc/docker/daemon.json").read_text())
+    assert config["live-restore"] is True
+    before = {name: _inspect(name) for name in CONTAINERS}
+    stream = Stream(SERVICE_PORT, "/sub/dockerd", False, timeout=60)
+    try:
+        wait_for(lambda: b"Welcome!" in stream.data, 30, "the welcome")
+        _restart_dockerd()
+        for name, old in before.items():
+            now = _inspect(name)
+            assert now["Id"] == old["Id"], name
+            assert now["State"]["Running"], name  # type: ignore[index]
+            assert now["State"]["StartedAt"] == old["State"]["StartedAt"], name  # type: ignore[index]
+        token = str(_inventory_vars()["comet_admin_token"])
+        answer = httpx.post(
+            f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
+            json={"data": "after dockerd", "channel": "dockerd"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200 and answer.json()["recipients"] == 1, answer.text
+        wait_for(lambda: b"after dockerd\n" in stream.data, 30, "the broadcast")
+        assert not stream.closed and stream.sock.getsockname() == stream.local
+    finally:
+        stream.close()
