@@ -269,6 +269,19 @@ def _inventory_vars() -> dict[str, object]:
     return yaml.safe_load(CI_INVENTORY.read_text())["all"]["hosts"]["localhost"]  # type: ignore[no-any-return]
 
 
+def _admin_broadcast(data: str, channel: str | None = None) -> dict[str, object]:
+    """``POST /api/broadcast`` with the inventory's admin token; its answer (200 asserted)."""
+    token = str(_inventory_vars()["comet_admin_token"])
+    resp = httpx.post(
+        f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
+        json={"data": data, "channel": channel},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
 def _inspect(name: str) -> dict[str, object]:
     res = _run([DOCKER, "inspect", name], timeout=30)
     assert res.returncode == 0, res.stderr
@@ -299,7 +312,6 @@ def test_converge_reports_the_preflight(converged: dict[str, object]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_curl_gets_welcome_and_an_admin_broadcast(converged: dict[str, object]) -> None:
-    token = str(_inventory_vars()["comet_admin_token"])
     curl = subprocess.Popen(
         ["curl", "-sN", "--max-time", "30", f"http://127.0.0.1:{SERVICE_PORT}/"],
         stdout=subprocess.PIPE,
@@ -308,14 +320,7 @@ def test_curl_gets_welcome_and_an_admin_broadcast(converged: dict[str, object]) 
         assert curl.stdout is not None
         assert curl.stdout.readline() == b"Welcome!\n"
         marker = f"deploy-test-{os.getpid()}-{time.time_ns()}"
-        resp = httpx.post(
-            f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
-            json={"data": marker, "channel": None, "event": None},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
-        assert resp.status_code == 200, resp.text
-        assert resp.json()["recipients"] >= 1
+        assert _admin_broadcast(marker)["recipients"] >= 1  # type: ignore[operator]
         # Pings may come first; the broadcast line must follow within a few seconds.
         deadline = time.monotonic() + 15
         lines = []
@@ -546,14 +551,7 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
     streams = [Stream(SERVICE_PORT, "/sub/upgrade", i % 2 == 0, timeout=60) for i in range(20)]
 
     def publish(data: str) -> int:
-        r = httpx.post(
-            f"{api}/api/broadcast",
-            json={"data": data, "channel": "upgrade"},
-            headers=auth,
-            timeout=30,
-        )
-        assert r.status_code == 200, r.text
-        return int(r.json()["id"])
+        return int(_admin_broadcast(data, "upgrade")["id"])  # type: ignore[call-overload]
 
     steps: list[tuple[str, Path, dict[str, object]]] = [
         ("config", source, {"comet_service_env": {"COMET_PING_INTERVAL": "25"}}),
@@ -766,13 +764,7 @@ def test_tls_and_private_channels_through_the_role(
         assert counts["failed"] == 0
         assert "TASK [comet : Start the successor service container]" in out
         assert _inspect("comet-service")["Id"] != old_service["Id"]
-        answer = httpx.post(
-            f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
-            json={"data": "after the renewal", "channel": "renewal"},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        assert answer.status_code == 200 and answer.json()["recipients"] == 1, answer.text
+        assert _admin_broadcast("after the renewal", "renewal")["recipients"] == 1
         got = b""
         while b"after the renewal" not in got:
             chunk = stream.recv(4096)
@@ -910,14 +902,7 @@ def test_a_dockerd_restart_keeps_the_containers_and_their_connections(
             assert now["Id"] == old["Id"], name
             assert now["State"]["Running"], name  # type: ignore[index]
             assert now["State"]["StartedAt"] == old["State"]["StartedAt"], name  # type: ignore[index]
-        token = str(_inventory_vars()["comet_admin_token"])
-        answer = httpx.post(
-            f"http://127.0.0.1:{ADMIN_PORT}/api/broadcast",
-            json={"data": "after dockerd", "channel": "dockerd"},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        assert answer.status_code == 200 and answer.json()["recipients"] == 1, answer.text
+        assert _admin_broadcast("after dockerd", "dockerd")["recipients"] == 1
         wait_for(lambda: b"after dockerd\n" in stream.data, 30, "the broadcast")
         assert not stream.closed and stream.sock.getsockname() == stream.local
     finally:
