@@ -13,7 +13,9 @@ library:
     comet-service: worker 3 :8888 (draining)                           (stopping)
 
 The supervisor's title keeps its command-line flags (after the summary), as ``ps`` showed them
-before. A title is cosmetic: if setproctitle is missing or fails, nothing else changes.
+before. A load generator's engine processes keep their command line (it names their index and
+source addresses) and are named ``comet-engine I`` (:func:`set_name`). A title is cosmetic: if
+setproctitle is missing or fails, nothing else changes.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def set_title(title: str, comm: str) -> None:
         setproctitle.setthreadtitle(comm[:COMM_LIMIT])
     except Exception as exc:  # pragma: no cover - e.g. an unusual argv layout
         log.debug("cannot set the process title: %s", exc)
+
+
+def set_name(comm: str) -> None:
+    """Set only this process's name (top's column), keeping its command line; never raises."""
+    try:
+        import setproctitle
+
+        setproctitle.setthreadtitle(comm[:COMM_LIMIT])
+    except Exception as exc:  # pragma: no cover - as in set_title
+        log.debug("cannot set the process name: %s", exc)
 
 
 def supervisor_title(port: int, workers: int, args: list[str]) -> str:

@@ -13,6 +13,7 @@ from loadgen.engine.config import EngineConfig
 from loadgen.engine.engine import Engine
 from loadgen.engine.sources import nofile_capacity, parse_source_ips
 from service.jsonlines import Handler, Message, Peer
+from service.proctitle import set_name
 
 
 class ChildOps:
@@ -94,6 +95,7 @@ def child_main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_uvloop()
+    set_name(f"comet-engine {args.index}")  # top's column; `ps -o args` keeps the command line
     try:
         asyncio.run(_child_main(args.index, parse_source_ips(args.source_ips)))
     except KeyboardInterrupt:

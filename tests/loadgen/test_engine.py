@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -155,6 +156,10 @@ def test_a_slow_engine_process_keeps_its_connections(fixture_server):
         slow = pool.children[0].proc
         try:
             await wait_clients(pool, 20)
+            for child in pool.children:  # top's name; the command line is kept for ps
+                proc = Path(f"/proc/{child.proc.pid}")
+                assert (proc / "comm").read_text().strip() == f"comet-engine {child.index}"
+                assert b"loadgen.engine.child" in (proc / "cmdline").read_bytes()
             os.kill(slow.pid, signal.SIGSTOP)
             st = await pool.stats()  # one call_timeout for the stopped one
             assert st.clients == 20 and pool.respawned == 0, st
