@@ -237,6 +237,7 @@ class Worker:
                 cfg.timeout_header,
                 cfg.tls_offload,
                 self.hub.counters,
+                self.hub,
             )
         return self._tls_class
 

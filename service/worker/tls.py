@@ -188,6 +188,9 @@ class TlsConn(asyncio.Protocol):
     app_class: ClassVar[type[asyncio.Protocol]]
     handshake_timeout: ClassVar[float]
     counters: ClassVar[Counters]
+    # The worker's hub: --accept-rate is charged when the TCP connection arrives (see
+    # connection_made); None: no admission here (tests).
+    admission: ClassVar[Any]
     suites: ClassVar[dict[str, Suite]]  # crypto()'s, bound with the rest
     invalid_tag: ClassVar[type[Exception]]
 
@@ -250,6 +253,7 @@ class TlsConn(asyncio.Protocol):
         handshake_timeout: float,
         offload: bool,
         counters: Counters,
+        admission: Any = None,
     ) -> type[TlsConn]:
         """The class of this worker's TLS connections. Without a ``context`` (a successor whose
         new configuration has no TLS) it only adopts connections offloaded elsewhere."""
@@ -264,6 +268,7 @@ class TlsConn(asyncio.Protocol):
                 "app_class": app_class,
                 "handshake_timeout": handshake_timeout,
                 "counters": counters,
+                "admission": admission,
                 "suites": suites,
                 "invalid_tag": invalid_tag,
             },
@@ -280,6 +285,18 @@ class TlsConn(asyncio.Protocol):
             self.app.connection_made(cast(asyncio.Transport, self))
             return
         assert self.context is not None, "a TLS class without a context only adopts"
+        hub = self.admission
+        if hub is not None:
+            # --accept-rate is charged here, before the handshake: the handshake (~0.5 ms of
+            # CPU, most of a TLS accept) is what a reconnect storm must not pile up, and a Conn
+            # (which charges it for plain connections) exists only after it. No 503 can be
+            # sent before a handshake: a connection past the rate is closed at once, and the
+            # client retries it as a network error.
+            if hub.accept_tokens <= 0:
+                self.counters.rejected_total += 1
+                transport.close()
+                return
+            hub.accept_tokens -= 1
         self.wsec = self.rsec = b""
         self.inbio = ssl.MemoryBIO()
         self.outbio = ssl.MemoryBIO()
@@ -393,6 +410,8 @@ class TlsConn(asyncio.Protocol):
         else:
             self.counters.tls_kept_total += 1
         app = self.app = self.app_class()
+        if self.admission is not None:
+            self.admission.accept_tokens += 1  # charged at the TCP accept: the Conn charges it
         app.connection_made(cast(asyncio.Transport, self))  # the part of one a Conn uses
         if self.wkey is not None:
             if rest:

@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,4 +304,53 @@ def test_a_renewed_certificate_is_served_after_a_reload_with_every_stream_held(
         if held is not None:
             held.terminate()
             held.communicate(timeout=10)
+        svc.stop()
+
+
+def test_past_the_accept_rate_a_tls_connection_is_closed_before_its_handshake(
+    tmp_path: Path, pki: dict[str, Path]
+) -> None:
+    """--accept-rate with TLS: charged when the TCP connection arrives, so a storm past the rate
+    costs no handshakes (most of a TLS accept's CPU); those connections are closed at once (no
+    503 can be sent before a handshake). Every handshake done is an admitted connection."""
+    svc = Service(
+        tmp_path,
+        *("--workers", "1", "--accept-rate", "1", "--ping-interval", "30"),
+        *("--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"])),
+    )
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    results: list[str] = []
+
+    def one() -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", svc.port), timeout=15) as raw:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    tls.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    got = b""
+                    while b"Welcome!" not in got and (chunk := tls.recv(4096)):
+                        got += chunk
+                    results.append("welcome" if b"Welcome!" in got else f"answer {got!r}")
+        except OSError as exc:  # reset or EOF in the handshake
+            results.append(f"closed {type(exc).__name__}")
+
+    try:
+        svc.wait_up(1, with_frame=True)
+        threads = [threading.Thread(target=one) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        welcomed = results.count("welcome")
+        closed = [r for r in results if r.startswith("closed")]
+        assert len(results) == 20 and welcomed + len(closed) == 20, results
+        assert welcomed >= 1 and len(closed) >= 5, results  # one per 100 ms tick gets in
+
+        def counted() -> dict[str, int] | None:
+            t = totals(svc)
+            done = t.get("tls_offloaded_total", 0) + t.get("tls_kept_total", 0)
+            return t if done == welcomed and t.get("rejected_total") == len(closed) else None
+
+        t = wait_for(counted, 10, "the counters")
+        assert t["tls_failed_total"] == 0, t  # no handshake was started for the closed ones
+    finally:
         svc.stop()
