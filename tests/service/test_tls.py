@@ -352,5 +352,6 @@ def test_past_the_accept_rate_a_tls_connection_is_closed_before_its_handshake(
 
         t = wait_for(counted, 10, "the counters")
         assert t["tls_failed_total"] == 0, t  # no handshake was started for the closed ones
+        assert "Traceback" not in svc.log() and "Exception" not in svc.log()
     finally:
         svc.stop()
