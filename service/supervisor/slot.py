@@ -416,6 +416,11 @@ class WorkerSlot:
             self.state = "up"
         self._release_gate()
         log.info("worker %d up (pid %d)", self.index, self.pid)
+        if self.sup.stopping:
+            # Told to stop while this process was starting (SIGTERM right after the start):
+            # the supervisor's drain found no process here to ask, and this one would otherwise
+            # run until the grace is over and be killed.
+            await self.drain(max(0.5, self.sup.config.grace - 1.5))
 
     async def _reap(self, proc: Process) -> int | None:
         """The pipe is closed; the process should be gone or going. Make sure it is."""

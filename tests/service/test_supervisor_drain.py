@@ -53,3 +53,30 @@ def test_sigint_also_drains_and_exits_0(tmp_path):
         assert svc.proc.wait(8) == 0, svc.log()
     finally:
         svc.stop()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_workers_start_stops_at_once(tmp_path):
+    """SIGTERM after the supervisor is up and before its workers are (a Ctrl-C right after
+    the start, a `docker stop` of a container just started): the workers that come up after it
+    are told to drain then, instead of running out the grace and being killed."""
+    from pathlib import Path
+
+    svc = Service(tmp_path, "--workers", "2", "--grace", "30")
+    try:
+        cmdline = Path(f"/proc/{svc.proc.pid}/cmdline")
+        deadline = time.monotonic() + 20
+        # The title is set just before the workers are started (service/proctitle.py).
+        while not cmdline.read_bytes().startswith(b"comet-service: supervisor"):
+            assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log()
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        svc.proc.send_signal(signal.SIGTERM)
+        code = svc.proc.wait(30)
+        took = time.monotonic() - t0
+        log = svc.log()
+        assert code == 0, log
+        assert took < 10, f"stopping took {took:.1f} s\n{log}"
+        assert "did not drain in time" not in log and "killing" not in log, log
+    finally:
+        svc.stop()
