@@ -13,9 +13,11 @@ library:
     comet-service: worker 3 :8888 (draining)                           (stopping)
 
 The supervisor's title keeps its command-line flags (after the summary), as ``ps`` showed them
-before. A load generator's engine processes keep their command line (it names their index and
-source addresses) and are named ``comet-engine I`` (:func:`set_name`). A title is cosmetic: if
-setproctitle is missing or fails, nothing else changes.
+before, with a URL's password masked (``--bus redis://:***@host``: the title replaces the
+command line ``ps`` shows every user). A load generator's engine processes keep their command
+line (it names their index and source addresses) and are named ``comet-engine I``
+(:func:`set_name`). A title is cosmetic: if setproctitle is missing or fails, nothing else
+changes.
 """
 
 from __future__ import annotations
@@ -53,8 +55,18 @@ def set_name(comm: str) -> None:
 
 
 def supervisor_title(port: int, workers: int, args: list[str]) -> str:
-    flags = f" [{' '.join(args)}]" if args else ""
+    flags = f" [{' '.join(_masked(a) for a in args)}]" if args else ""
     return f"{PREFIX}: supervisor :{port}, {workers} worker{'s' if workers != 1 else ''}{flags}"
+
+
+def _masked(arg: str) -> str:
+    """A command-line word with a URL's password masked (``--bus redis://:***@host``)."""
+    if "://" not in arg:
+        return arg
+    from service.bus.redis import redact  # only the supervisor: a worker never imports the bus
+
+    flag, eq, url = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    return flag + eq + redact(url)
 
 
 def worker_title(index: int, port: int, state: str = "") -> str:

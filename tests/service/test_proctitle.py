@@ -101,3 +101,20 @@ def test_a_worker_says_it_is_handing_over_and_takes_its_name_back_when_refused(
         t.join(10)
         server.close()
         w.stop()
+
+
+def test_a_password_on_the_command_line_is_masked_in_what_ps_shows(tmp_path) -> None:
+    """`--bus redis://:PASSWORD@host` (COMET_BUS is the better place): the title replaces the
+    command line that every user's ps reads, with the password masked."""
+    from tests.support.net import free_port
+
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"  # nothing listens: the bus is down
+    svc = Service(tmp_path, "--workers", "1", "--bus", url)
+    try:
+        pid = svc.proc.pid
+        wait_for(lambda: title(pid).startswith("comet-service: supervisor"), 15, "the title")
+        shown = title(pid)
+        assert "s3cret-pw" not in shown, shown
+        assert "--bus redis://:***@127.0.0.1:" in shown, shown
+    finally:
+        svc.stop()
