@@ -83,6 +83,13 @@ MESSAGE_MAX_BYTES = 64 * 1024
 ENV_TOKEN_SECRET = "COMET_TOKEN_SECRET"
 
 
+def secret_lines(text: bytes) -> list[bytes]:
+    """The HS256 secrets of a token secret file or ``COMET_TOKEN_SECRET``, one per line: the
+    first is the current one (tokens are signed with it: the sidecar's ``POST /api/tokens``, the
+    application), the others are still accepted by the service while a rotation runs."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 class ErrorCode:
     """The ``code`` of a refused control request (``{"ok": false, "code": ..., "error": ...}``):
     what the sidecar maps to an HTTP status, so no side matches error text."""

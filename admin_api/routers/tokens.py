@@ -16,7 +16,7 @@ import jwt
 from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from service.contracts import ENV_TOKEN_SECRET
+from service.contracts import ENV_TOKEN_SECRET, secret_lines
 
 from ..deps import Authorized, SettingsDep
 from ..responses import BODY_ERRORS, TOKEN_ERRORS, Problem
@@ -75,9 +75,11 @@ def signing_key(settings: AdminSettings) -> tuple[Any, str]:
                 return key, "ES256"
             raise ValueError("not an RSA or EC private key")
         if settings.subscriber_secret_file is not None:
-            secret = settings.subscriber_secret_file.read_bytes().strip()
+            text = settings.subscriber_secret_file.read_bytes()
         else:
-            secret = os.environ.get(ENV_TOKEN_SECRET, "").strip().encode()
+            text = os.environ.get(ENV_TOKEN_SECRET, "").encode()
+        # The first line: the others are older secrets the service still accepts (a rotation).
+        secret = next(iter(secret_lines(text)), b"")
     except (OSError, ValueError) as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"cannot read the signing key: {exc}"

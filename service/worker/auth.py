@@ -14,7 +14,8 @@ Tokens: channels matching ``--private-channels`` (comma-separated glob patterns 
 ``EventSource`` cannot set headers) or ``Authorization: Bearer``. Its signature is checked with
 PyJWT's algorithm objects (see :meth:`TokenCheck._decode` for why not ``jwt.decode``): HS256
 with the shared secret (``--token-secret-file`` or ``COMET_TOKEN_SECRET``; never a flag, so it
-never shows in ``ps``), or RS256 / ES256 with ``--token-public-key-file``. Claims: ``exp``
+never shows in ``ps``; one secret per line: the first is the current one, the others are still
+accepted while a rotation runs), or RS256 / ES256 with ``--token-public-key-file``. Claims: ``exp``
 (required), ``sub`` (optional), ``channels`` (names or glob patterns the token may read).
 Missing → 401; a bad signature, an expired token or a channel the token does not name → 403;
 each with a one-line reason and its own counter. The token itself is never logged.
@@ -37,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from service.contracts import ENV_TOKEN_SECRET
+from service.contracts import ENV_TOKEN_SECRET, secret_lines
 from service.worker.http import HttpError
 
 CACHE_SIZE = 4096
@@ -105,30 +106,35 @@ class Cors:
 # ---- tokens --------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Keys:
-    secret: bytes | None
+    secret: bytes | None  # the current HS256 secret (the first line)
     public_key: Any | None  # a cryptography public key object
+    previous: tuple[bytes, ...] = ()  # older secrets still accepted (the other lines)
 
 
 def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Keys:
     """The verification keys; ValueError names the option that is wrong."""
     env = os.environ if environ is None else environ
-    secret: bytes | None = None
+    secrets: list[bytes] = []
     if secret_file:
         try:
             with open(secret_file, "rb") as f:
-                secret = f.read().strip()
+                secrets = secret_lines(f.read())
         except OSError as exc:
             raise ValueError(
                 f"token-secret-file: cannot read {secret_file}: {exc.strerror or exc}"
             ) from None
-        if not secret:
+        if not secrets:
             raise ValueError(f"token-secret-file: {secret_file} is empty")
     elif env.get(ENV_TOKEN_SECRET):
-        secret = env[ENV_TOKEN_SECRET].strip().encode()
-    if secret is not None and len(secret) < 32:
-        raise ValueError(
-            "token secret: at least 32 bytes are needed for HS256 (e.g. `openssl rand -hex 32`)"
-        )
+        secrets = secret_lines(env[ENV_TOKEN_SECRET].encode())
+    for n, one in enumerate(secrets, 1):
+        if len(one) < 32:
+            where = f" (line {n})" if len(secrets) > 1 else ""
+            raise ValueError(
+                f"token secret{where}: at least 32 bytes are needed for HS256 "
+                "(e.g. `openssl rand -hex 32`)"
+            )
+    secret = secrets[0] if secrets else None
     public_key = None
     if public_key_file:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -154,7 +160,7 @@ def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Ke
                 f"token-public-key-file: {public_key_file} must be an RSA (RS256) or EC P-256 "
                 "(ES256) public key"
             )
-    return Keys(secret, public_key)
+    return Keys(secret, public_key, tuple(secrets[1:]))
 
 
 class TokenCheck:
@@ -170,7 +176,8 @@ class TokenCheck:
         self._cache: OrderedDict[str, tuple[float, re.Pattern[str] | None]] = OrderedDict()
         # PyJWT (and the cryptography it loads, ~10 MB of RSS) only in a worker that checks
         # tokens: at 54 workers that is half a gigabyte nobody else needs.
-        self._verifiers: dict[str, tuple[Any, Any]] = {}  # alg → (PyJWT algorithm, its key)
+        # alg → (PyJWT algorithm, its keys: HS256's current secret first, then older ones)
+        self._verifiers: dict[str, tuple[Any, tuple[Any, ...]]] = {}
         self._headers: dict[str, Any] = {}  # base64url header → parsed (a few per issuer)
         if self.active:
             self._verifiers = _verifiers(keys)
@@ -240,11 +247,15 @@ class TokenCheck:
             return self._refuse("token_invalid_total", "token algorithm is not accepted here")
         if "crit" in header:
             return self._refuse("token_invalid_total", "token has critical JWS extensions")
-        algorithm, key = verifier
-        try:
-            good = algorithm.verify(signed, key, signature)
-        except Exception:  # a malformed signature for the key type (e.g. ES256 length)
-            good = False
+        algorithm, keys = verifier
+        good = False
+        for key in keys:  # one, but for the old secrets of a rotation
+            try:
+                good = algorithm.verify(signed, key, signature)
+            except Exception:  # a malformed signature for the key type (e.g. ES256 length)
+                good = False
+            if good:
+                break
         if not good:
             return self._refuse("token_invalid_total", "token signature does not verify")
         try:
@@ -279,21 +290,22 @@ class TokenCheck:
         return HttpError(status, reason)
 
 
-def _verifiers(keys: Keys) -> dict[str, tuple[Any, Any]]:
-    """alg → (PyJWT algorithm object, the key prepared for it), for the configured keys only."""
+def _verifiers(keys: Keys) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+    """alg → (PyJWT algorithm object, the keys prepared for it), for the configured keys only:
+    HS256's current secret first, then the older ones of a rotation."""
     from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
-    out: dict[str, tuple[Any, Any]] = {}
+    out: dict[str, tuple[Any, tuple[Any, ...]]] = {}
     if keys.secret is not None:
         hmac = HMACAlgorithm(HMACAlgorithm.SHA256)
-        out["HS256"] = (hmac, hmac.prepare_key(keys.secret))
+        out["HS256"] = (hmac, tuple(hmac.prepare_key(s) for s in (keys.secret, *keys.previous)))
     if keys.public_key is not None:
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
         if isinstance(keys.public_key, rsa.RSAPublicKey):
-            out["RS256"] = (RSAAlgorithm(RSAAlgorithm.SHA256), keys.public_key)
+            out["RS256"] = (RSAAlgorithm(RSAAlgorithm.SHA256), (keys.public_key,))
         elif isinstance(keys.public_key, ec.EllipticCurvePublicKey):
-            out["ES256"] = (ECAlgorithm(ECAlgorithm.SHA256), keys.public_key)
+            out["ES256"] = (ECAlgorithm(ECAlgorithm.SHA256), (keys.public_key,))
     return out
 
 

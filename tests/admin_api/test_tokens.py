@@ -63,6 +63,21 @@ def test_a_minted_token_opens_a_private_channel(
         assert status_of(resp) == 403
 
 
+def test_a_rotation_signs_with_the_first_line(fake: FakeControl, tmp_path: Path) -> None:
+    """The secret file during a rotation (new secret first, the old one after it, as the service
+    reads it): minted tokens are signed with the new one only."""
+    new = "the-new-secret-of-at-least-32-bytes!!"
+    f = tmp_path / "secret"
+    f.write_text(f"{new}\n{SECRET}\n")
+    with sidecar(fake, subscriber_secret_file=f) as admin:
+        r = httpx.post(f"{admin.url}/api/tokens", headers=AUTH, json={"channels": ["p-*"]})
+        assert r.status_code == 200, r.text
+        tok = r.json()["token"]
+        assert jwt.decode(tok, new, algorithms=["HS256"])["channels"] == ["p-*"]
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(tok, SECRET, algorithms=["HS256"])
+
+
 def test_es256_from_a_private_key(fake: FakeControl, tmp_path: Path) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(

@@ -351,6 +351,28 @@ def test_secret_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert json.dumps(stats).count("token_") == 4
 
 
+def test_a_rotation_accepts_the_old_secret_on_the_second_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A secret file with the new secret first and the old one after it: tokens signed with
+    either subscribe, one signed with neither is refused; a short line is a one-line error."""
+    monkeypatch.delenv("COMET_TOKEN_SECRET", raising=False)
+    new, old = "n" * 40, SECRET
+    f = tmp_path / "secret"
+    f.write_text(f"{new}\n{old}\n")
+    with running_worker(private_channels="p-*", token_secret_file=str(f)) as w:
+        for key in (new, old):
+            s = subscribe(w, f"/sub/p-1?token={token(channels=['p-*'], key=key)}")
+            assert b"Welcome!" in read_until(s, b"Welcome!"), key
+            s.close()
+        stranger = token(channels=["p-*"], key="x" * 40)
+        resp = get(w.port, f"/sub/p-1?token={stranger}")
+        assert status_of(resp) == 403 and b"signature does not verify" in resp
+    f.write_text(f"{new}\nshort\n")
+    with pytest.raises(ValueError, match=r"token secret \(line 2\): at least 32 bytes"):
+        Config(private_channels="p-*", token_secret_file=str(f)).validate_access()
+
+
 def test_a_worker_without_tokens_does_not_load_pyjwt() -> None:
     """PyJWT and cryptography cost ~10 MB of RSS a process: only a worker that checks tokens
     (or speaks TLS) loads them (54 workers at a million). The whole worker is imported, as the
