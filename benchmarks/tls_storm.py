@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,9 @@ import psutil  # noqa: E402
 
 from benchmarks.make_test_cert import write  # noqa: E402
 from tests.support.control import ask  # noqa: E402
+from tests.support.net import free_port  # noqa: E402
 
 BENCH = Path(sys.executable).with_name("comet-bench")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def one_run(out: Path, conns: int, accept_rate: int) -> dict[str, object]:

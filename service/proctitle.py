@@ -38,10 +38,9 @@ def set_title(title: str, comm: str) -> None:
         return
     try:
         setproctitle.setproctitle(title)
-        # After the title: setproctitle also writes the title's first 15 bytes as the name.
-        setproctitle.setthreadtitle(comm[:COMM_LIMIT])
     except Exception as exc:  # pragma: no cover - e.g. an unusual argv layout
         log.debug("cannot set the process title: %s", exc)
+    set_name(comm)  # after the title: setproctitle also writes its first 15 bytes as the name
 
 
 def set_name(comm: str) -> None:

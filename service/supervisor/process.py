@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from typing import Any, cast
 
@@ -772,7 +771,7 @@ def _make_screen(config: Config) -> Any:
 
 def run(config: Config, args: list[str] | None = None) -> int:
     """Run the supervisor until SIGTERM/SIGINT; the exit code. ``args``: the command line it
-    was given, shown in its process title."""
+    was given (service/__main__.py), shown in its process title."""
     try:
         import uvloop
 
@@ -780,7 +779,7 @@ def run(config: Config, args: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         runner = asyncio.run
     sup = Supervisor(config)
-    sup.title_args = list(sys.argv[1:] if args is None else args)
+    sup.title_args = list(args or ())
     try:
         return int(runner(sup.run()))
     except RuntimeError as exc:

@@ -165,29 +165,8 @@ def docker_engine() -> Iterator[None]:
         assert res.returncode == 0, res.stderr
     started = False
     if not _docker_ok():
-        res = _run(
-            [
-                "start-stop-daemon",
-                "--start",
-                "--background",
-                "--make-pidfile",
-                "--pidfile",
-                str(DOCKERD_PIDFILE),
-                "--output",
-                "/var/log/dockerd.log",
-                "--exec",
-                "/usr/sbin/dockerd",
-            ],
-            timeout=30,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
+        _start_dockerd()
         started = True
-        deadline = time.monotonic() + 60
-        while not _docker_ok():
-            assert time.monotonic() < deadline, (
-                "dockerd did not answer within 60 s (see /var/log/dockerd.log)"
-            )
-            time.sleep(0.5)
     yield
     if started:
         # Only a dockerd this fixture started is stopped again, by its pid.
@@ -205,6 +184,25 @@ def docker_engine() -> Iterator[None]:
             ],
             timeout=60,
         )
+
+
+def _start_dockerd() -> None:
+    """dockerd in the background (where no systemd runs it), with its pid file; once it answers."""
+    res = _run(
+        [
+            *("start-stop-daemon", "--start", "--background", "--make-pidfile"),
+            *("--pidfile", str(DOCKERD_PIDFILE), "--output", "/var/log/dockerd.log"),
+            *("--exec", "/usr/sbin/dockerd"),
+        ],
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    deadline = time.monotonic() + 60
+    while not _docker_ok():
+        assert time.monotonic() < deadline, (
+            "dockerd did not answer within 60 s (see /var/log/dockerd.log)"
+        )
+        time.sleep(0.5)
 
 
 def _snapshot_sources(dest: Path) -> Path:
@@ -867,15 +865,7 @@ def _restart_dockerd() -> None:
         (pid, *_others) = [int(p) for p in _run(["pgrep", "-x", "dockerd"]).stdout.split()]
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "dockerd to stop")
-        res = _run(
-            [
-                *("start-stop-daemon", "--start", "--background", "--make-pidfile"),
-                *("--pidfile", str(DOCKERD_PIDFILE), "--output", "/var/log/dockerd.log"),
-                *("--exec", "/usr/sbin/dockerd"),
-            ],
-            timeout=30,
-        )
-        assert res.returncode == 0, res.stdout + res.stderr
+        _start_dockerd()
     wait_for(_docker_ok, 60, "dockerd to answer again")
 
 
