@@ -314,7 +314,7 @@ class Config:
 
         keys = auth.load_keys(self.token_secret_file, self.token_public_key_file, environ)
         if (self.private_channels.strip() or self.require_token) and (
-            keys.secret is None and keys.public_key is None
+            not keys.secrets and keys.public_key is None
         ):
             raise ValueError(
                 "private-channels / require-token: no key to check tokens with (set "

@@ -106,9 +106,8 @@ class Cors:
 # ---- tokens --------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Keys:
-    secret: bytes | None  # the current HS256 secret (the first line)
+    secrets: tuple[bytes, ...]  # HS256: the current secret, then older ones still accepted
     public_key: Any | None  # a cryptography public key object
-    previous: tuple[bytes, ...] = ()  # older secrets still accepted (the other lines)
 
 
 def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Keys:
@@ -134,7 +133,6 @@ def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Ke
                 f"token secret{where}: at least 32 bytes are needed for HS256 "
                 "(e.g. `openssl rand -hex 32`)"
             )
-    secret = secrets[0] if secrets else None
     public_key = None
     if public_key_file:
         from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -160,7 +158,7 @@ def load_keys(secret_file: str, public_key_file: str, environ: Any = None) -> Ke
                 f"token-public-key-file: {public_key_file} must be an RSA (RS256) or EC P-256 "
                 "(ES256) public key"
             )
-    return Keys(secret, public_key, tuple(secrets[1:]))
+    return Keys(tuple(secrets), public_key)
 
 
 class TokenCheck:
@@ -296,9 +294,9 @@ def _verifiers(keys: Keys) -> dict[str, tuple[Any, tuple[Any, ...]]]:
     from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
     out: dict[str, tuple[Any, tuple[Any, ...]]] = {}
-    if keys.secret is not None:
+    if keys.secrets:
         hmac = HMACAlgorithm(HMACAlgorithm.SHA256)
-        out["HS256"] = (hmac, tuple(hmac.prepare_key(s) for s in (keys.secret, *keys.previous)))
+        out["HS256"] = (hmac, tuple(hmac.prepare_key(s) for s in keys.secrets))
     if keys.public_key is not None:
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
