@@ -319,9 +319,13 @@ class Supervisor:
             self._reloading = False
             state["running"] = False
         failed = [r for r in results if "error" in r]
+        skipped = [r for r in results if "skipped" in r]
         summary = {
             "workers": len(results),
             "reloaded": sum(1 for r in results if "handed" in r),
+            # Slots not up when their turn came (restarting after a crash, or draining: the
+            # service began to stop meanwhile): their processes were not replaced.
+            "skipped": len(skipped),
             "handed": sum(int(r.get("handed", 0)) for r in results),
             "kept": sum(int(r.get("kept", 0)) for r in results),
             "failed": len(failed),
@@ -331,9 +335,19 @@ class Supervisor:
             "handoff_s_max": max((float(r.get("seconds", 0)) for r in results), default=0.0),
             "slots": results,
         }
-        (log.error if failed else log.info)(
-            "reload: %s", {k: v for k, v in summary.items() if k != "slots"}
-        )
+        brief = {k: v for k, v in summary.items() if k != "slots"}
+        if failed:
+            log.error("reload: %s", brief)
+        elif skipped:
+            log.warning(
+                "reload: %d of %d workers not replaced (%s): %s",
+                len(skipped),
+                len(results),
+                "the service is stopping" if self.stopping else skipped[0]["skipped"],
+                brief,
+            )
+        else:
+            log.info("reload: %s", brief)
         return summary
 
     async def handover(self, to: list[str], listeners: int) -> dict[str, Any]:
