@@ -329,6 +329,8 @@ class Supervisor:
             "handed": sum(int(r.get("handed", 0)) for r in results),
             "kept": sum(int(r.get("kept", 0)) for r in results),
             "failed": len(failed),
+            # Taken by a new process before its slot's handoff failed: told to reconnect.
+            "reconnecting": sum(int(r.get("reconnecting", 0)) for r in results),
             "seconds": round(time.monotonic() - t0, 3),
             "prepare_s": state.get("prepare_s"),
             "locked_s": state.get("locked_s"),

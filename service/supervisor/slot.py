@@ -44,6 +44,7 @@ PIPE_LIMIT = 64 * 1024 * 1024  # longest worker answer line (channels of a busy 
 # The worker's pipe closed (or broke) before it answered.
 WorkerGone = PeerGone
 
+RETIRE_TIMEOUT = 10.0  # a reload's new process draining what it took before a failure
 HANDOFF_TIMEOUT = 120.0  # a worker's handoff of its connections (a few seconds at 20,000)
 _seq = itertools.count(1)
 
@@ -285,6 +286,7 @@ class WorkerSlot:
         if old is None or self.peer is None or self.state != "up":
             await self._discard(new, path)
             return {"index": self.index, "skipped": f"worker is {self.state}"}
+        moved = 0  # connections the new process took before the handoff failed
         try:
             bus = self.sup.bus
             init = self._init_request(upto=self.seen_id)
@@ -297,6 +299,7 @@ class WorkerSlot:
             t0 = time.monotonic()
             handed = await self.request({"op": "handoff", "to": path}, HANDOFF_TIMEOUT)
             if handed.get("error"):
+                moved = int(handed.get("handed", 0))
                 raise RuntimeError(handed["error"])
             self._use(new)
             if bus.last_id > announced:
@@ -320,9 +323,41 @@ class WorkerSlot:
             log.info("worker %d reloaded: %s", self.index, result)
             return result
         except Exception as exc:
-            log.error("worker %d: reload failed, the old process serves on: %s", self.index, exc)
+            error = str(exc) or type(exc).__name__
+            if not moved:
+                log.error(
+                    "worker %d: reload failed, the old process serves on: %s", self.index, error
+                )
+                await self._discard(new, path)
+                return {"index": self.index, "error": error}
+            # The new process holds live connections it took before the handoff stopped (its
+            # open-files limit, a successor of older code that cannot take TLS ones, a stall):
+            # killing it would close them without a word. The old process serves on with the
+            # rest; the new one sends its connections the reconnect hint (streams resume from
+            # their last id through the old one), closes them and exits.
+            log.error(
+                "worker %d: reload failed after %d connections moved; the old process serves on "
+                "and the new one tells those to reconnect: %s",
+                self.index,
+                moved,
+                error,
+            )
+            await self._retire(new, path)
+            return {"index": self.index, "error": error, "reconnecting": moved}
+
+    async def _retire(self, new: WorkerProcess, path: str) -> None:
+        """A new process that took connections but will not serve this slot: drained (each gets
+        the reconnect hint, as in a stop), then reaped; killed if it has not exited by then. A
+        second or two with the slot's lock held: a failed reload's answer comes once it is gone."""
+        try:
+            new.peer.call_nowait({"op": "drain", "grace": 1.0})
+            await asyncio.wait_for(asyncio.shield(new.reading), RETIRE_TIMEOUT)
+        except PeerGone:
+            pass  # it drained and exited: its pipe closed
+        except Exception as exc:  # still running at the timeout (killed below), or its pipe broke
+            log.warning("worker %d: the new process did not drain by itself: %r", self.index, exc)
+        finally:
             await self._discard(new, path)
-            return {"index": self.index, "error": str(exc) or type(exc).__name__}
 
     async def start_for_takeover(
         self, path: str | None, givers: int, wait: float | None = None

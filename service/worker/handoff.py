@@ -159,15 +159,25 @@ async def _recv(sock: socket.socket, maxfds: int = 0) -> tuple[dict[str, Any], l
     async with asyncio.timeout(STEP_TIMEOUT):
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, maxfds)
+                data, fds, flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, maxfds)
                 break
             except (BlockingIOError, InterruptedError):
                 await _ready(sock, write=False)
-    if not data:
-        for fd in fds:
-            os.close(fd)
+    if not data or flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        if data:  # the kernel could not give this process every descriptor that came
+            raise OSError(
+                f"descriptors lost in passing (MSG_CTRUNC; {len(fds)} arrived): this process "
+                "is at its open-files limit"
+            )
         raise ConnectionError("the other side closed the handoff socket")
     return dict(json.loads(data)), fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _where(hub: Hub) -> tuple[dict[int, str], dict[tuple[int, int], float]]:
@@ -362,7 +372,8 @@ async def give(
             answer, _ = await _recv(sock)
             t_wait += loop.time() - tw
             if answer.get("adopted") != len(done):
-                raise ConnectionError(f"the successor adopted {answer.get('adopted')!r} of a batch")
+                why = answer.get("error") or f"it adopted {answer.get('adopted')!r} of a batch"
+                raise ConnectionError(f"the successor refused: {why}")
             for c, _ in done:
                 c.let_go()
             handed += len(done)
@@ -514,6 +525,11 @@ class Receiver:
                         await _send(conn, {"ok": True})
                     elif "conns" in msg or "tls_conns" in msg:
                         states = msg.get("conns") or msg["tls_conns"]
+                        if len(states) != len(fds):
+                            _close_all(fds)
+                            raise ValueError(
+                                f"{len(states)} connection states came with {len(fds)} sockets"
+                            )
                         family = msg.get("family")
                         await self.adopt_conns(
                             [(_wrap(fd, family), st) for st, fd in zip(states, fds, strict=True)]
@@ -522,6 +538,13 @@ class Receiver:
                         await _send(conn, {"adopted": len(states)})
                     elif msg.get("done"):
                         break
+                    else:
+                        # A step of a newer giver: refused, its descriptors closed here (kept,
+                        # they would hold those connections open behind the giver's back).
+                        _close_all(fds)
+                        keys = ", ".join(sorted(msg)) or "nothing"
+                        await _send(conn, {"error": f"unknown handoff step ({keys})"})
+                        raise ValueError(f"the giver sent an unknown handoff step ({keys})")
             log.info("adopted %d connections from the previous worker so far", self.adopted)
             return True
         except Exception as exc:

@@ -56,6 +56,17 @@ class Conn(asyncio.Protocol):
         self.poll = None
         hub = self.hub
         ctr = hub.counters
+        if ADOPTING and id(self) in ADOPTING:
+            # A live connection handed over (handoff.py), not a new client: never turned away,
+            # whatever this process's cap (a successor with a lower open-files limit or
+            # --limit-connections, or fewer workers taking over more): its descriptor is here
+            # already, and a 503 written into its stream would end it for nothing.
+            ctr.conns += 1
+            ctr.adopted_total += 1
+            self._adopt(ADOPTING.pop(id(self)))
+            if hub.draining:  # stopping while it came: told to reconnect, as the rest are
+                hub.drain_streams([self])
+            return
         if ctr.conns >= hub.cap or hub.draining:
             # Over the cap: answer before reading anything, so a flood costs no parsing.
             self.state = REJECTED
@@ -63,11 +74,6 @@ class Conn(asyncio.Protocol):
             ctr.rejected_total += 1
             transport.write(self.reject_bytes)
             transport.close()
-            return
-        if ADOPTING and id(self) in ADOPTING:
-            ctr.conns += 1
-            ctr.adopted_total += 1
-            self._adopt(ADOPTING.pop(id(self)))
             return
         if hub.accept_tokens <= 0:
             # Past --accept-rate: come back later, each client at its own time.

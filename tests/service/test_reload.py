@@ -278,6 +278,73 @@ def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker
             s.close()
 
 
+def _streams_then_lower_the_limit(svc: Service, n: int, nofile: int) -> list[Stream]:
+    """``n`` SSE streams on the one worker of ``svc``, then the supervisor's open-files limit
+    lowered to ``nofile``: the new process of a reload (forked from a forkserver the supervisor
+    starts then) gets it, the running worker keeps its own."""
+    svc.wait_up(1)
+    streams = [Stream(svc.port, f"/sub/{CH}", sse=True) for _ in range(n)]
+    wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 20, f"{n} welcomes")
+    psutil.Process(svc.proc.pid).rlimit(psutil.RLIMIT_NOFILE, (nofile, nofile))
+    return streams
+
+
+def test_a_successor_adopts_every_connection_past_its_own_cap(tmp_path) -> None:
+    """A new process whose connection cap is lower than what it takes over (here its open-files
+    limit, 450: a cap of 1; also fewer workers taking over more, or --limit-connections) adopts
+    them all: the cap turns away new clients, never a live connection handed to it (it used
+    to write a 503 into 299 of the 300 streams and close them, and the reload said ok)."""
+    svc = Service(tmp_path, "--workers", "1", "--ping-interval", "30")
+    streams: list[Stream] = []
+    try:
+        streams = _streams_then_lower_the_limit(svc, 300, 450)
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["reloaded"] == 1 and answer["handed"] == 300, answer
+        assert "connection cap 1" in svc.log()  # the new process's cap
+        sent = svc.ask({"op": "broadcast", "data": "after", "channel": CH})
+        assert sent["recipients"] == 300, sent
+        wait_for(lambda: all(b"data: after" in s.data for s in streams), 10, "delivery")
+        assert not any(s.closed or b"HTTP/1.1 503" in s.data for s in streams)
+    finally:
+        for s in streams:
+            s.close()
+        svc.stop()
+
+
+def test_a_successor_out_of_descriptors_mid_way_tells_what_it_took_to_reconnect(
+    tmp_path,
+) -> None:
+    """The new process can take the first batch (200) and not the second (its open-files
+    limit, 260: the kernel drops descriptors past it, MSG_CTRUNC). The old process serves on
+    with the 100 it kept; the new one, instead of being killed with 200 live connections (which
+    closed them without a word), sends each the reconnect hint, closes them and exits; the
+    answer and the log say so."""
+    svc = Service(tmp_path, "--workers", "1", "--ping-interval", "30")
+    streams: list[Stream] = []
+    try:
+        streams = _streams_then_lower_the_limit(svc, 300, 260)
+        supervisor = psutil.Process(svc.proc.pid)
+        old = supervisor.children()[0].pid
+        answer = svc.ask({"op": "reload"})
+        assert answer["ok"] and answer["failed"] == 1 and answer["reloaded"] == 0, answer
+        assert answer["reconnecting"] == 200 == answer["slots"][0]["reconnecting"], answer
+        assert [c.pid for c in supervisor.children()] == [old]  # the new one is gone
+        wait_for(lambda: sum(s.closed for s in streams) == 200, 10, "200 told to reconnect")
+        closed = [s for s in streams if s.closed]
+        assert all(b"event: reconnect\ndata: reconnect\n\n" in s.data for s in closed)
+        sent = svc.ask({"op": "broadcast", "data": "after", "channel": CH})
+        assert sent["recipients"] == 100, sent
+        held = [s for s in streams if not s.closed]
+        wait_for(lambda: all(b"data: after" in s.data for s in held), 10, "delivery")
+        log = svc.log()
+        assert "MSG_CTRUNC" in log and "open-files limit" in log  # the new process's reason
+        assert "reload failed after 200 connections moved" in log
+    finally:
+        for s in streams:
+            s.close()
+        svc.stop()
+
+
 def test_batches_go_ahead_of_their_answers_and_only_answered_ones_are_let_go(
     short_dir, monkeypatch
 ) -> None:

@@ -366,6 +366,59 @@ def test_a_receiver_told_the_handover_ended_stops_at_once_after_serving_the_give
     assert not os.path.exists(path)  # closed and unlinked
 
 
+def test_a_receiver_refuses_a_step_it_does_not_know_and_closes_what_came_with_it(
+    tmp_path: Path,
+) -> None:
+    """A giver of newer code sends a step this successor does not know, with a descriptor.
+    The successor answers with an error naming it and closes the descriptor (kept, it would
+    hold that connection open behind the giver's back: the giver keeps serving it and closes it
+    one day, and the client would never see the end), then ends this giver."""
+    import subprocess
+    import sys
+
+    from service.worker.handoff import Receiver
+
+    path = str(tmp_path / "handoff.sock")
+    giver = (
+        "import json, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect(sys.argv[1])\n"
+        "mine, sent = socket.socketpair()\n"
+        "socket.send_fds(s, [json.dumps({'future_step': [{}]}).encode()], [sent.fileno()])\n"
+        "sent.close()\n"
+        "answer = s.recv(65536)\n"
+        "mine.settimeout(10)\n"
+        "print(answer.decode(), mine.recv(1) == b'')\n"  # b'': every copy of `sent` is closed
+    )
+
+    async def main() -> tuple[str, list[bool]]:
+        ended: list[bool] = []
+
+        async def on_end(got_listener: bool) -> None:
+            ended.append(got_listener)
+
+        async def unused(*args: object) -> None:
+            raise AssertionError("nothing is adopted in this test")
+
+        Receiver(path, unused, unused, givers=1, on_end=on_end, wait=30.0)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", giver, path, stdout=subprocess.PIPE
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0
+        for _ in range(100):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+        return out.decode(), ended
+
+    out, ended = uvloop.run(main())
+    answer, closed = out.rsplit(" ", 1)
+    assert json.loads(answer) == {"error": "unknown handoff step (future_step)"}
+    assert closed.strip() == "True"
+    assert ended == [False]
+
+
 _STREAM = {"kind": "stream", "fmt": 0, "channel": "news", "last_id": 0, "expires_in": 0.0}
 
 
