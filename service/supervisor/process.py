@@ -591,6 +591,20 @@ class Supervisor:
         if m == 0:
             log.error("takeover: the service at %s has no workers", self.config.control_socket)
             return False
+        port = old.get("port")
+        if isinstance(port, int) and self.config.port not in (0, port):
+            # The listener comes with the connections: the workers would serve the old port
+            # while every later listen (a worker's restart) used the new one.
+            log.error(
+                "takeover refused: the service at %s serves port %d and this one is set to "
+                "--port %d; a takeover keeps the port. Start this one with --port %d, or stop "
+                "the running one first to move (its clients reconnect)",
+                self.config.control_socket,
+                port,
+                self.config.port,
+                port,
+            )
+            return False
         t0 = time.monotonic()
         log.info(
             "takeover: the service at %s (%d workers, port %s) is running; starting %d workers "

@@ -251,6 +251,34 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
         svc.stop()
 
 
+def test_a_takeover_to_another_port_is_refused_before_anything_starts(short_dir: Path) -> None:
+    """The running service serves one port, the new one is set to another: the listener would
+    come with the connections (the workers serving the old port, a restarted worker the new
+    one), so the new service says so and exits 1 without asking for a handover."""
+    run = short_dir / "run"
+    run.mkdir()
+    path = str(run / "control.sock")
+    running_port, asked = free_port(), []
+
+    def answer(op: str) -> dict[str, Any]:
+        asked.append(op)
+        return {"ok": True, "workers": 1, "pids": [1], "port": running_port}
+
+    server = fake_predecessor(path, answer)
+    svc = Service(short_dir / "new", "--workers", "1", "--control-socket", path, "--take-over")
+    try:
+        assert svc.proc.wait(60) == 1
+        log = svc.log()
+        assert (
+            f"serves port {running_port} and this one is set to --port {svc.port}; a takeover "
+            f"keeps the port. Start this one with --port {running_port}" in log
+        ), log
+        assert asked == ["health"]
+    finally:
+        server.close()
+        svc.stop()
+
+
 def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
     short_dir: Path,
 ) -> None:
