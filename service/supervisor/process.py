@@ -605,6 +605,8 @@ class Supervisor:
                 port,
             )
             return False
+        if not await self._takeover_fits(m, count):
+            return False
         t0 = time.monotonic()
         log.info(
             "takeover: the service at %s (%d workers, port %s) is running; starting %d workers "
@@ -670,6 +672,43 @@ class Supervisor:
         self._open_history()
         self._first = ready
         return True
+
+    async def _takeover_fits(self, m: int, count: int) -> bool:
+        """Whether ``count`` workers here can hold what the ``m`` running ones hold (old worker
+        ``i`` gives to new worker ``i % count``), each within its open-files limit less the
+        descriptors it keeps for itself. Too many to a worker would fail its handoff mid-way
+        (MSG_CTRUNC) and leave both services serving part of the clients: refused up front,
+        saying how many workers would do. Without the running one's counts, not judged."""
+        answer = await self._ask_predecessor({"op": "stats"}, 5.0)
+        rows = ((answer or {}).get("frame") or {}).get("workers") or []
+        held = [int(w.get("conns", 0) or 0) for w in rows if isinstance(w, dict)]
+        if len(held) != m:
+            return True
+        room = max(1, self.nofile - self.config.fd_reserve)
+
+        def worst(n: int) -> int:
+            return max(sum(held[i] for i in range(j, m, n)) for j in range(n))
+
+        if worst(count) <= room:
+            return True
+        enough = next((n for n in range(count + 1, m + 1) if worst(n) <= room), None)
+        log.error(
+            "takeover refused: the service at %s holds %d connections on %d workers; with %d "
+            "workers here one would take %d, more than the %d it can hold (RLIMIT_NOFILE %d less "
+            "--fd-reserve %d). %s",
+            self.config.control_socket,
+            sum(held),
+            m,
+            count,
+            worst(count),
+            room,
+            self.nofile,
+            self.config.fd_reserve,
+            f"Start this one with --workers {enough} or more, or a higher open-files limit"
+            if enough is not None
+            else "Start this one with a higher open-files limit",
+        )
+        return False
 
     async def _reseed_workers(self) -> None:
         """The bus found its history only after the workers started (Redis was down then):

@@ -236,7 +236,7 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
         assert svc.proc.wait(60) == 1
         log = svc.log()
         assert "takeover refused by the running service: a reload or handover" in log, log
-        assert asked == ["health", "handover"]
+        assert asked == ["health", "stats", "handover"]
         assert not list(run.glob("takeover-*.sock"))
         workers = [
             p
@@ -274,6 +274,45 @@ def test_a_takeover_to_another_port_is_refused_before_anything_starts(short_dir:
             f"keeps the port. Start this one with --port {running_port}" in log
         ), log
         assert asked == ["health"]
+    finally:
+        server.close()
+        svc.stop()
+
+
+def test_a_takeover_by_too_few_workers_to_hold_the_connections_is_refused(
+    short_dir: Path,
+) -> None:
+    """The running service's two workers hold 15,000 connections each; one worker here (open
+    files 20,000, less the 500 reserve) could not hold 30,000: its handoff would fail mid-way
+    and leave both services serving part of the clients. Refused before anything starts,
+    naming how many workers would do."""
+    run = short_dir / "run"
+    run.mkdir()
+    path = str(run / "control.sock")
+    port, asked = free_port(), []
+
+    def answer(op: str) -> dict[str, Any]:
+        asked.append(op)
+        if op == "stats":
+            return {"ok": True, "frame": {"workers": [{"conns": 15000}, {"conns": 15000}]}}
+        return {"ok": True, "workers": 2, "pids": [1, 2], "port": port}
+
+    server = fake_predecessor(path, answer)
+    svc = Service(
+        short_dir / "new",
+        *("--workers", "1", "--control-socket", path, "--take-over"),
+        port=port,
+        nofile=20000,
+    )
+    try:
+        assert svc.proc.wait(60) == 1
+        log = svc.log()
+        assert (
+            "holds 30000 connections on 2 workers; with 1 workers here one would take 30000, "
+            "more than the 19500 it can hold (RLIMIT_NOFILE 20000 less --fd-reserve 500). "
+            "Start this one with --workers 2 or more" in log
+        ), log
+        assert asked == ["health", "stats"]
     finally:
         server.close()
         svc.stop()
