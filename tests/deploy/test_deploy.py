@@ -643,6 +643,34 @@ def test_a_successor_left_running_stops_a_handoff_and_a_restart_replaces_both(
         assert counts["failed"] == 0
 
 
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_port_change_under_a_handoff_stops_before_anything_changes(
+    converged: dict[str, object],
+) -> None:
+    """A handoff passes the listening socket on with the connections, so it cannot move the
+    port. site.yml says so before its first change (the host tuning would otherwise move the
+    connection-tracking exemption away from the port the running service still serves), and
+    the service container and its clients are left as they were."""
+    source = Path(str(converged["source"]))
+    before = _inspect("comet-service")
+    stream = Stream(SERVICE_PORT, "/sub/port", True, timeout=60)
+    try:
+        wait_for(lambda: b"Welcome!" in stream.data, 30, "a welcome")
+        res = _playbook(source, comet_port=SERVICE_PORT + 10)
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-3000:]
+        assert f"comet_port changes from {SERVICE_PORT} to {SERVICE_PORT + 10}" in out, out[-3000:]
+        assert "-e comet_upgrade=restart" in out
+        assert "TASK [host_tuning" not in out  # stopped in the first play
+        after = _inspect("comet-service")
+        assert after["Id"] == before["Id"] and after["State"]["Running"]  # type: ignore[index]
+        assert not stream.closed
+    finally:
+        stream.close()
+
+
 def _conntrack_growth(port: int, n: int = 300) -> int:
     """How many conntrack entries ``n`` held connections to ``port`` add."""
     count = Path("/proc/sys/net/netfilter/nf_conntrack_count")
