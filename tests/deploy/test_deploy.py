@@ -598,6 +598,41 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
 
 @pytest.mark.docker
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_successor_that_cannot_start_fails_the_play_at_once_and_the_old_one_serves_on(
+    converged: dict[str, object],
+) -> None:
+    """An upgrade whose new service container exits at once (here a bad option): the play
+    stops as soon as it has (not after comet_upgrade_timeout, 300 s), quoting the successor's
+    own error, and the old container serves on with its restart policy given back (it was set
+    to "no" for the handoff: a reboot would otherwise leave the host without the service)."""
+    source = Path(str(converged["source"]))
+    before = _inspect("comet-service")
+    stream = Stream(SERVICE_PORT, "/sub/failed-upgrade", True, timeout=60)
+    try:
+        wait_for(lambda: b"Welcome!" in stream.data, 30, "a welcome")
+        t0 = time.monotonic()
+        res = _playbook(source, comet_service_env={"COMET_PING_INTERVAL": "-1"})
+        took = time.monotonic() - t0
+        out = res.stdout + res.stderr
+        assert res.returncode != 0, out[-3000:]
+        assert "The handoff to a new service container did not complete (old" in out, out[-3000:]
+        assert "ping_interval: must be positive, got -1.0" in out, out[-3000:]  # its last lines
+        assert took < 290, took  # the wait (up to 300 s) ended when the successor stopped
+        after = _inspect("comet-service")
+        assert after["Id"] == before["Id"] and after["State"]["Running"]  # type: ignore[index]
+        assert after["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"  # type: ignore[index]
+        assert not stream.closed
+        sent = _admin_broadcast("still here", "failed-upgrade")
+        wait_for(lambda: b"data: still here" in stream.data, 30, "a broadcast after it")
+        assert sent["recipients"] >= 1  # type: ignore[index]
+    finally:
+        stream.close()
+        _run([DOCKER, "rm", "-f", "comet-service-next"], timeout=60)
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_successor_left_running_stops_a_handoff_and_a_restart_replaces_both(
     converged: dict[str, object],
