@@ -259,6 +259,7 @@ class Supervisor:
             "done": 0,
             "handed": 0,
             "failed": 0,
+            "reconnecting": 0,
             "seconds": 0.0,
         }
         results: list[dict[str, Any]] = []
@@ -290,6 +291,7 @@ class Supervisor:
                 state["done"] += 1
                 state["handed"] += int(result.get("handed", 0))
                 state["failed"] += 1 if "error" in result else 0
+                state["reconnecting"] += int(result.get("reconnecting", 0))
                 state["seconds"] = round(time.monotonic() - t0, 3)
                 return result
 

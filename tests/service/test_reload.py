@@ -328,6 +328,13 @@ def test_a_successor_out_of_descriptors_mid_way_tells_what_it_took_to_reconnect(
         answer = svc.ask({"op": "reload"})
         assert answer["ok"] and answer["failed"] == 1 and answer["reloaded"] == 0, answer
         assert answer["reconnecting"] == 200 == answer["slots"][0]["reconnecting"], answer
+
+        def over() -> dict[str, Any] | None:  # frames come once a second (none at first)
+            r = (svc.ask({"op": "stats"}).get("frame") or {}).get("reload")
+            return r if r and not r["running"] else None
+
+        progress = wait_for(over, 5, "the reload's end in the frame")
+        assert (progress["failed"], progress["reconnecting"]) == (1, 200), progress
         assert [c.pid for c in supervisor.children()] == [old]  # the new one is gone
         wait_for(lambda: sum(s.closed for s in streams) == 200, 10, "200 told to reconnect")
         closed = [s for s in streams if s.closed]
