@@ -202,6 +202,22 @@ def test_a_failed_handover_leaves_the_running_service_as_it_is(short_dir: Path) 
         old.stop()
 
 
+def refused_takeover(short_dir: Path, answer: Any, *args: str, **kw: Any) -> str:
+    """A service started with --take-over beside a fake_predecessor giving ``answer``, which
+    must exit 1: its log."""
+    run = short_dir / "run"
+    run.mkdir()
+    path = str(run / "control.sock")
+    server = fake_predecessor(path, answer)
+    svc = Service(short_dir / "new", "--control-socket", path, "--take-over", *args, **kw)
+    try:
+        assert svc.proc.wait(60) == 1
+        return svc.log()
+    finally:
+        server.close()
+        svc.stop()
+
+
 def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
     short_dir: Path,
 ) -> None:
@@ -212,11 +228,7 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
 
     import psutil
 
-    run = short_dir / "run"
-    run.mkdir()
-    path = str(run / "control.sock")
-    port = free_port()
-    asked: list[str] = []
+    port, asked = free_port(), []
 
     def answer(op: str) -> dict[str, Any]:
         asked.append(op)
@@ -228,55 +240,37 @@ def test_a_handover_the_running_service_refuses_leaves_nothing_of_the_new_one(
             "error": "a reload or handover is under way already",
         }
 
-    server = fake_predecessor(path, answer)
-    svc = Service(
-        short_dir / "new", "--workers", "2", "--control-socket", path, "--take-over", port=port
-    )
-    try:
-        assert svc.proc.wait(60) == 1
-        log = svc.log()
-        assert "takeover refused by the running service: a reload or handover" in log, log
-        assert asked == ["health", "stats", "handover"]
-        assert not list(run.glob("takeover-*.sock"))
-        workers = [
-            p
-            for p in psutil.process_iter(["environ"])
-            if (p.info["environ"] or {}).get("COMET_WORKER_ADOPT", "").startswith(str(run))
-        ]
-        assert workers == []
-        with socket.socket() as probe:  # nobody of ours listens on the port
-            probe.bind(("127.0.0.1", port))
-    finally:
-        server.close()
-        svc.stop()
+    log = refused_takeover(short_dir, answer, "--workers", "2", port=port)
+    assert "takeover refused by the running service: a reload or handover" in log, log
+    assert asked == ["health", "stats", "handover"]
+    run = short_dir / "run"
+    assert not list(run.glob("takeover-*.sock"))
+    workers = [
+        p
+        for p in psutil.process_iter(["environ"])
+        if (p.info["environ"] or {}).get("COMET_WORKER_ADOPT", "").startswith(str(run))
+    ]
+    assert workers == []
+    with socket.socket() as probe:  # nobody of ours listens on the port
+        probe.bind(("127.0.0.1", port))
 
 
 def test_a_takeover_to_another_port_is_refused_before_anything_starts(short_dir: Path) -> None:
     """The running service serves one port, the new one is set to another: the listener would
     come with the connections (the workers serving the old port, a restarted worker the new
     one), so the new service says so and exits 1 without asking for a handover."""
-    run = short_dir / "run"
-    run.mkdir()
-    path = str(run / "control.sock")
-    running_port, asked = free_port(), []
+    running_port, port, asked = free_port(), free_port(), []
 
     def answer(op: str) -> dict[str, Any]:
         asked.append(op)
         return {"ok": True, "workers": 1, "pids": [1], "port": running_port}
 
-    server = fake_predecessor(path, answer)
-    svc = Service(short_dir / "new", "--workers", "1", "--control-socket", path, "--take-over")
-    try:
-        assert svc.proc.wait(60) == 1
-        log = svc.log()
-        assert (
-            f"serves port {running_port} and this one is set to --port {svc.port}; a takeover "
-            f"keeps the port. Start this one with --port {running_port}" in log
-        ), log
-        assert asked == ["health"]
-    finally:
-        server.close()
-        svc.stop()
+    log = refused_takeover(short_dir, answer, "--workers", "1", port=port)
+    assert (
+        f"serves port {running_port} and this one is set to --port {port}; a takeover "
+        f"keeps the port. Start this one with --port {running_port}" in log
+    ), log
+    assert asked == ["health"]
 
 
 def test_a_takeover_by_too_few_workers_to_hold_the_connections_is_refused(
@@ -286,9 +280,6 @@ def test_a_takeover_by_too_few_workers_to_hold_the_connections_is_refused(
     files 20,000, less the 500 reserve) could not hold 30,000: its handoff would fail mid-way
     and leave both services serving part of the clients. Refused before anything starts,
     naming how many workers would do."""
-    run = short_dir / "run"
-    run.mkdir()
-    path = str(run / "control.sock")
     port, asked = free_port(), []
 
     def answer(op: str) -> dict[str, Any]:
@@ -297,25 +288,13 @@ def test_a_takeover_by_too_few_workers_to_hold_the_connections_is_refused(
             return {"ok": True, "frame": {"workers": [{"conns": 15000}, {"conns": 15000}]}}
         return {"ok": True, "workers": 2, "pids": [1, 2], "port": port}
 
-    server = fake_predecessor(path, answer)
-    svc = Service(
-        short_dir / "new",
-        *("--workers", "1", "--control-socket", path, "--take-over"),
-        port=port,
-        nofile=20000,
-    )
-    try:
-        assert svc.proc.wait(60) == 1
-        log = svc.log()
-        assert (
-            "holds 30000 connections on 2 workers; with 1 workers here one would take 30000, "
-            "more than the 19500 it can hold (RLIMIT_NOFILE 20000 less --fd-reserve 500). "
-            "Start this one with --workers 2 or more" in log
-        ), log
-        assert asked == ["health", "stats"]
-    finally:
-        server.close()
-        svc.stop()
+    log = refused_takeover(short_dir, answer, "--workers", "1", port=port, nofile=20000)
+    assert (
+        "holds 30000 connections on 2 workers; with 1 workers here one would take 30000, "
+        "more than the 19500 it can hold (RLIMIT_NOFILE 20000 less --fd-reserve 500). "
+        "Start this one with --workers 2 or more" in log
+    ), log
+    assert asked == ["health", "stats"]
 
 
 def test_workers_whose_giver_never_comes_listen_once_the_handover_has_ended(
