@@ -60,6 +60,11 @@ class ServiceRefused(ControlError):
     """The service answered ``{"ok": false, "error": ...}`` (or something unreadable)."""
 
 
+class ServiceConflict(ControlError):
+    """The service's state forbids it now (a reload or handover under way; files a reload's new
+    workers could not load): 409."""
+
+
 class ServiceBusy(ControlError):
     """The service answered but cannot do it now (it is stopping, or has no frame yet): 503."""
 
@@ -70,6 +75,7 @@ class BusUnavailable(ServiceBusy):
 
 # The ``code`` of a refusal (service.contracts.ErrorCode) that a retry may cure.
 _UNAVAILABLE: dict[Any, type[ControlError]] = {
+    ErrorCode.CONFLICT: ServiceConflict,
     ErrorCode.BUS_UNAVAILABLE: BusUnavailable,
     ErrorCode.STOPPING: ServiceBusy,
     ErrorCode.NOT_READY: ServiceBusy,
@@ -173,6 +179,12 @@ class ControlClient:
             return int(answer["id"]), int(answer["recipients"])
         except (KeyError, TypeError, ValueError):
             raise ServiceRefused("the broadcast answer lacks an id or a recipient count") from None
+
+    async def reload(self, timeout: float) -> dict[str, Any]:
+        """Every worker replaced, its connections handed over (``reload``): the answer."""
+        answer = await self.request({"op": "reload"}, timeout)
+        answer.pop("ok", None)
+        return answer
 
 
 @dataclass(frozen=True, slots=True)

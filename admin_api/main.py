@@ -14,12 +14,13 @@ from .control import (
     ControlClient,
     FrameWatcher,
     ServiceBusy,
+    ServiceConflict,
     ServiceRefused,
     ServiceTimeout,
     ServiceUnavailable,
 )
 from .middleware import BearerAuth, BodyCheck, HeaderCount, SecurityHeaders
-from .routers import broadcast, cluster, dashboard, health, metrics, stats, tokens
+from .routers import broadcast, cluster, dashboard, health, metrics, reload, stats, tokens
 from .settings import AdminSettings, get_settings
 
 LIMIT_HEADER_COUNT = 100
@@ -67,6 +68,9 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
     async def refused(request: Request, exc: Exception) -> JSONResponse:
         return _error(status.HTTP_502_BAD_GATEWAY, exc)
 
+    async def conflict(request: Request, exc: Exception) -> JSONResponse:
+        return _error(status.HTTP_409_CONFLICT, exc)
+
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         # Only where and what: echoing the input back could not even be encoded when it holds
         # a lone surrogate (a 500), and a client has its own copy.
@@ -84,8 +88,9 @@ def create_app(settings: AdminSettings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceBusy, unavailable)
     app.add_exception_handler(ServiceTimeout, timed_out)
     app.add_exception_handler(ServiceRefused, refused)
+    app.add_exception_handler(ServiceConflict, conflict)
 
-    for module in (health, stats, cluster, broadcast, tokens, metrics, dashboard):
+    for module in (health, stats, cluster, broadcast, reload, tokens, metrics, dashboard):
         app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC_DIR), name="static")
 

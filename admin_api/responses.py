@@ -32,3 +32,9 @@ SERVICE_ERRORS: dict[int | str, dict[str, Any]] = {
     503: _doc("the service (or the Redis it shares) is unreachable"),
     504: _doc("the service did not answer in time"),
 }
+RELOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    409: _doc(
+        "a reload or handover is under way already, or the TLS / token files are ones a new "
+        "worker could not load (every worker serves on as it is; detail says why)"
+    ),
+}

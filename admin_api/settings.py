@@ -46,6 +46,14 @@ class AdminSettings(BaseSettings):
         gt=0,
         description="seconds to wait for a broadcast to be written to every subscriber",
     )
+    reload_timeout: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "seconds to wait for POST /api/reload to replace every worker; past it a 504, and "
+            "the reload goes on (its progress is in /api/stats, 'reload')"
+        ),
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     subscriber_secret_file: Path | None = Field(
         default=None,

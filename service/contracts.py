@@ -95,6 +95,9 @@ class ErrorCode:
     what the sidecar maps to an HTTP status, so no side matches error text."""
 
     BAD_REQUEST = "bad_request"  # the request itself is wrong: 400
+    # The service's state forbids it now: a reload or handover under way, or TLS / token files
+    # a new worker could not load (a reload): 409.
+    CONFLICT = "conflict"
     BUS_UNAVAILABLE = "bus_unavailable"  # the shared bus (Redis) cannot take it now: 503
     STOPPING = "stopping"  # the service is shutting down: 503
     NOT_READY = "not_ready"  # just started, no stats frame yet: 503

@@ -235,7 +235,7 @@ class Supervisor:
         if self.stopping:
             raise RequestError("the service is stopping", ErrorCode.STOPPING)
         if self._reloading:
-            raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
+            raise RequestError("a reload is under way already", ErrorCode.CONFLICT)
         # The new processes read the TLS and token files now on disk (a renewed certificate, a
         # rotated secret): files that would fail every one of them refuse the reload here, with
         # the reason, instead of failing each handoff with "the other side closed".
@@ -245,10 +245,10 @@ class Supervisor:
             )
         except ValueError as exc:
             raise RequestError(
-                f"reload refused, every worker serves on as it is: {exc}", ErrorCode.BAD_REQUEST
+                f"reload refused, every worker serves on as it is: {exc}", ErrorCode.CONFLICT
             ) from None
         if self._reloading:  # another reload started while the files were read
-            raise RequestError("a reload is under way already", ErrorCode.BAD_REQUEST)
+            raise RequestError("a reload is under way already", ErrorCode.CONFLICT)
         self._reloading = True
         t0 = time.monotonic()
         slots = list(self.slots)
@@ -363,7 +363,7 @@ class Supervisor:
         if self.stopping:
             raise RequestError("the service is stopping", ErrorCode.STOPPING)
         if self._reloading:
-            raise RequestError("a reload or handover is under way already", ErrorCode.BAD_REQUEST)
+            raise RequestError("a reload or handover is under way already", ErrorCode.CONFLICT)
         slots = list(self.slots)
         if len(to) != len(slots):
             raise RequestError(f"handover: 'to' names {len(to)} paths for {len(slots)} workers")

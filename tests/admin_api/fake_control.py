@@ -32,6 +32,18 @@ class FakeControl:
         self.fail_with: str | None = None
         self.fail_code = "bad_request"
         self.hang_ops: set[str] = set()  # ops never answered (a wedged supervisor)
+        self.reload_answer: dict[str, Any] = {
+            "ok": True,
+            "workers": 2,
+            "reloaded": 2,
+            "skipped": 0,
+            "handed": 7,
+            "kept": 0,
+            "failed": 0,
+            "reconnecting": 0,
+            "seconds": 0.4,
+            "slots": [],
+        }
         self.next_id = 1
         self.step = 0
         self.accepted_total = 0
@@ -155,6 +167,8 @@ class FakeControl:
             self.msgs_sent_total += recipients
             self.broadcasts.append(message)
             return {"ok": True, "id": message["id"], "recipients": recipients}
+        if op == "reload":
+            return dict(self.reload_answer)
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     # ---- server internals (on the fake's loop) ------------------------------------------------

@@ -20,6 +20,7 @@ PROTECTED = [
     ("GET", "/api/channels"),
     ("POST", "/api/broadcast"),
     ("POST", "/api/tokens"),
+    ("POST", "/api/reload"),
     ("GET", "/metrics"),
 ]
 
@@ -183,6 +184,22 @@ def test_a_refusal_a_retry_may_cure_is_503_by_its_code(
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     fake.fail_code = "bad_request"
     assert client.post("/api/broadcast", headers=AUTH, json={"data": "x"}).status_code == 502
+
+
+def test_reload_answers_what_the_service_did_409_when_it_cannot_and_502_when_unreadable(
+    client: httpx.Client, fake: FakeControl
+) -> None:
+    r = client.post("/api/reload", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json() == {k: v for k, v in fake.reload_answer.items() if k != "ok"}
+    assert [q["op"] for q in fake.requests if q.get("op") == "reload"] == ["reload"]
+    fake.fail_with, fake.fail_code = "a reload is under way already", "conflict"
+    r = client.post("/api/reload", headers=AUTH)
+    assert r.status_code == 409 and r.json() == {"detail": "a reload is under way already"}
+    fake.fail_with, fake.fail_code = None, "bad_request"
+    fake.reload_answer = {"ok": True, "workers": 2}  # a service that answers less than this knows
+    r = client.post("/api/reload", headers=AUTH)
+    assert r.status_code == 502 and "lacks a field" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize(

@@ -104,3 +104,34 @@ def test_stream_and_restart_of_the_real_service(
                 assert resumed is not None and resumed["uptime_s"] < 30
                 ok = httpx.get(sidecar.url + "/api/stats", headers=sidecar.auth)
                 assert ok.status_code == 200
+
+
+def test_reload_through_the_api_moves_the_curl_clients(
+    short_dir: Path, service: Service, sidecar: Sidecar
+) -> None:
+    """POST /api/reload answers what the reload did: the worker replaced, three curl streams
+    handed over on their TCP connections (each curl still running and getting a broadcast
+    after it)."""
+    url = sidecar.url + "/api/reload"
+    assert httpx.post(url).status_code == 401
+    with CurlClients(short_dir, f"http://127.0.0.1:{service.port}/", 3) as curls:
+        wait_for(lambda: conns(sidecar) == 3, 20, "3 connections in the frame")
+        wait_for(lambda: all("Welcome!" in t for t in curls.texts()), 10, "welcome lines")
+        before = set(service.ask({"op": "health"})["pids"])
+        r = httpx.post(url, headers=sidecar.auth, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert {k: body[k] for k in ("workers", "reloaded", "handed", "failed")} == {
+            "workers": 1,
+            "reloaded": 1,
+            "handed": 3,
+            "failed": 0,
+        }, body
+        assert body["skipped"] == body["reconnecting"] == 0 and body["slots"][0]["handed"] == 3
+        assert set(service.ask({"op": "health"})["pids"]).isdisjoint(before)
+        sent = httpx.post(
+            sidecar.url + "/api/broadcast", headers=sidecar.auth, json={"data": "after-reload"}
+        )
+        assert sent.status_code == 200 and sent.json()["recipients"] == 3, sent.text
+        wait_for(lambda: all("after-reload\n" in t for t in curls.texts()), 10, "the broadcast")
+        assert all(p.poll() is None for p in curls.procs)  # no stream ended

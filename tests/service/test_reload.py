@@ -222,7 +222,7 @@ def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None
         svc.stop()
 
 
-def test_sighup_reloads_and_a_second_reload_at_once_is_refused(tmp_path) -> None:
+def test_sighup_reloads_every_worker_and_the_stream_stays(tmp_path) -> None:
     svc = Service(tmp_path, "--workers", "1")
     try:
         old = set(svc.wait_up(1)["pids"])

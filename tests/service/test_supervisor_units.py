@@ -269,6 +269,23 @@ def test_a_reload_counts_and_names_the_workers_it_could_not_replace(tmp_path, ca
     assert warned and "1 of 2 workers not replaced (worker is starting)" in warned[0].message
 
 
+def test_a_second_reload_while_one_runs_is_refused_as_a_conflict(tmp_path):
+    """What POST /api/reload turns into a 409: the code, not the text, says it."""
+    from service.contracts import ErrorCode
+    from service.supervisor.control import RequestError
+
+    async def go() -> None:
+        sup = _bare_supervisor(tmp_path, [_PreparingSlot(prepare=0.3)])
+        first = asyncio.create_task(sup.reload())
+        await _began(sup)
+        with pytest.raises(RequestError, match="a reload is under way already") as refused:
+            await sup.reload()
+        assert refused.value.code == ErrorCode.CONFLICT
+        assert (await first)["reloaded"] == 1
+
+    asyncio.run(go())
+
+
 def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_every_slot_free(
     tmp_path,
 ):

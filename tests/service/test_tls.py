@@ -269,7 +269,7 @@ def test_a_renewed_certificate_is_served_after_a_reload_with_every_stream_held(
         shutil.copy(old["cert"], live / "cert.pem")
         pids = svc.wait_up(2)["pids"]
         refused = svc.ask({"op": "reload"})
-        assert refused["ok"] is False and refused["code"] == "bad_request", refused
+        assert refused["ok"] is False and refused["code"] == "conflict", refused
         assert "reload refused, every worker serves on as it is" in refused["error"]
         assert "KEY_VALUES_MISMATCH" in refused["error"], refused
         assert svc.wait_up(2)["pids"] == pids
