@@ -605,7 +605,8 @@ def test_a_successor_that_cannot_start_fails_the_play_at_once_and_the_old_one_se
     """An upgrade whose new service container exits at once (here a bad option): the play
     stops as soon as it has (not after comet_upgrade_timeout, 300 s), quoting the successor's
     own error, and the old container serves on with its restart policy given back (it was set
-    to "no" for the handoff: a reboot would otherwise leave the host without the service)."""
+    to "no" for the handoff: a reboot would otherwise leave the host without the service); the
+    next converge removes the stopped successor."""
     source = Path(str(converged["source"]))
     before = _inspect("comet-service")
     stream = Stream(SERVICE_PORT, "/sub/failed-upgrade", True, timeout=60)
@@ -626,6 +627,14 @@ def test_a_successor_that_cannot_start_fails_the_play_at_once_and_the_old_one_se
         sent = _admin_broadcast("still here", "failed-upgrade")
         wait_for(lambda: b"data: still here" in stream.data, 30, "a broadcast after it")
         assert sent["recipients"] >= 1  # type: ignore[index]
+        # The stopped successor holds nothing: the next converge (the configuration as it was,
+        # so no handoff) removes it and leaves the service alone.
+        assert not _inspect("comet-service-next")["State"]["Running"]  # type: ignore[index]
+        _out, counts = _converge(source)
+        assert counts["failed"] == 0
+        assert _run([DOCKER, "inspect", "comet-service-next"]).returncode != 0
+        assert _inspect("comet-service")["Id"] == before["Id"]
+        assert not stream.closed
     finally:
         stream.close()
         _run([DOCKER, "rm", "-f", "comet-service-next"], timeout=60)
