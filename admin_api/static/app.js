@@ -149,8 +149,61 @@ function onFrame(frame) {
     }
     return tr;
   }));
+  showReload(frame.reload);
   maybeCluster(frame);
 }
+
+// ---- reload: its progress from the frame, its answer from POST /api/reload -----------------
+function ago(t) {
+  const s = Math.max(0, Math.floor(Date.now() / 1000 - t));
+  return s < 120 ? s + " s ago" : s < 7200 ? Math.floor(s / 60) + " min ago"
+    : Math.floor(s / 3600) + " h ago";
+}
+
+function showReload(r) {
+  const el = $("reload-state");
+  if (!r) { el.textContent = ""; return; }
+  const what = int(r.done) + " of " + int(r.workers) + " workers, " + int(r.handed)
+    + " connections moved" + (r.failed ? ", " + int(r.failed) + " failed" : "")
+    + (r.reconnecting ? ", " + int(r.reconnecting) + " told to reconnect" : "");
+  el.dataset.running = String(Boolean(r.running));
+  el.textContent = r.running ? "reloading: " + what
+    : "last reload " + ago(r.started) + ": " + what
+      + " in " + fixed(r.seconds, 1) + " s";
+}
+
+$("reload-send").addEventListener("click", async () => {
+  const out = $("reload-result");
+  const button = $("reload-send");
+  out.className = "";
+  out.textContent = "reloading…";
+  button.disabled = true;
+  try {
+    const res = await fetch("/api/reload", {
+      method: "POST", headers: { Authorization: "Bearer " + token },
+    });
+    if (res.status === 401) { showLogin("That token was refused."); return; }
+    if (!res.ok) {
+      out.className = "bad";
+      out.textContent = "Not reloaded (" + res.status + "): " + await errorText(res);
+      return;
+    }
+    const r = await res.json();
+    out.className = r.failed ? "bad" : "ok";
+    out.textContent = int(r.reloaded) + " of " + int(r.workers) + " workers replaced, "
+      + int(r.handed) + " connection" + (r.handed === 1 ? "" : "s") + " moved"
+      + (r.kept ? ", " + int(r.kept) + " told to reconnect (could not move)" : "")
+      + (r.failed ? ", " + int(r.failed) + " failed (the old process serves on)" : "")
+      + (r.skipped ? ", " + int(r.skipped) + " skipped (not up)" : "")
+      + (r.reconnecting ? ", " + int(r.reconnecting) + " told to reconnect" : "")
+      + " in " + fixed(r.seconds, 2) + " s.";
+  } catch (e) {
+    out.className = "bad";
+    out.textContent = "Not reloaded: admin sidecar unreachable";
+  } finally {
+    button.disabled = false;
+  }
+});
 
 // ---- the cluster (multi-node bus only) -----------------------------------------------------
 let clusterAt = 0;

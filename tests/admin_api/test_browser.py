@@ -84,6 +84,30 @@ def test_dashboard_end_to_end_with_the_real_service(short_dir: Path, page) -> No
                 10,
                 "the broadcast on every curl -N client",
             )
+
+            # A reload from the page: the worker replaced, the four curl streams moved on their
+            # TCP connections (each curl still running and getting a message after it).
+            pid = cells[1]
+            page.click("#reload-send")
+            page.wait_for_selector("#reload-result.ok", timeout=30_000)
+            assert page.inner_text("#reload-result").startswith(
+                "1 of 1 workers replaced, 4 connections moved"
+            ), page.inner_text("#reload-result")
+            wait_for(
+                lambda: page.locator("#workers tbody tr td").all_inner_texts()[1] != pid,
+                10,
+                "the new worker's pid in the table",
+            )
+            page.wait_for_selector("#reload-state[data-running=false]", timeout=10_000)
+            assert "1 of 1 workers, 4 connections moved" in page.inner_text("#reload-state")
+            page.fill("#bc-data", "after the reload")
+            page.click("#bc-send")
+            wait_for(
+                lambda: all("after the reload\n" in t for t in curls.texts()),
+                10,
+                "a broadcast after the reload on every curl -N client",
+            )
+            assert all(p.poll() is None for p in curls.procs)  # no stream ended
             page.wait_for_timeout(1500)  # a couple more frames so the charts have lines
             screenshot(page, "dashboard-live.png")
 
