@@ -244,6 +244,43 @@ def test_concurrent_publishers_deliver_exactly_once_in_id_order_everywhere(
     assert all(seq == sequences[0] for seq in sequences), "every client saw the same stream"
 
 
+def test_a_reload_under_the_other_nodes_publishers_keeps_every_message_once(
+    cluster: Cluster,
+) -> None:
+    """n1 reloads (both workers replaced, their streams handed over) twice while n2 and n3
+    publish through Redis: n1's subscribers stay on their connections and get every message
+    once, in id order, as the other nodes' subscribers do."""
+    n1, n2, n3 = cluster.nodes
+    cluster.drop_clients()
+    on_n1 = [cluster.client(n1) for _ in range(4)]
+    elsewhere = cluster.client(n2)
+    for c in [*on_n1, elsewhere]:
+        c.welcomed()
+    per_node, answers, reloads = 25, [], []
+    lock = threading.Lock()
+
+    def publish(node: Node) -> None:
+        for i in range(per_node):
+            a = node.ask({"op": "broadcast", "data": f"{node.name}-r{i}", "channel": "news"})
+            with lock:
+                answers.append(a)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in (n2, n3)]
+    for t in threads:
+        t.start()
+    for _ in range(2):
+        reloads.append(n1.ask({"op": "reload"}))
+    for t in threads:
+        t.join(60)
+    assert all(r["ok"] and r["reloaded"] == 2 and r["handed"] == 4 for r in reloads), reloads
+    assert all(a["ok"] for a in answers), answers
+    ids = sorted(a["id"] for a in answers)
+    for c in [*on_n1, elsewhere]:
+        c.wait(lambda c: len(c.messages()) >= len(ids), 20, f"{len(ids)} messages")
+        assert [i for i, _d in c.messages()] == ids, "each message once, in id order"
+
+
 def test_resume_on_another_node_has_no_gap_and_no_duplicate(cluster: Cluster) -> None:
     n1, n2, n3 = cluster.nodes
     cluster.drop_clients()
