@@ -337,9 +337,12 @@ class WorkerSlot:
             # their last id through the old one), closes them and exits.
             log.error(
                 "worker %d: reload failed after %d connections moved; the old process serves on "
-                "and the new one tells those to reconnect: %s",
+                "and %s: %s",
                 self.index,
                 moved,
+                "the new one tells those to reconnect"
+                if new.proc.poll() is None
+                else "the new one is gone, and those with it (their clients reconnect)",
                 error,
             )
             await self._retire(new, path)

@@ -3,6 +3,7 @@ the same TCP connections, under a publisher; nothing lost, nothing twice, nothin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -348,6 +349,85 @@ def test_a_successor_out_of_descriptors_mid_way_tells_what_it_took_to_reconnect(
         assert "reload failed after 200 connections moved" in log
     finally:
         for s in streams:
+            s.close()
+        svc.stop()
+
+
+def test_a_new_process_killed_during_its_handoff_costs_only_what_it_had_taken(
+    tmp_path,
+) -> None:
+    """kill -9 of a reload's new process in the middle of taking 8,000 streams over (the old
+    worker is paused with SIGSTOP once the new one holds five batches, so the kill lands
+    between batches). No connection is owned by nobody: the old worker serves every one it did
+    not hand (a broadcast reaches exactly those), the ones the dead process had taken are the
+    answer's ``reconnecting`` and exactly the client sockets that see their end, and nothing
+    is left behind."""
+    n = 8000
+    svc = Service(tmp_path, "--workers", "1", "--ping-interval", "30")
+    socks: list[socket.socket] = []
+    try:
+        svc.wait_up(1, with_frame=True)
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", svc.port))
+            s.sendall(b"GET /sub/news HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+            socks.append(s)
+        wait_for(lambda: svc.frame()["totals"]["conns"] == n, 60, f"{n} streams")
+        supervisor = psutil.Process(svc.proc.pid)
+        old = supervisor.children()[0].pid
+        moved: dict[str, int] = {}
+
+        def kill_the_new_one_mid_way() -> None:
+            deadline = time.monotonic() + 30
+            new = None
+            while new is None and time.monotonic() < deadline:
+                with contextlib.suppress(psutil.Error):  # the forkserver is a child too
+                    new = next(
+                        (
+                            p.pid
+                            for p in supervisor.children(recursive=True)
+                            if p.pid != old and p.name().startswith("comet-worker")
+                        ),
+                        None,
+                    )
+            base = None
+            while new is not None and time.monotonic() < deadline:
+                with contextlib.suppress(FileNotFoundError):
+                    fds = len(os.listdir(f"/proc/{new}/fd"))
+                    base = fds if base is None else base
+                    # Five batches in: the giver sends a fifth only once the first is answered
+                    # (handoff.WINDOW = 4), so at least 200 are this process's own by now.
+                    if fds >= base + 5 * 200 + 5:
+                        os.kill(old, signal.SIGSTOP)
+                        moved["fds"] = fds - base
+                        os.kill(new, signal.SIGKILL)
+                        os.kill(old, signal.SIGCONT)
+                        return
+
+        killer = threading.Thread(target=kill_the_new_one_mid_way)
+        killer.start()
+        answer = svc.ask({"op": "reload"})
+        killer.join(40)
+        assert moved, "the new process never held a batch"
+        lost = answer.get("reconnecting", 0)
+        assert answer["ok"] and answer["failed"] == 1 and 200 <= lost < n, (moved, answer)
+        assert [c.pid for c in supervisor.children()] == [old]
+        sent = svc.ask({"op": "broadcast", "data": "after", "channel": "news"})
+        assert sent["recipients"] == n - lost, (sent, answer)
+
+        def ended() -> int:
+            count = 0
+            for s in socks:
+                s.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    while s.recv(65536):
+                        pass
+                    count += 1  # b"": the other end closed
+            return count
+
+        wait_for(lambda: ended() == lost, 10, f"{lost} streams ended")
+        assert not list(tmp_path.glob("run/handoff-*")), "handoff sockets left behind"
+    finally:
+        for s in socks:
             s.close()
         svc.stop()
 
