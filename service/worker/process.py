@@ -556,6 +556,10 @@ async def serve(config: Config, index: int = 0, control_fd: int | None = None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     if control_fd is not None:
+        # SIGHUP is the supervisor's (reload): one sent to every process named comet-service
+        # (`pkill -HUP -f comet-service`: the workers' titles match too) must not kill the
+        # workers, and with them every connection, by its default action.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         control = ControlChannel(worker, control_fd)
         control_task = loop.create_task(control.run())
         await worker.stopped

@@ -240,6 +240,35 @@ def test_sighup_reloads_every_worker_and_the_stream_stays(tmp_path) -> None:
         svc.stop()
 
 
+def test_sighup_to_every_comet_service_process_reloads_and_kills_no_worker(tmp_path) -> None:
+    """`pkill -HUP -f comet-service` reaches the workers too (their titles start with it): they
+    ignore it, the supervisor reloads, and the stream stays (a worker killed by SIGHUP's default
+    action dropped every connection, and the reload then found no worker up)."""
+    svc = Service(tmp_path, "--workers", "2")
+    try:
+        svc.wait_up(2)
+        s = Stream(svc.port, f"/sub/{CH}", sse=True)
+        wait_for(lambda: b"Welcome!" in s.data, 10, "welcome")
+        named = [
+            p
+            for p in psutil.Process(svc.proc.pid).children(recursive=True)
+            + [psutil.Process(svc.proc.pid)]
+            if "comet-service" in " ".join(p.cmdline())
+        ]
+        assert len(named) == 3, [p.cmdline() for p in named]  # the supervisor and two workers
+        for p in named:
+            p.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload: " in svc.log(), 20, "the reload's log line")
+        assert "exited with signal SIGHUP" not in svc.log()
+        assert "'reloaded': 2" in svc.log() and "'handed': 1" in svc.log(), svc.log()
+        sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
+        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after it")
+        assert not s.closed
+        s.close()
+    finally:
+        svc.stop()
+
+
 def test_a_successor_that_fails_mid_way_leaves_the_rest_served_by_the_old_worker(
     short_dir,
 ) -> None:
