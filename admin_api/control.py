@@ -73,7 +73,8 @@ class BusUnavailable(ServiceBusy):
     """The service is up but its multi-node bus (Redis) is not: ``bus unavailable: ...``."""
 
 
-# The ``code`` of a refusal (service.contracts.ErrorCode) that a retry may cure.
+# The ``code`` of a refusal (service.contracts.ErrorCode) that is not the sidecar's own mistake:
+# its exception, and so its status (409 a state that forbids it now, 503 one a retry may cure).
 _UNAVAILABLE: dict[Any, type[ControlError]] = {
     ErrorCode.CONFLICT: ServiceConflict,
     ErrorCode.BUS_UNAVAILABLE: BusUnavailable,

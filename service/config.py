@@ -241,12 +241,16 @@ class Config:
     )
 
     # ---- derived values ----------------------------------------------------------------------
+    def fd_room(self, nofile: int | None = None) -> int:
+        """Connections one worker's descriptors can hold: RLIMIT_NOFILE less --fd-reserve."""
+        limit = nofile if nofile is not None else nofile_limit()
+        return max(1, limit - self.fd_reserve)
+
     def connection_cap(self, nofile: int | None = None) -> int:
         """Connections one worker accepts before answering 503."""
         if self.limit_connections > 0:
             return self.limit_connections
-        limit = nofile if nofile is not None else nofile_limit()
-        return max(1, limit - self.fd_reserve)
+        return self.fd_room(nofile)
 
     def worker_count(self, nofile: int | None = None, cpus: int | None = None) -> int:
         """max(cpu_count, ceil(target × 1.05 / (nofile - reserve))) for ``auto``
@@ -255,9 +259,8 @@ class Config:
         filled the fullest to its cap, past which it answers 503)."""
         if self.workers != "auto":
             return int(self.workers)
-        limit = nofile if nofile is not None else nofile_limit()
         ncpu = cpus if cpus is not None else (os.cpu_count() or 1)
-        per_worker = max(1, limit - self.fd_reserve)
+        per_worker = self.fd_room(nofile)
         return max(ncpu, math.ceil(self.target_connections * REUSEPORT_HEADROOM / per_worker))
 
     def state_path(self) -> str:

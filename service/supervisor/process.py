@@ -328,11 +328,11 @@ class Supervisor:
             # Slots not up when their turn came (restarting after a crash, or draining: the
             # service began to stop meanwhile): their processes were not replaced.
             "skipped": len(skipped),
-            "handed": sum(int(r.get("handed", 0)) for r in results),
+            "handed": state["handed"],
             "kept": sum(int(r.get("kept", 0)) for r in results),
-            "failed": len(failed),
+            "failed": state["failed"],
             # Taken by a new process before its slot's handoff failed: told to reconnect.
-            "reconnecting": sum(int(r.get("reconnecting", 0)) for r in results),
+            "reconnecting": state["reconnecting"],
             "seconds": round(time.monotonic() - t0, 3),
             "prepare_s": state.get("prepare_s"),
             "locked_s": state.get("locked_s"),
@@ -686,12 +686,13 @@ class Supervisor:
         held = [int(w.get("conns", 0) or 0) for w in rows if isinstance(w, dict)]
         if len(held) != m:
             return True
-        room = max(1, self.nofile - self.config.fd_reserve)
+        room = self.config.fd_room(self.nofile)
 
         def worst(n: int) -> int:
             return max(sum(held[i] for i in range(j, m, n)) for j in range(n))
 
-        if worst(count) <= room:
+        most = worst(count)
+        if most <= room:
             return True
         enough = next((n for n in range(count + 1, m + 1) if worst(n) <= room), None)
         log.error(
@@ -702,7 +703,7 @@ class Supervisor:
             sum(held),
             m,
             count,
-            worst(count),
+            most,
             room,
             self.nofile,
             self.config.fd_reserve,
