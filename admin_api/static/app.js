@@ -175,20 +175,10 @@ function showReload(r) {
 $("reload-send").addEventListener("click", async () => {
   const out = $("reload-result");
   const button = $("reload-send");
-  out.className = "";
-  out.textContent = "reloading…";
   button.disabled = true;
   try {
-    const res = await fetch("/api/reload", {
-      method: "POST", headers: { Authorization: "Bearer " + token },
-    });
-    if (res.status === 401) { showLogin("That token was refused."); return; }
-    if (!res.ok) {
-      out.className = "bad";
-      out.textContent = "Not reloaded (" + res.status + "): " + await errorText(res);
-      return;
-    }
-    const r = await res.json();
+    const r = await post("/api/reload", undefined, out, "reloading…", "Not reloaded");
+    if (!r) return;
     out.className = r.failed ? "bad" : "ok";
     out.textContent = int(r.reloaded) + " of " + int(r.workers) + " workers replaced, "
       + int(r.handed) + " connection" + (r.handed === 1 ? "" : "s") + " moved"
@@ -197,9 +187,6 @@ $("reload-send").addEventListener("click", async () => {
       + (r.skipped ? ", " + int(r.skipped) + " skipped (not up)" : "")
       + (r.reconnecting ? ", " + int(r.reconnecting) + " told to reconnect" : "")
       + " in " + fixed(r.seconds, 2) + " s.";
-  } catch (e) {
-    out.className = "bad";
-    out.textContent = "Not reloaded: admin sidecar unreachable";
   } finally {
     button.disabled = false;
   }
@@ -365,6 +352,31 @@ $("forget").addEventListener("click", () => {
   showLogin("");
 });
 
+// A POST of the page's: its JSON answer, or null once ``out`` says why there is none (a
+// refused token shows the login form instead).
+async function post(path, body, out, pending, notDone) {
+  out.className = "";
+  out.textContent = pending;
+  const headers = { Authorization: "Bearer " + token };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  try {
+    const res = await fetch(path, {
+      method: "POST", headers, body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    if (res.status === 401) { showLogin("That token was refused."); return null; }
+    if (!res.ok) {
+      out.className = "bad";
+      out.textContent = notDone + " (" + res.status + "): " + await errorText(res);
+      return null;
+    }
+    return await res.json();
+  } catch (e) {
+    out.className = "bad";
+    out.textContent = notDone + ": admin sidecar unreachable";
+    return null;
+  }
+}
+
 $("broadcast").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const out = $("bc-result");
@@ -373,29 +385,12 @@ $("broadcast").addEventListener("submit", async (ev) => {
     channel: $("bc-channel").value.trim() || null,
     event: $("bc-event").value.trim() || null,
   };
-  out.className = "";
-  out.textContent = "sending…";
-  try {
-    const res = await fetch("/api/broadcast", {
-      method: "POST",
-      headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
-      body: JSON.stringify(body),
-    });
-    if (res.status === 401) { showLogin("That token was refused."); return; }
-    if (!res.ok) {
-      out.className = "bad";
-      out.textContent = "Not sent (" + res.status + "): " + await errorText(res);
-      return;
-    }
-    const result = await res.json();
-    out.className = "ok";
-    out.dataset.id = String(result.id);
-    out.textContent = "Sent message #" + result.id + " to " + int(result.recipients)
-      + " connection" + (result.recipients === 1 ? "" : "s") + ".";
-  } catch (e) {
-    out.className = "bad";
-    out.textContent = "Not sent: admin sidecar unreachable";
-  }
+  const result = await post("/api/broadcast", body, out, "sending…", "Not sent");
+  if (!result) return;
+  out.className = "ok";
+  out.dataset.id = String(result.id);
+  out.textContent = "Sent message #" + result.id + " to " + int(result.recipients)
+    + " connection" + (result.recipients === 1 ? "" : "s") + ".";
 });
 
 if (token) startStream(); else showLogin("");
