@@ -5,26 +5,15 @@ of the per-connection TLS floor that no option shrinks). Run here so the script 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.service import run_benchmark
 
 
 @pytest.mark.timeout(120)
 def test_prints_the_server_side_and_the_fresh_object_and_the_handshake_adds_to_it() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tls_memory.py"), "--n", "300"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    line = res.stdout.strip().splitlines()[-1]
+    line = run_benchmark("tls_memory.py", "--n", "300", timeout=100)
     m = re.search(
         r"TLSv1\.3 \S+, n=300: pair ([\d,]+) B, server side ([\d,]+) B; "
         r"a fresh server SSLObject before its handshake ([\d,]+) B",

@@ -5,27 +5,17 @@ cannot rot."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.service import run_benchmark
 
 
 @pytest.mark.timeout(180)
 def test_a_storm_past_the_rate_is_held_in_the_end_with_a_handshake_per_held_connection() -> None:
-    res = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "tls_storm.py")]
-        + ["--conns", "200", "--accept-rate", "100"],
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=ROOT,
+    run = json.loads(
+        run_benchmark("tls_storm.py", "--conns", "200", "--accept-rate", "100", timeout=150)
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = json.loads(res.stdout.strip().splitlines()[-1])
     assert run["reached"] == 200, run
     assert run["turned_away"] > 0 and run["tls_failed"] == 0, run
     # A handshake only for a connection the rate let in (the rest cost the worker none).

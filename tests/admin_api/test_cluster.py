@@ -184,6 +184,28 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def publishing(
+    nodes: list[Node], per_node: int, tag: str = "", pause: float = 0.0
+) -> tuple[list[threading.Thread], list[dict[str, Any]]]:
+    """A thread a node, started, each broadcasting ``per_node`` messages "<node>-<tag><i>" to
+    news through its control socket (``pause`` s apart); the threads, and the answers as they
+    come."""
+    answers: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def publish(node: Node) -> None:
+        for i in range(per_node):
+            a = node.ask({"op": "broadcast", "data": f"{node.name}-{tag}{i}", "channel": "news"})
+            with lock:
+                answers.append(a)
+            time.sleep(pause)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in nodes]
+    for t in threads:
+        t.start()
+    return threads, answers
+
+
 def test_a_broadcast_reaches_every_client_on_every_node_with_one_id(cluster: Cluster) -> None:
     n1, n2, n3 = cluster.nodes
     clients = [cluster.client(n) for n in (n1, n1, n1, n2, n2, n3)]
@@ -215,18 +237,7 @@ def test_concurrent_publishers_deliver_exactly_once_in_id_order_everywhere(
     for c in clients:
         c.welcomed()
     per_node = 10
-    answers: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    def publish(node: Node) -> None:
-        for i in range(per_node):
-            a = node.ask({"op": "broadcast", "data": f"{node.name}-{i}", "channel": "news"})
-            with lock:
-                answers.append(a)
-
-    threads = [threading.Thread(target=publish, args=(n,)) for n in cluster.nodes]
-    for t in threads:
-        t.start()
+    threads, answers = publishing(cluster.nodes, per_node)
     for t in threads:
         t.join(60)
     assert all(a["ok"] for a in answers), answers
@@ -256,21 +267,8 @@ def test_a_reload_under_the_other_nodes_publishers_keeps_every_message_once(
     elsewhere = cluster.client(n2)
     for c in [*on_n1, elsewhere]:
         c.welcomed()
-    per_node, answers, reloads = 25, [], []
-    lock = threading.Lock()
-
-    def publish(node: Node) -> None:
-        for i in range(per_node):
-            a = node.ask({"op": "broadcast", "data": f"{node.name}-r{i}", "channel": "news"})
-            with lock:
-                answers.append(a)
-            time.sleep(0.02)
-
-    threads = [threading.Thread(target=publish, args=(n,)) for n in (n2, n3)]
-    for t in threads:
-        t.start()
-    for _ in range(2):
-        reloads.append(n1.ask({"op": "reload"}))
+    threads, answers = publishing([n2, n3], 25, tag="r", pause=0.02)
+    reloads = [n1.ask({"op": "reload"}) for _ in range(2)]
     for t in threads:
         t.join(60)
     assert all(r["ok"] and r["reloaded"] == 2 and r["handed"] == 4 for r in reloads), reloads

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import psutil
+import pytest
 
 from tests.support.net import long_poll, wait_for
 from tests.support.service import Service
@@ -223,46 +224,34 @@ def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None
         svc.stop()
 
 
-def test_sighup_reloads_every_worker_and_the_stream_stays(tmp_path) -> None:
-    svc = Service(tmp_path, "--workers", "1")
-    try:
-        old = set(svc.wait_up(1)["pids"])
-        s = Stream(svc.port, f"/sub/{CH}", sse=True)
-        wait_for(lambda: b"Welcome!" in s.data, 10, "welcome")
-        os.kill(svc.proc.pid, signal.SIGHUP)
-        wait_for(lambda: "reload: " in svc.log(), 20, "the reload's log line")
-        assert set(svc.ask({"op": "health"})["pids"]).isdisjoint(old)
-        sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
-        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after SIGHUP")
-        assert not s.closed
-        s.close()
-    finally:
-        svc.stop()
-
-
-def test_sighup_to_every_comet_service_process_reloads_and_kills_no_worker(tmp_path) -> None:
-    """`pkill -HUP -f comet-service` reaches the workers too (their titles start with it): they
-    ignore it, the supervisor reloads, and the stream stays (a worker killed by SIGHUP's default
-    action dropped every connection, and the reload then found no worker up)."""
+@pytest.mark.parametrize("to_every", [False, True], ids=["supervisor", "every-process"])
+def test_sighup_reloads_every_worker_and_the_stream_stays(tmp_path, to_every: bool) -> None:
+    """SIGHUP to the supervisor reloads. So does one to every process named comet-service
+    (`pkill -HUP -f comet-service`: the workers' titles start with it too): the workers ignore
+    theirs (killed by SIGHUP's default action, they dropped every connection, and the reload
+    then found no worker up)."""
     svc = Service(tmp_path, "--workers", "2")
     try:
-        svc.wait_up(2)
+        old = set(svc.wait_up(2)["pids"])
         s = Stream(svc.port, f"/sub/{CH}", sse=True)
         wait_for(lambda: b"Welcome!" in s.data, 10, "welcome")
-        named = [
-            p
-            for p in psutil.Process(svc.proc.pid).children(recursive=True)
-            + [psutil.Process(svc.proc.pid)]
-            if "comet-service" in " ".join(p.cmdline())
-        ]
-        assert len(named) == 3, [p.cmdline() for p in named]  # the supervisor and two workers
+        supervisor = psutil.Process(svc.proc.pid)
+        named = [supervisor]
+        if to_every:
+            named += [
+                p
+                for p in supervisor.children(recursive=True)
+                if "comet-service" in " ".join(p.cmdline())
+            ]
+            assert len(named) == 3, [p.cmdline() for p in named]  # the supervisor and 2 workers
         for p in named:
             p.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload: " in svc.log(), 20, "the reload's log line")
         assert "exited with signal SIGHUP" not in svc.log()
         assert "'reloaded': 2" in svc.log() and "'handed': 1" in svc.log(), svc.log()
+        assert set(svc.ask({"op": "health"})["pids"]).isdisjoint(old)
         sent = svc.ask({"op": "broadcast", "data": "x", "channel": CH})
-        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after it")
+        wait_for(lambda: f"id: {sent['id']}".encode() in s.data, 10, "a message after SIGHUP")
         assert not s.closed
         s.close()
     finally:

@@ -298,3 +298,17 @@ def run_module(
         text=True,
         timeout=timeout,
     )
+
+
+def run_benchmark(script: str, *args: str, timeout: float) -> str:
+    """``benchmarks/<script> args`` from the repository root, which must exit 0: the last line
+    of its output (the scripts end with their result)."""
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout.strip().splitlines()[-1]
