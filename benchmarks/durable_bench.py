@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import selectors
 import signal
 import socket
@@ -36,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
 
+from loadgen.bench.report import cpu_model  # noqa: E402
 from tests.support.net import free_port  # noqa: E402
 
 SSE_REQUEST = b"GET /sub/%s HTTP/1.1\r\nHost: b\r\nAccept: text/event-stream\r\n\r\n"
@@ -285,20 +285,13 @@ def main() -> None:
     p.add_argument("--skip-off", action="store_true", help="no run with the store off")
     p.add_argument("--skip-restart", action="store_true", help="no restart-to-serving run")
     args = p.parse_args()
-    out: dict[str, Any] = {"cpu": _cpu_model()}
+    out: dict[str, Any] = {"cpu": cpu_model()}
     out["durable"] = throughput(args, True)
     if not args.skip_off:
         out["store_off"] = throughput(args, False)
     if not args.skip_restart:
         out["restart"] = restart(args)
     print(json.dumps(out, indent=2))
-
-
-def _cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return os.uname().machine
 
 
 if __name__ == "__main__":

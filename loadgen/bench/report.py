@@ -117,15 +117,26 @@ def plot_bench(path: Path, report: dict[str, Any], run: Record) -> None:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo): a result is only comparable on the same model."""
+    """The CPU's model name with its family, model and stepping (/proc/cpuinfo): a result is only
+    comparable on the same CPU, and the name alone does not tell them apart (a Zen 3 and a Zen 4
+    both report "AMD EPYC" on this machine kind)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return os.uname().machine
+    name = fields.get("model name") or os.uname().machine
+    ids = [
+        f"{label} {fields[key]}"
+        for key, label in (("cpu family", "family"), ("model", "model"), ("stepping", "stepping"))
+        if fields.get(key)
+    ]
+    return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def print_report(console: Console, r: dict[str, Any]) -> None:
