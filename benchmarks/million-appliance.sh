@@ -15,6 +15,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-million-appliance-out}
 [ $# -gt 0 ] && shift
 PROFILE=$(realpath "${COMET_APPLIANCE_PROFILE:-ansible/profiles/million-appliance.yml}")
+# The dashboard is timed in Debian's Chromium: installed now, not found missing after the hold.
+if [ ! -x /usr/bin/chromium ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+fi
 (cd ansible && ../.venv/bin/ansible-playbook site.yml -e "@$PROFILE")
 .venv/bin/python benchmarks/million_appliance.py --out "$OUT" --profile "$PROFILE" "$@"
 .venv/bin/comet-plot -o "$OUT" --title "1,000,000 connections through the containers, one 2-core box" \

@@ -60,6 +60,7 @@ from loadgen.fleet import COUNTERS, Client  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DOCKER = "/usr/bin/docker"
+CHROMIUM = "/usr/bin/chromium"  # Debian's; the one the browser tests drive
 SERVICE, AGENT = "comet-service", "comet-loadgen-agent"
 
 
@@ -374,6 +375,11 @@ class ApplianceRun:
     # ---- the phases ---------------------------------------------------------------------------
     def setup(self) -> None:
         status, raw, _ms = self.admin.request("/api/stats")
+        if status == 0:  # no answer at all
+            raise RunError(
+                f"no admin API at {self.admin.url} ({raw.decode(errors='replace')}): deploy the "
+                "appliance first (benchmarks/million-appliance.sh runs site.yml, then this)"
+            )
         if status != 200:
             raise RunError(f"the admin API at {self.admin.url} answered {status}: {raw[:200]!r}")
         frame = json.loads(raw)
@@ -484,18 +490,11 @@ class ApplianceRun:
         updated its numbers, and a screenshot."""
         self.sidecar.window = "dashboard"
         seconds = self.args.dashboard_seconds
-        try:
-            from playwright.sync_api import sync_playwright
-        except ImportError:
-            self.report["dashboard"] = {"error": "playwright is not installed (the dev extras)"}
-            return
-        chromium = "/usr/bin/chromium"
-        if not os.path.exists(chromium):
-            self.report["dashboard"] = {"error": f"{chromium} is not installed (./dev test)"}
-            return
+        from playwright.sync_api import sync_playwright  # checked by main(): browser_missing
+
         with sync_playwright() as pw:
             browser = pw.chromium.launch(
-                executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"]
+                executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
             )
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -765,10 +764,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def browser_missing() -> str | None:
+    """Why the dashboard cannot be timed, or None: checked before the run rather than found out
+    after a 20-minute ramp and hold (million-appliance.sh installs Chromium when it is missing)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install -e '.[dev]')"
+    if not os.path.exists(CHROMIUM):
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    return None
+
+
 def main() -> None:
     args = build_parser().parse_args()
     if args.step <= 0 or args.conns <= 0:
         sys.exit("million_appliance: --conns and --step must be positive")
+    if args.dashboard_seconds > 0 and (missing := browser_missing()):
+        sys.exit(
+            f"million_appliance: the dashboard is timed in Chromium: {missing}; "
+            "or --dashboard-seconds 0 for a run without it"
+        )
     console = Console()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -776,9 +792,12 @@ def main() -> None:
         run = ApplianceRun(args, console)
     except OSError as exc:
         sys.exit(f"million_appliance: {exc}")
-    failed: str | None = None
     try:
         run.setup()
+    except RunError as exc:  # nothing measured yet: no report to write
+        sys.exit(f"million_appliance: {exc}")
+    failed: str | None = None
+    try:
         run.ramp()
         run.hold()
         if args.dashboard_seconds > 0:
