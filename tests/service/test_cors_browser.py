@@ -159,7 +159,9 @@ def test_a_page_subscribes_over_https_and_resumes_after_a_crash(
         "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
     )  # fmt: skip
     try:
-        svc.wait_up(2)
+        # With the first frame out: a stats question before it is answered not_ready, and the
+        # whole test can take less than the supervisor's first second.
+        svc.wait_up(2, with_frame=True)
         with PageServer(page_html(svc, creds=False, scheme="https")) as site:
             context = browser.new_context(ignore_https_errors=True)  # the test CA is not its
             subscribe_and_resume_after_a_crash(svc, context.new_page(), site.origin)
