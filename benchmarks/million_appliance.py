@@ -60,7 +60,6 @@ from loadgen.fleet import COUNTERS, Client  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 DOCKER = "/usr/bin/docker"
-CHROMIUM = "/usr/bin/chromium"  # Debian's; the one the browser tests drive
 SERVICE, AGENT = "comet-service", "comet-loadgen-agent"
 
 
@@ -492,10 +491,10 @@ class ApplianceRun:
         seconds = self.args.dashboard_seconds
         from playwright.sync_api import sync_playwright  # checked by main(): browser_missing
 
+        from tests.support.browser import launch  # the browser tests' Chromium, launched alike
+
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-            )
+            browser = launch(pw)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(self.admin.url + "/")
@@ -769,8 +768,10 @@ def browser_missing() -> str | None:
     after a 20-minute ramp and hold (million-appliance.sh installs Chromium when it is missing)."""
     try:
         import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "playwright is not installed (pip install -e '.[dev]')"
+
+        from tests.support.browser import CHROMIUM
+    except ImportError as exc:
+        return f"{exc.name} is not installed (pip install -e '.[dev]')"
     if not os.path.exists(CHROMIUM):
         return f"{CHROMIUM} is not installed (apt-get install chromium)"
     return None

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import million_appliance
+from tests.support import browser
 from tests.support.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_without_an_appliance_it_says_so_and_writes_no_report(tmp_path: Path) ->
 def test_a_missing_browser_stops_it_before_the_run(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(million_appliance, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setattr(browser, "CHROMIUM", str(tmp_path / "no-chromium"))
     assert million_appliance.browser_missing() == (
         f"{tmp_path / 'no-chromium'} is not installed (apt-get install chromium)"
     )
