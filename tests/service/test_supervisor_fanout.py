@@ -17,7 +17,7 @@ def test_broadcast_reaches_15000_connections_on_4_workers(tmp_path):
     svc = Service(tmp_path, "--workers", "4")
     clients = None
     try:
-        health = svc.wait_up(4)
+        health = svc.wait_up(4, with_frame=True)  # a stats question before it: not_ready
         assert len(set(health["pids"])) == 4
         clients = Clients(svc.port, N, 3, sources(2, 6), "--concurrency", "300")
         clients.wait("welcomed", N, timeout=90)
