@@ -751,6 +751,64 @@ def test_the_service_port_skips_connection_tracking(converged: dict[str, object]
     assert untracked < 30, untracked
 
 
+def _entries_to(port: int) -> int:
+    """Conntrack entries whose original direction goes to ``port``."""
+    with open("/proc/net/nf_conntrack") as f:
+        return sum(
+            f" dport={port} " in line.split(" src=", 2)[1] + " " for line in f if " src=" in line
+        )
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_entries_tracked_before_the_rules_went_in_are_deleted_and_the_connections_go_on(
+    converged: dict[str, object],
+) -> None:
+    """A port that was tracked while connections were made (a fresh box before the rules, a
+    host where someone took them out): the next host tuning puts the rules back and deletes the
+    entries those connections left (nothing would ever end them), and the connections go on."""
+    if not Path("/proc/net/nf_conntrack").exists():
+        pytest.skip("no conntrack table on this host")
+    rules = [
+        [chain, "-p", "tcp", "-m", "tcp", f"--{way}", str(SERVICE_PORT), "-m", "comment",
+         "--comment", "comet1m-notrack", "-j", "NOTRACK"]
+        for chain in ("PREROUTING", "OUTPUT") for way in ("dport", "sport")
+    ]  # fmt: skip
+    for rule in rules:
+        assert _run(["iptables", "-t", "raw", "-D", *rule], timeout=30).returncode == 0
+    streams: list[tuple[socket.socket, bytearray]] = []
+    try:
+        deadline = time.monotonic() + 30
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", SERVICE_PORT), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+            streams.append((sock, bytearray()))
+        for sock, buf in streams:
+            _read_until(sock, b"Welcome!", buf, deadline)
+        assert _entries_to(SERVICE_PORT) >= 200
+        res = _run(
+            [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml"],
+            cwd=ANSIBLE, env=_ansible_env(), timeout=600,
+        )  # fmt: skip
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-6000:]
+        deleted = re.search(rf"changed: \[localhost\] => \(item=dst port {SERVICE_PORT}\)", out)
+        assert deleted, out[-6000:]
+        assert _entries_to(SERVICE_PORT) < 10
+        marker = f"after-the-flush-{time.time_ns()}".encode()
+        assert _admin_broadcast(marker.decode())["recipients"] >= 200  # type: ignore[operator]
+        deadline = time.monotonic() + 15
+        for sock, buf in streams:
+            _read_until(sock, marker, buf, deadline)
+    finally:
+        for sock, _buf in streams:
+            sock.close()
+        for rule in rules:
+            if _run(["iptables", "-t", "raw", "-C", *rule], timeout=30).returncode != 0:
+                _run(["iptables", "-t", "raw", "-A", *rule], timeout=30)
+
+
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(900)
