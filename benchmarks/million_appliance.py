@@ -53,9 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadgen.bench.preflight import meminfo_kb  # noqa: E402
-from loadgen.bench.record import Record, hold_cpu  # noqa: E402
+from loadgen.bench.record import Record, hold_cpu, process_cpu  # noqa: E402
 from loadgen.bench.report import cpu_model, plot_bench, print_report  # noqa: E402
-from loadgen.bench.service import tree_cpu, tree_rss  # noqa: E402
+from loadgen.bench.service import tree_cpu, tree_pids, tree_rss  # noqa: E402
 from loadgen.fleet import COUNTERS, Client  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
@@ -458,6 +458,7 @@ class ApplianceRun:
         hold_t0 = time.time()
         client_cpu0 = tree_cpu(self.client_pids())
         host0 = psutil.cpu_times()
+        procs0 = process_cpu()
         while True:
             st = self.agent_stats()
             self.sample("hold", args.conns, st)
@@ -465,7 +466,12 @@ class ApplianceRun:
                 break
             time.sleep(min(1.0, max(0.0, end - time.monotonic())))
         report["hold_cpu"] = hold_cpu(
-            self.record, hold_t0, host0, tree_cpu(self.client_pids()) - client_cpu0
+            self.record,
+            hold_t0,
+            host0,
+            tree_cpu(self.client_pids()) - client_cpu0,
+            procs0,
+            tree_pids([*self.service_pids(), *self.client_pids()]),
         )
         held = max(1, st["clients"])
         rss = tree_rss(self.service_pids())

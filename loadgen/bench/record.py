@@ -125,21 +125,66 @@ def window_p99(start: dict[str, Any] | None, end: dict[str, Any] | None) -> dict
     return {"p99_worker": worst, "p99_all": pooled}
 
 
-def hold_cpu(record: Record, hold_t0: float, host0: Any, client_cpu_s: float) -> dict[str, Any]:
+def hold_cpu(
+    record: Record,
+    hold_t0: float,
+    host0: Any,
+    client_cpu_s: float,
+    procs0: dict[int, tuple[str, float]] | None = None,
+    exclude: set[int] | frozenset[int] = frozenset(),
+) -> dict[str, Any]:
     """CPU while idle-holding (pings only), % of one core: the service's from its frames (its
     own psutil readings per worker), the load generator's from ``client_cpu_s`` (its CPU seconds
-    since ``hold_t0``) and the host's from ``psutil.cpu_times()`` then (``host0``) and now."""
+    since ``hold_t0``) and the host's from ``psutil.cpu_times()`` then (``host0``) and now; of
+    the host's, the softirq share (the kernel's packet work charged to no process), and the
+    busiest other processes since ``procs0`` (:func:`process_cpu`), not counting ``exclude``
+    (the service's and the load generator's pids): what else keeps the host from idling."""
     dt = max(0.001, time.time() - hold_t0)
     frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
     svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
-    return {
+    host1 = psutil.cpu_times()
+    softirq = getattr(host1, "softirq", 0.0) - getattr(host0, "softirq", 0.0)
+    out = {
         "seconds": round(dt, 1),
         "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
         "load_generator_pct_of_core": round(100 * client_cpu_s / dt, 1),
-        "host_busy_pct_of_core": host_busy_pct(host0, psutil.cpu_times(), dt),
+        "host_busy_pct_of_core": host_busy_pct(host0, host1, dt),
+        "softirq_pct_of_core": round(100 * softirq / dt, 1),
         "cores": os.cpu_count(),
         "service_lag": record.lag_in(hold_t0, time.time() - 1.0),
     }
+    if procs0 is not None:
+        out["other_processes"] = busiest_since(procs0, dt, exclude)
+    return out
+
+
+def process_cpu() -> dict[int, tuple[str, float]]:
+    """Every process's name and user + system CPU seconds (one pass over /proc)."""
+    snap: dict[int, tuple[str, float]] = {}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        t = p.info["cpu_times"]
+        if t is not None:
+            snap[p.pid] = (p.info["name"] or "?", t.user + t.system)
+    return snap
+
+
+def busiest_since(
+    procs0: dict[int, tuple[str, float]],
+    seconds: float,
+    exclude: set[int] | frozenset[int],
+    top: int = 5,
+) -> list[dict[str, Any]]:
+    """The ``top`` processes by CPU since ``procs0`` (≥ 1 % of a core), leaving out ``exclude``."""
+    rows: list[dict[str, Any]] = []
+    for pid, (name, cpu) in process_cpu().items():
+        if pid in exclude:
+            continue
+        before = procs0.get(pid, (name, 0.0))[1]
+        pct = 100 * (cpu - before) / max(0.001, seconds)
+        if pct >= 1.0:
+            rows.append({"pid": pid, "name": name, "pct_of_core": round(pct, 1)})
+    rows.sort(key=lambda r: -float(r["pct_of_core"]))
+    return rows[:top]
 
 
 # Seconds without a new connection, once every connection has been asked for, that end a ramp.

@@ -209,6 +209,20 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
                 f" / {fmt(hc.get('host_busy_pct_of_core'))} (of {hc.get('cores')} cores)",
             )
         )
+        others = hc.get("other_processes")
+        if others is not None:
+            rows.append(
+                (
+                    "of the host's: softirq; other processes",
+                    f"{fmt(hc.get('softirq_pct_of_core'))}; "
+                    + (
+                        ", ".join(
+                            f"{o['name']} ({o['pid']}) {fmt(o['pct_of_core'])}" for o in others
+                        )
+                        or "none ≥ 1 %"
+                    ),
+                )
+            )
     if "ramp_down_s" in r:
         rows.append(("ramp-down (all clients close)", fmt(r.get("ramp_down_s"), " s")))
     for b in r.get("broadcasts", []):

@@ -29,6 +29,7 @@ from loadgen.bench.record import (
     Record,
     hold_cpu,
     host_busy_pct,
+    process_cpu,
     ramp_diagnosis,
     tcp_counters,
 )
@@ -39,6 +40,7 @@ from loadgen.bench.service import (
     publish,
     start_service,
     tree_cpu,
+    tree_pids,
     tree_rss,
     wait_workers_up,
     watch_frames,
@@ -269,6 +271,7 @@ class BenchRun:
         hold_t0 = time.time()
         client_cpu0 = tree_cpu(self.client_pids())
         host_cpu0 = psutil.cpu_times()
+        procs0 = process_cpu()
         while True:
             st = await pool.stats()
             self.sample("hold", opts.conns, st)
@@ -277,7 +280,12 @@ class BenchRun:
                 break
             await asyncio.sleep(min(1.0, max(0.0, end - time.monotonic())))
         report["hold_cpu"] = hold_cpu(
-            self.record, hold_t0, host_cpu0, tree_cpu(self.client_pids()) - client_cpu0
+            self.record,
+            hold_t0,
+            host_cpu0,
+            tree_cpu(self.client_pids()) - client_cpu0,
+            procs0,
+            tree_pids([*svc.pids, *self.client_pids()]),
         )
         held = max(1, st.clients)
         rss = tree_rss(svc.pids)

@@ -75,6 +75,15 @@ async def control(path: str, request: dict[str, Any], timeout: float = 30.0) -> 
     return answer
 
 
+def tree_pids(pids: list[int]) -> set[int]:
+    """The given pids and those of all their descendants (that are still alive)."""
+    out = set(pids)
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.update(q.pid for q in psutil.Process(pid).children(recursive=True))
+    return out
+
+
 def tree_rss(pids: list[int]) -> int:
     """RSS in bytes of the given processes and all their descendants."""
     seen: dict[int, int] = {}
