@@ -29,8 +29,14 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadgen.bench.record import busiest_since, host_busy_pct, process_cpu  # noqa: E402
+from loadgen.bench.record import (  # noqa: E402
+    busiest_since,
+    host_busy_pct,
+    process_cpu,
+    softirq_pct,
+)
 from loadgen.bench.report import cpu_model  # noqa: E402
+from service.supervisor.frames import read_sockstat  # noqa: E402
 
 PAIRS_PER_CHILD = 9_900
 
@@ -94,13 +100,6 @@ def stop(kids: list[subprocess.Popen[str]]) -> None:
             k.wait(10)
 
 
-def in_use() -> int:
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            return int(line.split()[2])
-    return 0
-
-
 def measure(seconds: float, exclude: set[int]) -> dict[str, object]:
     host0, procs0, t0 = psutil.cpu_times(), process_cpu(), time.time()
     time.sleep(seconds)
@@ -109,7 +108,7 @@ def measure(seconds: float, exclude: set[int]) -> dict[str, object]:
     return {
         "seconds": round(dt, 1),
         "host_busy_pct_of_core": host_busy_pct(host0, host1, dt),
-        "softirq_pct_of_core": round(100 * (host1.softirq - host0.softirq) / dt, 1),
+        "softirq_pct_of_core": softirq_pct(host0, host1, dt),
         "busiest": busiest_since(procs0, dt, exclude),
     }
 
@@ -147,7 +146,7 @@ def main() -> None:
             row = {
                 "kind": args.kind,
                 "count": count,
-                "tcp_in_use": in_use(),
+                "tcp_in_use": read_sockstat().get("TCP", {}).get("inuse", 0),
                 **measure(args.seconds, {k.pid for k in kids}),
             }
         finally:

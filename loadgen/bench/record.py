@@ -143,13 +143,12 @@ def hold_cpu(
     frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
     svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
     host1 = psutil.cpu_times()
-    softirq = getattr(host1, "softirq", 0.0) - getattr(host0, "softirq", 0.0)
-    out = {
+    out: dict[str, Any] = {
         "seconds": round(dt, 1),
         "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
         "load_generator_pct_of_core": round(100 * client_cpu_s / dt, 1),
         "host_busy_pct_of_core": host_busy_pct(host0, host1, dt),
-        "softirq_pct_of_core": round(100 * softirq / dt, 1),
+        "softirq_pct_of_core": softirq_pct(host0, host1, dt),
         "cores": os.cpu_count(),
         "service_lag": record.lag_in(hold_t0, time.time() - 1.0),
     }
@@ -213,6 +212,13 @@ def host_busy_pct(t0: Any, t1: Any, seconds: float) -> float:
     busy = sum(t1) - sum(t0) - (t1.idle - t0.idle)
     busy -= getattr(t1, "iowait", 0.0) - getattr(t0, "iowait", 0.0)
     return round(100 * float(busy) / max(0.001, seconds), 1)
+
+
+def softirq_pct(t0: Any, t1: Any, seconds: float) -> float:
+    """The host's softirq time between two ``psutil.cpu_times()`` readings, % of one core (0
+    where the platform has no such field)."""
+    softirq = getattr(t1, "softirq", 0.0) - getattr(t0, "softirq", 0.0)
+    return round(100 * float(softirq) / max(0.001, seconds), 1)
 
 
 def ramp_diagnosis(

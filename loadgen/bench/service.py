@@ -86,18 +86,11 @@ def tree_pids(pids: list[int]) -> set[int]:
 
 def tree_rss(pids: list[int]) -> int:
     """RSS in bytes of the given processes and all their descendants."""
-    seen: dict[int, int] = {}
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            for q in [p, *p.children(recursive=True)]:
-                try:
-                    seen[q.pid] = q.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
-    return sum(seen.values())
+    total = 0
+    for pid in tree_pids(pids):
+        with contextlib.suppress(psutil.Error):
+            total += psutil.Process(pid).memory_info().rss
+    return total
 
 
 def tree_cpu(pids: list[int]) -> float:
