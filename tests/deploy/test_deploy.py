@@ -807,6 +807,46 @@ def test_the_notrack_rules_come_back_at_boot(converged: dict[str, object]) -> No
         _restore_notrack_rules(rules)
 
 
+def _tune_host(*extra: str) -> tuple[str, dict[str, int]]:
+    """``ansible-playbook tune-host.yml`` with the CI inventory; its output and recap counts."""
+    res = _run(
+        [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml", *extra],
+        cwd=ANSIBLE, env=_ansible_env(), timeout=600,
+    )  # fmt: skip
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    recap = re.search(r"^localhost\s*:\s*(.*)$", out, re.MULTILINE)
+    assert recap is not None, out[-3000:]
+    return out, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_empty_port_list_takes_the_rules_out_and_a_rerun_changes_nothing(
+    converged: dict[str, object],
+) -> None:
+    """host_tuning_notrack_ports: [] takes out the rules, the script and the boot unit; the next
+    run with the list still empty changes nothing; the port listed again puts it all back."""
+    script = Path("/usr/local/sbin/comet1m-notrack")
+    unit = Path("/etc/systemd/system/comet1m-notrack.service")
+    rules = _notrack_rules(SERVICE_PORT)
+    empty = ["-e", json.dumps({"host_tuning_notrack_ports": []})]
+    try:
+        _tune_host(*empty)
+        raw = _run(["iptables", "-t", "raw", "-S"], timeout=30).stdout
+        assert "comet1m-notrack" not in raw, raw
+        assert not script.exists() and not unit.exists()
+        _out, counts = _tune_host(*empty)
+        assert counts["changed"] == 0, counts
+    finally:
+        _out, counts = _tune_host()
+    assert counts["changed"] > 0  # the rules, the script and the unit came back
+    for rule in rules:
+        assert _run(["iptables", "-t", "raw", "-C", *rule], timeout=30).returncode == 0, rule
+    assert script.exists() and unit.exists()
+
+
 def _entries_to(port: int) -> int:
     """Conntrack entries whose original direction goes to ``port``."""
     with open("/proc/net/nf_conntrack") as f:
@@ -839,12 +879,7 @@ def test_entries_tracked_before_the_rules_went_in_are_deleted_and_the_connection
         for sock, buf in streams:
             _read_until(sock, b"Welcome!", buf, deadline)
         assert _entries_to(SERVICE_PORT) >= 200
-        res = _run(
-            [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml"],
-            cwd=ANSIBLE, env=_ansible_env(), timeout=600,
-        )  # fmt: skip
-        out = res.stdout + res.stderr
-        assert res.returncode == 0, out[-6000:]
+        out, _counts = _tune_host()
         deleted = re.search(rf"changed: \[localhost\] => \(item=dst port {SERVICE_PORT}\)", out)
         assert deleted, out[-6000:]
         assert _entries_to(SERVICE_PORT) < 10
