@@ -228,14 +228,17 @@ def _playbook(source_dir: Path, **extra: object) -> subprocess.CompletedProcess[
     )
 
 
-def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
-    res = _playbook(source_dir, **extra)
+def _succeeded(res: subprocess.CompletedProcess[str]) -> tuple[str, dict[str, int]]:
+    """A playbook run that must have succeeded: its output and the recap's counts."""
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     recap = re.search(r"^localhost\s*:\s*(.*)$", out, re.MULTILINE)
     assert recap is not None, out[-3000:]
-    counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
-    return out, counts
+    return out, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+
+
+def _converge(source_dir: Path, **extra: object) -> tuple[str, dict[str, int]]:
+    return _succeeded(_playbook(source_dir, **extra))
 
 
 def _remove_deployment() -> None:
@@ -809,15 +812,14 @@ def test_the_notrack_rules_come_back_at_boot(converged: dict[str, object]) -> No
 
 def _tune_host(*extra: str) -> tuple[str, dict[str, int]]:
     """``ansible-playbook tune-host.yml`` with the CI inventory; its output and recap counts."""
-    res = _run(
-        [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml", *extra],
-        cwd=ANSIBLE, env=_ansible_env(), timeout=600,
-    )  # fmt: skip
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    recap = re.search(r"^localhost\s*:\s*(.*)$", out, re.MULTILINE)
-    assert recap is not None, out[-3000:]
-    return out, {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+    return _succeeded(
+        _run(
+            [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml", *extra],
+            cwd=ANSIBLE,
+            env=_ansible_env(),
+            timeout=600,
+        )
+    )
 
 
 @pytest.mark.docker
