@@ -289,6 +289,16 @@ def _inspect(name: str) -> dict[str, object]:
     return json.loads(res.stdout)[0]  # type: ignore[no-any-return]
 
 
+def _cpu_cgroup(pid: int) -> str:
+    """The cgroup of ``pid`` that the CPU controller schedules it by (v1 ``cpu``, or v2's one)."""
+    paths = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _id, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            paths[controller] = path
+    return paths.get("cpu", paths.get("", ""))
+
+
 def _read_until(sock: socket.socket, needle: bytes, buf: bytearray, deadline: float) -> None:
     while needle not in buf:
         remaining = deadline - time.monotonic()
@@ -556,6 +566,10 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
     with open(changed / "README.md", "a") as f:
         f.write(f"\n<!-- upgrade test build {time.time_ns()} -->\n")  # another image id
     old = _inspect("comet-service")
+    # The image step also moves both containers to another cgroup parent (comet_cgroup_parent):
+    # the top of the hierarchy with Docker's cgroupfs driver, a slice of their own with systemd's.
+    driver = _run([DOCKER, "info", "-f", "{{.CgroupDriver}}"], timeout=30).stdout.strip()
+    parent = "/" if driver == "cgroupfs" else "comet1m-test.slice"
     streams = [Stream(SERVICE_PORT, "/sub/upgrade", i % 2 == 0, timeout=60) for i in range(20)]
 
     def publish(data: str) -> int:
@@ -563,7 +577,7 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
 
     steps: list[tuple[str, Path, dict[str, object]]] = [
         ("config", source, {"comet_service_env": {"COMET_PING_INTERVAL": "25"}}),
-        ("image", changed, {"comet_image": "comet1m:next"}),
+        ("image", changed, {"comet_image": "comet1m:next", "comet_cgroup_parent": parent}),
         ("back", source, {}),
     ]
     try:
@@ -581,6 +595,15 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
             assert new["State"]["Running"]  # type: ignore[index]
             assert _run([DOCKER, "inspect", "comet-service-next"]).returncode != 0
             assert _run([DOCKER, "inspect", str(old["Id"])]).returncode != 0
+            for container in (new, _inspect("comet-admin")):
+                want = str(extra.get("comet_cgroup_parent", ""))
+                assert container["HostConfig"]["CgroupParent"] == want, step  # type: ignore[index]
+                cpu = _cpu_cgroup(int(container["State"]["Pid"]))  # type: ignore[index]
+                if driver == "cgroupfs":
+                    top = f"/{container['Id']}" if want == "/" else f"/docker/{container['Id']}"
+                    assert cpu == top, (step, cpu)
+                else:
+                    assert (want or "system.slice") in cpu, (step, cpu)
             if step == "config":
                 admin_after = _inspect("comet-admin")
                 assert admin_after["Id"] == admin_before["Id"]
