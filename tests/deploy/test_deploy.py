@@ -212,20 +212,21 @@ def _snapshot_sources(dest: Path) -> Path:
     return copy_build_inputs(dest)
 
 
-def _playbook(source_dir: Path, **extra: object) -> subprocess.CompletedProcess[str]:
+def _ansible_playbook(
+    playbook: str, *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """``ansible-playbook PLAYBOOK ARGS...`` in ansible/ with the CI inventory."""
     return _run(
-        [
-            _tool("ansible-playbook"),
-            "-i",
-            str(CI_INVENTORY),
-            "site.yml",
-            "-e",
-            json.dumps({"comet_source_dir": str(source_dir), **extra}),
-        ],
+        [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), playbook, *args],
         cwd=ANSIBLE,
         env=_ansible_env(),
-        timeout=840,
+        timeout=timeout,
     )
+
+
+def _playbook(source_dir: Path, **extra: object) -> subprocess.CompletedProcess[str]:
+    extra_vars = json.dumps({"comet_source_dir": str(source_dir), **extra})
+    return _ansible_playbook("site.yml", "-e", extra_vars, timeout=840)
 
 
 def _succeeded(res: subprocess.CompletedProcess[str]) -> tuple[str, dict[str, int]]:
@@ -595,8 +596,9 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
             assert new["State"]["Running"]  # type: ignore[index]
             assert _run([DOCKER, "inspect", "comet-service-next"]).returncode != 0
             assert _run([DOCKER, "inspect", str(old["Id"])]).returncode != 0
-            for container in (new, _inspect("comet-admin")):
-                want = str(extra.get("comet_cgroup_parent", ""))
+            admin_after = _inspect("comet-admin")
+            want = str(extra.get("comet_cgroup_parent", ""))
+            for container in (new, admin_after):
                 assert container["HostConfig"]["CgroupParent"] == want, step  # type: ignore[index]
                 cpu = _cpu_cgroup(int(container["State"]["Pid"]))  # type: ignore[index]
                 if driver == "cgroupfs":
@@ -605,7 +607,6 @@ def test_an_upgrade_hands_every_connection_to_the_new_container(
                 else:
                     assert (want or "system.slice") in cpu, (step, cpu)
             if step == "config":
-                admin_after = _inspect("comet-admin")
                 assert admin_after["Id"] == admin_before["Id"]
                 assert admin_after["State"]["StartedAt"] == admin_before["State"]["StartedAt"]  # type: ignore[index]
             ids.append(publish(f"after {step}"))
@@ -835,14 +836,7 @@ def test_the_notrack_rules_come_back_at_boot(converged: dict[str, object]) -> No
 
 def _tune_host(*extra: str) -> tuple[str, dict[str, int]]:
     """``ansible-playbook tune-host.yml`` with the CI inventory; its output and recap counts."""
-    return _succeeded(
-        _run(
-            [_tool("ansible-playbook"), "-i", str(CI_INVENTORY), "tune-host.yml", *extra],
-            cwd=ANSIBLE,
-            env=_ansible_env(),
-            timeout=600,
-        )
-    )
+    return _succeeded(_ansible_playbook("tune-host.yml", *extra, timeout=600))
 
 
 @pytest.mark.docker
