@@ -304,13 +304,27 @@ class Deadlines:
         self.pending = 0
 
 
+class Subscribers(dict["Conn", None]):
+    """One channel's subscribers (streams, or waiting long-polls) in the order they subscribed:
+    a set with an order. A broadcast, a ping sweep and a handoff walk them first come, first
+    served, the same way on every run, instead of in the memory order of their objects."""
+
+    __slots__ = ()
+
+    def add(self, conn: Conn) -> None:
+        self[conn] = None
+
+    def discard(self, conn: Conn) -> None:
+        self.pop(conn, None)
+
+
 class Hub:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
         self.counters = Counters()
-        self.streams: dict[str, set[Conn]] = {}
-        self.pollers: dict[str, set[Conn]] = {}
+        self.streams: dict[str, Subscribers] = {}
+        self.pollers: dict[str, Subscribers] = {}
         self.global_ring = Ring(config.history_size)
         self.rings: dict[str, Ring] = {}
         self.last_id = 0
@@ -343,16 +357,16 @@ class Hub:
         )
 
     # -- subscriptions -------------------------------------------------------------------------
-    def stream_set(self, channel: str) -> set[Conn]:
+    def stream_set(self, channel: str) -> Subscribers:
         s = self.streams.get(channel)
         if s is None:
-            s = self.streams[channel] = set()
+            s = self.streams[channel] = Subscribers()
         return s
 
-    def poll_set(self, channel: str) -> set[Conn]:
+    def poll_set(self, channel: str) -> Subscribers:
         s = self.pollers.get(channel)
         if s is None:
-            s = self.pollers[channel] = set()
+            s = self.pollers[channel] = Subscribers()
         return s
 
     def channels(self) -> dict[str, int]:
@@ -707,13 +721,14 @@ class Hub:
 
     def open_conns(self) -> list[Conn]:
         """Every connection not closed yet: streams, waiting long-polls, and those only the
-        deadline heap knows (request heads being read, keep-alive idles)."""
-        seen = {id(c): c for c in self.deadlines.waiting()}
-        for c in self.all_streams():
-            seen[id(c)] = c
+        deadline heap knows (request heads being read, keep-alive idles). Streams first, in the
+        order they subscribed: a successor adopting them in this order keeps it."""
+        seen = {id(c): c for c in self.all_streams()}
         for s in self.pollers.values():
             for c in s:
                 seen[id(c)] = c
+        for c in self.deadlines.waiting():
+            seen.setdefault(id(c), c)
         return [c for c in seen.values() if c.state < DONE]
 
     async def drain(self, deadline: float) -> int:

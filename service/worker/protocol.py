@@ -17,7 +17,7 @@ from typing import Any, ClassVar, cast
 
 from service.worker import wire
 from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
-from service.worker.hub import Hub
+from service.worker.hub import Hub, Subscribers
 from service.worker.states import DONE, HANDED, HEAD, LAST_STREAM, POLL, REJECTED
 
 # How long a long-poll from an id this worker has not seen yet waits for it (see _start_poll).
@@ -42,7 +42,7 @@ class Conn(asyncio.Protocol):
 
     transport: asyncio.Transport
     state: int
-    subs: set[Conn] | None  # the hub set this connection is in (stream or poll waiters)
+    subs: Subscribers | None  # the hub set this connection is in (stream or poll waiters)
     buf: bytearray | None  # request bytes while reading a head / waiting on a poll
     # (since, channel, http11, keep_alive, cors header lines)
     poll: tuple[int, str, bool, bool, bytes] | tuple[()] | None

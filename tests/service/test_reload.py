@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support.net import long_poll, wait_for
+from tests.support.net import arrival_ns, long_poll, stamp_arrivals, wait_for
 from tests.support.service import Service
 from tests.support.stream import Stream, server_ports
 
@@ -695,3 +695,38 @@ def test_handoff_parallel_sets_how_many_slots_hand_over_at_once(tmp_path) -> Non
     this 2-core box would be two)."""
     assert _slots_at_once(tmp_path / "one", 1) == 1
     assert _slots_at_once(tmp_path / "three", 3) == 3
+
+
+def test_a_reload_keeps_the_order_subscribers_are_served_in(tmp_path) -> None:
+    """A broadcast serves a channel's subscribers in the order they subscribed; the successor
+    adopts them in that order, so after a reload it is the same (kernel receive times)."""
+    svc = Service(tmp_path, "--workers", "1")
+    order: list[socket.socket] = []
+    try:
+        svc.wait_up(1)
+
+        def join() -> None:
+            s = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+            s.sendall(f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            got = b""
+            while b"Welcome!" not in got:
+                got += s.recv(4096)
+            order.append(s)
+
+        for _ in range(10):
+            join()
+        for i in (1, 4):  # leave, subscribe again: last
+            order.pop(i).close()
+            join()
+        answer = svc.ask({"op": "reload"})
+        assert answer.get("ok") and answer.get("reloaded") == 1, answer
+        for s in order:
+            stamp_arrivals(s)
+        sent = svc.ask({"op": "broadcast", "data": "after-reload", "channel": CH})
+        assert sent.get("ok"), sent
+        arrived = [arrival_ns(s, b"after-reload\n") for s in order]
+        assert arrived == sorted(arrived)
+    finally:
+        for s in order:
+            s.close()
+        svc.stop()

@@ -29,6 +29,7 @@ from tests.service.worker_harness import (
     subscribe,
     wait_for,
 )
+from tests.support.net import arrival_ns, stamp_arrivals
 
 
 def test_small_slices_keep_order_and_reach_everyone() -> None:
@@ -647,3 +648,39 @@ def test_a_successors_adopted_connections_are_out_of_the_collectors_walks_and_fr
     assert enabled == "True"  # the collector is back on for what comes next
     assert walked == "0"  # none of the 600 adopted Conn objects is in a generation it walks
     assert (alive, conns) == ("0", "0")  # closed: every transport freed by reference counts
+
+
+def test_a_broadcast_reaches_subscribers_in_the_order_they_subscribed() -> None:
+    """First subscribed, first served: the hub keeps a channel's subscribers in the order they
+    came (one that leaves and comes back is last), and a broadcast writes them in that order,
+    as read from the kernel's receive time on each client's socket. (The order of their
+    objects in memory, which a set gave, put a returning subscriber back in its old place.)"""
+    with running_worker(ping_interval=3600.0) as w:
+        order: list[socket.socket] = []
+        try:
+            for _ in range(12):
+                s = subscribe(w, "/sub/order")
+                read_until(s, b"Welcome!")
+                order.append(s)
+            for i in (2, 5, 7):  # leave, then subscribe again: now at the end
+                gone = order.pop(i - (i > 2) - (i > 5))
+                gone.close()
+                wait_for(lambda: channel_count(w, "order") == 11)
+                s = subscribe(w, "/sub/order")
+                read_until(s, b"Welcome!")
+                order.append(s)
+            assert channel_count(w, "order") == 12
+            assert w.worker is not None
+            hub = w.worker.hub
+            ports = w.call(
+                lambda: [c.transport.get_extra_info("peername")[1] for c in hub.stream_set("order")]
+            )
+            assert ports == [s.getsockname()[1] for s in order]
+            for s in order:
+                stamp_arrivals(s)
+            assert w.broadcast("in-order", "order") == 12
+            arrived = [arrival_ns(s, b"in-order\n") for s in order]
+            assert arrived == sorted(arrived)
+        finally:
+            for s in order:
+                s.close()

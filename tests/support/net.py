@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -73,3 +74,29 @@ def long_poll(
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return local, dict(json.loads(body))
+
+
+# Linux's SO_TIMESTAMPNS: Python 3.11's socket module does not name it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+def stamp_arrivals(s: socket.socket) -> None:
+    """Have the kernel stamp what ``s`` receives from now on (read with :func:`arrival_ns`)."""
+    s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+
+
+def arrival_ns(s: socket.socket, until: bytes) -> int:
+    """When the kernel received the bytes that completed ``until`` on ``s`` (SO_TIMESTAMPNS)."""
+    got = b""
+    at = 0
+    s.settimeout(5)
+    while until not in got:
+        data, ancdata, _flags, _addr = s.recvmsg(4096, socket.CMSG_SPACE(16))
+        assert data, f"closed before {until!r}: {got!r}"
+        got += data
+        for level, kind, raw in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = struct.unpack("qq", raw[:16])
+                at = sec * 1_000_000_000 + nsec
+    assert at, "no receive timestamp"
+    return at
