@@ -16,11 +16,20 @@ one message (``BCAST``) published (Nchan: ``POST /pub``; ours: the control socke
 ``broadcast``), and the time from the publish call to the moment the last client read it
 (clients stamp ``time.time()`` per arrival). Runs alternate between the two servers. Prints one
 line per run and a JSON summary with the medians and their ratio (ours / Nchan).
+
+Beside the wall time, each run reads the CPU the server's processes and the clients' processes
+ran (``/proc/PID/task/*/schedstat``) from the publish call until the clients were seen done
+(polled every 0.2 s, so the clients' figure includes answering those polls). On one box the
+clients share the cores: the wall time is the server's CPU plus what the scheduler's placement of
+the clients costs it, and the server's CPU per broadcast compares the two servers' own work.
+``--pin`` puts the server's processes on CPU 0 and the clients on the others after the ramp,
+which takes the placement out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -130,7 +139,40 @@ class Nchan:
             self.proc.wait()
 
 
-def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[str, float]:
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    out = [pid]
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                out += _tree(int(child))
+    except OSError:
+        pass  # gone meanwhile
+    return out
+
+
+def _ran_ns(pids: list[int]) -> int:
+    """The time ``pids`` (every thread) have run on a CPU so far, in ns."""
+    total = 0
+    for pid in pids:
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except OSError:
+            pass
+    return total
+
+
+def _pin(pids: list[int], cpus: set[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(task), cpus)
+
+
+def one_run(
+    kind: str, tmp: Path, conns: int, workers: int, procs: int, pin: bool = False
+) -> dict[str, float]:
     port = free_port()
     nofile = 20_000
     server: Nchan | Service
@@ -149,6 +191,12 @@ def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[
         )
         clients.wait("ready", conns, timeout=180, every=0.5)
         time.sleep(3)  # the ramp's last writes and timers settle
+        servers = _tree(server.proc.pid)
+        ours = [p.pid for p in clients.procs]
+        if pin:
+            _pin(servers, {0})
+            _pin(ours, set(range(1, os.cpu_count() or 2)) or {0})
+        ran0 = _ran_ns(servers), _ran_ns(ours)
         t0 = time.time()
         if isinstance(server, Nchan):
             server.publish()
@@ -156,7 +204,13 @@ def one_run(kind: str, tmp: Path, conns: int, workers: int, procs: int) -> dict[
             answer = server.ask({"op": "broadcast", "data": "BCAST", "channel": None})
             assert answer["ok"], answer
         st = clients.wait("msgs", conns, timeout=120, every=0.2)
-        return {"last_delivery_s": float(st["last_msg_t"]) - t0, "closed": float(st["closed"])}
+        ran1 = _ran_ns(servers), _ran_ns(ours)
+        return {
+            "last_delivery_s": float(st["last_msg_t"]) - t0,
+            "closed": float(st["closed"]),
+            "server_cpu_s": (ran1[0] - ran0[0]) / 1e9,
+            "clients_cpu_s": (ran1[1] - ran0[1]) / 1e9,
+        }
     finally:
         if clients is not None:
             clients.close()
@@ -169,32 +223,58 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="processes each (0: the service's auto)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--clients", type=int, default=0, help="client processes (0: one a 17,000)")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="after the ramp, the server's processes on CPU 0 and the clients on the others",
+    )
     args = ap.parse_args()
     ensure_nchan()
+    from loadgen.bench.report import cpu_model
     from service.config import Config
 
     workers = args.workers or Config(target_connections=args.conns).worker_count(20_000)
     procs = args.clients or max(1, -(-args.conns // 17_000))
+    if args.pin and (os.cpu_count() or 1) < 2:
+        sys.exit("--pin needs two CPUs or more")
     results: dict[str, list[float]] = {"comet": [], "nchan": []}
+    cpu: dict[str, dict[str, list[float]]] = {
+        k: {"server": [], "clients": []} for k in ("comet", "nchan")
+    }
     for i in range(args.runs):
         for kind in ("nchan", "comet") if i % 2 == 0 else ("comet", "nchan"):
             tmp = Path(tempfile.mkdtemp(prefix=f"nchan-compare-{kind}-"))
             try:
-                r = one_run(kind, tmp, args.conns, workers, procs)
+                r = one_run(kind, tmp, args.conns, workers, procs, args.pin)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             results[kind].append(r["last_delivery_s"])
-            print(f"{kind} run {i + 1}: last delivery {r['last_delivery_s']:.3f} s", flush=True)
+            cpu[kind]["server"].append(r["server_cpu_s"])
+            cpu[kind]["clients"].append(r["clients_cpu_s"])
+            print(
+                f"{kind} run {i + 1}: last delivery {r['last_delivery_s']:.3f} s, "
+                f"CPU: server {r['server_cpu_s']:.3f} s, clients {r['clients_cpu_s']:.3f} s",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in results.items()}
+    cpu_med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in cpu.items()}
     print(
         json.dumps(
             {
+                "cpu": cpu_model(),
                 "conns": args.conns,
                 "workers": workers,
                 "client_processes": procs,
                 "runs": {k: [round(x, 3) for x in v] for k, v in results.items()},
                 "median_s": {k: round(v, 3) for k, v in med.items()},
                 "ratio_comet_to_nchan": round(med["comet"] / med["nchan"], 2),
+                "pinned": args.pin,
+                "cpu_median_s": {
+                    k: {w: round(v, 4) for w, v in d.items()} for k, d in cpu_med.items()
+                },
+                "server_cpu_ratio_comet_to_nchan": round(
+                    cpu_med["comet"]["server"] / cpu_med["nchan"]["server"], 2
+                ),
             }
         )
     )
