@@ -728,7 +728,7 @@ class Hub:
             for c in s:
                 seen[id(c)] = c
         for c in self.deadlines.waiting():
-            seen.setdefault(id(c), c)
+            seen[id(c)] = c  # one already seen keeps its place
         return [c for c in seen.values() if c.state < DONE]
 
     async def drain(self, deadline: float) -> int:
