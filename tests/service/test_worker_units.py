@@ -662,8 +662,8 @@ def test_a_broadcast_reaches_subscribers_in_the_order_they_subscribed() -> None:
                 s = subscribe(w, "/sub/order")
                 read_until(s, b"Welcome!")
                 order.append(s)
-            for i in (2, 5, 7):  # leave, then subscribe again: now at the end
-                gone = order.pop(i - (i > 2) - (i > 5))
+            for gone in (order[2], order[5], order[7]):  # leave, subscribe again: last
+                order.remove(gone)
                 gone.close()
                 wait_for(lambda: channel_count(w, "order") == 11)
                 s = subscribe(w, "/sub/order")
