@@ -700,17 +700,17 @@ def test_handoff_parallel_sets_how_many_slots_hand_over_at_once(tmp_path) -> Non
 def test_a_reload_keeps_the_order_subscribers_are_served_in(tmp_path) -> None:
     """A broadcast serves a channel's subscribers in the order they subscribed; the successor
     adopts them in that order, so after a reload it is the same (kernel receive times)."""
+    from tests.service.worker_harness import connect, read_until
+
     svc = Service(tmp_path, "--workers", "1")
     order: list[socket.socket] = []
     try:
         svc.wait_up(1)
 
         def join() -> None:
-            s = socket.create_connection(("127.0.0.1", svc.port), timeout=10)
+            s = connect(svc.port, timeout=10)
             s.sendall(f"GET /sub/{CH} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-            got = b""
-            while b"Welcome!" not in got:
-                got += s.recv(4096)
+            read_until(s, b"Welcome!", limit=10)
             order.append(s)
 
         for _ in range(10):
