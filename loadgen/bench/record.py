@@ -132,10 +132,13 @@ def hold_cpu(
     client_cpu_s: float,
     procs0: dict[int, tuple[str, float]] | None = None,
     exclude: set[int] | frozenset[int] = frozenset(),
+    server_cpu_s: float | None = None,
 ) -> dict[str, Any]:
     """CPU while idle-holding (pings only), % of one core: the service's from its frames (its
-    own psutil readings per worker), the load generator's from ``client_cpu_s`` (its CPU seconds
-    since ``hold_t0``) and the host's from ``psutil.cpu_times()`` then (``host0``) and now; of
+    own psutil readings per worker) or, for another server on this host (``--target``), from
+    ``server_cpu_s`` (its listeners' CPU seconds since ``hold_t0``); the load generator's from
+    ``client_cpu_s`` (its CPU seconds since ``hold_t0``) and the host's from
+    ``psutil.cpu_times()`` then (``host0``) and now; of
     the host's, the softirq share (the kernel's packet work charged to no process), and the
     busiest other processes since ``procs0`` (:func:`process_cpu`), not counting ``exclude``
     (the service's and the load generator's pids): what else keeps the host from idling."""
@@ -143,9 +146,14 @@ def hold_cpu(
     frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
     svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
     host1 = psutil.cpu_times()
+    service_pct = None
+    if svc_cpu:
+        service_pct = round(sum(svc_cpu) / len(svc_cpu), 1)
+    elif server_cpu_s is not None:
+        service_pct = round(100 * server_cpu_s / dt, 1)
     out: dict[str, Any] = {
         "seconds": round(dt, 1),
-        "service_pct_of_core": round(sum(svc_cpu) / len(svc_cpu), 1) if svc_cpu else None,
+        "service_pct_of_core": service_pct,
         "load_generator_pct_of_core": round(100 * client_cpu_s / dt, 1),
         "host_busy_pct_of_core": host_busy_pct(host0, host1, dt),
         "softirq_pct_of_core": softirq_pct(host0, host1, dt),

@@ -270,6 +270,9 @@ class BenchRun:
         end = time.monotonic() + opts.hold
         hold_t0 = time.time()
         client_cpu0 = tree_cpu(self.client_pids())
+        # Another server on this host (--target) sends no frames: read its processes' CPU.
+        server_pids = list(tree_pids(svc.pids)) if svc.socket_path is None else []
+        server_cpu0 = tree_cpu(server_pids)
         host_cpu0 = psutil.cpu_times()
         procs0 = process_cpu()
         while True:
@@ -286,6 +289,7 @@ class BenchRun:
             tree_cpu(self.client_pids()) - client_cpu0,
             procs0,
             tree_pids([*svc.pids, *self.client_pids()]),
+            tree_cpu(server_pids) - server_cpu0 if server_pids else None,
         )
         held = max(1, st.clients)
         rss = tree_rss(svc.pids)
