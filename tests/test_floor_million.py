@@ -1,0 +1,88 @@
+"""benchmarks/floor_million.sh at a small size: the bare servers share one port, comet-bench
+drives them as it drives the service, and each timed broadcast it publishes (a line in a file,
+then SIGUSR1) reaches every client. The bench reads the bare servers as "the service" (the
+processes listening on the port), so the floor's CPU while holding is reported like the
+service's. Nothing is left listening afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.support.net import free_port
+from tests.support.service import ROOT
+
+
+def listening(port: int) -> list[str]:
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
+    port = free_port()
+    out = tmp_path / "floor"
+    env = {
+        **os.environ,
+        **{"FLOOR_PROCS": "3", "FLOOR_PORT": str(port), "FLOOR_PING": "0.5", "FLOOR_TUNE": "0"},
+    }
+    size = (
+        "--conns", "1500", "--rate", "3000", "--concurrency", "50", "--procs", "2",
+        "--hold", "2", "--broadcasts", "2", "--broadcast-gap", "0.5",
+        "--broadcast-timeout", "20", "--ramp-timeout", "60",
+    )  # fmt: skip
+    res = subprocess.run(
+        [str(ROOT / "benchmarks" / "floor_million.sh"), str(out), *size],
+        capture_output=True,
+        text=True,
+        timeout=160,
+        cwd=ROOT,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["held"] == 1500 and report["target"] == f"http://127.0.0.1:{port}/", report
+    assert len(report["broadcasts"]) == 2
+    for b in report["broadcasts"]:
+        # Timed by the clients: the bare servers sent the bench's own line, not their BCAST.
+        assert b["delivered"] == 1500 and 0 < b["last_delivery_ms"] < 20_000, b
+    # The three bare servers are what the bench measured as the server: their pings (every
+    # 0.5 s here) cost them CPU through the hold, and the clients reading them too.
+    hc = report["hold_cpu"]
+    assert hc["service_pct_of_core"] > 0 and hc["load_generator_pct_of_core"] > 0, hc
+    deadline = time.monotonic() + 10
+    while listening(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert listening(port) == [], "the script left bare servers behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_busy_port_is_named_before_anything_starts(tmp_path) -> None:
+    port = free_port()
+    script = (
+        f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen();"
+        " print('up', flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen(["python3", "-c", script], stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
+            env = {**os.environ, "FLOOR_PORT": str(port), "FLOOR_TUNE": "0"}
+            res = subprocess.run(
+                [str(ROOT / "benchmarks" / "floor_million.sh"), str(tmp_path / "x")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                cwd=ROOT,
+                env=env,
+            )
+        finally:
+            holder.kill()
+    assert res.returncode == 2 and f"port {port} is in use" in res.stderr, res.stderr
