@@ -50,6 +50,7 @@ class Options:
     publish_cmd: str | None = None
     progress: bool = True
     client_nice: int = 0
+    client_sched: str = "batch"
     ramp_down: bool = False
     netns: int = 0
     min_available_gib: float = 2.0
@@ -194,6 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="nice value of the client engine processes (e.g. 10: the service gets the CPU "
         "first when both share a box)",
+    )
+    p.add_argument(
+        "--client-sched",
+        choices=("batch", "other"),
+        default="batch",
+        help="scheduling policy of the client engine processes: batch (SCHED_BATCH) lets the "
+        "server finish its time slice when its write wakes a client, as clients on other "
+        "machines would; other (SCHED_OTHER, the kernel's default) lets each woken client "
+        "preempt it, so on one box a broadcast costs a context switch per wake-up",
     )
     p.add_argument(
         "--ramp-down",

@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from loadgen.bench.preflight import preflight, verdict
 from tests.loadgen.conftest import bench
@@ -99,3 +101,56 @@ def test_bench_stops_when_memory_runs_short(tmp_path) -> None:
     assert r.returncode != 0
     assert "--min-available-gib" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def engine_policies(bench_pid: int) -> dict[int, int]:
+    """The scheduling policy of each client engine process under the bench (none yet: {})."""
+    out: dict[int, int] = {}
+    try:
+        children = psutil.Process(bench_pid).children(recursive=True)
+    except psutil.Error:
+        return out
+    for p in children:
+        try:
+            if "loadgen.engine.child" in " ".join(p.cmdline()):
+                out[p.pid] = os.sched_getscheduler(p.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize(("flag", "policy"), [((), os.SCHED_BATCH), (("other",), os.SCHED_OTHER)])
+def test_client_engines_run_with_the_scheduling_policy_asked(tmp_path, flag, policy) -> None:
+    """By default the engines run SCHED_BATCH (their wake-ups do not preempt the server, as
+    clients on other machines would not); ``--client-sched other`` leaves the kernel's default.
+    Read from the live engines while they hold, and named in the report."""
+    out = tmp_path / "out"
+    args = ["--conns", "400", "--rate", "2000", "--procs", "2", "--hold", "4", "--broadcasts", "1"]
+    if flag:
+        args += ["--client-sched", *flag]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadgen.bench", *args, "--out", str(out), "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    seen: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + 60
+        # The bench sets the policy once the engines are up, before the ramp: wait for two
+        # engines that have it (a freshly started one still has the default).
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = engine_policies(proc.pid)
+            if len(seen) == 2 and all(v == policy for v in seen.values()):
+                break
+            time.sleep(0.1)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert len(seen) == 2 and set(seen.values()) == {policy}, seen
+    report = json.loads((out / "bench.json").read_text())
+    assert report["client_sched"] == (flag[0] if flag else "batch")
