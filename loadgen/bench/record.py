@@ -138,10 +138,10 @@ def hold_cpu(
     own psutil readings per worker) or, for another server on this host (``--target``), from
     ``server_cpu_s`` (its listeners' CPU seconds since ``hold_t0``); the load generator's from
     ``client_cpu_s`` (its CPU seconds since ``hold_t0``) and the host's from
-    ``psutil.cpu_times()`` then (``host0``) and now; of
-    the host's, the softirq share (the kernel's packet work charged to no process), and the
-    busiest other processes since ``procs0`` (:func:`process_cpu`), not counting ``exclude``
-    (the service's and the load generator's pids): what else keeps the host from idling."""
+    ``psutil.cpu_times()`` then (``host0``) and now; of the host's, the softirq share (the
+    kernel's packet work charged to no process), and the busiest other processes since
+    ``procs0`` (:func:`process_cpu`), not counting ``exclude`` (the service's and the load
+    generator's pids): what else keeps the host from idling."""
     dt = max(0.001, time.time() - hold_t0)
     frames = [f for f in record.frames if float(f.get("t", 0)) > hold_t0 + 1.0]
     svc_cpu = [float((f.get("totals") or {}).get("cpu_percent", 0.0)) for f in frames]
