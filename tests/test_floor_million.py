@@ -9,19 +9,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
-from tests.support.net import free_port
+from loadgen.bench.service import listening_pids
+from tests.support.net import free_port, wait_for
 from tests.support.service import ROOT
-
-
-def listening(port: int) -> list[str]:
-    out = subprocess.run(
-        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
-    ).stdout
-    return [line for line in out.splitlines() if line.strip()]
 
 
 @pytest.mark.slow
@@ -57,10 +50,7 @@ def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
     # 0.5 s here) cost them CPU through the hold, and the clients reading them too.
     hc = report["hold_cpu"]
     assert hc["service_pct_of_core"] > 0 and hc["load_generator_pct_of_core"] > 0, hc
-    deadline = time.monotonic() + 10
-    while listening(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert listening(port) == [], "the script left bare servers behind"
+    wait_for(lambda: not listening_pids(port), 10, "the script's bare servers to be gone")
 
 
 @pytest.mark.slow
