@@ -81,8 +81,25 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def stamp_arrivals(s: socket.socket) -> None:
-    """Have the kernel stamp what ``s`` receives from now on (read with :func:`arrival_ns`)."""
+    """Have the kernel stamp what ``s`` receives from now on (read with :func:`arrival_ns`).
+
+    The first socket on the host to ask for stamps turns them on through a kernel work item
+    (``net_enable_timestamp`` defers the switch), so segments that arrive just after the option is
+    set can still come unstamped. Return only once a probe segment sent now is seen stamped."""
     s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    deadline = time.monotonic() + 5.0
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with socket.create_connection(listener.getsockname(), timeout=5) as probe:
+            sender, _ = listener.accept()
+            with sender:
+                probe.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                while True:
+                    sender.sendall(b".")
+                    _data, ancdata, _flags, _addr = probe.recvmsg(16, socket.CMSG_SPACE(16))
+                    if any(kind == SO_TIMESTAMPNS for _level, kind, _raw in ancdata):
+                        return
+                    assert time.monotonic() < deadline, "the kernel never stamped a probe segment"
+                    time.sleep(0.001)
 
 
 def arrival_ns(s: socket.socket, until: bytes) -> int:
