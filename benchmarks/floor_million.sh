@@ -50,8 +50,8 @@ until [ "$(ss -ltnH "sport = :$PORT" | wc -l)" -ge "$PROCS" ]; do
     fi
     sleep 0.5
 done
+. benchmarks/million-flags.sh
+# shellcheck disable=SC2086 # MILLION_FLAGS is a list of flags
 .venv/bin/comet-bench --target "http://127.0.0.1:$PORT/" \
     --publish-cmd "printf '%s' \"\$COMET_BENCH_DATA\" > $MSG && kill -USR1 $PIDS" \
-    --conns 1000000 --rate 4000 --concurrency 25 --hold 600 --ramp-timeout 1800 \
-    --broadcasts 3 --broadcast-timeout 120 --broadcast-gap 5 \
-    --out "$OUT" --no-progress "$@"
+    $MILLION_FLAGS --out "$OUT" --no-progress "$@"

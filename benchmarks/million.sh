@@ -10,9 +10,8 @@ OUT=${1:-million-out}
 [ $# -gt 0 ] && shift
 (cd ansible && ../.venv/bin/ansible-playbook tune-host.yml -e @profiles/million-one-box.yml)
 # Port 8888: the comet group's host_tuning_notrack_ports, so no connection is tracked.
-.venv/bin/comet-bench --conns 1000000 --rate 4000 --concurrency 25 --hold 600 --ramp-timeout 1800 \
-    --port 8888 \
-    --broadcasts 3 --broadcast-timeout 120 --broadcast-gap 5 --ramp-down \
-    --out "$OUT" --no-progress "$@"
+. benchmarks/million-flags.sh
+# shellcheck disable=SC2086 # MILLION_FLAGS is a list of flags
+.venv/bin/comet-bench $MILLION_FLAGS --port 8888 --ramp-down --out "$OUT" --no-progress "$@"
 .venv/bin/comet-plot -o "$OUT" --title "1,000,000 connections, one 2-core box" \
     "$OUT"/service-logs/*.csv
