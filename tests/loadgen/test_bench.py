@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tests.loadgen.conftest import ROOT, bench, running_fixture_server, wait_for
+from tests.support.service import reaped
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -186,7 +187,7 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
         text=True,
         start_new_session=True,
     )
-    try:
+    with reaped(proc, group=True):
         assert proc.stdout is not None
         service_pid = None
         for line in proc.stdout:
@@ -227,12 +228,6 @@ def test_bench_interrupted_stops_everything(tmp_path, sig, delay):
             )
 
         wait_for(all_gone, 30, "every started process to exit")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("iptables") is None, reason="needs root")
@@ -303,7 +298,7 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
         text=True,
         env={**os.environ, "COLUMNS": "160"},
     )
-    try:
+    with reaped(proc):
 
         def held() -> list[str] | None:
             ss = subprocess.run(
@@ -323,10 +318,6 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
         ).stdout.strip()
         assert int(own) == 1024  # its own table (a shared one reads negative)
         text, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert proc.returncode == 0, text[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["held"] == 3000 and report["errors"]["errors_req"] == 0

@@ -19,6 +19,7 @@ import pytest
 
 from loadgen.bench.preflight import preflight, verdict
 from tests.loadgen.conftest import bench
+from tests.support.service import reaped
 
 
 def test_preflight_names_tcp_mem_and_backlogs() -> None:
@@ -136,7 +137,7 @@ def test_client_engines_run_with_the_scheduling_policy_asked(tmp_path, flag, pol
         env={**os.environ, "COLUMNS": "160"},
     )
     seen: dict[int, int] = {}
-    try:
+    with reaped(proc):
         deadline = time.monotonic() + 60
         # The bench sets the policy once the engines are up, before the ramp: wait for two
         # engines that have it (a freshly started one still has the default).
@@ -146,10 +147,6 @@ def test_client_engines_run_with_the_scheduling_policy_asked(tmp_path, flag, pol
                 break
             time.sleep(0.1)
         _out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err[-3000:]
     assert len(seen) == 2 and set(seen.values()) == {policy}, seen
     report = json.loads((out / "bench.json").read_text())

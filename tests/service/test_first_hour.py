@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service.config import parse_args
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_for
 from tests.support.service import ROOT, Service
 
 
@@ -149,8 +149,11 @@ def test_live_screen_keeps_logs_off_the_terminal_and_shows_the_latest(tmp_path):
         while not logged("worker 0: restarting"):
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
-        time.sleep(1.5)  # a frame after the restart line
-        assert "worker 0: restarting" in out.read_text().split("latest events")[-1]
+        wait_for(
+            lambda: "worker 0: restarting" in out.read_text().split("latest events")[-1],
+            10,
+            "a frame that lists the restart among its latest events",
+        )
         assert logged("listening on 127.0.0.1")  # the workers' own lines go to the file too
     finally:
         proc.send_signal(signal.SIGINT)

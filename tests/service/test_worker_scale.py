@@ -14,6 +14,7 @@ import uvloop
 from service.config import raise_nofile_limit
 from tests.service.worker_harness import SubprocessWorker, connect, read_for, read_until
 from tests.support.net import wait_for
+from tests.support.service import reaped
 
 N_CONNS = 10_000
 
@@ -246,7 +247,7 @@ def test_standalone_process_with_service_flags() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
-    try:
+    with reaped(proc):
         assert proc.stdout is not None
         assert b"listening on http" in proc.stdout.readline()
         curl = shutil.which("curl")
@@ -259,12 +260,6 @@ def test_standalone_process_with_service_flags() -> None:
         assert out.startswith("Welcome!\nping\n"), out
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_quiet_holds_the_pings_for_an_interval() -> None:
