@@ -186,10 +186,11 @@ class BenchRun:
                 with contextlib.suppress(psutil.Error):
                     psutil.Process(child.proc.pid).nice(opts.client_nice)
         report["client_nice"] = opts.client_nice
-        # On one box the clients stand in for other machines, whose wake-ups never preempt the
-        # server: SCHED_BATCH (--client-sched). A broadcast to 100,000 on 6 workers took 0.82x
-        # the time with it, a million's no different (docs/benchmarks.md, "The million against
-        # its floor, from network namespaces, and with the clients as other machines").
+        # --client-sched batch: the clients' wake-ups do not preempt the server, as those of
+        # clients on other machines never do. A broadcast to 100,000 on 6 workers took 0.82x
+        # the time with it; at a million it changed neither the ramp nor the broadcasts and
+        # raised the workers' loop lag, so the kernel's default stays the default
+        # (docs/benchmarks.md, "The clients' scheduling at a million").
         policy = os.SCHED_BATCH if opts.client_sched == "batch" else os.SCHED_OTHER
         for child in pool.children:
             with contextlib.suppress(ProcessLookupError):
