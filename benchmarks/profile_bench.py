@@ -85,9 +85,13 @@ def engines(bench_pid: int) -> list[int]:
 def perf_rows(data: Path, sort: str) -> list[tuple[float, list[str]]]:
     """``perf report``'s self-time rows sorted by ``sort``: (percent, the row's other columns)."""
     argv = ["perf", "report", "-i", str(data), "--no-children", "--stdio", "--sort", sort]
-    out = subprocess.run([*argv, "-g", "none"], capture_output=True, text=True).stdout
+    return parse_rows(subprocess.run([*argv, "-g", "none"], capture_output=True, text=True).stdout)
+
+
+def parse_rows(report: str) -> list[tuple[float, list[str]]]:
+    """The rows of a ``perf report --stdio`` text (its header and comments left out)."""
     rows = []
-    for line in out.splitlines():
+    for line in report.splitlines():
         parts = line.split()
         if len(parts) >= 2 and parts[0].endswith("%"):
             rows.append((float(parts[0].rstrip("%")), parts[1:]))

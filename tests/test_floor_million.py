@@ -14,7 +14,7 @@ import pytest
 
 from loadgen.bench.service import listening_pids
 from tests.support.net import free_port, wait_for
-from tests.support.service import ROOT
+from tests.support.service import ROOT, reaped
 
 
 @pytest.mark.slow
@@ -61,18 +61,17 @@ def test_a_busy_port_is_named_before_anything_starts(tmp_path) -> None:
         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen();"
         " print('up', flush=True); time.sleep(60)"
     )
-    with subprocess.Popen(["python3", "-c", script], stdout=subprocess.PIPE, text=True) as holder:
-        try:
-            assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
-            env = {**os.environ, "FLOOR_PORT": str(port), "FLOOR_TUNE": "0"}
-            res = subprocess.run(
-                [str(ROOT / "benchmarks" / "floor_million.sh"), str(tmp_path / "x")],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                cwd=ROOT,
-                env=env,
-            )
-        finally:
-            holder.kill()
+    with reaped(
+        subprocess.Popen(["python3", "-c", script], stdout=subprocess.PIPE, text=True)
+    ) as holder:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "up"
+        env = {**os.environ, "FLOOR_PORT": str(port), "FLOOR_TUNE": "0"}
+        res = subprocess.run(
+            [str(ROOT / "benchmarks" / "floor_million.sh"), str(tmp_path / "x")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+            env=env,
+        )
     assert res.returncode == 2 and f"port {port} is in use" in res.stderr, res.stderr

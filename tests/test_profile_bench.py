@@ -15,8 +15,10 @@ profile_bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(profile_bench)
 
 # `perf report --no-children --stdio --sort comm,dso,sym -g none` lines of a million's hold
-# (2026-12-05, 54 workers and 51 engines), as perf_rows reads them.
+# (2026-12-05, 54 workers and 51 engines), with perf's header.
 REPORT = """\
+# Samples: 1M of event 'cpu-clock:ppp'
+#
     16.23%  swapper          [kernel.kallsyms]                         [k] pv_native_safe_halt
      0.50%  comet-worker 16  [kernel.kallsyms]                         [k] __inet_lookup_established
      0.44%  comet-worker 26  [kernel.kallsyms]                         [k] __inet_lookup_established
@@ -27,16 +29,8 @@ REPORT = """\
 """
 
 
-def rows(text: str) -> list[tuple[float, list[str]]]:
-    out = []
-    for line in text.splitlines():
-        parts = line.split()
-        out.append((float(parts[0].rstrip("%")), parts[1:]))
-    return out
-
-
 def test_the_workers_rows_are_one_row_and_the_others_stay_apart() -> None:
-    top = profile_bench.by_command(rows(REPORT))
+    top = profile_bench.by_command(profile_bench.parse_rows(REPORT))
     assert top == [
         (16.23, "swapper [kernel.kallsyms] [k] pv_native_safe_halt"),
         (1.37, "comet-worker [kernel.kallsyms] [k] __inet_lookup_established"),
