@@ -8,6 +8,7 @@ import sys
 
 from rich.console import Console
 
+from loadgen.bench.netns import plan
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.preflight import preflight, print_preflight
 from loadgen.bench.report import print_report
@@ -21,11 +22,17 @@ def main(argv: list[str] | None = None) -> None:
     console = Console()
     if opts.preflight_only:
         where = opts.where()
+        sources = (
+            sum(len(ns.addresses) for ns in plan(opts.netns, opts.conns))
+            if opts.netns
+            else len(parse_source_ips(opts.source_ips, where.host))
+        )
         checks = preflight(
             opts.conns,
-            len(parse_source_ips(opts.source_ips, where.host)),
+            sources,
             concurrency=opts.concurrency,
             port=where.port or opts.port,
+            host_sockets=opts.host_sockets(),
         )
         print_preflight(console, checks)
         sys.exit(0 if all(c.ok or not c.stops for c in checks) else 1)

@@ -15,10 +15,22 @@ the boot fixed at 262,144 buckets for both ends of every connection), and every 
 veth and the bridge as it would a NIC. Everything is removed when the run ends, also after an
 interrupted run (the names carry the prefix ``cbench``; a new run removes leftovers first).
 Needs root and iproute2 (``ip``).
+
+With ``--service-netns`` the service gets a namespace of its own too, ``cbench-svc``, and the
+bridge moves into it (the service listens on the bridge's address there)::
+
+    cbench-svc:  cbench-br 10.77.0.1/16  <- the service
+                   |- cbench0h <veth> eth0 10.77.1.1   (namespace cbench0) ...
+
+so the host's namespace carries none of the run's packets: the service's sockets are in a TCP
+established hash sized for ``--conns`` (the host's is fixed at boot, 262,144 buckets on this
+machine kind), and no netfilter rule of the host's (Docker's chains, the NOTRACK rules) is on
+their path. The listen-queue sysctls the host was tuned with are copied into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import os
@@ -31,6 +43,17 @@ from loadgen.engine.sources import Namespace
 
 PREFIX = "cbench"
 BRIDGE = f"{PREFIX}-br"
+SERVICE_NS = f"{PREFIX}-svc"
+# The host's values the service's namespace gets (a new namespace starts at the kernel's
+# defaults for these: somaxconn 4096, and the backlog of SYNs by the machine's memory). The
+# bridge's netfilter call is per namespace: off there, as nothing in it has rules.
+SERVICE_SYSCTLS = (
+    "net.core.somaxconn",
+    "net.ipv4.tcp_max_syn_backlog",
+    "net.ipv4.tcp_rmem",
+    "net.ipv4.tcp_wmem",
+    "net.ipv4.tcp_syncookies",
+)
 SUBNET = ipaddress.IPv4Network("10.77.0.0/16")
 HOST_ADDRESS = "10.77.0.1"
 # Connections planned per source address. The namespace's port range is 10240-65535 (55,296
@@ -74,9 +97,12 @@ def ehash_entries(conns: int, count: int) -> int:
 class NetnsLab:
     """The namespaces, the veths and the bridge of one run; :meth:`close` removes them all."""
 
-    def __init__(self, count: int, conns: int) -> None:
+    def __init__(self, count: int, conns: int, service: bool = False) -> None:
         self.namespaces = plan(count, conns)
         self.ehash = ehash_entries(conns, count)
+        # --service-netns: the service's own namespace, its table sized for every connection.
+        self.service = Namespace(SERVICE_NS, (HOST_ADDRESS,)) if service else None
+        self.service_ehash = ehash_entries(conns, 1) if service else 0
         self._old_ehash: str | None = None
 
     @staticmethod
@@ -93,15 +119,24 @@ class NetnsLab:
         if EHASH_SYSCTL.exists():
             # Read by `ip netns add` (the kernel, at namespace creation): set it first.
             self._old_ehash = EHASH_SYSCTL.read_text().strip()
-            EHASH_SYSCTL.write_text(str(self.ehash))
+        # The bridge's namespace: the service's own, or the host's.
+        at: list[str] = []
         try:
-            _ip("link", "add", BRIDGE, "type", "bridge")
-            _ip("addr", "add", f"{HOST_ADDRESS}/{SUBNET.prefixlen}", "dev", BRIDGE)
-            _ip("link", "set", BRIDGE, "up")
+            if self.service is not None:
+                self._set_ehash(self.service_ehash)
+                _ip("netns", "add", SERVICE_NS)
+                at = ["-n", SERVICE_NS]
+                _ip(*at, "link", "set", "lo", "up")
+                self._copy_sysctls()
+            self._set_ehash(self.ehash)
+            _ip(*at, "link", "add", BRIDGE, "type", "bridge")
+            _ip(*at, "addr", "add", f"{HOST_ADDRESS}/{SUBNET.prefixlen}", "dev", BRIDGE)
+            _ip(*at, "link", "set", BRIDGE, "up")
             for i, ns in enumerate(self.namespaces):
                 host_end = f"{PREFIX}{i}h"
                 _ip("netns", "add", ns.name)
                 _ip(
+                    *at,
                     "link",
                     "add",
                     host_end,
@@ -113,7 +148,7 @@ class NetnsLab:
                     "netns",
                     ns.name,
                 )
-                _ip("link", "set", host_end, "master", BRIDGE, "up")
+                _ip(*at, "link", "set", host_end, "master", BRIDGE, "up")
                 for a in ns.addresses:
                     _ip("-n", ns.name, "addr", "add", f"{a}/{SUBNET.prefixlen}", "dev", "eth0")
                 _ip("-n", ns.name, "link", "set", "lo", "up")
@@ -131,6 +166,27 @@ class NetnsLab:
             raise
         return self.namespaces
 
+    def _set_ehash(self, entries: int) -> None:
+        if self._old_ehash is not None:
+            EHASH_SYSCTL.write_text(str(entries))
+
+    def _copy_sysctls(self) -> None:
+        """The host's listen-queue and buffer sysctls into the service's namespace; the
+        bridge's netfilter call off there (a kernel without br_netfilter has no such key)."""
+        assert self.service is not None
+        settings = []
+        for key in SERVICE_SYSCTLS:
+            path = Path("/proc/sys", *key.split("."))
+            with contextlib.suppress(OSError):
+                settings.append(f"{key}={' '.join(path.read_text().split())}")
+        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+            settings.append("net.bridge.bridge-nf-call-iptables=0")
+        r = subprocess.run(
+            self.service.wrap(["sysctl", "-q", "-w", *settings]), capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise BenchError(f"netns {SERVICE_NS}: sysctl: {r.stderr.strip()}")
+
     def close(self) -> None:
         remove_leftovers()
         if self._old_ehash is not None:
@@ -143,15 +199,21 @@ class NetnsLab:
             "addresses_per_namespace": len(self.namespaces[0].addresses),
             "service_address": HOST_ADDRESS,
             "child_ehash_entries": self.ehash,
+            **(
+                {"service_namespace": SERVICE_NS, "service_ehash_entries": self.service_ehash}
+                if self.service
+                else {}
+            ),
         }
 
 
 def remove_leftovers() -> None:
-    """Every namespace and the bridge named with our prefix (a veth goes with its namespace)."""
+    """Every namespace and the bridge named with our prefix (a veth goes with its namespace,
+    the bridge with the service's namespace when it is there)."""
     r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     for line in r.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX) and name[len(PREFIX) :].isdigit():
+        if name == SERVICE_NS or (name.startswith(PREFIX) and name[len(PREFIX) :].isdigit()):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)

@@ -53,8 +53,17 @@ class Options:
     client_sched: str = "other"
     ramp_down: bool = False
     netns: int = 0
+    service_netns: bool = False
     min_available_gib: float = 2.0
     preflight_only: bool = False
+
+    def host_sockets(self) -> int | None:
+        """How many of the run's sockets the host's own network namespace holds, for the
+        preflight: the service's ends with --netns, none with --service-netns (None: the
+        preflight's default, both ends of every connection)."""
+        if not self.netns:
+            return None
+        return 0 if self.service_netns else self.conns
 
     @classmethod
     def parse(cls, argv: list[str] | None = None) -> Options:
@@ -92,6 +101,8 @@ class Options:
             )
         if self.netns < 0:
             return "--netns must be 0 (off) or a number of namespaces"
+        if self.service_netns and not self.netns:
+            return "--service-netns goes with --netns N (the clients in namespaces too)"
         if self.target:
             u = urlsplit(self.target)
             if u.scheme not in ("http", "https") or not u.hostname:
@@ -220,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the service on 10.77.0.1; each namespace its own TCP hash table; an engine process in "
         "each at least): clients on 'other machines' as in the classic test; needs root and "
         "iproute2; 0 = loopback",
+    )
+    p.add_argument(
+        "--service-netns",
+        action="store_true",
+        help="with --netns: run the service in a namespace of its own as well (cbench-svc, the "
+        "bridge inside it, its TCP hash sized for --conns, the host's listen-queue sysctls "
+        "copied in), so no packet of the run crosses the host's own namespace: neither its "
+        "TCP table, sized at boot, nor its netfilter rules",
     )
     p.add_argument(
         "--min-available-gib",

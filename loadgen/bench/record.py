@@ -264,7 +264,8 @@ def ramp_advice(d: dict[str, Any]) -> str:
     elif busy is not None and busy >= 90 * cores:
         hint = (
             "the host's CPU is full: fewer connections, or --netns N (the clients' sockets in TCP "
-            "tables of their own: docs/benchmarks.md, 'On the AMD EPYC')"
+            "tables of their own: docs/benchmarks.md, 'On the AMD EPYC'), with --service-netns "
+            "the service's too"
         )
     else:
         hint = "see the server's log and bench.csv for where it slowed"

@@ -169,6 +169,13 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
             else "this host's own network",
         ),
         (
+            "service in",
+            f"network namespace {ns['service_namespace']} (own TCP hash, "
+            f"{ns['service_ehash_entries']:,} buckets)"
+            if ns and ns.get("service_namespace")
+            else "this host's own network",
+        ),
+        (
             "connections asked / reached / held",
             f"{r['conns']:,} / {fmt(r.get('reached'))} / {fmt(r.get('held'))}",
         ),

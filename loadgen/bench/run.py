@@ -112,7 +112,7 @@ class BenchRun:
         if opts.netns:
             # Clients on "other machines": each engine in a namespace of its own, the service
             # on the bridge's address (loadgen.bench.netns).
-            self.lab = NetnsLab(opts.netns, opts.conns)
+            self.lab = NetnsLab(opts.netns, opts.conns, service=opts.service_netns)
             namespaces = self.lab.create()
             where = dataclasses.replace(where, host=HOST_ADDRESS)
             sources = [a for ns in namespaces for a in ns.addresses]
@@ -125,6 +125,7 @@ class BenchRun:
             remote=False,
             concurrency=opts.concurrency,
             port=where.port or opts.port,
+            host_sockets=opts.host_sockets(),
         )
         report.update(
             {
@@ -149,7 +150,9 @@ class BenchRun:
             local = where.host in ("127.0.0.1", "localhost", "::1")
             svc = self.svc = Service(None, port, None, None, listening_pids(port) if local else [])
         else:
-            svc = self.svc = await start_service(opts, self.out, self.run_dir, where.host)
+            svc = self.svc = await start_service(
+                opts, self.out, self.run_dir, where.host, self.lab.service if self.lab else None
+            )
             report["service_pid"] = svc.proc.pid if svc.proc else None
             port = svc.port
             assert svc.socket_path is not None
@@ -212,7 +215,7 @@ class BenchRun:
         # A ramp may take twice its nominal time (+60 s, or --ramp-timeout) and stall STALL_S
         # at most before we give up.
         deadline = start + (opts.ramp_timeout or opts.conns / opts.rate * 2 + 60)
-        tcp0 = tcp_counters()
+        tcp0 = tcp_counters(self.netstat_path())
         # The host's CPU a second apart over the last stall window: how busy it was at the end.
         cpu_seen: collections.deque[tuple[float, Any]] = collections.deque(maxlen=STALL_S + 1)
         progress = Progress(
@@ -271,7 +274,16 @@ class BenchRun:
         if cpu_seen:
             t_first, cpu_first = cpu_seen[0]
             busy = host_busy_pct(cpu_first, psutil.cpu_times(), time.monotonic() - t_first)
-        self.report["ramp_diagnosis"] = ramp_diagnosis(ended, tcp0, tcp_counters(), busy)
+        self.report["ramp_diagnosis"] = ramp_diagnosis(
+            ended, tcp0, tcp_counters(self.netstat_path()), busy
+        )
+
+    def netstat_path(self) -> str:
+        """The TCP counters of the service's network namespace (with --service-netns not the
+        host's; through its pid, which also names the host's own otherwise)."""
+        if self.svc is not None and self.svc.proc is not None:
+            return f"/proc/{self.svc.proc.pid}/net/netstat"
+        return "/proc/net/netstat"
 
     async def hold(self) -> None:
         """Hold ``--hold`` seconds, then measure memory per connection and idle CPU."""

@@ -22,7 +22,7 @@ import psutil
 
 from loadgen.bench.options import BenchError, Options
 from loadgen.bench.record import Record
-from loadgen.engine.sources import FD_RESERVE, nofile_capacity
+from loadgen.engine.sources import FD_RESERVE, Namespace, nofile_capacity
 from service.config import Config
 from service.supervisor.portcheck import ss_listeners
 
@@ -189,9 +189,18 @@ def _die_with_parent() -> None:
         pass
 
 
-async def start_service(opts: Options, out: Path, run_dir: str, host: str = "127.0.0.1") -> Service:
+async def start_service(
+    opts: Options,
+    out: Path,
+    run_dir: str,
+    host: str = "127.0.0.1",
+    netns: Namespace | None = None,
+) -> Service:
     """Start the service on ``host`` and a port nobody else listens on (retrying on another
-    port if needed)."""
+    port if needed); with ``netns``, inside that namespace, made for it and empty, so nobody
+    else can listen there."""
+    if netns is not None:
+        return await _start_service_on(opts, out, run_dir, host, opts.port or free_port(), netns)
     for _attempt in range(3):
         port = opts.port or free_port()
         if listening_pids(port):
@@ -211,7 +220,7 @@ async def start_service(opts: Options, out: Path, run_dir: str, host: str = "127
 
 
 async def _start_service_on(
-    opts: Options, out: Path, run_dir: str, host: str, port: int
+    opts: Options, out: Path, run_dir: str, host: str, port: int, netns: Namespace | None = None
 ) -> Service:
     sock = os.path.join(run_dir, "control.sock")
     log_dir = out / "service-logs"
@@ -246,6 +255,8 @@ async def _start_service_on(
     ]
     if opts.tls_cert and opts.tls_key:
         cmd += ["--tls-cert", opts.tls_cert, "--tls-key", opts.tls_key]
+    if netns is not None:
+        cmd = netns.wrap(cmd)  # `ip netns exec` execs the service: the pid stays its own
     logf = open(out / "service.log", "wb")  # noqa: SIM115 - handed to the child, closed below
     try:
         # Own session: a terminal Ctrl-C reaches only the bench, which then stops the service.
@@ -267,7 +278,7 @@ async def _start_service_on(
             raise BenchError(f"the service exited with {proc.returncode}:\n{tail}")
         try:
             health = await control(sock, {"op": "health"}, timeout=2.0)
-            if await _port_open(host, port):
+            if await _port_open(host, port, netns):
                 # Workers still importing are not up yet: say of how many (54 at a million).
                 up = health.get("workers")
                 print(
@@ -294,7 +305,22 @@ async def wait_workers_up(sock: str, expected: int, timeout: float = 120.0) -> N
     raise BenchError(f"the service did not bring up {expected} workers within {timeout:.0f} s")
 
 
-async def _port_open(host: str, port: int) -> bool:
+async def _port_open(host: str, port: int, netns: Namespace | None = None) -> bool:
+    """Whether ``host:port`` takes a connection (from inside ``netns`` when given: the host's
+    own namespace has no route to the service's)."""
+    if netns is not None:
+        probe = f"import socket; socket.create_connection(({host!r}, {port}), 2).close()"
+        proc = await asyncio.create_subprocess_exec(
+            *netns.wrap([sys.executable, "-c", probe]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            return await asyncio.wait_for(proc.wait(), 10.0) == 0
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return False
     try:
         _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
     except (TimeoutError, OSError):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -333,6 +334,77 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
     # Nothing of it left: namespaces, bridge, the host's sysctl as it was.
     assert _namespaces() == []
     assert not os.path.exists("/sys/class/net/cbench-br")
+    assert EHASH_SYSCTL.read_text() == ehash_before
+
+
+def _in_namespace(name: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", name, *argv], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+def test_bench_with_the_service_in_a_namespace_of_its_own(tmp_path):
+    """--netns 2 --service-netns: the service runs in cbench-svc with the bridge, a TCP hash of
+    its own sized for --conns and the host's listen-queue sysctls; no socket of the run is in
+    the host's namespace; everything is gone after it."""
+    from loadgen.bench.netns import EHASH_SYSCTL
+    from tests.support.net import free_port
+
+    ehash_before = EHASH_SYSCTL.read_text()
+    out, port = tmp_path / "out", free_port()
+    argv = ["--conns", "2000", "--rate", "2000", "--hold", "6", "--broadcasts", "2",
+            "--netns", "2", "--service-netns", "--port", str(port), "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadgen.bench", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    with reaped(proc):
+        established = ["ss", "-Htn", "state", "established", f"( sport = :{port} )"]
+
+        def held() -> list[str] | None:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                ss = _in_namespace("cbench-svc", *established).splitlines()
+                return ss if len(ss) >= 2000 else None
+            return None
+
+        peers = {line.split()[-1].rsplit(":", 1)[0] for line in wait_for(held, 90, "2,000 held")}
+        assert peers == {"10.77.1.1", "10.77.2.1"}
+        # The host's namespace holds none of them, and has no bridge of the run.
+        host_side = subprocess.run(established, capture_output=True, text=True).stdout
+        assert host_side.strip() == ""
+        assert not os.path.exists("/sys/class/net/cbench-br")
+        assert _namespaces() == ["cbench-svc", "cbench0", "cbench1"]
+        # The service's processes are in it.
+        svc_ns = os.stat("/run/netns/cbench-svc").st_ino
+        listeners = [
+            int(m) for m in re.findall(r"pid=(\d+)", _in_namespace("cbench-svc", "ss", "-Htlnp"))
+        ]
+        assert listeners and all(os.stat(f"/proc/{p}/ns/net").st_ino == svc_ns for p in listeners)
+        assert int(_in_namespace("cbench-svc", "cat", "/proc/sys/net/ipv4/tcp_ehash_entries")) == (
+            2048
+        )
+        host_somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
+        assert _in_namespace("cbench-svc", "sysctl", "-n", "net.core.somaxconn") == host_somaxconn
+        if os.path.exists("/proc/sys/net/bridge/bridge-nf-call-iptables"):
+            assert (
+                _in_namespace("cbench-svc", "sysctl", "-n", "net.bridge.bridge-nf-call-iptables")
+                == "0"
+            )
+        text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, text[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["held"] == 2000 and report["errors"]["errors_req"] == 0
+    assert report["netns"]["service_namespace"] == "cbench-svc"
+    assert report["netns"]["service_ehash_entries"] == 2048
+    assert [b["delivered"] for b in report["broadcasts"]] == [2000, 2000]
+    assert "network namespace cbench-svc" in text
+    assert _namespaces() == []
     assert EHASH_SYSCTL.read_text() == ehash_before
 
 

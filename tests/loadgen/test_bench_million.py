@@ -54,6 +54,25 @@ def test_preflight_reports_short_hash_tables_as_slow_not_stopping() -> None:
     assert "slower than it could be: " in v and "tcp_ehash_entries" in v
 
 
+def test_preflight_counts_only_the_sockets_the_hosts_namespace_holds() -> None:
+    """--netns: the host's TCP table holds the service's ends only; --service-netns: none of
+    the run's sockets, so neither that table nor conntrack is checked, and the report says why."""
+    from loadgen.bench.options import Options
+
+    half = {c.name: c for c in preflight(1_000_000, 80, host_sockets=1_000_000)}
+    assert half["net.ipv4.tcp_ehash_entries"].needed == "≥ 500,000 (≤ 2 sockets a bucket)"
+    both = {c.name: c for c in preflight(1_000_000, 80)}
+    assert both["net.ipv4.tcp_ehash_entries"].needed == "≥ 1,000,000 (≤ 2 sockets a bucket)"
+    none = {c.name: c for c in preflight(1_000_000, 80, host_sockets=0)}
+    assert "net.ipv4.tcp_ehash_entries" not in none
+    assert not {"nf_conntrack_max", "nf_conntrack_buckets", "connection tracking"} & set(none)
+    assert none["the host's network namespace"].ok
+    assert "ephemeral ports" in none and "fs.file-max" in none  # still the host's to give
+    assert Options(netns=40, conns=7).host_sockets() == 7
+    assert Options(netns=40, conns=7, service_netns=True).host_sockets() == 0
+    assert Options(conns=7).host_sockets() is None
+
+
 def test_bench_reports_lag_per_broadcast_hold_cpu_and_ramp_down(tmp_path) -> None:
     out = tmp_path / "out"
     # A process that is neither the service nor the load generator, busy through the hold: the

@@ -30,6 +30,7 @@ def test_a_target_url_is_split_once() -> None:
         (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca: cannot read /nonexistent/ca.pem"),
         (["--netns", "2", "--source-ips", "127.0.0.2"], "--netns gives each namespace its own"),
         (["--netns", "-1"], "--netns must be 0 (off) or a number of namespaces"),
+        (["--service-netns"], "--service-netns goes with --netns N"),
     ],
 )
 def test_a_bad_option_exits_2_naming_it(
