@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -106,10 +109,11 @@ _INDEXED = re.compile(r"^(comet-(?:worker|engine)) \d+ ")
 def by_command(rows: list[tuple[float, list[str]]]) -> list[tuple[float, str]]:
     """``perf_rows`` by command / library / symbol, the indexed commands counted as one, the
     largest first."""
-    totals: collections.Counter[str] = collections.Counter()
+    totals: collections.defaultdict[str, float] = collections.defaultdict(float)
     for pct, cols in rows:
         totals[_INDEXED.sub(r"\1 ", " ".join(cols))] += pct
-    return [(round(pct, 2), what) for what, pct in totals.most_common()]
+    ranked = sorted(totals.items(), key=lambda item: -item[1])
+    return [(round(pct, 2), what) for what, pct in ranked]
 
 
 def perf_top(data: Path) -> list[tuple[float, str]]:
@@ -143,33 +147,102 @@ def spy_top(raw: Path) -> list[tuple[float, str]]:
     return [(round(100 * n / total, 1), name) for name, n in leaf.most_common(TOP)] if total else []
 
 
-def profile(window: str, bench_pid: int, out: Path, seconds: float) -> dict[str, object]:
-    """One window: perf on the host, py-spy on the busiest worker and engine, at once."""
-    print(f"profiling {window} for {seconds:.0f} s", flush=True)
-    data = out / f"perf-{window}.data"
-    worker, engine = busiest(service_workers(bench_pid)), busiest(engines(bench_pid))
+class Armed:
+    """``perf record -a -g`` of one window, started ahead with its events off (``-D -1``) and
+    switched on and off through its control FIFO: perf itself takes seconds to start on a host
+    with a million connections (6 s at 1,000,000 on Zen 5), so a window that launched it on the
+    trigger began that much late, past most of a broadcast."""
 
-    def quietly(argv: list[str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(self, window: str, out: Path) -> None:
+        self.window = window
+        self.data = out / f"perf-{window}.data"
+        self.ctl, self.ack = out / f"perf-{window}.ctl", out / f"perf-{window}.ack"
+        for fifo in (self.ctl, self.ack):
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo)
+        argv = ["perf", "record", "-a", "-g", "-F", "499", "-D", "-1", "-o", str(self.data)]
+        argv += ["--control", f"fifo:{self.ctl},{self.ack}"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.started = self.ended = 0.0
 
-    perf = ["perf", "record", "-a", "-g", "-F", "499", "-o", str(data)]
-    procs = [quietly([*perf, "--", "sleep", str(seconds)])]
-    spied = {}
-    for role, pid in (("worker", worker), ("engine", engine)):
-        if pid is None:
-            continue
-        raw = out / f"spy-{window}-{role}.txt"
-        spied[role] = (pid, raw)
-        # --nonblocking: the process is not stopped at each sample (py-spy refuses --native
-        # with it; perf above has the native side).
-        spy = [str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "200"]
-        procs.append(quietly([*spy, "--nonblocking", "-f", "raw", "-o", str(raw)]))
-    for p in procs:
-        p.wait(seconds + 120)
-    result: dict[str, object] = {"split": perf_split(data), "perf": perf_top(data)}
+    def _command(self, word: str) -> None:
+        """Send ``enable``, ``disable`` or ``ping`` and wait for perf's ``ack`` (bounded)."""
+        with open(self.ctl, "w") as ctl:
+            ctl.write(word + "\n")
+        fd = os.open(self.ack, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            deadline = time.monotonic() + 60
+            got = b""
+            while b"ack" not in got:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise SystemExit(f"perf ({self.window}) did not take {word!r}")
+                with contextlib.suppress(BlockingIOError):
+                    got += os.read(fd, 16)
+                time.sleep(0.02)
+        finally:
+            os.close(fd)
+
+    def record(self, bench_pid: int, out: Path, seconds: float) -> dict[str, object]:
+        """The window itself: perf on, py-spy on the busiest worker and engine, for
+        ``seconds``; then perf off and stopped. Returns what :func:`analyse` reads."""
+        print(f"profiling {self.window} for {seconds:.0f} s", flush=True)
+        self._command("enable")
+        self.started = time.time()
+        worker, engine = busiest(service_workers(bench_pid)), busiest(engines(bench_pid))
+        spies, spied = [], {}
+        for role, pid in (("worker", worker), ("engine", engine)):
+            if pid is None:
+                continue
+            raw = out / f"spy-{self.window}-{role}.txt"
+            spied[role] = (pid, raw)
+            # --nonblocking: the process is not stopped at each sample (py-spy refuses
+            # --native with it; perf has the native side).
+            left = max(1, round(seconds - (time.time() - self.started)))
+            spy = [str(BIN / "py-spy"), "record", "-p", str(pid), "-d", str(left), "-r", "200"]
+            spies.append(
+                subprocess.Popen(
+                    [*spy, "--nonblocking", "-f", "raw", "-o", str(raw)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(max(0.0, seconds - (time.time() - self.started)))
+        self._command("disable")
+        self.ended = time.time()
+        self.stop()
+        for spy_proc in spies:
+            spy_proc.wait(120)
+        return {"window": self.window, "data": self.data, "spied": spied}
+
+    def stop(self) -> None:
+        """perf writes its file and exits on SIGINT; the FIFOs go."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for fifo in (self.ctl, self.ack):
+            fifo.unlink(missing_ok=True)
+
+
+def analyse(taken: dict[str, object], out: Path, started: float, ended: float) -> dict[str, object]:
+    """One recorded window's tables, written to ``profile-<window>.txt``; after the run, so the
+    reports (seconds each, at a million) never delay the next window."""
+    window, data = str(taken["window"]), Path(str(taken["data"]))
+    result: dict[str, object] = {
+        "started": round(started, 2),
+        "ended": round(ended, 2),
+        "split": perf_split(data),
+        "perf": perf_top(data),
+    }
+    spied = taken["spied"]
+    assert isinstance(spied, dict)
     for role, (pid, raw) in spied.items():
         result[f"py_{role}"] = {"pid": pid, "top": spy_top(raw) if raw.exists() else []}
-    lines = [f"# {window}: {result['split']}", "", "## perf (whole host), self %"]
+    when = f"{time.strftime('%H:%M:%S', time.localtime(started))}, {ended - started:.1f} s"
+    lines = [f"# {window} ({when}): {result['split']}", "", "## perf (whole host), self %"]
     lines += [f"{pct:6.1f}  {what}" for pct, what in result["perf"]]  # type: ignore[attr-defined]
     for role in ("worker", "engine"):
         got = result.get(f"py_{role}")
@@ -222,9 +295,19 @@ def main() -> None:
         [str(BIN / "comet-bench"), *flags, "--out", str(out), "--no-progress"], cwd=ROOT
     )
     stop = threading.Event()
-    results: dict[str, object] = {}
+    windows = ("ramp", "hold", "broadcast")
+    armed: dict[str, Armed] = {}
+    taken: dict[str, tuple[dict[str, object], float, float]] = {}
+
+    def take(window: str) -> None:
+        a = armed.pop(window)
+        taken[window] = (a.record(bench.pid, out, args.seconds), a.started, a.ended)
+        following = windows.index(window) + 1
+        if following < len(windows):
+            armed[windows[following]] = Armed(windows[following], out)  # ready long before
+
     try:
-        done: set[str] = set()
+        armed["ramp"] = Armed("ramp", out)
         held_at = None
         msgs = 0
         for row in follow(out / "service-logs", conns, stop):
@@ -232,24 +315,25 @@ def main() -> None:
                 break
             n = int(row["conns"] or 0)
             last_msgs, msgs = msgs, int(row["msgs_sent_total"] or 0)
-            if "ramp" not in done and n >= conns // 2:
-                done.add("ramp")
-                results["ramp"] = profile("ramp", bench.pid, out, args.seconds)
-            elif "ramp" in done and "hold" not in done and n >= conns * 0.999:
+            if "ramp" in armed and n >= conns // 2:
+                take("ramp")
+            elif "hold" in armed and n >= conns * 0.999:
                 held_at = held_at or time.monotonic()
                 if time.monotonic() - held_at >= 10:
-                    done.add("hold")
-                    results["hold"] = profile("hold", bench.pid, out, args.seconds)
-            elif "hold" in done and msgs - last_msgs >= conns // 20:  # pings trickle; this is
-                done.add("broadcast")  # a broadcast leaving
-                results["broadcast"] = profile("broadcast", bench.pid, out, args.seconds)
+                    take("hold")
+            elif "broadcast" in armed and msgs - last_msgs >= conns // 20:  # pings trickle;
+                take("broadcast")  # this is a broadcast leaving
                 break
         bench.wait()
     finally:
         stop.set()
+        for a in armed.values():
+            a.stop()
+            a.data.unlink(missing_ok=True)  # never switched on
         if bench.poll() is None:
             bench.terminate()
             bench.wait(120)
+    results = {w: analyse(t, out, started, ended) for w, (t, started, ended) in taken.items()}
     (out / "profile.json").write_text(json.dumps(results, indent=1))
     print(f"profiles: {', '.join(sorted(results))} in {out}")
 
