@@ -274,6 +274,18 @@ def test_bench_over_tls(tmp_path):
     assert "(TLS)" in (out / "service.log").read_text()
 
 
+def _bench_in_background(argv: list[str]) -> subprocess.Popen[str]:
+    """comet-bench with ``argv``, its output (report included, 160 columns) on ``stdout``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "loadgen.bench", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+
+
 def _namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return sorted(line.split()[0] for line in out.splitlines() if line.startswith("cbench"))
@@ -291,14 +303,7 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
     out, port = tmp_path / "out", free_port()
     argv = ["--conns", "3000", "--rate", "3000", "--hold", "8", "--broadcasts", "2",
             "--netns", "3", "--port", str(port), "--out", str(out), "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loadgen.bench", *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "160"},
-    )
+    proc = _bench_in_background(argv)
     with reaped(proc):
 
         def held() -> list[str] | None:
@@ -356,14 +361,7 @@ def test_bench_with_the_service_in_a_namespace_of_its_own(tmp_path):
     argv = ["--conns", "2000", "--rate", "2000", "--hold", "6", "--broadcasts", "2",
             "--netns", "2", "--service-netns", "--port", str(port), "--out", str(out),
             "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loadgen.bench", *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "COLUMNS": "160"},
-    )
+    proc = _bench_in_background(argv)
     with reaped(proc):
         established = ["ss", "-Htn", "state", "established", f"( sport = :{port} )"]
 
