@@ -154,7 +154,7 @@ class Armed:
     trigger began that much late, past most of a broadcast."""
 
     def __init__(self, window: str, out: Path) -> None:
-        self.window = window
+        self.window, self.out = window, out
         self.data = out / f"perf-{window}.data"
         self.ctl, self.ack = out / f"perf-{window}.ctl", out / f"perf-{window}.ack"
         for fifo in (self.ctl, self.ack):
@@ -164,6 +164,7 @@ class Armed:
         argv += ["--control", f"fifo:{self.ctl},{self.ack}"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.started = self.ended = 0.0
+        self.spied: dict[str, tuple[int, Path]] = {}  # role: (pid, py-spy's output)
 
     def _command(self, word: str) -> None:
         """Send ``enable``, ``disable`` or ``ping`` and wait for perf's ``ack`` (bounded)."""
@@ -182,19 +183,19 @@ class Armed:
         finally:
             os.close(fd)
 
-    def record(self, bench_pid: int, out: Path, seconds: float) -> dict[str, object]:
+    def record(self, bench_pid: int, seconds: float) -> None:
         """The window itself: perf on, py-spy on the busiest worker and engine, for
-        ``seconds``; then perf off and stopped. Returns what :func:`analyse` reads."""
+        ``seconds``; then perf off and stopped (:func:`analyse` reads what it left)."""
         print(f"profiling {self.window} for {seconds:.0f} s", flush=True)
         self._command("enable")
         self.started = time.time()
         worker, engine = busiest(service_workers(bench_pid)), busiest(engines(bench_pid))
-        spies, spied = [], {}
+        spies = []
         for role, pid in (("worker", worker), ("engine", engine)):
             if pid is None:
                 continue
-            raw = out / f"spy-{self.window}-{role}.txt"
-            spied[role] = (pid, raw)
+            raw = self.out / f"spy-{self.window}-{role}.txt"
+            self.spied[role] = (pid, raw)
             # --nonblocking: the process is not stopped at each sample (py-spy refuses
             # --native with it; perf has the native side).
             left = max(1, round(seconds - (time.time() - self.started)))
@@ -212,7 +213,6 @@ class Armed:
         self.stop()
         for spy_proc in spies:
             spy_proc.wait(120)
-        return {"window": self.window, "data": self.data, "spied": spied}
 
     def stop(self) -> None:
         """perf writes its file and exits on SIGINT; the FIFOs go."""
@@ -227,29 +227,27 @@ class Armed:
             fifo.unlink(missing_ok=True)
 
 
-def analyse(taken: dict[str, object], out: Path, started: float, ended: float) -> dict[str, object]:
+def analyse(taken: Armed) -> dict[str, object]:
     """One recorded window's tables, written to ``profile-<window>.txt``; after the run, so the
     reports (seconds each, at a million) never delay the next window."""
-    window, data = str(taken["window"]), Path(str(taken["data"]))
     result: dict[str, object] = {
-        "started": round(started, 2),
-        "ended": round(ended, 2),
-        "split": perf_split(data),
-        "perf": perf_top(data),
+        "started": round(taken.started, 2),
+        "ended": round(taken.ended, 2),
+        "split": perf_split(taken.data),
+        "perf": perf_top(taken.data),
     }
-    spied = taken["spied"]
-    assert isinstance(spied, dict)
-    for role, (pid, raw) in spied.items():
+    for role, (pid, raw) in taken.spied.items():
         result[f"py_{role}"] = {"pid": pid, "top": spy_top(raw) if raw.exists() else []}
-    when = f"{time.strftime('%H:%M:%S', time.localtime(started))}, {ended - started:.1f} s"
-    lines = [f"# {window} ({when}): {result['split']}", "", "## perf (whole host), self %"]
+    started = time.strftime("%H:%M:%S", time.localtime(taken.started))
+    when = f"{started}, {taken.ended - taken.started:.1f} s"
+    lines = [f"# {taken.window} ({when}): {result['split']}", "", "## perf (whole host), self %"]
     lines += [f"{pct:6.1f}  {what}" for pct, what in result["perf"]]  # type: ignore[attr-defined]
     for role in ("worker", "engine"):
         got = result.get(f"py_{role}")
         if isinstance(got, dict):
             lines += ["", f"## py-spy, busiest {role} (pid {got['pid']}), self %"]
             lines += [f"{pct:6.1f}  {what}" for pct, what in got["top"]]
-    (out / f"profile-{window}.txt").write_text("\n".join(lines) + "\n")
+    (taken.out / f"profile-{taken.window}.txt").write_text("\n".join(lines) + "\n")
     return result
 
 
@@ -297,11 +295,11 @@ def main() -> None:
     stop = threading.Event()
     windows = ("ramp", "hold", "broadcast")
     armed: dict[str, Armed] = {}
-    taken: dict[str, tuple[dict[str, object], float, float]] = {}
+    taken: dict[str, Armed] = {}
 
     def take(window: str) -> None:
-        a = armed.pop(window)
-        taken[window] = (a.record(bench.pid, out, args.seconds), a.started, a.ended)
+        taken[window] = armed.pop(window)
+        taken[window].record(bench.pid, args.seconds)
         following = windows.index(window) + 1
         if following < len(windows):
             armed[windows[following]] = Armed(windows[following], out)  # ready long before
@@ -333,7 +331,7 @@ def main() -> None:
         if bench.poll() is None:
             bench.terminate()
             bench.wait(120)
-    results = {w: analyse(t, out, started, ended) for w, (t, started, ended) in taken.items()}
+    results = {window: analyse(t) for window, t in taken.items()}
     (out / "profile.json").write_text(json.dumps(results, indent=1))
     print(f"profiles: {', '.join(sorted(results))} in {out}")
 
