@@ -10,7 +10,7 @@ machine it was made on.
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import trustme
@@ -29,10 +29,17 @@ def write(out: Path) -> dict[str, Path]:
     return {"ca": out / "ca.pem", "cert": out / "cert.pem", "key": out / "key.pem"}
 
 
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: make_test_cert.py OUTDIR")
-    print(" ".join(str(path) for path in write(Path(sys.argv[1])).values()))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Write a throw-away test CA (ca.pem), a certificate chain for 127.0.0.1 and "
+        "localhost (cert.pem) and its key (key.pem) into OUT_DIR, for TLS benchmarks. Never for "
+        "production.",
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="made if missing")
+    out = parser.parse_args(argv).out_dir
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out}: exists and is not a directory")
+    print(" ".join(str(path) for path in write(out).values()))
 
 
 if __name__ == "__main__":

@@ -10,21 +10,38 @@ connection over the service's idle RSS once every worker was up, the hold's CPU 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import json
 import statistics
-import sys
 from pathlib import Path
 
 
-def main(out_dir: str) -> None:
-    out = Path(out_dir)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n", 1)[0],
+        epilog="OUT_DIR is what `comet-bench --out` (or benchmarks/million.sh) wrote: its "
+        "bench.json and the service's CSV logs under service-logs/.",
+    )
+    parser.add_argument(
+        "out_dir", nargs="?", default="million-out", metavar="OUT_DIR", help="default: %(default)s"
+    )
+    out = Path(parser.parse_args(argv).out_dir)
+    logs = sorted(glob.glob(str(out / "service-logs" / "*.csv")))
+    if not (out / "bench.json").is_file():
+        parser.error(
+            f"{out / 'bench.json'}: no such file (is {out} a comet-bench --out directory?)"
+        )
+    if not logs:
+        parser.error(f"{out / 'service-logs'}: no service CSV log (*.csv) to read")
     report = json.loads((out / "bench.json").read_text())
     rows: list[dict[str, str]] = []
-    for path in sorted(glob.glob(str(out / "service-logs" / "*.csv"))):
+    for path in logs:
         with open(path, newline="") as f:
             rows.extend(csv.DictReader(f))
+    if not rows:
+        parser.error(f"{out / 'service-logs'}: the service's CSV logs hold no rows")
     conns = report["conns"]
     t_start = float(rows[0]["t"])
     workers = max(int(r["workers"]) for r in rows)
@@ -81,4 +98,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "million-out")
+    main()

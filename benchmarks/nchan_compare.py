@@ -215,9 +215,16 @@ def one_run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument(
+        "--conns", type=int, default=100_000, help="plain streams held by each server (%(default)s)"
+    )
     ap.add_argument("--workers", type=int, default=0, help="processes each (0: the service's auto)")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="broadcasts timed on each server, the servers alternating (%(default)s)",
+    )
     ap.add_argument("--clients", type=int, default=0, help="client processes (0: one a 17,000)")
     ap.add_argument(
         "--pin",
@@ -225,6 +232,8 @@ def main() -> None:
         help="after the ramp, the server's processes on CPU 0 and the clients on the others",
     )
     args = ap.parse_args()
+    if args.conns < 1 or args.runs < 1 or args.workers < 0 or args.clients < 0:
+        ap.error("--conns and --runs must be 1 or more, --workers and --clients 0 or more")
     ensure_nchan()
     from loadgen.bench.report import cpu_model
     from service.config import Config

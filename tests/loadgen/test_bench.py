@@ -88,6 +88,16 @@ def test_small_bench_produces_every_output(tmp_path):
         assert text in r.stdout, text
     # Nothing left running.
     assert not psutil.pid_exists(report["service_pid"])
+    # benchmarks/million_summary.py reads the same directory (the docs' million tables use it).
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "million_summary.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert summary.returncode == 0, summary.stderr
+    assert re.search(r"ramp: 1,000 at \d+ s, 2,000 at \d+ s", summary.stdout), summary.stdout
+    assert "broadcast 3: 2,000/2,000" in summary.stdout, summary.stdout
 
 
 def test_bench_against_another_server_with_publish_cmd(tmp_path, fixture_server):
