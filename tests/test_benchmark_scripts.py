@@ -3,37 +3,28 @@ argument with a message, not a traceback."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.support.service import ROOT
+from tests.support.service import ROOT, benchmark
 
-SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
+SCRIPTS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_every_benchmark_script_explains_itself(script):
-    r = run(str(script), "--help")
+    r = benchmark(script, "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: "), r.stdout
     assert "Traceback" not in r.stderr
 
 
 def test_million_summary_names_what_is_missing(tmp_path):
-    r = run("benchmarks/million_summary.py", str(tmp_path))
+    r = benchmark("million_summary.py", str(tmp_path))
     assert r.returncode == 2
     assert f"{tmp_path / 'bench.json'}: no such file" in r.stderr
     assert "Traceback" not in r.stderr
     (tmp_path / "bench.json").write_text("{}")
-    r = run("benchmarks/million_summary.py", str(tmp_path))
+    r = benchmark("million_summary.py", str(tmp_path))
     assert r.returncode == 2
     assert "no service CSV log" in r.stderr and "Traceback" not in r.stderr
 
@@ -41,16 +32,16 @@ def test_million_summary_names_what_is_missing(tmp_path):
 def test_make_test_cert_refuses_a_file_for_its_directory(tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    r = run("benchmarks/make_test_cert.py", str(target))
+    r = benchmark("make_test_cert.py", str(target))
     assert r.returncode == 2
     assert f"{target}: exists and is not a directory" in r.stderr
-    r = run("benchmarks/make_test_cert.py", str(tmp_path / "tls"))
+    r = benchmark("make_test_cert.py", str(tmp_path / "tls"))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path / "tls").iterdir()) == ["ca.pem", "cert.pem", "key.pem"]
 
 
 @pytest.mark.parametrize("bad", [("--runs", "0"), ("--conns", "-5"), ("--workers", "-1")])
 def test_nchan_compare_refuses_a_count_it_cannot_run(bad):
-    r = run("benchmarks/nchan_compare.py", *bad)
+    r = benchmark("nchan_compare.py", *bad)
     assert r.returncode == 2
     assert "--conns and --runs must be 1 or more" in r.stderr and "Traceback" not in r.stderr

@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from tests.loadgen.conftest import ROOT, bench, running_fixture_server, wait_for
-from tests.support.service import reaped
+from tests.support.service import benchmark, reaped
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -89,12 +89,7 @@ def test_small_bench_produces_every_output(tmp_path):
     # Nothing left running.
     assert not psutil.pid_exists(report["service_pid"])
     # benchmarks/million_summary.py reads the same directory (the docs' million tables use it).
-    summary = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "million_summary.py"), str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    summary = benchmark("million_summary.py", str(out))
     assert summary.returncode == 0, summary.stderr
     assert re.search(r"ramp: 1,000 at \d+ s, 2,000 at \d+ s", summary.stdout), summary.stdout
     assert "broadcast 3: 2,000/2,000" in summary.stdout, summary.stdout

@@ -320,15 +320,20 @@ def run_module(
     )
 
 
-def run_benchmark(script: str, *args: str, timeout: float) -> str:
-    """``benchmarks/<script> args`` from the repository root, which must exit 0: the last line
-    of its output (the scripts end with their result)."""
-    res = subprocess.run(
+def benchmark(script: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<script> args`` from the repository root, its output captured as text."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def run_benchmark(script: str, *args: str, timeout: float) -> str:
+    """``benchmarks/<script> args`` from the repository root, which must exit 0: the last line
+    of its output (the scripts end with their result)."""
+    res = benchmark(script, *args, timeout=timeout)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout.strip().splitlines()[-1]
