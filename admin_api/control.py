@@ -124,9 +124,10 @@ class ControlClient:
         limit = self.timeout if timeout is None else timeout
         op = str(payload.get("op"))
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.socket_path), limit=ANSWER_LIMIT), limit
-            )
+            async with asyncio.timeout(limit):
+                reader, writer = await asyncio.open_unix_connection(
+                    str(self.socket_path), limit=ANSWER_LIMIT
+                )
         except TimeoutError:
             raise ServiceUnavailable(self.socket_path, "connect timed out") from None
         except OSError as exc:
@@ -134,7 +135,8 @@ class ControlClient:
         try:
             writer.write(json.dumps(payload, separators=(",", ":")).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), limit)
+            async with asyncio.timeout(limit):
+                line = await reader.readline()
         except TimeoutError:
             raise ServiceTimeout(self.socket_path, op, limit) from None
         except OSError as exc:
@@ -251,7 +253,8 @@ class FrameWatcher:
         self.start()
         assert self._attempted is not None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._attempted.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._attempted.wait()
         return self._state
 
     async def updates(self, keepalive: float) -> AsyncIterator[WatchState | None]:
@@ -267,7 +270,8 @@ class FrameWatcher:
                 continue
             assert self._changed is not None
             try:
-                await asyncio.wait_for(self._changed.wait(), keepalive)
+                async with asyncio.timeout(keepalive):
+                    await self._changed.wait()
             except TimeoutError:
                 yield None
 
@@ -308,10 +312,10 @@ class FrameWatcher:
 
     async def _watch_once(self) -> None:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.socket_path), limit=ANSWER_LIMIT),
-                self.stale_after,
-            )
+            async with asyncio.timeout(self.stale_after):
+                reader, writer = await asyncio.open_unix_connection(
+                    str(self.socket_path), limit=ANSWER_LIMIT
+                )
         except TimeoutError:
             raise ServiceUnavailable(self.socket_path, "connect timed out") from None
         except OSError as exc:
@@ -321,7 +325,8 @@ class FrameWatcher:
             await writer.drain()
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), self.stale_after)
+                    async with asyncio.timeout(self.stale_after):
+                        line = await reader.readline()
                 except TimeoutError:
                     raise ServiceTimeout(self.socket_path, "watch", self.stale_after) from None
                 if not line.endswith(b"\n"):

@@ -230,7 +230,8 @@ class Agent:
         method = "GET"
         try:
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT_HEAD)
+                async with asyncio.timeout(TIMEOUT_HEAD):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except TimeoutError:
                 status, body = 408, {"error": f"request head not received in {TIMEOUT_HEAD:g} s"}
             except asyncio.LimitOverrunError:

@@ -159,7 +159,8 @@ class Peer:
         rid, fut = pending
         try:
             await self.writer.drain()
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except ConnectionError as exc:
             raise PeerGone(f"{self.name}: {exc}") from None
         finally:

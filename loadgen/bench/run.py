@@ -59,9 +59,9 @@ class BenchRun:
     """One run's state, carried from phase to phase; :meth:`close` stops whatever was started.
 
     The phases run as their own task and :meth:`close` runs outside it (see :func:`run_bench`),
-    so stopping everything never depends on a cancellation arriving inside the phases: Python
-    3.11's ``asyncio.wait_for`` can swallow one when its inner call completes in the same loop
-    turn.
+    so stopping everything never depends on a cancellation arriving inside the phases (Python
+    3.11's ``asyncio.wait_for`` swallowed one when its inner call completed in the same loop turn;
+    the project's lint now bans it for ``asyncio.timeout``, but a stop should not rest on that).
     """
 
     def __init__(self, opts: Options, console: Console) -> None:

@@ -58,13 +58,13 @@ def free_port() -> int:
 
 async def control(path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
     """One request on the service's control socket (JSON lines)."""
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_unix_connection(path, limit=16 << 20), timeout
-    )
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(path, limit=16 << 20)
     try:
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
     finally:
         writer.close()
     if not line:
@@ -316,13 +316,15 @@ async def _port_open(host: str, port: int, netns: Namespace | None = None) -> bo
             stderr=asyncio.subprocess.DEVNULL,
         )
         try:
-            return await asyncio.wait_for(proc.wait(), 10.0) == 0
+            async with asyncio.timeout(10.0):
+                return await proc.wait() == 0
         except TimeoutError:
             proc.kill()
             await proc.wait()
             return False
     try:
-        _r, w = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+        async with asyncio.timeout(2.0):
+            _r, w = await asyncio.open_connection(host, port)
     except (TimeoutError, OSError):
         return False
     w.close()
@@ -363,7 +365,8 @@ async def publish(opts: Options, svc: Service, data: str) -> int | None:
         cmd, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
-        _out, err = await asyncio.wait_for(proc.communicate(), 30)
+        async with asyncio.timeout(30):
+            _out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -215,7 +215,8 @@ class Engine:
                 # Without this, bind() reserves a port for all destinations and runs out at ~28k.
                 sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((src, 0))
-            await asyncio.wait_for(loop.sock_connect(sock, (c.host, c.port)), CONNECT_TIMEOUT)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await loop.sock_connect(sock, (c.host, c.port))
             if c.tls:
                 await loop.create_connection(
                     factory,

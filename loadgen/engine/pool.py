@@ -43,7 +43,8 @@ class _Child:
         if self.proc.returncode is None and self.proc.stdin is not None:
             self.proc.stdin.close()
         try:
-            await asyncio.wait_for(self.proc.wait(), 5.0)
+            async with asyncio.timeout(5.0):
+                await self.proc.wait()
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()

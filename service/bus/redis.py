@@ -186,7 +186,8 @@ class RedisBus:
         self._attempted = asyncio.Event()
         self._task = asyncio.create_task(self._follow_forever(), name="redis-bus")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._attempted.wait(), START_WAIT)
+            async with asyncio.timeout(START_WAIT):
+                await self._attempted.wait()
         self._started = True
         if not self._up:
             log.error(
@@ -204,7 +205,8 @@ class RedisBus:
         if self._up:
             # Leave the cluster view now rather than when the TTL runs out.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._redis.delete(self.k_node + self.node_id), 1.0)
+                async with asyncio.timeout(1.0):
+                    await self._redis.delete(self.k_node + self.node_id)
         with contextlib.suppress(Exception):
             await self._redis.aclose()
 

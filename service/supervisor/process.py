@@ -215,7 +215,8 @@ class Supervisor:
             return self._delivered[msg_id]
         fut = self._awaiting.setdefault(msg_id, asyncio.get_running_loop().create_future())
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), BROADCAST_TIMEOUT)
+            async with asyncio.timeout(BROADCAST_TIMEOUT):
+                return await asyncio.shield(fut)
         except TimeoutError:
             raise BusUnavailable(
                 f"message {msg_id} was published but not delivered on this node within "
@@ -474,7 +475,8 @@ class Supervisor:
     # ---- lifecycle ------------------------------------------------------------------------------
     async def sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     def fail(self, reason: str) -> None:
         """Stop the service because it cannot work; ``run`` then returns 1."""
@@ -564,15 +566,17 @@ class Supervisor:
     async def _ask_predecessor(self, req: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """One request to the supervisor at our control socket path; None if none answers."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(self.config.control_socket, limit=1 << 24), 2.0
-            )
+            async with asyncio.timeout(2.0):
+                reader, writer = await asyncio.open_unix_connection(
+                    self.config.control_socket, limit=1 << 24
+                )
         except (OSError, TimeoutError):
             return None
         try:
             writer.write(json.dumps(req).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), timeout)
+            async with asyncio.timeout(timeout):
+                line = await reader.readline()
             answer = json.loads(line) if line else None
         except (OSError, TimeoutError, ValueError) as exc:
             log.error("takeover: %s to %s: %s", req.get("op"), self.config.control_socket, exc)

@@ -269,7 +269,8 @@ class WorkerSlot:
         if new is None:
             return {"index": self.index, "error": "cannot start a new worker process"}
         try:
-            ready = await asyncio.wait_for(asyncio.shield(new.ready), READY_TIMEOUT)
+            async with asyncio.timeout(READY_TIMEOUT):
+                ready = await asyncio.shield(new.ready)
         except Exception as exc:
             await self._discard(new, path)
             return {"index": self.index, "error": f"new process not ready: {exc}"}
@@ -354,7 +355,8 @@ class WorkerSlot:
         second or two with the slot's lock held: a failed reload's answer comes once it is gone."""
         try:
             new.peer.call_nowait({"op": "drain", "grace": 1.0})
-            await asyncio.wait_for(asyncio.shield(new.reading), RETIRE_TIMEOUT)
+            async with asyncio.timeout(RETIRE_TIMEOUT):
+                await asyncio.shield(new.reading)
         except PeerGone:
             pass  # it drained and exited: its pipe closed
         except Exception as exc:  # still running at the timeout (killed below), or its pipe broke
@@ -372,7 +374,8 @@ class WorkerSlot:
         if p is None:
             return None
         try:
-            await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
+            async with asyncio.timeout(READY_TIMEOUT):
+                await asyncio.shield(p.ready)
         except Exception as exc:
             log.error("worker %d: new process not ready: %s", self.index, exc)
             await self.discard(p, path)
@@ -438,7 +441,8 @@ class WorkerSlot:
         }
 
     async def _handshake(self, p: WorkerProcess, deliver: bool = False) -> None:
-        ready = await asyncio.wait_for(asyncio.shield(p.ready), READY_TIMEOUT)
+        async with asyncio.timeout(READY_TIMEOUT):
+            ready = await asyncio.shield(p.ready)
         if ready.get("pid") not in (None, self.pid):
             log.info(
                 "worker %d reports pid %s (started %s)", self.index, ready.get("pid"), self.pid
@@ -508,7 +512,8 @@ class WorkerSlot:
         if peer is not None:
             answer = await peer.answer(pending, timeout)
         else:  # the process is gone: its pipe failed every pending request already
-            answer = await asyncio.wait_for(pending[1], timeout)
+            async with asyncio.timeout(timeout):
+                answer = await pending[1]
         if not answer.get("ok", False):
             raise RuntimeError(f"worker {self.index}: {answer.get('error', 'request failed')}")
         return answer

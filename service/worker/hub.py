@@ -746,15 +746,14 @@ class Hub:
             for c in list(s):
                 c.answer_poll()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.shield(self.drain_streams(self.all_streams())),
-                max(0.0, deadline - loop.time()),
-            )
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(self.drain_streams(self.all_streams()))
         # Anything else still open (heads in progress, keep-alive idles, late arrivals).
         for c in self.open_conns():
             c.close()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self.on_empty), max(0.01, deadline - loop.time()))
+            async with asyncio.timeout(max(0.01, deadline - loop.time())):
+                await asyncio.shield(self.on_empty)
         self.stop_deadlines()
         self.stop_admission()
         return 0 if self.on_empty.done() else self.counters.conns

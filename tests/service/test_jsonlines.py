@@ -23,7 +23,11 @@ async def pair(
 
 
 def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 10))
+    async def bounded() -> Any:
+        async with asyncio.timeout(10):
+            return await coro
+
+    return asyncio.run(bounded())
 
 
 def test_calls_are_answered_by_rid_even_out_of_order() -> None:

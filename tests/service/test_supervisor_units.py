@@ -309,7 +309,8 @@ def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_every_slot_fr
             await reload
         assert not slots[1].lock.locked()
         slots[0].lock.release()
-        await asyncio.wait_for(slots[0].lock.acquire(), 1.0)  # nobody else holds it
+        async with asyncio.timeout(1.0):
+            await slots[0].lock.acquire()  # nobody else holds it
         slots[0].lock.release()
         # Cancelled while starting, the locks taken at once: released.
         slots = [_PreparingSlot(prepare=5.0), _PreparingSlot(prepare=5.0)]

@@ -405,7 +405,8 @@ def test_a_receiver_refuses_a_step_it_does_not_know_and_closes_what_came_with_it
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", giver, path, stdout=subprocess.PIPE
         )
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
         assert proc.returncode == 0
         for _ in range(100):
             if ended:
@@ -607,7 +608,8 @@ async def go():
     giver = subprocess.Popen(
         [sys.executable, "-c", _GIVER, path, json.dumps(_STREAM)], stdin=subprocess.PIPE
     )
-    await asyncio.wait_for(ended.wait(), 30)
+    async with asyncio.timeout(30):
+        await ended.wait()
     conns = list(worker.hub.stream_set("news"))
     tracked = {id(o) for o in gc.get_objects()}
     walked = sum(id(c) in tracked for c in conns)
