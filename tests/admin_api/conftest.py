@@ -44,7 +44,10 @@ class ThreadedServer:
         config = server_config(app, "127.0.0.1", self.port, "warning")
         config.timeout_graceful_shutdown = 1
         self.server = AdminServer(config, app)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+        # A daemon: one that does not stop fails its test below instead of holding up the exit.
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
 
     def __enter__(self) -> ThreadedServer:
         self.thread.start()
@@ -59,6 +62,7 @@ class ThreadedServer:
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
+        assert not self.thread.is_alive(), "the sidecar did not shut down within 15 s"
 
 
 def make_settings(socket_path: Path, **extra: object) -> AdminSettings:
