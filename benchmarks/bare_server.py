@@ -79,7 +79,7 @@ def ping(loop: asyncio.AbstractEventLoop, every: float) -> None:
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, required=True, help="port to listen on")
     ap.add_argument("--ping", type=float, default=0.0, help="seconds between pings (0: none)")
     ap.add_argument("--reuseport", action="store_true", help="share the port (SO_REUSEPORT)")
     ap.add_argument(

@@ -388,10 +388,12 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--path", default="/")
-    p.add_argument("--n", type=int, required=True)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the server's address (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, required=True, help="the server's port")
+    p.add_argument("--path", default="/", help="the path every connection asks for (default: /)")
+    p.add_argument("--n", type=int, required=True, help="connections to open and hold")
     p.add_argument("--sources", default="127.0.0.1", help="comma-separated source addresses")
     p.add_argument("--sse", action="store_true", help="ask for text/event-stream")
     p.add_argument("--concurrency", type=int, default=200, help="connects in flight at once")

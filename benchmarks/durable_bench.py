@@ -268,10 +268,21 @@ def restart(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seconds", type=float, default=60.0)
-    p.add_argument("--rate", type=float, default=5000.0)
-    p.add_argument("--subscribers", type=int, default=10)
-    p.add_argument("--publishers", type=int, default=4)
+    p.add_argument(
+        "--seconds", type=float, default=60.0, help="seconds of publishing per throughput run"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=5000.0,
+        help="broadcasts a second asked, all publishers together",
+    )
+    p.add_argument(
+        "--subscribers", type=int, default=10, help="SSE streams that must get every message"
+    )
+    p.add_argument(
+        "--publishers", type=int, default=4, help="control-socket connections publishing at once"
+    )
     p.add_argument(
         "--window",
         type=int,
@@ -281,7 +292,9 @@ def main() -> None:
     p.add_argument(
         "--channels", type=int, default=20, help="channels of full history to restart with"
     )
-    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument(
+        "--restarts", type=int, default=3, help="restarts timed (the median is reported)"
+    )
     p.add_argument("--skip-off", action="store_true", help="no run with the store off")
     p.add_argument("--skip-restart", action="store_true", help="no restart-to-serving run")
     args = p.parse_args()

@@ -748,13 +748,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=25, help="per engine process, in flight")
     p.add_argument("--hold", type=float, default=600, help="seconds to hold")
     p.add_argument("--dashboard-seconds", type=int, default=60, help="0: no browser")
-    p.add_argument("--broadcasts", type=int, default=3)
-    p.add_argument("--broadcast-timeout", type=float, default=120)
-    p.add_argument("--broadcast-gap", type=float, default=5)
+    p.add_argument("--broadcasts", type=int, default=3, help="broadcasts to the million, held")
+    p.add_argument(
+        "--broadcast-timeout",
+        type=float,
+        default=120,
+        help="seconds a broadcast may take to arrive",
+    )
+    p.add_argument("--broadcast-gap", type=float, default=5, help="seconds between two broadcasts")
     p.add_argument("--upgrade", action="store_true", help="an image upgrade while held")
     p.add_argument("--agents", default="127.0.0.1:8889", help="host:port,... of the agents")
-    p.add_argument("--admin-url", default="http://127.0.0.1:8080")
-    p.add_argument("--admin-token-file", default="/etc/comet1m/admin-token")
+    p.add_argument(
+        "--admin-url",
+        default="http://127.0.0.1:8080",
+        help="the admin sidecar (default: %(default)s)",
+    )
+    p.add_argument(
+        "--admin-token-file",
+        default="/etc/comet1m/admin-token",
+        help="the file with the sidecar's bearer token (default: %(default)s)",
+    )
     p.add_argument(
         "--profile",
         default=str(ROOT / "ansible" / "profiles" / "million-appliance.yml"),
@@ -765,7 +778,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="the inventory it was deployed with (for --upgrade; default: ansible.cfg's)",
     )
-    p.add_argument("--min-available-gib", type=float, default=1.0)
+    p.add_argument(
+        "--min-available-gib",
+        type=float,
+        default=1.0,
+        help="stop the run when the host's MemAvailable falls below this (GiB)",
+    )
     return p
 
 

@@ -84,10 +84,15 @@ class Poller(threading.Thread):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument(
+        "--conns",
+        type=int,
+        default=100_000,
+        help="connections held through the reloads (half plain, half SSE)",
+    )
     ap.add_argument("--clients", type=int, default=8, help="client processes")
     ap.add_argument("--rate", type=float, default=10.0, help="broadcasts a second")
-    ap.add_argument("--reloads", type=int, default=10)
+    ap.add_argument("--reloads", type=int, default=10, help="reloads in a row")
     ap.add_argument("--pollers", type=int, default=20, help="long-poll loops")
     ap.add_argument(
         "--takeover",

@@ -28,8 +28,8 @@ from tests.support.service import Service  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=54)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=54, help="the service's --workers")
+    ap.add_argument("--runs", type=int, default=3, help="service starts timed (medians reported)")
     ap.add_argument("--reloads", type=int, default=3, help="reloads per run")
     args = ap.parse_args()
     starts: list[float] = []

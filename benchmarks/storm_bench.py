@@ -108,7 +108,9 @@ def frames_watch(control_path: str, frames: list[dict[str, Any]], stop: threadin
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conns", type=int, default=100_000)
+    ap.add_argument(
+        "--conns", type=int, default=100_000, help="SSE subscribers held before the crash"
+    )
     ap.add_argument("--clients", type=int, default=6, help="client processes")
     ap.add_argument(
         "--rate",
@@ -123,7 +125,12 @@ def main() -> None:
         default=0,
         help="per client process, reconnects in flight at once (0: every subscriber at once)",
     )
-    ap.add_argument("--timeout", type=float, default=300.0, help="give up on the storm after")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds after the crash to give up waiting for every subscriber",
+    )
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="storm-bench-"))

@@ -225,9 +225,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--conns", type=int, default=100_000)
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--broadcasts", type=int, default=5)
+    p.add_argument("--conns", type=int, default=100_000, help="streams held")
+    p.add_argument("--runs", type=int, default=3, help="runs (medians reported)")
+    p.add_argument("--broadcasts", type=int, default=5, help="broadcasts timed per run")
     p.add_argument("--pause", type=float, default=1.0, help="seconds between broadcasts")
     p.add_argument("--clients", type=int, default=8, help="client processes")
     p.add_argument("--concurrency", type=int, default=250, help="connects in flight per client")

@@ -110,9 +110,9 @@ def one_run(out: Path, conns: int, accept_rate: int) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--conns", type=int, default=3000)
+    ap.add_argument("--conns", type=int, default=3000, help="HTTPS connections in the storm")
     ap.add_argument("--accept-rate", type=int, default=300, help="the worker's --accept-rate")
-    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=1, help="storms, each printed")
     args = ap.parse_args()
     for _ in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="tls-storm-", dir="/tmp") as tmp:

@@ -393,11 +393,18 @@ def run_once(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", type=int, default=19000)
+    ap.add_argument("--n", type=int, default=19000, help="connections per run")
     ap.add_argument("--clients", type=int, default=2, help="client processes")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--server", choices=["comet", "bare", "both"], default="both")
-    ap.add_argument("--timeout-header", type=float, default=10.0)
+    ap.add_argument("--runs", type=int, default=3, help="runs per server (medians reported)")
+    ap.add_argument(
+        "--server",
+        choices=["comet", "bare", "both"],
+        default="both",
+        help="the service's worker, the floor (bare_server.py), or both with the ratio",
+    )
+    ap.add_argument(
+        "--timeout-header", type=float, default=10.0, help="the worker's --timeout-header (s)"
+    )
     ap.add_argument("--settle", type=float, default=11.0, help="seconds before the RSS read")
     ap.add_argument("--tls", action="store_true", help="HTTPS: the worker with a test certificate")
     ap.add_argument(

@@ -45,3 +45,24 @@ def test_nchan_compare_refuses_a_count_it_cannot_run(bad):
     r = benchmark("nchan_compare.py", *bad)
     assert r.returncode == 2
     assert "--conns and --runs must be 1 or more" in r.stderr and "Traceback" not in r.stderr
+
+
+def _options_without_help(usage: str) -> list[str]:
+    """The options in argparse's ``--help`` output that have no text after them."""
+    lines = usage.split("\n")
+    missing = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        spec, _, text = line.strip().partition("  ")
+        follows = lines[i + 1] if i + 1 < len(lines) else ""
+        # argparse puts the text on the same line, or indented on the next when the spec is long.
+        if not text.strip() and not (follows.startswith(" " * 8) and follows.strip()):
+            missing.append(spec)
+    return missing
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_option_says_what_it_does(script):
+    r = benchmark(script, "--help")
+    assert _options_without_help(r.stdout) == [], r.stdout
