@@ -8,10 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.support.net import wait_for
 from tests.support.service import Clients, Service, sources
+from tests.support.stream import Stream
 
 
 @pytest.mark.timeout(120)
@@ -89,3 +91,29 @@ def test_replacement_time_measured_from_health(tmp_path):
         assert time.monotonic() - t0 < 2.0
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+@pytest.mark.timeout(60)
+def test_the_benchmarks_crash_kills_every_process_and_no_stream_hears_a_drain(tmp_path):
+    """``Service.kill()`` (storm_bench.py's crash) is kill -9 of the whole service. The workers
+    run in sessions of their own, so a kill of the supervisor's group alone left them draining:
+    every stream got its reconnect hint, a shutdown measured as a crash."""
+    svc = Service(tmp_path, "--workers", "3")
+    streams: list[Stream] = []
+    try:
+        svc.wait_up(3)
+        workers = psutil.Process(svc.proc.pid).children(recursive=True)
+        assert len(workers) == 3
+        streams = [Stream(svc.port, "/sub/crash", sse=True) for _ in range(6)]
+        wait_for(lambda: all(b"Welcome!" in s.data for s in streams), 10, "six welcomes")
+        svc.kill()
+        gone = [p for p in workers if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE]
+        assert len(gone) == 3
+        wait_for(lambda: all(s.closed for s in streams), 10, "every stream ended")
+        for s in streams:
+            assert b"reconnect" not in s.data, s.data[-200:]
+        assert "draining" not in svc.log()
+    finally:
+        for s in streams:
+            s.close()
+        svc.stop()

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
+
 from tests.support.control import Control
 from tests.support.net import free_port, wait_for
 
@@ -177,10 +179,39 @@ class Service:
         return self
 
     def kill(self) -> None:
-        """SIGKILL the whole service at once: a crash, not a shutdown."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL every process of the service at once: a crash, not a shutdown.
+
+        The workers run in sessions of their own (a terminal's Ctrl-C is the supervisor's), so
+        the supervisor's group alone is not the service: a worker that outlives its supervisor
+        drains, sending each stream its reconnect hint, which is a shutdown. Every process is
+        stopped first (SIGSTOP), so none sees another die and reacts, then all are killed."""
+        tree = self._tree()
+        for _ in range(2):  # twice: a worker forked while the first round was being stopped
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signal.SIGSTOP)
+            tree = self._tree()
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         self.proc.wait(10)
+        psutil.wait_procs([p for p in tree if p.pid != self.proc.pid], timeout=10)
+
+    def _tree(self) -> list[psutil.Process]:
+        """The supervisor, its descendants (the workers are its children: it is their subreaper)
+        and any worker pid a health answer named."""
+        found: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.NoSuchProcess):
+            top = psutil.Process(self.proc.pid)
+            found[top.pid] = top
+            for child in top.children(recursive=True):
+                found[child.pid] = child
+        for pid in self.pids_seen - set(found):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if " ".join(p.cmdline()).startswith("comet-service"):  # not a pid used again
+                    found[pid] = p
+        return list(found.values())
 
     def stop(self, timeout: float = 40.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, SIGKILL what is left; the supervisor's exit status."""
