@@ -23,6 +23,8 @@ import pytest
 from tests.support.net import short_dir as _short_dir
 
 GRACE = 5.0  # seconds a thread or child still ending at the session's end is given
+# Set when threads were left running: pytest_unconfigure then exits without joining them.
+_ABANDONED = pytest.StashKey[bool]()
 
 
 @pytest.fixture
@@ -86,9 +88,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             pass
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
     session.config.stash[_ABANDONED] = bool(threads)
-
-
-_ABANDONED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(trylast=True)
