@@ -361,7 +361,7 @@ def test_cluster_view_sums_the_nodes(cluster: Cluster) -> None:
 @pytest.mark.browser
 @needs_chromium
 def test_dashboard_lists_the_nodes(cluster: Cluster) -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as pw:
         browser = launch(pw)
@@ -373,9 +373,10 @@ def test_dashboard_lists_the_nodes(cluster: Cluster) -> None:
             tab.fill("#token-input", str(cluster.api.token))
             tab.click("#token-save")
             tab.wait_for_selector("#cluster-card:not([hidden])", timeout=20_000)
-            tab.wait_for_function(
-                "document.querySelectorAll('#cluster tbody tr').length === 3", timeout=20_000
-            )
+            # Not wait_for_function("..."): Playwright evals a string predicate in the page, and
+            # the dashboard's CSP (no 'unsafe-eval') refuses it once it has to poll (the rows not
+            # there at the first check). A locator's count polls from Playwright's own script.
+            expect(tab.locator("#cluster tbody tr")).to_have_count(3, timeout=20_000)
             names = tab.eval_on_selector_all(
                 "#cluster tbody tr td:first-child", "tds => tds.map(td => td.textContent)"
             )
