@@ -206,19 +206,27 @@ class Service:
             found[top.pid] = top
             for child in top.children(recursive=True):
                 found[child.pid] = child
-        for pid in self.pids_seen - set(found):
+        for p in self._seen_alive():
+            found.setdefault(p.pid, p)
+        return list(found.values())
+
+    def _seen_alive(self) -> list[psutil.Process]:
+        """The pids a health answer named that are still a comet-service process: a pid the
+        kernel has given to something else since is left alone."""
+        alive = []
+        for pid in self.pids_seen:
             with contextlib.suppress(psutil.Error):
                 p = psutil.Process(pid)
-                if " ".join(p.cmdline()).startswith("comet-service"):  # not a pid used again
-                    found[pid] = p
-        return list(found.values())
+                if " ".join(p.cmdline()).startswith("comet-service"):
+                    alive.append(p)
+        return alive
 
     def stop(self, timeout: float = 40.0) -> int:
         """SIGTERM, wait up to ``timeout`` s, SIGKILL what is left; the supervisor's exit status."""
         code = kill_group(self.proc, timeout)
-        for pid in self.pids_seen:  # a worker that left the group cannot hide
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for p in self._seen_alive():  # a worker that left the group cannot hide
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         if self._log is not None:
             self._log.close()
             self._log = None
