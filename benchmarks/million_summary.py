@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{b.get('answer_ms')} ms; first {b['first_delivery_ms']} ms; last "
             f"{b['last_delivery_ms']} ms; lag p99 {b.get('lag_p99_ms')} max {b.get('lag_max_ms')}"
             f" (window: worst worker p99 <= {b.get('lag_p99_worker_ms')}, all <= "
-            f"{b.get('lag_p99_all_ms')})"
+            f"{b.get('lag_p99_all_ms')}); load generator "
+            f"{b.get('client_cpu_us_per_delivery')} µs CPU a delivery"
         )
     left = report.get("ramp_down_server_conns_left")
     print(f"ramp-down {report.get('ramp_down_s')} s, service connections left {left}")

@@ -63,10 +63,12 @@ class Record:
         first: float | None,
         last: float | None,
         answered_ms: float,
+        client_cpu_s: float | None = None,
     ) -> dict[str, Any]:
-        """One broadcast's row of the report: who got it, when (ms after ``published``), and
-        the loop lag over its fan-out (``lag_in``); the same row for the bare and the appliance
-        runs."""
+        """One broadcast's row of the report: who got it, when (ms after ``published``), the
+        loop lag over its fan-out (``lag_in``) and, given ``client_cpu_s`` (the load generator's
+        CPU seconds from the publish until the last delivery was seen), the load generator's CPU
+        per delivery; the same row for the bare and the appliance runs."""
         lag = self.lag_in(published, last or time.time())
 
         def ms(t: float | None) -> float | None:
@@ -86,6 +88,11 @@ class Record:
             "lag_p99_worker_ms": lag["p99_worker"],
             "lag_p99_all_ms": lag["p99_all"],
             "lag_max_ms": lag["max"],
+            "client_cpu_us_per_delivery": (
+                round(client_cpu_s * 1e6 / delivered, 2)
+                if client_cpu_s is not None and delivered
+                else None
+            ),
         }
 
 

@@ -241,7 +241,8 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
                 f"{fmt(b.get('first_delivery_ms'))} / {fmt(b['last_delivery_ms'], ' ms')}; "
                 f"lag p99 {fmt(b.get('lag_p99_ms'))} max {fmt(b.get('lag_max_ms'), ' ms')} "
                 f"(over the window: worst worker p99 <= {fmt(b.get('lag_p99_worker_ms'))}, "
-                f"all workers p99 <= {fmt(b.get('lag_p99_all_ms'), ' ms')})",
+                f"all workers p99 <= {fmt(b.get('lag_p99_all_ms'), ' ms')}); "
+                f"load generator {fmt(b.get('client_cpu_us_per_delivery'), ' µs')} CPU a delivery",
             )
         )
     for k, v in rows:

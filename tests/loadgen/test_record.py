@@ -66,7 +66,9 @@ def test_broadcast_row_times_from_the_publish_and_reads_the_lag_over_the_fan_out
         first=100.5,
         last=100.875,
         answered_ms=12.345,
+        client_cpu_s=0.00059,
     )
+    assert row["client_cpu_us_per_delivery"] == 10.0  # 590 µs over 59 deliveries
     assert row["seq"] == 7 and row["recipients"] == 60 and row["delivered"] == 59
     assert row["first_delivery_ms"] == 250.0 and row["last_delivery_ms"] == 625.0
     assert row["answer_ms"] == 12.3
@@ -76,6 +78,7 @@ def test_broadcast_row_times_from_the_publish_and_reads_the_lag_over_the_fan_out
         8, 100.25, recipients=0, expected=60, delivered=0, first=None, last=None, answered_ms=1.0
     )
     assert nobody["first_delivery_ms"] is None and nobody["last_delivery_ms"] is None
+    assert nobody["client_cpu_us_per_delivery"] is None
 
 
 def test_tcp_counters_read_the_tcpext_lines_and_the_advice_names_what_they_point_at(
