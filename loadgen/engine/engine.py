@@ -42,6 +42,8 @@ IP_BIND_ADDRESS_NO_PORT = 24
 CONNECT_TIMEOUT = 10.0
 # Clock slack for a timed line's ``ts``: publishers on other hosts have clocks of their own.
 TS_SLACK = 1.0
+_now = time.time
+_log = math.log
 
 
 class Engine:
@@ -289,27 +291,35 @@ class Engine:
         if parsed is None:
             return
         ts, seq = parsed
-        now = time.time()
+        now = _now()
         if not self.run_started - TS_SLACK <= ts <= now + TS_SLACK:
             # Published before this run (a replay, a stale message) or by a clock in the future:
             # folded into the percentiles, one such sample moved the p50 to 1.8e12 ms.
             self.timed_invalid += 1
             return
-        ms = max(0.0, (now - ts) * 1000.0)
+        # Once per message on every subscriber: locals, no builtins called where a comparison
+        # does (the same figures as max(0, ...) and log(max(us, 1))).
+        ms = (now - ts) * 1000.0
+        if ms < 0.0:
+            ms = 0.0
         self.timed_total += 1
         if ms > self.lat_max_ms:
             self.lat_max_ms = ms
-        b = int(math.log(max(ms * 1000.0, 1.0)) / _LAT_LOG)
-        self.lat_hist[b] = self.lat_hist.get(b, 0) + 1
+        us = ms * 1000.0
+        b = int(_log(us) / _LAT_LOG) if us > 1.0 else 0
+        hist = self.lat_hist
+        hist[b] = hist.get(b, 0) + 1
         self.last_delivery[seq] = now
-        if seq not in self.first_delivery:
-            self.first_delivery[seq] = now
-        self.deliveries[seq] = self.deliveries.get(seq, 0) + 1
-        if len(self.deliveries) > MAX_SEQS:
-            oldest = min(self.deliveries)
-            self.deliveries.pop(oldest, None)
+        first = self.first_delivery
+        if seq not in first:
+            first[seq] = now
+        deliveries = self.deliveries
+        deliveries[seq] = deliveries.get(seq, 0) + 1
+        if len(deliveries) > MAX_SEQS:
+            oldest = min(deliveries)
+            deliveries.pop(oldest, None)
             self.last_delivery.pop(oldest, None)
-            self.first_delivery.pop(oldest, None)
+            first.pop(oldest, None)
 
 
 def _parse_timed(raw: bytes) -> tuple[float, int] | None:

@@ -73,6 +73,35 @@ def test_any_split_of_a_chunked_stream_gives_the_same_lines(cuts):
     assert engine.bytes_total == len(chunked(body))
 
 
+def lines_seen(pieces: list[bytes]) -> tuple[list[bytes], StreamConn]:
+    engine = Engine(EngineConfig(n=1))
+    engine.connecting = 1
+    seen: list[bytes] = []
+    engine.on_lines = seen.extend  # type: ignore[method-assign]
+    conn = StreamConn(engine)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    for p in pieces:
+        conn.data_received(p)
+    return seen, conn
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(min_size=0, max_size=40), min_size=1, max_size=8),
+    st.sampled_from([b"", b";ext=1"]),
+)
+def test_a_chunk_a_segment_gives_what_a_byte_a_segment_gives(bodies, ext):
+    """The one-whole-chunk fast path (a broadcast's usual segment) against the general
+    parser fed one byte at a time: the same lines, the same partial line left over."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = [b"%x%s\r\n%s\r\n" % (len(b), ext, b) for b in bodies if b]
+    whole, conn_whole = lines_seen([head, *chunks])
+    data = head + b"".join(chunks)
+    single, conn_single = lines_seen([data[i : i + 1] for i in range(len(data))])
+    assert whole == single
+    assert conn_whole.lbuf == conn_single.lbuf
+
+
 def test_identity_body_and_sse_lines():
     ts = time.time()
     head = b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
