@@ -63,21 +63,6 @@ class StreamConn(asyncio.Protocol):
         """Called for every received segment; everything is consumed at once."""
         self.engine.bytes_total += len(data)
         if self.state == _BODY:
-            if self.chunked and not (self.buf or self.chunk_left or self.lbuf):
-                # A broadcast's usual segment: one whole chunk of whole lines. A million
-                # subscribers on the service's box read one each; the general path below costs
-                # about twice as much Python.
-                eol = data.find(b"\r\n", 0, 10)
-                if eol > 0:
-                    start = eol + 2
-                    try:
-                        end = start + int(data[:eol], 16)
-                    except ValueError:
-                        end = start
-                    if end > start and end + 2 == len(data) and data.endswith(b"\n\r\n"):
-                        lines = data[start : end - 1].split(b"\n")
-                        self.engine.on_lines(lines)
-                        return
             self._body(data)
         elif self.state == _HEAD:
             self._head(data)
@@ -129,6 +114,20 @@ class StreamConn(asyncio.Protocol):
         if not self.chunked:
             self._lines(data)
             return
+        if not (self.buf or self.chunk_left or self.lbuf):
+            # A broadcast's (and a ping's) usual segment: one whole chunk of whole lines. A
+            # million subscribers on the service's box read one each; the loop below costs about
+            # twice as much Python.
+            eol = data.find(b"\r\n", 0, 10)
+            if eol > 0:
+                start = eol + 2
+                try:
+                    end = start + int(data[:eol], 16)
+                except ValueError:
+                    end = start
+                if end > start and end + 2 == len(data) and data.endswith(b"\n\r\n"):
+                    self.engine.on_lines(data[start : end - 1].split(b"\n"))
+                    return
         if self.buf:
             data = self.buf + data
             self.buf = b""

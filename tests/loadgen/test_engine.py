@@ -35,8 +35,8 @@ class FakeTransport:
         self.closed = True
 
 
-def feed(pieces: list[bytes]) -> tuple[Engine, StreamConn]:
-    engine = Engine(EngineConfig(n=1))
+def feed(pieces: list[bytes], engine: Engine | None = None) -> tuple[Engine, StreamConn]:
+    engine = engine or Engine(EngineConfig(n=1))
     engine.connecting = 1
     conn = StreamConn(engine)
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
@@ -74,14 +74,11 @@ def test_any_split_of_a_chunked_stream_gives_the_same_lines(cuts):
 
 
 def lines_seen(pieces: list[bytes]) -> tuple[list[bytes], StreamConn]:
+    """``feed``, with every line the engine was handed, in order."""
     engine = Engine(EngineConfig(n=1))
-    engine.connecting = 1
     seen: list[bytes] = []
     engine.on_lines = seen.extend  # type: ignore[method-assign]
-    conn = StreamConn(engine)
-    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
-    for p in pieces:
-        conn.data_received(p)
+    _, conn = feed(pieces, engine)
     return seen, conn
 
 
