@@ -286,9 +286,11 @@ def tls_files() -> dict[str, str]:
     return {"tls_cert": str(files["cert"]), "tls_key": str(files["key"])}
 
 
-def token_file(n: int) -> str:
+def token_file(n: int, grant: str = "shared") -> str:
     """``n`` distinct subscriber tokens (HS256), one a line: each client has its own, as an
-    application's users would."""
+    application's users would. ``grant``: ``shared``, every token grants ``private-*``; ``own``,
+    each grants its user's own channel by name and the channel the bench subscribes to
+    (``["private-user-I", "private-bench"]``, README's example of a per-user token)."""
     import tempfile
 
     import jwt
@@ -297,7 +299,10 @@ def token_file(n: int) -> str:
     fd, path = tempfile.mkstemp(prefix="worker-bench-tokens-")
     with os.fdopen(fd, "w") as f:
         for i in range(n):
-            claims = {"sub": f"user-{i}", "channels": ["private-*"], "exp": exp}
+            channels = (
+                ["private-*"] if grant == "shared" else [f"private-user-{i}", "private-bench"]
+            )
+            claims = {"sub": f"user-{i}", "channels": channels, "exp": exp}
             f.write(jwt.encode(claims, SECRET, algorithm="HS256") + "\n")
     return path
 
@@ -315,6 +320,7 @@ def run_once(
     defer_accept: int | None = None,
     concurrency: int = 500,
     tls_offload: bool = True,
+    grant: str = "shared",
 ) -> dict[str, float]:
     port = free_port()
     server: CometServer | CometService | BareServer
@@ -325,7 +331,7 @@ def run_once(
         extra["defer_accept"] = defer_accept
     if private:
         extra["private_channels"] = "private-*"
-    tokens = token_file(private) if private else ""
+    tokens = token_file(private, grant) if private else ""
     if kind == "bare":
         server = BareServer(port, workers, ping)
     elif workers > 1:
@@ -419,6 +425,13 @@ def main() -> None:
         help="of the n connections, this many subscribe to a private channel with a token each",
     )
     ap.add_argument(
+        "--grant",
+        choices=["shared", "own"],
+        default="shared",
+        help="with --private: every token grants private-* (shared), or each its user's own "
+        "channel by name plus the bench's (own)",
+    )
+    ap.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -466,6 +479,7 @@ def main() -> None:
                 args.defer_accept,
                 args.client_concurrency,
                 not args.no_tls_offload,
+                args.grant,
             )
             runs.append(r)
             print(

@@ -46,13 +46,48 @@ PREFLIGHT_HEADERS = "Last-Event-ID, Authorization, Cache-Control, Accept"
 PREFLIGHT_METHODS = "GET, HEAD, OPTIONS"
 
 
+class Channels:
+    """The channels a comma-separated list of names and ``fnmatch`` globs (``*``, ``?``,
+    ``[...]``) names: ``--private-channels``, or a token's ``channels`` claim. A plain name is a
+    set look-up; only the globs become a regex, one per distinct list of globs. A token that
+    grants its user's own channel (``["private-42"]``) compiled a regex of its own on its first
+    check: ~100 µs, five accepts' worth (docs/benchmarks.md, "A first-time token per user")."""
+
+    __slots__ = ("names", "glob")
+
+    def __init__(self, names: frozenset[str], glob: re.Pattern[str] | None) -> None:
+        self.names = names
+        self.glob = glob
+
+    def match(self, channel: str) -> bool:
+        if channel in self.names:
+            return True
+        glob = self.glob
+        return glob is not None and glob.match(channel) is not None
+
+
+_GLOB = re.compile(r"[*?\[]")  # what fnmatch.translate does not take literally
+
+
 @functools.lru_cache(maxsize=1024)
-def _patterns(text: str) -> re.Pattern[str] | None:
-    """Comma-separated glob patterns as one regex (None: no pattern)."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
+def _patterns(text: str) -> Channels | None:
+    """The names and globs of a comma-separated list (None: it names nothing); the lists an
+    issuer hands to many users (``private-*``) are made once."""
+    names: list[str] = []
+    globs: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            (globs if _GLOB.search(part) else names).append(part)
+    if not names and not globs:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in parts))
+    return Channels(frozenset(names), _glob_regex(tuple(globs)) if globs else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(globs: tuple[str, ...]) -> re.Pattern[str]:
+    """One regex for a list of globs; a few lists (an issuer's grants) cached."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
 
 
 # ---- CORS ----------------------------------------------------------------------------------------
@@ -171,7 +206,7 @@ class TokenCheck:
         self.private = _patterns(private_channels)
         self.keys = keys
         self.counters = counters
-        self._cache: OrderedDict[str, tuple[float, re.Pattern[str] | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, Channels | None]] = OrderedDict()
         # PyJWT (and the cryptography it loads, ~10 MB of RSS) only in a worker that checks
         # tokens: at 54 workers that is half a gigabyte nobody else needs.
         # alg → (PyJWT algorithm, its keys: HS256's current secret first, then older ones)
@@ -185,7 +220,7 @@ class TokenCheck:
         return self.require_all or self.private is not None
 
     def needs_token(self, channel: str) -> bool:
-        return self.require_all or (self.private is not None and bool(self.private.match(channel)))
+        return self.require_all or (self.private is not None and self.private.match(channel))
 
     def check(self, channel: str, token: str | None, now: float | None = None) -> float | HttpError:
         """The token's expiry (unix seconds) if it may read ``channel``, else the refusal."""
@@ -212,7 +247,7 @@ class TokenCheck:
             )
         return exp
 
-    def _decode(self, token: str, now: float) -> tuple[float, re.Pattern[str] | None] | HttpError:
+    def _decode(self, token: str, now: float) -> tuple[float, Channels | None] | HttpError:
         """Verify a compact JWS and read the claims this service uses.
 
         The signature is checked by PyJWT's algorithm objects (HMAC, RSA, EC from
