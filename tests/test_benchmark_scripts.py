@@ -66,3 +66,14 @@ def _options_without_help(usage: str) -> list[str]:
 def test_every_benchmark_option_says_what_it_does(script):
     r = benchmark(script, "--help")
     assert _options_without_help(r.stdout) == [], r.stdout
+
+
+def test_wakeup_price_measures_and_refuses_a_zero_interval():
+    r = benchmark("wakeup_price.py", "--seconds", "0.3", "--interval", "0.05")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(" every")[0].strip() for line in lines] == ["time.sleep", "uvloop timer"]
+    assert all(float(line.split(":")[1].split("µs")[0]) > 0 for line in lines), lines
+    r = benchmark("wakeup_price.py", "--interval", "0")
+    assert r.returncode == 2
+    assert "every --interval must be above 0" in r.stderr and "Traceback" not in r.stderr
