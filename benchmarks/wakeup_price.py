@@ -6,7 +6,8 @@ and does nothing else, through ``time.sleep`` and through a uvloop timer.
 
 A service that holds connections idle spends what its timers wake it for: on a virtual machine a
 timer interrupt and the switch back to the process can cost tens of microseconds of the process's
-own CPU, whatever the callback does (docs/benchmarks.md, "A wake-up's price").
+own CPU, whatever the callback does (docs/benchmarks.md, "A wake-up's price, and a lag sampler
+that woke less": fewer wake-ups saved CPU at 100,000 idle, and cost CPU at a million).
 """
 
 from __future__ import annotations

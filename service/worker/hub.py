@@ -339,7 +339,6 @@ class Hub:
         self.draining = False
         self.on_empty: asyncio.Future[None] | None = None  # set while draining
         self._jobs: deque[_Job] = deque()
-        self.on_busy: Callable[[], None] | None = None  # a broadcast begins (the lag sampler's cue)
         self._ping_handle: asyncio.TimerHandle | None = None
         self._ping_slice_handle: asyncio.Handle | None = None
         self._ping_step = 0.0
@@ -492,8 +491,6 @@ class Hub:
         self._jobs.append(job)
         if len(self._jobs) == 1:
             self.loop.call_soon(self._pump)
-            if self.on_busy is not None:
-                self.on_busy()
 
     def _pump(self) -> None:
         jobs = self._jobs

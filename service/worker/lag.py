@@ -1,17 +1,13 @@
-"""Event-loop lag sampler: a timer every 10 ms (50 ms to 250 ms while idle) measures how late the
-loop ran it.
+"""Event-loop lag sampler: a timer every 10 ms (50 ms while idle) measures how late the loop ran it.
 
-A worker is one of ~54 processes on two cores at 1,000,000 connections, and on this machine kind
-a process's wake-up costs 40-110 µs of CPU however little it does (a virtual machine's timer
-interrupt; docs/benchmarks.md, "A wake-up's price"). A 10 ms timer would cost each worker ~0.4 %
-of a core while idle, ~20 % of a core in all for measuring nothing. So while the loop is idle (the
-last sample was under 2 ms late and ``busy()`` says no broadcast is being written) the step to the
-next sample doubles, 50 ms, 100 ms, 200 ms, then 250 ms: 4 wake-ups a second, not 20, once a
-worker has been idle for 0.4 s. A late sample switches back to 10 ms, and so does ``hurry()``,
-which the hub calls as a broadcast begins, so a broadcast is sampled from its first 10 ms. Idle
-samples are ~0 ms, so taking fewer of them can only raise the reported percentiles; the price is
-that a stall which begins and ends between two idle samples is not seen (of stalls of 100 ms
-in a worker idle for a while, 2 in 5 are).
+A worker is one of ~54 processes on two cores at 1,000,000 connections, and a 10 ms timer costs
+each of them ~0.4 % of a core while idle (a wake-up, a Python call, a new timer): ~20 % of a core
+in all for measuring nothing. So while the loop is idle (the last sample was under 2 ms late and
+``busy()`` says no broadcast is being written) the next sample is taken 50 ms later;
+a late sample or a broadcast switches it back to 10 ms. Idle samples are ~0 ms, so taking fewer of
+them can only raise the reported percentiles, never hide a stall. Sampling less while idle (4 a
+second) was tried: it saved CPU at 100,000 idle, and cost the million's hold and broadcasts more
+(docs/benchmarks.md, "A wake-up's price").
 """
 
 from __future__ import annotations
@@ -37,8 +33,6 @@ class LagSampler:
         "_loop",
         "_interval",
         "_idle_interval",
-        "_idle_max",
-        "_idle_step",
         "_busy",
         "_samples",
         "_max",
@@ -58,13 +52,10 @@ class LagSampler:
         interval: float = 0.01,
         idle_interval: float = 0.05,
         busy: Callable[[], bool] | None = None,
-        idle_max: float = 0.25,
     ) -> None:
         self._loop = loop
         self._interval = interval
         self._idle_interval = max(interval, idle_interval)
-        self._idle_max = max(self._idle_interval, idle_max)
-        self._idle_step = self._idle_interval  # the next idle step; doubles up to _idle_max
         self._busy = busy
         # A reader that stops calling read() must not grow memory: keep the latest minute.
         self._samples: deque[float] = deque(maxlen=int(60 / interval))
@@ -90,26 +81,9 @@ class LagSampler:
         self._hist[bisect_left(_BOUNDS_S, lag)] += 1
         if lag > self._max:
             self._max = lag
-        if lag < self.IDLE_BELOW and not (self._busy is not None and self._busy()):
-            step = self._idle_step
-            self._idle_step = min(step * 2, self._idle_max)
-        else:
-            step = self._interval
-            self._idle_step = self._idle_interval
-        self._due = now + step
+        idle = lag < self.IDLE_BELOW and not (self._busy is not None and self._busy())
+        self._due = now + (self._idle_interval if idle else self._interval)
         self._handle = self._loop.call_at(self._due, self._tick)
-
-    def hurry(self) -> None:
-        """Work begins (a broadcast): the next sample within ``interval``, not at an idle step's
-        end, and idle steps start again from the shortest."""
-        self._idle_step = self._idle_interval
-        if self._handle is None:
-            return
-        due = self._loop.time() + self._interval
-        if due < self._due:
-            self._handle.cancel()
-            self._due = due
-            self._handle = self._loop.call_at(due, self._tick)
 
     @property
     def pending(self) -> int:

@@ -82,7 +82,6 @@ class Worker:
         self.index = index
         self.hub = Hub(config, self.loop)
         self.lag = LagSampler(self.loop, busy=self.hub.busy)
-        self.hub.on_busy = self.lag.hurry
         self.port = config.port
         self.backlog = effective_backlog(config.backlog)
         self._sock = sock

@@ -86,9 +86,9 @@ def test_watch_yields_frames_every_second(svc):
         check_frame(f)
     steps = [f["step"] for f in frames]
     assert steps == sorted(steps) and len(set(steps)) == 3
-    # The lag histogram counts every sample the worker takes (4-100 a second) and only grows.
+    # The lag histogram counts every sample the worker takes (20-100 a second) and only grows.
     counts = [sum(f["totals"]["lag_hist"]) for f in frames]
-    assert counts[0] > 0 and counts[2] - counts[0] >= 6, counts
+    assert counts[0] > 0 and counts[2] - counts[0] >= 20, counts
     assert counts[2] == sum(sum(w["lag_hist"]) for w in frames[2]["workers"])
     gaps = [b["t"] - a["t"] for a, b in zip(frames, frames[1:], strict=False)]
     assert all(0.5 < g < 2.0 for g in gaps), gaps
