@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
 
 from tests.support.net import free_port, wait_for  # noqa: E402
-from tests.support.service import Clients, Service, sources  # noqa: E402
+from tests.support.service import Clients, Service, ran_ns, sources  # noqa: E402
 
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 NGINX = Path("/usr/sbin/nginx")
@@ -146,19 +146,6 @@ def _tree(pid: int) -> list[int]:
     return [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
 
 
-def _ran_ns(pids: list[int]) -> int:
-    """The time ``pids`` (every thread) have run on a CPU so far, in ns. Not
-    ``tree_cpu_s``: its clock ticks (10 ms) are 5 % of a broadcast to 18,000."""
-    total = 0
-    for pid in pids:
-        try:
-            for task in os.listdir(f"/proc/{pid}/task"):
-                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
-        except OSError:
-            pass
-    return total
-
-
 def _pin(pids: list[int], cpus: set[int]) -> None:
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -192,7 +179,7 @@ def one_run(
         if pin:
             _pin(servers, {0})
             _pin(ours, set(range(1, os.cpu_count() or 2)))
-        ran0 = _ran_ns(servers), _ran_ns(ours)
+        ran0 = ran_ns(servers), ran_ns(ours)
         t0 = time.time()
         if isinstance(server, Nchan):
             server.publish()
@@ -200,7 +187,7 @@ def one_run(
             answer = server.ask({"op": "broadcast", "data": "BCAST", "channel": None})
             assert answer["ok"], answer
         st = clients.wait("msgs", conns, timeout=120, every=0.2)
-        ran1 = _ran_ns(servers), _ran_ns(ours)
+        ran1 = ran_ns(servers), ran_ns(ours)
         return {
             "last_delivery_s": float(st["last_msg_t"]) - t0,
             "closed": float(st["closed"]),

@@ -323,6 +323,21 @@ class Clients:
                 p.stdout.close()
 
 
+def ran_ns(pids: list[int]) -> int:
+    """The time ``pids`` (every thread) have run on a CPU so far, in ns, as the scheduler counts
+    it (``/proc/PID/task/*/schedstat``). Not ``tree_cpu_s``: its clock ticks (10 ms) are 5 % of a
+    broadcast to 18,000."""
+    total = 0
+    for pid in pids:
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except OSError:
+            pass
+    return total
+
+
 def tree_cpu_s(pid: int, reaped: bool = False) -> float:
     """User + system CPU seconds of a process and its live descendants; with ``reaped``, also
     of the children it has waited for (a reload's old workers)."""
