@@ -10,6 +10,13 @@ the first at a random phase of the interval like the service's. ``--reuseport`` 
 copies share the port, as the service's workers do. Its RSS and CPU per connection are what
 uvloop and the kernel cost; benchmarks/worker_bench.py gives every figure of the service as a
 ratio to this one's.
+
+``--raw`` is a second floor, below uvloop's transports: the loop watches the listener and one
+``select.epoll`` of all the held sockets, and each connection is its socket and nothing else
+(``accept``, one ``recv`` of the head, one ``send`` of the answer, ``epoll_ctl`` to hear its
+close). It is what a Python accept path outside uvloop's transports could not go below (issue 14
+asks the service for half its CPU per accept; docs/benchmarks.md, "Below uvloop's transports").
+A write the kernel does not take whole is dropped there (the floor has no buffers).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import select
 import signal
 import socket
 import time
@@ -34,6 +42,7 @@ WELCOME = (
 MESSAGE = b"6\r\nBCAST\n\r\n"
 PING = b"5\r\nping\n\r\n"
 HELD: set[asyncio.BaseTransport] = set()
+RAW: dict[int, socket.socket] = {}  # --raw: the held sockets by descriptor
 
 
 class Bare(asyncio.Protocol):
@@ -55,6 +64,82 @@ def chunk(line: bytes) -> bytes:
     return b"%x\r\n%s\n\r\n" % (len(line) + 1, line)
 
 
+class Raw:
+    """--raw: every connection a bare socket in one epoll; no transport, no protocol object."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.listener = sock
+        self.epoll = select.epoll()
+        self.waiting: set[int] = set()  # accepted, head not here yet (no TCP_DEFER_ACCEPT)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.listener.setblocking(False)
+        loop.add_reader(self.listener.fileno(), self.on_accept)
+        loop.add_reader(self.epoll.fileno(), self.on_events)
+
+    @staticmethod
+    def greet(s: socket.socket) -> bool:
+        """Read the head (whatever came) and answer it; False if nothing came yet."""
+        try:
+            data = s.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not data:
+            raise ConnectionResetError
+        s.send(WELCOME, socket.MSG_DONTWAIT)
+        return True
+
+    def on_accept(self) -> None:
+        accept, register, greet = self.listener._accept, self.epoll.register, self.greet
+        for _ in range(256):  # then let the loop turn
+            try:
+                fd, _ = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EMFILE and the like: the floor just stops taking more
+                print(f"accept: {exc}", flush=True)
+                return
+            s = socket.socket(fileno=fd)
+            try:
+                if not greet(s):
+                    self.waiting.add(fd)
+            except OSError:
+                s.close()
+                continue
+            RAW[fd] = s
+            register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+
+    def on_events(self) -> None:
+        for fd, ev in self.epoll.poll(0, 1024):
+            s = RAW.get(fd)
+            if s is None:
+                continue
+            if fd in self.waiting and not ev & (select.EPOLLRDHUP | select.EPOLLHUP):
+                try:
+                    if self.greet(s):
+                        self.waiting.discard(fd)
+                    continue
+                except OSError:
+                    pass
+            # A stream client only listens: bytes or its end close the connection.
+            self.waiting.discard(fd)
+            self.epoll.unregister(fd)
+            del RAW[fd]
+            s.close()
+
+
+def send_all(data: bytes) -> int:
+    """Write ``data`` to every held connection; how many there are."""
+    for t in HELD:
+        t.write(data)  # type: ignore[attr-defined]
+    for s in RAW.values():
+        try:
+            s.send(data, socket.MSG_DONTWAIT)
+        except OSError:
+            pass  # full or gone: its close comes through the epoll
+    return len(HELD) + len(RAW)
+
+
 def broadcast(message_file: str | None) -> None:
     t0 = time.perf_counter()
     message = MESSAGE
@@ -65,14 +150,12 @@ def broadcast(message_file: str | None) -> None:
         except OSError as e:
             print(f"broadcast: cannot read --message-file: {e}", flush=True)
             return
-    for t in HELD:
-        t.write(message)  # type: ignore[attr-defined]
-    print(f"broadcast {len(HELD)} {(time.perf_counter() - t0) * 1000:.1f}", flush=True)
+    held = send_all(message)
+    print(f"broadcast {held} {(time.perf_counter() - t0) * 1000:.1f}", flush=True)
 
 
 def ping(loop: asyncio.AbstractEventLoop, every: float) -> None:
-    for t in HELD:
-        t.write(PING)  # type: ignore[attr-defined]
+    send_all(PING)
     loop.call_later(every, ping, loop, every)
 
 
@@ -82,6 +165,18 @@ async def main() -> None:
     ap.add_argument("--port", type=int, required=True, help="port to listen on")
     ap.add_argument("--ping", type=float, default=0.0, help="seconds between pings (0: none)")
     ap.add_argument("--reuseport", action="store_true", help="share the port (SO_REUSEPORT)")
+    ap.add_argument(
+        "--raw",
+        action="store_true",
+        help="hold bare sockets in one epoll instead of uvloop transports (the lower floor)",
+    )
+    ap.add_argument(
+        "--defer-accept",
+        type=int,
+        default=0,
+        metavar="S",
+        help="TCP_DEFER_ACCEPT seconds on the listener, as the service's --defer-accept (0: off)",
+    )
     ap.add_argument(
         "--message-file",
         metavar="PATH",
@@ -93,6 +188,8 @@ async def main() -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if args.reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if args.defer_accept:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, args.defer_accept)
     sock.bind((args.host, args.port))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, broadcast, args.message_file)
@@ -100,6 +197,12 @@ async def main() -> None:
         # The first ping at a random phase of the interval, as each service worker's first
         # sweep: neither starts by pinging everything at one instant of a measurement.
         loop.call_later(random.uniform(0, args.ping), ping, loop, args.ping)
+    if args.raw:
+        sock.listen(65535)
+        Raw(sock).start(loop)
+        print("listening on http (raw)", flush=True)
+        await asyncio.Event().wait()
+        return
     server = await loop.create_server(Bare, sock=sock, backlog=65535)
     print("listening on http", flush=True)
     async with server:

@@ -166,8 +166,14 @@ class CometService:
 class BareServer:
     """``count`` copies of benchmarks/bare_server.py on one port (SO_REUSEPORT when > 1)."""
 
-    def __init__(self, port: int, count: int = 1, ping: float = 0.0) -> None:
+    def __init__(
+        self, port: int, count: int = 1, ping: float = 0.0, raw: bool = False, defer: int = 0
+    ) -> None:
         cmd = [PY, os.path.join(ROOT, "benchmarks", "bare_server.py"), "--port", str(port)]
+        if raw:
+            cmd.append("--raw")
+        if defer:
+            cmd += ["--defer-accept", str(defer)]
         if count > 1:
             cmd.append("--reuseport")
         if ping:
@@ -321,6 +327,8 @@ def run_once(
     concurrency: int = 500,
     tls_offload: bool = True,
     grant: str = "shared",
+    floor: str = "uvloop",
+    floor_defer: int = 0,
 ) -> dict[str, float]:
     port = free_port()
     server: CometServer | CometService | BareServer
@@ -333,7 +341,7 @@ def run_once(
         extra["private_channels"] = "private-*"
     tokens = token_file(private, grant) if private else ""
     if kind == "bare":
-        server = BareServer(port, workers, ping)
+        server = BareServer(port, workers, ping, floor == "raw", floor_defer)
     elif workers > 1:
         server = CometService(port, workers, ping, timeout_header, **extra)
     else:
@@ -456,6 +464,21 @@ def main() -> None:
         help="connections each client process has in flight while connecting: how many new "
         "connections the server finds at each wake-up",
     )
+    ap.add_argument(
+        "--floor",
+        choices=["uvloop", "raw"],
+        default="uvloop",
+        help="the floor: uvloop transports (bare_server.py), or bare sockets in one epoll "
+        "(bare_server.py --raw, below what uvloop's transports cost)",
+    )
+    ap.add_argument(
+        "--floor-defer-accept",
+        type=int,
+        default=0,
+        metavar="S",
+        help="TCP_DEFER_ACCEPT seconds for the floor's listener, as the service's default "
+        "--defer-accept 1 (default 0: off, as the floor's figures so far)",
+    )
     args = ap.parse_args()
     if args.workers < 1:
         ap.error("--workers must be at least 1")
@@ -480,6 +503,8 @@ def main() -> None:
                 args.client_concurrency,
                 not args.no_tls_offload,
                 args.grant,
+                args.floor,
+                args.floor_defer_accept,
             )
             runs.append(r)
             print(

@@ -3,8 +3,15 @@ argument with a message, not a traceback."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
+from tests.support.net import free_port
 from tests.support.service import ROOT, benchmark
 
 SCRIPTS = sorted(path.name for path in (ROOT / "benchmarks").glob("*.py"))
@@ -77,3 +84,55 @@ def test_wakeup_price_measures_and_refuses_a_zero_interval():
     r = benchmark("wakeup_price.py", "--interval", "0")
     assert r.returncode == 2
     assert "every --interval must be above 0" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--raw", "--defer-accept", "1"]], ids=["uvloop", "raw"])
+def test_the_floor_greets_broadcasts_to_and_forgets_its_connections(mode):
+    """bare_server.py, with uvloop transports or bare sockets in one epoll (--raw): each client
+    reads the welcome, a SIGUSR1 reaches every held connection, and a closed one is let go."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), "--port", str(port), *mode],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    clients: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on http")
+        for _ in range(3):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(c)
+        for c in clients:
+            assert _read_until(c, b"Welcome!\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.stdout.readline().split()[:2] == ["broadcast", "3"]
+        for c in clients:
+            assert _read_until(c, b"BCAST\n\r\n") == b"6\r\nBCAST\n\r\n"
+        clients.pop().close()
+        deadline = time.monotonic() + 5
+        while True:  # the close reaches the server's loop on its own time
+            proc.send_signal(signal.SIGUSR1)
+            held = int(proc.stdout.readline().split()[1])
+            if held == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert held == 2
+    finally:
+        for c in clients:
+            c.close()
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data
