@@ -329,6 +329,7 @@ def run_once(
     grant: str = "shared",
     floor: str = "uvloop",
     floor_defer: int = 0,
+    plane: str = "uvloop",
 ) -> dict[str, float]:
     port = free_port()
     server: CometServer | CometService | BareServer
@@ -337,6 +338,8 @@ def run_once(
         extra["tls_offload"] = False
     if defer_accept is not None:
         extra["defer_accept"] = defer_accept
+    if plane != "uvloop":
+        extra["plane"] = plane
     if private:
         extra["private_channels"] = "private-*"
     tokens = token_file(private, grant) if private else ""
@@ -479,9 +482,18 @@ def main() -> None:
         help="TCP_DEFER_ACCEPT seconds for the floor's listener, as the service's default "
         "--defer-accept 1 (default 0: off, as the floor's figures so far)",
     )
+    ap.add_argument(
+        "--plane",
+        choices=["uvloop", "raw"],
+        default="uvloop",
+        help="the service's --plane: uvloop's transports, or bare sockets in one epoll per "
+        "worker (raw; plain HTTP only)",
+    )
     args = ap.parse_args()
     if args.workers < 1:
         ap.error("--workers must be at least 1")
+    if args.plane == "raw" and args.tls:
+        ap.error("--plane raw holds plain HTTP only (no --tls)")
     if args.ping and args.settle < 2 * args.ping:
         print(f"note: --settle {args.settle} holds less than two --ping intervals", flush=True)
     kinds = ["comet", "bare"] if args.server == "both" else [args.server]
@@ -505,6 +517,7 @@ def main() -> None:
                 args.grant,
                 args.floor,
                 args.floor_defer_accept,
+                args.plane,
             )
             runs.append(r)
             print(

@@ -136,3 +136,19 @@ def _read_until(sock: socket.socket, end: bytes) -> bytes:
         assert chunk, data
         data += chunk
     return data
+
+
+def test_worker_bench_runs_the_worker_on_bare_sockets():
+    """worker_bench.py --plane raw: the worker with --plane raw takes every connection and
+    reaches each with a broadcast (the bench asserts the worker's count and every client's
+    delivery); with --tls it is refused."""
+    r = benchmark(
+        "worker_bench.py",
+        *("--n", "300", "--clients", "1", "--runs", "1", "--server", "comet"),
+        *("--plane", "raw", "--settle", "0.5"),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "comet MEDIAN of 1 (n=300)" in r.stdout, r.stdout
+    r = benchmark("worker_bench.py", "--plane", "raw", "--tls")
+    assert r.returncode == 2 and "--plane raw holds plain HTTP only" in r.stderr, r.stderr

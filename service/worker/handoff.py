@@ -65,6 +65,7 @@ from service.worker.tls import TlsConn
 
 if TYPE_CHECKING:
     from service.worker.hub import Hub
+    from service.worker.plane import Plane
 
 log = logging.getLogger("comet.worker")
 
@@ -268,7 +269,7 @@ def _history_messages(msgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @_collector_paused
 async def give(
     hub: Hub,
-    server: asyncio.AbstractServer | None,
+    server: asyncio.AbstractServer | Plane | None,
     path: str,
     relisten: Callable[[], Awaitable[None]],
     listener: bool = True,

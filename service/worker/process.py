@@ -39,6 +39,7 @@ from service.worker.handoff import Receiver, give
 from service.worker.http import Limits
 from service.worker.hub import Hub
 from service.worker.lag import LagSampler
+from service.worker.plane import Plane
 from service.worker.protocol import ADOPTING, Conn
 from service.worker.states import DONE
 from service.worker.tls import TlsConn
@@ -85,7 +86,10 @@ class Worker:
         self.port = config.port
         self.backlog = effective_backlog(config.backlog)
         self._sock = sock
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.AbstractServer | Plane | None = None
+        # --plane raw: plain connections on bare sockets (service/worker/plane.py); made at
+        # the first listen or adoption.
+        self._plane: Plane | None = None
         self.titled = False  # a process of its own: its title shows its state (serve() sets it)
         self._tls_class: type[TlsConn] | None = None
         limits = Limits(
@@ -178,7 +182,13 @@ class Worker:
         # 51 -> 39 us of CPU per accepted connection (docs/benchmarks.md, issue 19).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, cfg.defer_accept)
         factory: Any = self.tls_class() if cfg.tls_cert else self.protocol_class
-        self._server = await self.loop.create_server(factory, sock=sock, backlog=self.backlog)
+        plane = self.raw_plane()
+        if plane is not None:
+            sock.listen(self.backlog)
+            plane.listen(sock, factory)
+            self._server = plane
+        else:
+            self._server = await self.loop.create_server(factory, sock=sock, backlog=self.backlog)
         self.port = sock.getsockname()[1]
         self._title()
         capped = (
@@ -193,7 +203,7 @@ class Worker:
             os.getpid(),
             self.config.host,
             self.port,
-            " (TLS)" if cfg.tls_cert else "",
+            " (TLS)" if cfg.tls_cert else " (raw plane)" if self._plane else "",
             self.backlog,
             capped,
             cfg.defer_accept,
@@ -225,6 +235,14 @@ class Worker:
             except OSError as exc:
                 log.error("worker %d: cannot listen: %s", self.index, exc)
 
+    def raw_plane(self) -> Plane | None:
+        """This worker's plane for plain connections with --plane raw (None: uvloop's)."""
+        if self.config.plane != "raw" or self.config.tls_cert:
+            return None
+        if self._plane is None:
+            self._plane = Plane(self.loop)
+        return self._plane
+
     def tls_class(self) -> type[TlsConn]:
         """This worker's TLS connections' class (made once: it holds the context and its key
         log). Without --tls-cert it only adopts TLS connections a previous worker offloaded."""
@@ -254,6 +272,10 @@ class Worker:
         no answer and the giver keeps every connection of it, so none stays here — the ones
         made are let go (our descriptor closed, which sends nothing) and the others never
         reach ``connection_made``. The first error is raised."""
+        plane = self.raw_plane()
+        if plane is not None and not any("tls" in st for _, st in handed):
+            self._adopt_raw(plane, handed)
+            return
         loop = self.loop
         made: list[Conn] = []
         state: dict[str, Any] = {}
@@ -313,6 +335,27 @@ class Worker:
         finally:
             for conn in made:
                 ADOPTING.pop(id(conn), None)
+
+    def _adopt_raw(
+        self, plane: Plane, handed: Sequence[tuple[socket.socket, dict[str, Any]]]
+    ) -> None:
+        """:meth:`_adopt` on the raw plane: each connection made and told at once, all or
+        nothing as there."""
+        made: list[Conn] = []
+        try:
+            for sock, st in handed:
+                conn = self.protocol_class()
+                ADOPTING[id(conn)] = st
+                try:
+                    plane.adopt(sock, lambda conn=conn: conn)  # type: ignore[misc]
+                finally:
+                    ADOPTING.pop(id(conn), None)  # connection_made took it, unless it failed
+                made.append(conn)
+        except BaseException:
+            for conn in made:
+                if getattr(conn, "state", DONE) < DONE:
+                    conn.transport.abort()  # connection_lost takes it out of the hub
+            raise
 
     async def handoff(
         self, path: str, listener: bool = True, history: bool = False

@@ -58,8 +58,11 @@ def _hand_over(w, path, server, successor, n) -> tuple[list[Stream], dict[str, A
     return streams, answer
 
 
-def test_reload_moves_every_connection_to_new_workers_under_a_publisher(tmp_path) -> None:
-    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30")
+@pytest.mark.parametrize("plane", ["uvloop", "raw"])
+def test_reload_moves_every_connection_to_new_workers_under_a_publisher(
+    tmp_path, plane: str
+) -> None:
+    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30", "--plane", plane)
     streams: list[Stream] = []
     stop = threading.Event()
     acked: list[int] = []
@@ -198,8 +201,9 @@ def test_a_reload_during_a_broadcast_in_waves_waits_only_for_the_write_under_way
         svc.stop()
 
 
-def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path) -> None:
-    svc = Service(tmp_path, "--workers", "1")
+@pytest.mark.parametrize("plane", ["uvloop", "raw"])
+def test_a_long_poll_waiting_through_a_reload_gets_its_message(tmp_path, plane: str) -> None:
+    svc = Service(tmp_path, "--workers", "1", "--plane", plane)
     try:
         svc.wait_up(1)
         first = svc.ask({"op": "broadcast", "data": "before", "channel": CH})
@@ -499,8 +503,11 @@ def test_batches_go_ahead_of_their_answers_and_only_answered_ones_are_let_go(
         a.close()
 
 
-def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(tmp_path) -> None:
-    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30")
+@pytest.mark.parametrize("plane", ["uvloop", "raw"])
+def test_ten_reloads_in_a_row_leak_no_descriptors_and_keep_the_streams(
+    tmp_path, plane: str
+) -> None:
+    svc = Service(tmp_path, "--workers", "2", "--ping-interval", "30", "--plane", plane)
     streams: list[Stream] = []
     try:
         svc.wait_up(2)

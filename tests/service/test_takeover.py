@@ -66,11 +66,23 @@ def fake_predecessor(path: str, answer: Any) -> Any:
     return server
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 2), (3, 2), (1, 2)])
+@pytest.mark.parametrize(
+    ("before", "after", "planes"),
+    [
+        (2, 2, ("uvloop", "uvloop")),
+        (3, 2, ("uvloop", "uvloop")),
+        (1, 2, ("uvloop", "uvloop")),
+        # An upgrade that changes --plane: bare sockets handed to uvloop transports, and back.
+        (2, 2, ("uvloop", "raw")),
+        (2, 2, ("raw", "uvloop")),
+    ],
+)
 def test_a_new_service_takes_over_every_connection_under_a_publisher(
-    short_dir: Path, before: int, after: int
+    short_dir: Path, before: int, after: int, planes: tuple[str, str]
 ) -> None:
-    old = Service(short_dir / "old", "--workers", str(before), "--ping-interval", "30")
+    old = Service(
+        short_dir / "old", "--workers", str(before), "--ping-interval", "30", "--plane", planes[0]
+    )
     new: Service | None = None
     streams: list[Stream] = []
     stop = threading.Event()
@@ -118,7 +130,7 @@ def test_a_new_service_takes_over_every_connection_under_a_publisher(
         pub.start()
         wait_for(lambda: len(acked) >= 5, 10, "5 messages before the takeover")
         old_pids = set(old.health()["pids"])  # type: ignore[index]
-        new = successor(short_dir / "new", old, after)
+        new = successor(short_dir / "new", old, after, "--plane", planes[1])
         current["svc"] = new
 
         def taken() -> dict[str, Any] | None:

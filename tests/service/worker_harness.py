@@ -27,8 +27,14 @@ from tests.support.net import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# The worker's --plane for make_config (test_worker_wire.py runs its module once with each).
+PLANE = "uvloop"
+
+
 def make_config(**overrides: Any) -> Config:
-    base = Config(host="127.0.0.1", port=0, ping_interval=0.2, grace=3.0, timeout_header=2.0)
+    base = Config(
+        host="127.0.0.1", port=0, ping_interval=0.2, grace=3.0, timeout_header=2.0, plane=PLANE
+    )
     return dataclasses.replace(base, **overrides)
 
 

@@ -1,0 +1,150 @@
+"""--plane raw (service/worker/plane.py): what only the bare-socket plane does itself — keeping
+what the kernel did not take and sending it in order, ending connections without leaving a
+descriptor or an epoll entry — over real sockets against an in-process worker. The wire contract
+on this plane is test_worker_wire.py's (each test there runs on both planes); reloads and
+takeovers across planes are in test_reload.py and test_takeover.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from service.config import Config
+from service.worker.plane import Plane
+from tests.service.worker_harness import (
+    ThreadWorker,
+    channel_count,
+    read_all,
+    read_until,
+    running_worker,
+    subscribe,
+    wait_for,
+)
+
+
+def _plane(w: ThreadWorker) -> Plane:
+    assert w.worker is not None
+    plane = w.worker._plane
+    assert plane is not None and w.worker._server is plane
+    return plane
+
+
+def _unsent(w: ThreadWorker) -> int:
+    return int(w.call(lambda: sum(t.get_write_buffer_size() for t in _plane(w).conns.values())))
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_what_the_kernel_does_not_take_is_kept_and_sent_in_order() -> None:
+    with running_worker(plane="raw", limit_write_buffer=4 << 20, limit_message_bytes=200_000) as w:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", w.port))
+        with s:
+            s.sendall(b"GET /sub/full HTTP/1.0\r\n\r\n")  # HTTP/1.0: no chunk framing
+            read_until(s, b"Welcome!\n")
+            wait_for(lambda: channel_count(w, "full") == 1)
+            sent: list[bytes] = []
+            for i in range(40):  # bounded: ~4 MB offered to a client not reading
+                body = (b"%03d" % i) * 33_000
+                sent.append(body + b"\n")
+                w.broadcast(body.decode(), channel="full")
+                if _unsent(w) > 200_000:
+                    break
+            assert _unsent(w) > 200_000, "the kernel took everything: nothing was kept"
+            s.settimeout(10)
+            got = bytearray()
+            want = b"".join(sent)
+            deadline = time.monotonic() + 15  # pings keep coming: recv alone never times out
+            while not got.endswith(want[-100:]) or len(got) < len(want):
+                assert time.monotonic() < deadline, (len(got), len(want))
+                chunk = s.recv(1 << 20)
+                assert chunk, "closed before everything arrived"
+                got += chunk
+            # Pings (every 0.2 s) may fall between messages, never inside one.
+            assert got.replace(b"ping\n", b"") == want
+            wait_for(lambda: _unsent(w) == 0, 5)
+            assert w.stats()["slow_dropped_total"] == 0
+
+
+def test_no_descriptor_or_epoll_entry_outlives_its_connection() -> None:
+    with running_worker(plane="raw", timeout_header=0.5, defer_accept=0) as w:
+        plane = _plane(w)
+        before = _fds()
+        streams = [subscribe(w, "/sub/fd") for _ in range(20)]
+        for s in streams:
+            read_until(s, b"Welcome!")
+        wait_for(lambda: channel_count(w, "fd") == 20)
+        assert _fds() >= before + 40  # both ends are in this process
+        for s in streams[:10]:  # ended by the client
+            s.close()
+        for s in streams[10:15]:  # ended by the server: bytes after a subscribe request
+            s.sendall(b"x")
+        silent = [socket.create_connection(("127.0.0.1", w.port)) for _ in range(5)]  # 408s
+        bad = socket.create_connection(("127.0.0.1", w.port))
+        bad.sendall(b"BREW / HTTP/1.1\r\n\r\n")  # 405
+        assert read_all(bad).startswith(b"HTTP/1.1 405")
+        bad.close()
+        for s in silent:
+            assert read_all(s).startswith(b"HTTP/1.1 408")
+            s.close()
+        for s in streams[10:15]:
+            read_all(s)
+            s.close()
+        wait_for(lambda: w.stats()["conns"] == 5, 5)
+        assert w.call(lambda: len(plane.conns)) == 5
+        for s in streams[15:]:
+            s.close()
+        wait_for(lambda: w.stats()["conns"] == 0, 5)
+        wait_for(lambda: _fds() <= before, 5)
+        assert w.call(lambda: len(plane.conns)) == 0
+
+
+def test_a_drain_reaches_and_closes_every_raw_connection() -> None:
+    w = ThreadWorker(_config()).start()
+    streams = [subscribe(w, "/sub/drain") for _ in range(5)]
+    for s in streams:
+        read_until(s, b"Welcome!")
+    t0 = time.monotonic()
+    w.drain(3.0)
+    for s in streams:
+        data = read_all(s)  # the reconnect hint, then the server's close
+        assert b"reconnect" in data, data
+        s.close()
+    assert time.monotonic() - t0 < 5
+    w.stop()
+
+
+def _config() -> Config:
+    from tests.service.worker_harness import make_config
+
+    return make_config(plane="raw")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--plane", "udp"], "plane: expected uvloop|raw, got 'udp'"),
+        (["--plane", "raw", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "plain HTTP only"),
+    ],
+)
+def test_a_plane_the_service_cannot_run_is_one_line_at_start(args, message) -> None:
+    import subprocess
+    import sys
+
+    from tests.service.worker_harness import ROOT
+
+    r = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
