@@ -21,6 +21,7 @@ A write the kernel does not take whole is dropped there (the floor has no buffer
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import asyncio
 import random
@@ -42,7 +43,7 @@ WELCOME = (
 MESSAGE = b"6\r\nBCAST\n\r\n"
 PING = b"5\r\nping\n\r\n"
 HELD: set[asyncio.BaseTransport] = set()
-RAW: dict[int, socket.socket] = {}  # --raw: the held sockets by descriptor
+RAW: dict[int, _socket.socket] = {}  # --raw: the held sockets by descriptor
 
 
 class Bare(asyncio.Protocol):
@@ -78,7 +79,7 @@ class Raw:
         loop.add_reader(self.epoll.fileno(), self.on_events)
 
     @staticmethod
-    def greet(s: socket.socket) -> bool:
+    def greet(s: _socket.socket) -> bool:
         """Read the head (whatever came) and answer it; False if nothing came yet."""
         try:
             data = s.recv(4096, socket.MSG_DONTWAIT)
@@ -91,6 +92,7 @@ class Raw:
 
     def on_accept(self) -> None:
         accept, register, greet = self.listener._accept, self.epoll.register, self.greet
+        family = self.listener.family
         for _ in range(256):  # then let the loop turn
             try:
                 fd, _ = accept()
@@ -99,7 +101,7 @@ class Raw:
             except OSError as exc:  # EMFILE and the like: the floor just stops taking more
                 print(f"accept: {exc}", flush=True)
                 return
-            s = socket.socket(fileno=fd)
+            s = _socket.socket(family, socket.SOCK_STREAM, 0, fd)  # no detection: 3 syscalls
             try:
                 if not greet(s):
                     self.waiting.add(fd)
