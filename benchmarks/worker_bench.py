@@ -274,11 +274,17 @@ def slab_kb() -> int:
 
 def cpu_s(pids: list[int]) -> float:
     """User + system CPU seconds of these processes (the server's, summed)."""
-    total = 0.0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes (the server's, summed)."""
+    user = system = 0.0
     for pid in pids:
         t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
+        user += t.user
+        system += t.system
+    return user, system
 
 
 def tls_files() -> dict[str, str]:
@@ -355,11 +361,11 @@ def run_once(
         time.sleep(0.5)
         r0 = rss(pids)
         k0 = slab_kb()
-        c0 = cpu_s(pids)
+        u0, s0 = cpu_split(pids)
         t_conn = time.perf_counter()
         clients = start_clients(port, n, k, tls, private, tokens, concurrency)
         connect_s = time.perf_counter() - t_conn
-        c1 = cpu_s(pids)
+        u1, s1 = cpu_split(pids)
         r_ready = rss(pids)
         c_idle0 = cpu_s(pids)
         time.sleep(settle)
@@ -373,7 +379,9 @@ def run_once(
             "rss_per_conn": (r1 - r0) / n,
             # The server's own CPU (user + sys, all its processes) per accepted connection:
             # accept, TLS handshake when on, head parse and token check, welcome write.
-            "cpu_per_accept_us": (c1 - c0) / n * 1e6,
+            "cpu_per_accept_us": (u1 + s1 - u0 - s0) / n * 1e6,
+            # ... of which in the kernel (system time: accept, reads, writes, epoll).
+            "sys_per_accept_us": (s1 - s0) / n * 1e6,
             # Kernel slab per connection pair (both ends are on this machine).
             "kernel_per_conn": (k1 - k0) * 1024 / n,
             # Holding idle: the server's CPU per connection per second (pings every --ping when

@@ -7,9 +7,10 @@ worker needs little of it: a held stream is written to and, once, closed. Here t
 one ``select.epoll`` holding every connection's socket are the only two descriptors the loop
 watches; each connection is its socket, its unsent bytes and two flags (:class:`RawTransport`),
 under the same ``Conn`` protocol object, parser and hub. TCP_NODELAY is set once on the listener
-(accepted sockets inherit it). Measured on one worker at 19,000 (docs/benchmarks.md, "Below
-uvloop's transports"): RSS per held connection 1.42 KB -> 0.46 KB, CPU per accept 0.73x,
-broadcast and pings the same.
+(accepted sockets inherit it). Measured (docs/benchmarks.md, "Below uvloop's transports"): a
+held connection 1.33 -> 0.36 KB of the service's RSS at a million; CPU about the same there, a
+little more per accept and per write with fewer connections (the Python here replaces uvloop's
+C, and saves fewer system calls than it costs).
 
 Only plain HTTP: a TLS worker keeps uvloop's transports (its records go through ``TlsConn``).
 Reloads and takeovers work both ways: a giver on this plane hands its sockets as a uvloop
