@@ -39,6 +39,7 @@ _OUT = select.EPOLLOUT
 _DONTWAIT = socket.MSG_DONTWAIT
 _ACCEPTS_PER_WAKE = 256  # then the loop turns: timers and broadcasts are not starved by a storm
 _EVENTS_PER_WAKE = 4096
+_ACCEPT_RETRY_S = 1.0  # after EMFILE and the like, as asyncio's servers wait
 
 
 class RawTransport:
@@ -229,21 +230,33 @@ class Plane:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # EMFILE, ENOBUFS and the like: what is queued waits for the next wake (the
-                # connection cap answers 503 long before the descriptors run out).
-                log.warning("accept: %s", exc)
+                # EMFILE, ENOBUFS and the like (the connection cap answers 503 long before the
+                # descriptors run out): what is queued waits a second, as asyncio's servers do,
+                # instead of waking this loop again at once for the same error.
+                log.warning("accept: %s; accepting again in %.0f s", exc, _ACCEPT_RETRY_S)
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(_ACCEPT_RETRY_S, self._resume_accepting, listener)
                 return
             # Family, type and protocol given: socket.socket(fileno=) would ask the kernel for
             # each (three getsockopt calls), and its Python __init__ costs as much again.
             s = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+            try:
+                register(fd, _IN)
+            except OSError as exc:  # ENOMEM, or fs.epoll.max_user_watches reached
+                log.warning("cannot watch an accepted connection: %s; closed", exc)
+                s.close()
+                continue
             t = RawTransport(s, self)
             p = t.protocol = factory()
             conns[fd] = t
-            register(fd, _IN)
             p.connection_made(t)  # type: ignore[arg-type]
             if not t.closing and not t.ended:
                 # TCP_DEFER_ACCEPT (--defer-accept): the request is most likely here already.
                 self._read(t)
+
+    def _resume_accepting(self, listener: socket.socket) -> None:
+        if self.sockets and self.sockets[0] is listener:  # not closed or replaced meanwhile
+            self.loop.add_reader(listener.fileno(), self._on_accept)
 
     def _read(self, t: RawTransport) -> None:
         try:

@@ -148,3 +148,33 @@ def test_a_plane_the_service_cannot_run_is_one_line_at_start(args, message) -> N
     )
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_an_accept_error_pauses_accepting_instead_of_spinning(monkeypatch) -> None:
+    """EMFILE (or any accept error but 'nothing queued'): the listener is left alone for
+    _ACCEPT_RETRY_S, then watched again, and a connection queued meanwhile is served."""
+    from service.worker import plane as plane_mod
+
+    monkeypatch.setattr(plane_mod, "_ACCEPT_RETRY_S", 0.3)
+    with running_worker(plane="raw") as w:
+        plane = _plane(w)
+        listener = plane.sockets[0]
+        calls: list[float] = []
+        real = listener._accept  # type: ignore[attr-defined]
+
+        class Listener:  # the real one, whose next accept fails once with EMFILE
+            def __getattr__(self, name: str) -> object:
+                return getattr(listener, name)
+
+            def _accept(self) -> tuple[int, object]:
+                calls.append(time.monotonic())
+                if len(calls) == 1:
+                    raise OSError(24, "Too many open files")
+                return real()
+
+        w.call(lambda: plane.sockets.__setitem__(0, Listener()))
+        s = subscribe(w, "/sub/emfile")
+        data = read_until(s, b"Welcome!")
+        assert data.startswith(b"HTTP/1.1 200 OK"), data
+        assert len(calls) >= 2 and calls[1] - calls[0] >= 0.25, calls  # waited, did not spin
+        s.close()
