@@ -5,7 +5,7 @@ of a held stream's ~1.4 KB), a ``setsockopt`` for TCP_NODELAY, and an entry in a
 ``weakref.WeakValueDictionary`` (the loop's ``_track_transport``), all on the accept path. The
 worker needs little of it: a held stream is written to and, once, closed. Here the listener and
 one ``select.epoll`` holding every connection's socket are the only two descriptors the loop
-watches; each connection is its socket, its unsent bytes and two flags (:class:`RawTransport`),
+watches; each connection is its socket, its unsent bytes and three flags (:class:`RawTransport`),
 under the same ``Conn`` protocol object, parser and hub. TCP_NODELAY is set once on the listener
 (accepted sockets inherit it). Measured (docs/benchmarks.md, "Below uvloop's transports"): a
 held connection 1.33 -> 0.36 KB of the service's RSS at a million; CPU about the same there, a
