@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from service.config import Config
 from service.worker.plane import Plane
 from tests.service.worker_harness import (
     ThreadWorker,
@@ -106,24 +105,17 @@ def test_no_descriptor_or_epoll_entry_outlives_its_connection() -> None:
 
 
 def test_a_drain_reaches_and_closes_every_raw_connection() -> None:
-    w = ThreadWorker(_config()).start()
-    streams = [subscribe(w, "/sub/drain") for _ in range(5)]
-    for s in streams:
-        read_until(s, b"Welcome!")
-    t0 = time.monotonic()
-    w.drain(3.0)
-    for s in streams:
-        data = read_all(s)  # the reconnect hint, then the server's close
-        assert b"reconnect" in data, data
-        s.close()
-    assert time.monotonic() - t0 < 5
-    w.stop()
-
-
-def _config() -> Config:
-    from tests.service.worker_harness import make_config
-
-    return make_config(plane="raw")
+    with running_worker(plane="raw") as w:
+        streams = [subscribe(w, "/sub/drain") for _ in range(5)]
+        for s in streams:
+            read_until(s, b"Welcome!")
+        t0 = time.monotonic()
+        w.drain(3.0)
+        for s in streams:
+            data = read_all(s)  # the reconnect hint, then the server's close
+            assert b"reconnect" in data, data
+            s.close()
+        assert time.monotonic() - t0 < 5
 
 
 @pytest.mark.parametrize(
