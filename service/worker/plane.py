@@ -47,9 +47,9 @@ class RawTransport:
 
     __slots__ = ("sock", "fd", "protocol", "plane", "out", "closing", "ended", "paused")
 
-    def __init__(self, sock: Any, plane: Plane) -> None:
+    def __init__(self, sock: Any, fd: int, plane: Plane) -> None:
         self.sock = sock
-        self.fd: int = sock.fileno()
+        self.fd = fd
         self.plane = plane
         self.protocol: Any = None
         self.out: bytearray | None = None  # what the kernel has not taken yet
@@ -190,14 +190,13 @@ class Plane:
     async def wait_closed(self) -> None:
         return None
 
-    def adopt(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
-        """A connection handed over by the previous worker: its protocol made and told at once."""
+    def adopt(self, sock: socket.socket, protocol: asyncio.Protocol) -> None:
+        """A connection handed over by the previous worker: ``protocol`` is told at once."""
         fd = sock.fileno()
-        t = RawTransport(sock, self)
         self.epoll.register(fd, _IN)  # raises before anything is made for it
-        self.conns[fd] = t
-        p = t.protocol = factory()
-        p.connection_made(t)  # type: ignore[arg-type]
+        t = self.conns[fd] = RawTransport(sock, fd, self)
+        t.protocol = protocol
+        protocol.connection_made(t)  # type: ignore[arg-type]
 
     # -- the transports' side ------------------------------------------------------------------
     def watch(self, t: RawTransport) -> None:
@@ -246,7 +245,7 @@ class Plane:
                 log.warning("cannot watch an accepted connection: %s; closed", exc)
                 s.close()
                 continue
-            t = RawTransport(s, self)
+            t = RawTransport(s, fd, self)
             p = t.protocol = factory()
             conns[fd] = t
             p.connection_made(t)  # type: ignore[arg-type]

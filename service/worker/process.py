@@ -111,6 +111,7 @@ class Worker:
                 "__slots__": (),
                 "hub": self.hub,
                 "limits": limits,
+                "heads": {},
                 "reject_bytes": reject,
                 "busy_bytes": tuple(
                     wire.error_response(
@@ -347,7 +348,7 @@ class Worker:
                 conn = self.protocol_class()
                 ADOPTING[id(conn)] = st
                 try:
-                    plane.adopt(sock, lambda conn=conn: conn)  # type: ignore[misc]
+                    plane.adopt(sock, conn)
                 finally:
                     ADOPTING.pop(id(conn), None)  # connection_made took it, unless it failed
                 made.append(conn)

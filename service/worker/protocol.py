@@ -3,8 +3,9 @@
 A held stream costs: the uvloop transport (~1.2 KB, fixed by uvloop), this object (five slots,
 ~80 bytes with the GC header) and its entry in one hub set. No Task, no timer, no dict, no
 parser per connection: the request head is parsed with :func:`service.worker.http.parse_head` from a
-bytearray that is dropped once the head is in, and every timeout lives in the hub's
-shared deadline table (one timer per worker).
+bytearray that is dropped once the head is in (or, seen before byte for byte, not parsed again:
+``Conn.heads``), and every timeout lives in the hub's shared deadline table (one timer per
+worker).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ _KEEPALIVE = ()  # marks a connection that already served a long-poll (idle clos
 # The deadline token of a stream whose subscriber token expires: one shared object, so a held
 # private stream costs its deadline entry and nothing else (its ``buf`` is otherwise unused).
 _EXPIRES = bytearray()
+# Parsed heads by their bytes (see Conn.heads): at most this many, each at most this long.
+HEADS_MAX = 256
+HEAD_CACHED_MAX = 1024
 # Connections being adopted from the previous worker process (handoff.py), by id, with what
 # they were there; empty except during a reload.
 ADOPTING: dict[int, dict[str, Any]] = {}
@@ -39,6 +43,13 @@ class Conn(asyncio.Protocol):
     limits: ClassVar[Limits]
     reject_bytes: ClassVar[bytes]
     busy_bytes: ClassVar[tuple[bytes, ...]]  # 503s with Retry-After 1..8 s, one picked at random
+    # A head seen before, byte for byte, parses and routes as it did then (both are pure
+    # functions of the bytes and ``limits``): a fleet of one app's clients, or a crash's
+    # reconnecting SSE clients resuming from the same Last-Event-ID, send the same few heads,
+    # and a hit skips ~6 us of parsing per accepted connection (docs/benchmarks.md). Heads that
+    # carry a subscriber token are not kept (one per user, and secrets); when full it starts
+    # over, so junk can only make it miss.
+    heads: ClassVar[dict[bytes, tuple[Request, Route]]]
 
     transport: asyncio.Transport
     state: int
@@ -129,8 +140,15 @@ class Conn(asyncio.Protocol):
         """Called by the transport with bytes from the client."""
         state = self.state
         if state == HEAD:
-            assert self.buf is not None
-            self.buf += data
+            buf = self.buf
+            assert buf is not None
+            if not buf and data.__class__ is bytes:
+                hit = self.heads.get(data)
+                if hit is not None:  # the whole head, seen before
+                    self.buf = None  # no head bytes to keep; its deadline is stale from now
+                    self._begin(hit[0], hit[1], bytearray())
+                    return
+            buf += data
             self._on_head_bytes()
         elif state <= LAST_STREAM:
             # A stream client must only listen; anything it sends ends the stream.
@@ -186,16 +204,25 @@ class Conn(asyncio.Protocol):
             return
         rest = buf[result.head_len :]
         self.buf = None  # frees the head bytes and invalidates its deadline
+        if not rest and len(buf) <= HEAD_CACHED_MAX and r.token is None:
+            heads = self.heads
+            if len(heads) >= HEADS_MAX:
+                heads.clear()
+            heads[bytes(buf)] = (result, r)
+        self._begin(result, r, rest)
+
+    def _begin(self, req: Request, r: Route, rest: bytearray) -> None:
+        """A parsed and routed request: answer a preflight, check its token, start it."""
         hub = self.hub
-        if result.method == "OPTIONS":
-            answer = hub.cors.preflight(result.origin)
+        if req.method == "OPTIONS":
+            answer = hub.cors.preflight(req.origin)
             if isinstance(answer, HttpError):
                 self.fail(answer)
             else:
                 self.transport.write(answer)
                 self.close()
             return
-        cors = hub.cors.headers(result.origin)
+        cors = hub.cors.headers(req.origin)
         expires = 0.0
         tokens = hub.tokens
         if tokens.active and tokens.needs_token(r.channel):
@@ -205,9 +232,9 @@ class Conn(asyncio.Protocol):
                 return
             expires = checked
         if r.kind == "stream":
-            self._start_stream(result, r, rest, cors, expires)
+            self._start_stream(req, r, rest, cors, expires)
         else:
-            self._start_poll(result, r, rest, cors)
+            self._start_poll(req, r, rest, cors)
 
     def _start_stream(
         self, req: Request, r: Route, rest: bytearray, cors: bytes, expires: float

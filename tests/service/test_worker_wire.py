@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from service.contracts import LAG_BOUNDS_MS
+from service.worker.http import Route
+from service.worker.protocol import HEADS_MAX
 from tests.service import worker_harness
 from tests.service.worker_harness import (
     ThreadWorker,
@@ -162,6 +164,54 @@ def test_sse_resume_no_gap_no_duplicate(w: ThreadWorker) -> None:
         assert datas == [b"Welcome!", b"r3", b"r4-all", b"r5"]
         ids = _sse_ids(got)
         assert ids == sorted(ids) and len(set(ids)) == 3 and ids[0] == last + 1
+
+
+def test_a_head_seen_before_is_served_from_the_worker_s_parsed_heads(w: ThreadWorker) -> None:
+    # Reconnecting SSE clients resuming from the same id send the same bytes: the second is
+    # answered from the first one's parse, with the same history replayed.
+    assert w.worker is not None
+    heads = w.worker.protocol_class.heads
+    w.broadcast("h1", channel="hc")
+    last = w.call(lambda: w.worker.hub.last_id)
+    w.broadcast("h2", channel="hc")
+    hdrs = f"Accept: text/event-stream\r\nLast-Event-ID: {last}\r\n"
+    head = f"GET /sub/hc HTTP/1.1\r\nHost: t\r\n{hdrs}\r\n".encode()
+    for _ in range(2):
+        with subscribe(w, "/sub/hc", hdrs) as s:
+            body = dechunk(split_head(read_until(s, b"data: h2\n\n"))[1])
+            assert [ln for ln in body.split(b"\n") if ln.startswith(b"data: ")] == [
+                b"data: Welcome!",
+                b"data: h2",
+            ]
+            assert w.call(lambda: head in heads)
+    # The entry is what a hit uses: pointed elsewhere, the same bytes subscribe there.
+    req, r = w.call(lambda: heads[head])
+    w.call(lambda: heads.__setitem__(head, (req, Route("stream", "hc-moved", sse=True))))
+    try:
+        with subscribe(w, "/sub/hc", hdrs) as s:
+            read_until(s, b"Welcome!")
+            wait_for(lambda: channel_count(w, "hc-moved") == 1)
+            assert channel_count(w, "hc") == 0
+    finally:
+        w.call(lambda: heads.pop(head, None))
+    # Not kept: a head with a subscriber token (one per user, and a secret), one with bytes
+    # after it, one that failed.
+    for path, extra, status in [
+        ("/sub/hc?token=abc", "", None),
+        ("/sub/hc", "\r\nX", 400),
+        ("/sub/bad%20name", "", 400),
+    ]:
+        plain = f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+        with connect(w.port) as s:
+            s.sendall(plain + extra.encode())
+            got = read_until(s, b"Welcome!") if status is None else read_all(s)
+            assert status is None or status_of(got) == status, got[:80]
+            assert not w.call(lambda k=plain: k in heads), path
+    # Bounded: as many distinct heads as it keeps, and one more, leave at most that many.
+    for i in range(HEADS_MAX + 1):
+        got = request(w.port, f"HEAD /sub/hc{i} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        assert status_of(got) == 200
+    assert 0 < w.call(lambda: len(heads)) <= HEADS_MAX
 
 
 def test_sse_resume_query_param(w: ThreadWorker) -> None:
