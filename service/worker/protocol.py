@@ -14,7 +14,7 @@ import asyncio
 import base64
 import random
 import time
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from service.worker import wire
 from service.worker.http import HttpError, Limits, Request, Route, parse_head, route
@@ -30,6 +30,10 @@ _EXPIRES = bytearray()
 # Parsed heads by their bytes (see Conn.heads): at most this many, each at most this long.
 HEADS_MAX = 256
 HEAD_CACHED_MAX = 1024
+# What a head parses to, with what follows from it in this worker alone: the request, its route,
+# its CORS header lines, whether its channel needs a token, and a plain stream's whole welcome
+# (None for SSE, whose retry is drawn per connection, and for anything but a GET stream).
+Head = tuple[Request, Route, bytes, bool, bytes | None]
 # Connections being adopted from the previous worker process (handoff.py), by id, with what
 # they were there; empty except during a reload.
 ADOPTING: dict[int, dict[str, Any]] = {}
@@ -49,7 +53,7 @@ class Conn(asyncio.Protocol):
     # and a hit skips ~6 us of parsing per accepted connection (docs/benchmarks.md). Heads that
     # carry a subscriber token are not kept (one per user, and secrets); when full it starts
     # over, so junk can only make it miss.
-    heads: ClassVar[dict[bytes, tuple[Request, Route]]]
+    heads: ClassVar[dict[bytes, Head]]
 
     transport: asyncio.Transport
     state: int
@@ -62,7 +66,7 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the transport when a connection is accepted."""
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
-        self.transport = transport = cast(asyncio.Transport, transport)
+        self.transport = transport  # type: ignore[assignment]
         self.subs = None
         self.poll = None
         hub = self.hub
@@ -83,23 +87,23 @@ class Conn(asyncio.Protocol):
             self.state = REJECTED
             self.buf = None
             ctr.rejected_total += 1
-            transport.write(self.reject_bytes)
-            transport.close()
+            self.transport.write(self.reject_bytes)
+            self.transport.close()
             return
         if hub.accept_tokens <= 0:
             # Past --accept-rate: come back later, each client at its own time.
             self.state = REJECTED
             self.buf = None
             ctr.rejected_total += 1
-            transport.write(random.choice(self.busy_bytes))
-            transport.close()
+            self.transport.write(random.choice(self.busy_bytes))
+            self.transport.close()
             return
         hub.accept_tokens -= 1
         ctr.conns += 1
         ctr.accepted_total += 1
         self.state = HEAD
         buf = self.buf = bytearray()
-        hub.add_fixed_deadline(self, buf, hub.config.timeout_header)
+        hub.deadlines.add_fixed(self, buf, hub.config.timeout_header)
 
     def _adopt(self, st: dict[str, Any]) -> None:
         """Go on where the previous process left this connection (handoff.py's STATE)."""
@@ -146,7 +150,7 @@ class Conn(asyncio.Protocol):
                 hit = self.heads.get(data)
                 if hit is not None:  # the whole head, seen before
                     self.buf = None  # no head bytes to keep; its deadline is stale from now
-                    self._begin(hit[0], hit[1], bytearray())
+                    self._begin(b"", *hit)
                     return
             buf += data
             self._on_head_bytes()
@@ -204,15 +208,36 @@ class Conn(asyncio.Protocol):
             return
         rest = buf[result.head_len :]
         self.buf = None  # frees the head bytes and invalidates its deadline
+        hub = self.hub
+        tokens = hub.tokens
+        head: Head = (
+            result,
+            r,
+            hub.cors.headers(result.origin),
+            bool(tokens.active and tokens.needs_token(r.channel)),
+            None,
+        )
+        if r.kind == "stream" and not r.sse and result.method == "GET":
+            fmt = wire.fmt_index(False, result.http11)
+            head = head[:4] + (wire.welcome(fmt, 0, head[2]),)
         if not rest and len(buf) <= HEAD_CACHED_MAX and r.token is None:
             heads = self.heads
             if len(heads) >= HEADS_MAX:
                 heads.clear()
-            heads[bytes(buf)] = (result, r)
-        self._begin(result, r, rest)
+            heads[bytes(buf)] = head
+        self._begin(rest, *head)
 
-    def _begin(self, req: Request, r: Route, rest: bytearray) -> None:
-        """A parsed and routed request: answer a preflight, check its token, start it."""
+    def _begin(
+        self,
+        rest: bytes | bytearray,
+        req: Request,
+        r: Route,
+        cors: bytes,
+        needs_token: bool,
+        welcome: bytes | None,
+    ) -> None:
+        """A parsed and routed request (``rest``: bytes after its head): answer a preflight,
+        check its token, start it."""
         hub = self.hub
         if req.method == "OPTIONS":
             answer = hub.cors.preflight(req.origin)
@@ -222,22 +247,26 @@ class Conn(asyncio.Protocol):
                 self.transport.write(answer)
                 self.close()
             return
-        cors = hub.cors.headers(req.origin)
         expires = 0.0
-        tokens = hub.tokens
-        if tokens.active and tokens.needs_token(r.channel):
-            checked = tokens.check(r.channel, r.token)
+        if needs_token:
+            checked = hub.tokens.check(r.channel, r.token)
             if isinstance(checked, HttpError):
                 self.fail(checked, cors)
                 return
             expires = checked
         if r.kind == "stream":
-            self._start_stream(req, r, rest, cors, expires)
+            self._start_stream(req, r, rest, cors, expires, welcome)
         else:
-            self._start_poll(req, r, rest, cors)
+            self._start_poll(req, r, bytearray(rest), cors)
 
     def _start_stream(
-        self, req: Request, r: Route, rest: bytearray, cors: bytes, expires: float
+        self,
+        req: Request,
+        r: Route,
+        rest: bytes | bytearray,
+        cors: bytes,
+        expires: float,
+        welcome: bytes | None,
     ) -> None:
         hub = self.hub
         fmt = wire.fmt_index(r.sse, req.http11)
@@ -251,10 +280,14 @@ class Conn(asyncio.Protocol):
             # clear answer, not a silent close.
             self.fail(HttpError(400, "bytes after a subscribe request"))
             return
-        retry = hub.config.sse_retry_ms
-        # SSE: the reconnect delay a client keeps if the whole service dies, spread over
-        # [retry, 2 * retry) so a crash's reconnects do not all land in the same second.
-        t.write(wire.welcome(fmt, retry + random.randrange(retry or 1) if r.sse else retry, cors))
+        if welcome is None:
+            retry = hub.config.sse_retry_ms
+            # SSE: the reconnect delay a client keeps if the whole service dies, spread over
+            # [retry, 2 * retry) so a crash's reconnects do not all land in the same second.
+            if r.sse:
+                retry += int(random.random() * retry)
+            welcome = wire.welcome(fmt, retry, cors)
+        t.write(welcome)
         if r.sse and r.last_event_id is not None:
             entries, gap, oldest = hub.history_since(r.channel, r.last_event_id)
             if gap:

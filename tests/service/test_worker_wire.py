@@ -184,9 +184,18 @@ def test_a_head_seen_before_is_served_from_the_worker_s_parsed_heads(w: ThreadWo
                 b"data: h2",
             ]
             assert w.call(lambda: head in heads)
+    # A plain stream's welcome is kept with its head, and is the one its HTTP version needs.
+    for ver, chunked in [("1.1", True), ("1.0", False)]:
+        for _ in range(2):
+            with subscribe(w, "/sub/hcp", ver=ver) as s:
+                head_bytes, body = split_head(read_until(s, b"Welcome!\n"))
+                assert (b"Transfer-Encoding: chunked" in head_bytes) is chunked
+                assert (dechunk(body) if chunked else body) == b"Welcome!\n"
     # The entry is what a hit uses: pointed elsewhere, the same bytes subscribe there.
-    req, r = w.call(lambda: heads[head])
-    w.call(lambda: heads.__setitem__(head, (req, Route("stream", "hc-moved", sse=True))))
+    req, r, *more = w.call(lambda: heads[head])
+    assert r.channel == "hc" and r.sse and r.last_event_id == last
+    moved = (req, Route("stream", "hc-moved", sse=True), *more)
+    w.call(lambda: heads.__setitem__(head, moved))
     try:
         with subscribe(w, "/sub/hc", hdrs) as s:
             read_until(s, b"Welcome!")
