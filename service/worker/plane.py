@@ -42,6 +42,13 @@ _EVENTS_PER_WAKE = 4096
 _ACCEPT_RETRY_S = 1.0  # after EMFILE and the like, as asyncio's servers wait
 
 
+def _mask(t: RawTransport) -> int:
+    """What epoll is asked about ``t``: its bytes (unless paused or closing) and room for its
+    unsent ones."""
+    reading = not t.paused and not t.closing
+    return (_IN if reading else 0) | (_OUT if t.out is not None else 0)
+
+
 class RawTransport:
     """One connection: what ``Conn``, the hub and a handoff call of an ``asyncio.Transport``."""
 
@@ -201,11 +208,13 @@ class Plane:
     # -- the transports' side ------------------------------------------------------------------
     def watch(self, t: RawTransport) -> None:
         """Ask epoll for what ``t`` waits for: its bytes (unless paused or closing) and room for
-        its unsent ones. Errors and hang-ups are reported whatever the mask."""
-        reading = not t.paused and not t.closing
-        mask = (_IN if reading else 0) | (_OUT if t.out is not None else 0)
+        its unsent ones. Errors and hang-ups are reported whatever the mask. A connection not
+        registered yet (still in its first step in :meth:`_on_accept`) is registered with
+        what it then waits for."""
+        if self.conns.get(t.fd) is not t:
+            return
         try:
-            self.epoll.modify(t.fd, mask)
+            self.epoll.modify(t.fd, _mask(t))
         except OSError as exc:  # not registered any more: it ended meanwhile
             log.debug("epoll modify of fd %d: %s", t.fd, exc)
 
@@ -239,19 +248,23 @@ class Plane:
             # Family, type and protocol given: socket.socket(fileno=) would ask the kernel for
             # each (three getsockopt calls), and its Python __init__ costs as much again.
             s = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-            try:
-                register(fd, _IN)
-            except OSError as exc:  # ENOMEM, or fs.epoll.max_user_watches reached
-                log.warning("cannot watch an accepted connection: %s; closed", exc)
-                s.close()
-                continue
             t = RawTransport(s, fd, self)
             p = t.protocol = factory()
-            conns[fd] = t
             p.connection_made(t)  # type: ignore[arg-type]
             if not t.closing and not t.ended:
                 # TCP_DEFER_ACCEPT (--defer-accept): the request is most likely here already.
                 self._read(t)
+            if t.ended:
+                continue  # answered and closed at once (a 503, a bad request): never watched
+            # Watched once its first step is over, as its head is read by then: registered
+            # with bytes waiting, it would wake this loop for nothing.
+            try:
+                register(fd, _mask(t))
+            except OSError as exc:  # ENOMEM, or fs.epoll.max_user_watches reached
+                log.warning("cannot watch an accepted connection: %s; closed", exc)
+                t._end(exc)
+                continue
+            conns[fd] = t
 
     def _resume_accepting(self, listener: socket.socket) -> None:
         if self.sockets and self.sockets[0] is listener:  # not closed or replaced meanwhile

@@ -71,6 +71,41 @@ def test_what_the_kernel_does_not_take_is_kept_and_sent_in_order() -> None:
             assert w.stats()["slow_dropped_total"] == 0
 
 
+def test_a_first_answer_the_kernel_does_not_take_at_once_is_sent_once_watched() -> None:
+    # A connection is watched only after its first step (head read, welcome and resumed
+    # history written): what that step could not send must still go out, in order.
+    with running_worker(plane="raw", limit_write_buffer=8 << 20, limit_message_bytes=200_000) as w:
+        first = 0
+        bodies = []
+        for i in range(60):  # ~6 MB of history on a channel nobody listens to yet (the kernel
+            # took ~2.9 MB of it at once here, with tcp_wmem's maximum at 16 MB)
+            bodies.append((b"%03d" % i) * 33_000)
+            w.broadcast(bodies[-1].decode(), channel="big")
+            if i == 0:
+                assert w.worker is not None
+                first = int(w.call(lambda: w.worker.hub.last_id))
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", w.port))
+        with s:
+            s.sendall(
+                f"GET /sub/big?format=sse&last_event_id={first - 1} HTTP/1.0\r\n\r\n".encode()
+            )
+            wait_for(lambda: _unsent(w) > 0)  # kept, and the connection watched for room
+            s.settimeout(10)
+            got = bytearray()
+            deadline = time.monotonic() + 15
+            while not got.endswith(b"data: " + bodies[-1] + b"\n\n"):
+                assert time.monotonic() < deadline, len(got)
+                chunk = s.recv(1 << 20)
+                assert chunk, "closed before everything arrived"
+                got += chunk
+            datas = [ln[6:] for ln in got.split(b"\n") if ln.startswith(b"data: ")]
+            assert datas == [b"Welcome!", *bodies]
+            wait_for(lambda: _unsent(w) == 0, 5)
+            assert w.stats()["conns"] == 1 and w.stats()["slow_dropped_total"] == 0
+
+
 def test_no_descriptor_or_epoll_entry_outlives_its_connection() -> None:
     with running_worker(plane="raw", timeout_header=0.5, defer_accept=0) as w:
         plane = _plane(w)
