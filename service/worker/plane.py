@@ -232,6 +232,7 @@ class Plane:
         listener = self.sockets[0]
         accept, register = listener._accept, self.epoll.register  # type: ignore[attr-defined]
         conns, factory, family = self.conns, self.factory, listener.family
+        accepted = hasattr(factory, "accepted")  # Conn's connection_made + data_received
         for _ in range(_ACCEPTS_PER_WAKE):
             try:
                 fd, _addr = accept()
@@ -250,10 +251,21 @@ class Plane:
             s = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
             t = RawTransport(s, fd, self)
             p = t.protocol = factory()
-            p.connection_made(t)  # type: ignore[arg-type]
-            if not t.closing and not t.ended:
-                # TCP_DEFER_ACCEPT (--defer-accept): the request is most likely here already.
-                self._read(t)
+            # TCP_DEFER_ACCEPT (--defer-accept): the request is most likely here already.
+            try:
+                data = s.recv(65536, _DONTWAIT)
+            except OSError:  # nothing yet, or an error the read below meets again
+                data = b""
+            if data and accepted:
+                p.accepted(t, data)  # type: ignore[attr-defined]
+            else:
+                p.connection_made(t)  # type: ignore[arg-type]
+                if t.closing or t.ended:
+                    pass  # turned away at once (a 503)
+                elif data:
+                    p.data_received(data)
+                else:
+                    self._read(t)  # nothing yet (then epoll says when), its end, or its error
             if t.ended:
                 continue  # answered and closed at once (a 503, a bad request): never watched
             # Watched once its first step is over, as its head is read by then: registered

@@ -34,9 +34,7 @@ from service.config import Config, parse_args, raise_nofile_limit
 from service.contracts import EXIT_BAD_FILES, EXIT_CANNOT_LISTEN, GIVER_TIMEOUT, WorkerStats
 from service.jsonlines import Message, Peer
 from service.proctitle import set_title, worker_comm, worker_title
-from service.worker import wire
 from service.worker.handoff import Receiver, give
-from service.worker.http import Limits
 from service.worker.hub import Hub
 from service.worker.lag import LagSampler
 from service.worker.plane import Plane
@@ -92,35 +90,9 @@ class Worker:
         self._plane: Plane | None = None
         self.titled = False  # a process of its own: its title shows its state (serve() sets it)
         self._tls_class: type[TlsConn] | None = None
-        limits = Limits(
-            request_line=config.limit_request_line,
-            headers_bytes=config.limit_headers_bytes,
-            headers_count=config.limit_headers_count,
-            poll_default=config.timeout_poll_default,
-            poll_max=config.timeout_poll_max,
-        )
-        reject = wire.error_response(
-            503, "over the connection cap, retry later", [("Retry-After", "5")]
-        )
         # A protocol class per worker carries the shared state as class attributes, so each
         # connection object holds only its own five slots.
-        self.protocol_class: type[Conn] = type(
-            "WorkerConn",
-            (Conn,),
-            {
-                "__slots__": (),
-                "hub": self.hub,
-                "limits": limits,
-                "heads": {},
-                "reject_bytes": reject,
-                "busy_bytes": tuple(
-                    wire.error_response(
-                        503, "too many new connections, retry later", [("Retry-After", str(s))]
-                    )
-                    for s in range(1, 9)
-                ),
-            },
-        )
+        self.protocol_class = Conn.subclass_for(self.hub)
         self.receiver: Receiver | None = None  # while taking over from the previous worker
         self._queued: socket.socket | None = None  # listening, not yet accepting (before init)
         self._serve_before_init = True  # False when supervised (start's ``serve``)

@@ -62,9 +62,60 @@ class Conn(asyncio.Protocol):
     # (since, channel, http11, keep_alive, cors header lines)
     poll: tuple[int, str, bool, bool, bytes] | tuple[()] | None
 
+    @classmethod
+    def subclass_for(cls, hub: Hub) -> type[Conn]:
+        """The class of one worker's connections: ``hub`` and what follows from its
+        configuration bound as class attributes, with an empty ``heads``."""
+        cfg = hub.config
+        limits = Limits(
+            request_line=cfg.limit_request_line,
+            headers_bytes=cfg.limit_headers_bytes,
+            headers_count=cfg.limit_headers_count,
+            poll_default=cfg.timeout_poll_default,
+            poll_max=cfg.timeout_poll_max,
+        )
+        busy = "too many new connections, retry later"
+        return type(
+            "WorkerConn",
+            (cls,),
+            {
+                "__slots__": (),
+                "hub": hub,
+                "limits": limits,
+                "heads": {},
+                "reject_bytes": wire.error_response(
+                    503, "over the connection cap, retry later", [("Retry-After", "5")]
+                ),
+                "busy_bytes": tuple(
+                    wire.error_response(503, busy, [("Retry-After", str(s))]) for s in range(1, 9)
+                ),
+            },
+        )
+
     # -- Protocol interface ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the transport when a connection is accepted."""
+        if self._admitted(transport):
+            buf = self.buf = bytearray()  # _await_head, inline: once per accept
+            self.hub.deadlines.add_fixed(self, buf, self.hub.config.timeout_header)
+
+    def accepted(self, transport: asyncio.BaseTransport, data: bytes) -> None:
+        """``connection_made`` and ``data_received(data)`` in one step, for a plane that read
+        the first bytes before making the protocol (``--plane raw``): a head seen before
+        (``heads``) then costs neither a buffer nor a deadline."""
+        if not self._admitted(transport):
+            return
+        hit = self.heads.get(data)
+        if hit is None:
+            self._await_head()
+            self.data_received(data)
+        else:
+            self.buf = None
+            self._begin(b"", *hit)
+
+    def _admitted(self, transport: asyncio.BaseTransport) -> bool:
+        """Take a new connection in (state HEAD, counted) unless it is turned away (a 503) or
+        is one handed over by the previous worker (made here as it was there)."""
         # uvloop's TCPTransport implements asyncio.Transport without subclassing it.
         self.transport = transport  # type: ignore[assignment]
         self.subs = None
@@ -81,7 +132,7 @@ class Conn(asyncio.Protocol):
             self._adopt(ADOPTING.pop(id(self)))
             if hub.draining:  # stopping while it came: told to reconnect, as the rest are
                 hub.drain_streams([self])
-            return
+            return False
         if ctr.conns >= hub.cap or hub.draining:
             # Over the cap: answer before reading anything, so a flood costs no parsing.
             self.state = REJECTED
@@ -89,7 +140,7 @@ class Conn(asyncio.Protocol):
             ctr.rejected_total += 1
             self.transport.write(self.reject_bytes)
             self.transport.close()
-            return
+            return False
         if hub.accept_tokens <= 0:
             # Past --accept-rate: come back later, each client at its own time.
             self.state = REJECTED
@@ -97,13 +148,17 @@ class Conn(asyncio.Protocol):
             ctr.rejected_total += 1
             self.transport.write(random.choice(self.busy_bytes))
             self.transport.close()
-            return
+            return False
         hub.accept_tokens -= 1
         ctr.conns += 1
         ctr.accepted_total += 1
         self.state = HEAD
+        return True
+
+    def _await_head(self) -> None:
+        """An empty head buffer, and the deadline for the head to arrive."""
         buf = self.buf = bytearray()
-        hub.deadlines.add_fixed(self, buf, hub.config.timeout_header)
+        self.hub.deadlines.add_fixed(self, buf, self.hub.config.timeout_header)
 
     def _adopt(self, st: dict[str, Any]) -> None:
         """Go on where the previous process left this connection (handoff.py's STATE)."""

@@ -13,7 +13,6 @@ import pytest
 
 from service.worker import hub as hub_module
 from service.worker import wire
-from service.worker.http import Limits
 from service.worker.hub import Hub
 from service.worker.protocol import Conn
 from service.worker.states import DONE, PLAIN_CHUNKED, PLAIN_RAW, SSE_CHUNKED, SSE_RAW
@@ -65,30 +64,7 @@ class Bench:
         self.loop = asyncio.new_event_loop()
         self.config = make_config(**overrides)
         self.hub = Hub(self.config, self.loop)
-        limits = Limits(
-            request_line=self.config.limit_request_line,
-            headers_bytes=self.config.limit_headers_bytes,
-            headers_count=self.config.limit_headers_count,
-            poll_default=self.config.timeout_poll_default,
-            poll_max=self.config.timeout_poll_max,
-        )
-        self.conn_class = cast(
-            type[Conn],
-            type(
-                "TestConn",
-                (Conn,),
-                {
-                    "__slots__": (),
-                    "hub": self.hub,
-                    "limits": limits,
-                    "reject_bytes": wire.error_response(503, "over the connection cap"),
-                    "busy_bytes": tuple(
-                        wire.error_response(503, "busy", [("Retry-After", str(s))])
-                        for s in range(1, 9)
-                    ),
-                },
-            ),
-        )
+        self.conn_class = Conn.subclass_for(self.hub)  # the worker's own, as it binds it
 
     def connect(self, request: bytes | None = None) -> tuple[Conn, FakeTransport]:
         conn = self.conn_class()

@@ -106,6 +106,26 @@ def test_a_first_answer_the_kernel_does_not_take_at_once_is_sent_once_watched() 
             assert w.stats()["conns"] == 1 and w.stats()["slow_dropped_total"] == 0
 
 
+def test_past_the_cap_a_request_read_with_its_accept_is_answered_503_and_never_watched() -> None:
+    with running_worker(plane="raw", limit_connections=2) as w:
+        plane = _plane(w)
+        held = [subscribe(w, "/sub/cap") for _ in range(2)]
+        try:
+            for s in held:
+                read_until(s, b"Welcome!")
+            for _ in range(3):
+                s = subscribe(w, "/sub/cap")  # its head is read with its accept (defer-accept)
+                with s:
+                    got = read_all(s)
+                assert got.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 5" in got, got[:80]
+            assert w.call(lambda: len(plane.conns)) == 2
+            stats = w.stats()
+            assert stats["conns"] == 2 and stats["rejected_total"] == 3
+        finally:
+            for s in held:
+                s.close()
+
+
 def test_no_descriptor_or_epoll_entry_outlives_its_connection() -> None:
     with running_worker(plane="raw", timeout_header=0.5, defer_accept=0) as w:
         plane = _plane(w)
