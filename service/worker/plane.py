@@ -7,10 +7,15 @@ worker needs little of it: a held stream is written to and, once, closed. Here t
 one ``select.epoll`` holding every connection's socket are the only two descriptors the loop
 watches; each connection is its socket, its unsent bytes and three flags (:class:`RawTransport`),
 under the same ``Conn`` protocol object, parser and hub. TCP_NODELAY is set once on the listener
-(accepted sockets inherit it). Measured (docs/benchmarks.md, "Below uvloop's transports"): a
-held connection 1.33 -> 0.36 KB of the service's RSS at a million; CPU about the same there, a
-little more per accept and per write with fewer connections (the Python here replaces uvloop's
-C, and saves fewer system calls than it costs).
+(accepted sockets inherit it). A new connection's first bytes are read with its accept (the
+request is there: TCP_DEFER_ACCEPT) and given to ``Conn.accepted``, and only then is it
+registered with the epoll, for what it still waits for: a head seen before costs no buffer and
+no deadline, and a connection answered and closed at once (a 503) is never watched. Measured
+(docs/benchmarks.md, "Below uvloop's transports" and "A head seen before"): a held connection
+1.33 -> 0.36 KB of the service's RSS at a million; CPU per accept within ~10 % of the raw floor
+(``benchmarks/bare_server.py --raw``) at 19,000 on one worker, below uvloop's; CPU per write
+about the same at a million and a little more with fewer connections (two Python method calls
+replace uvloop's C).
 
 Only plain HTTP: a TLS worker keeps uvloop's transports (its records go through ``TlsConn``).
 Reloads and takeovers work both ways: a giver on this plane hands its sockets as a uvloop
