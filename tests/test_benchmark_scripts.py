@@ -75,6 +75,19 @@ def test_every_benchmark_option_says_what_it_does(script):
     assert _options_without_help(r.stdout) == [], r.stdout
 
 
+def test_conn_path_times_both_paths_and_names_a_head_that_is_not_a_stream():
+    r = benchmark("conn_path.py", "--n", "300", "--rounds", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["connection_made + data_received", "accepted"]
+    assert all(float(line.split("median ")[1].split(" ")[0]) > 0 for line in lines), lines
+    r = benchmark(
+        "conn_path.py", "--n", "5", "--head", "GET /nope HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n"
+    )
+    assert r.returncode == 1
+    assert "the head was not answered with a stream" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_wakeup_price_measures_and_refuses_a_zero_interval():
     r = benchmark("wakeup_price.py", "--seconds", "0.3", "--interval", "0.05")
     assert r.returncode == 0, r.stderr
