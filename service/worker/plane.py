@@ -12,10 +12,10 @@ request is there: TCP_DEFER_ACCEPT) and given to ``Conn.accepted``, and only the
 registered with the epoll, for what it still waits for: a head seen before costs no buffer and
 no deadline, and a connection answered and closed at once (a 503) is never watched. Measured
 (docs/benchmarks.md, "Below uvloop's transports" and "A head seen before"): a held connection
-1.33 -> 0.36 KB of the service's RSS at a million; CPU per accept within ~10 % of the raw floor
-(``benchmarks/bare_server.py --raw``) at 19,000 on one worker, below uvloop's; CPU per write
-about the same at a million and a little more with fewer connections (two Python method calls
-replace uvloop's C).
+1.33 -> 0.36 KB of the service's RSS at a million; CPU per accept 1.06x the raw floor's
+(``benchmarks/bare_server.py --raw``) and below uvloop's at 19,000 on one worker, about as
+much as uvloop's with 6 workers at 100,000; CPU per write about the same at a million and a
+little more with fewer connections (two Python method calls replace uvloop's C).
 
 Only plain HTTP: a TLS worker keeps uvloop's transports (its records go through ``TlsConn``).
 Reloads and takeovers work both ways: a giver on this plane hands its sockets as a uvloop
@@ -273,8 +273,8 @@ class Plane:
                     self._read(t)  # nothing yet (then epoll says when), its end, or its error
             if t.ended:
                 continue  # answered and closed at once (a 503, a bad request): never watched
-            # Watched once its first step is over, as its head is read by then: registered
-            # with bytes waiting, it would wake this loop for nothing.
+            # Watched once its first step is over, for what it then waits for: one answered
+            # and closed at once (a 503 in a storm, a bad request) costs no epoll_ctl at all.
             try:
                 register(fd, _mask(t))
             except OSError as exc:  # ENOMEM, or fs.epoll.max_user_watches reached
