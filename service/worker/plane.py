@@ -35,7 +35,7 @@ import logging
 import select
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("comet.worker")
 
@@ -52,6 +52,17 @@ def _mask(t: RawTransport) -> int:
     unsent ones."""
     reading = not t.paused and not t.closing
     return (_IN if reading else 0) | (_OUT if t.out is not None else 0)
+
+
+class Accepting(Protocol):
+    """What this plane asks of a connection's protocol object (the worker's ``Conn``): an
+    ``asyncio.Protocol`` that can also be given its first bytes with the accept."""
+
+    def connection_made(self, transport: Any) -> None: ...
+    def accepted(self, transport: Any, data: bytes) -> None: ...
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> bool | None: ...
+    def connection_lost(self, exc: Exception | None) -> None: ...
 
 
 class RawTransport:
@@ -173,13 +184,13 @@ class Plane:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.sockets: list[socket.socket] = []
-        self.factory: Callable[[], asyncio.Protocol] | None = None
+        self.factory: Callable[[], Accepting] | None = None
         self.epoll = select.epoll()
         self.conns: dict[int, RawTransport] = {}
         loop.add_reader(self.epoll.fileno(), self._on_events)
 
     # -- what the worker asks of a server ------------------------------------------------------
-    def listen(self, listener: socket.socket, factory: Callable[[], asyncio.Protocol]) -> None:
+    def listen(self, listener: socket.socket, factory: Callable[[], Accepting]) -> None:
         """Accept on ``listener`` (listening already): each connection gets ``factory()``."""
         self.close()
         listener.setblocking(False)
@@ -237,7 +248,6 @@ class Plane:
         listener = self.sockets[0]
         accept, register = listener._accept, self.epoll.register  # type: ignore[attr-defined]
         conns, factory, family = self.conns, self.factory, listener.family
-        accepted = hasattr(factory, "accepted")  # Conn's connection_made + data_received
         for _ in range(_ACCEPTS_PER_WAKE):
             try:
                 fd, _addr = accept()
@@ -261,15 +271,11 @@ class Plane:
                 data = s.recv(65536, _DONTWAIT)
             except OSError:  # nothing yet, or an error the read below meets again
                 data = b""
-            if data and accepted:
-                p.accepted(t, data)  # type: ignore[attr-defined]
+            if data:
+                p.accepted(t, data)  # connection_made + data_received in one step
             else:
-                p.connection_made(t)  # type: ignore[arg-type]
-                if t.closing or t.ended:
-                    pass  # turned away at once (a 503)
-                elif data:
-                    p.data_received(data)
-                else:
+                p.connection_made(t)
+                if not (t.closing or t.ended):  # not turned away at once (a 503)
                     self._read(t)  # nothing yet (then epoll says when), its end, or its error
             if t.ended:
                 continue  # answered and closed at once (a 503, a bad request): never watched

@@ -96,22 +96,15 @@ class Conn(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Called by the transport when a connection is accepted."""
         if self._admitted(transport):
-            buf = self.buf = bytearray()  # _await_head, inline: once per accept
-            self.hub.deadlines.add_fixed(self, buf, self.hub.config.timeout_header)
+            self._await_head()
 
     def accepted(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         """``connection_made`` and ``data_received(data)`` in one step, for a plane that read
         the first bytes before making the protocol (``--plane raw``): a head seen before
         (``heads``) then costs neither a buffer nor a deadline."""
-        if not self._admitted(transport):
-            return
-        hit = self.heads.get(data)
-        if hit is None:
-            self._await_head()
-            self.data_received(data)
-        else:
-            self.buf = None
-            self._begin(b"", *hit)
+        if self._admitted(transport) and not self._from_heads(data):
+            self._await_head().extend(data)
+            self._on_head_bytes()
 
     def _admitted(self, transport: asyncio.BaseTransport) -> bool:
         """Take a new connection in (state HEAD, counted) unless it is turned away (a 503) or
@@ -155,10 +148,20 @@ class Conn(asyncio.Protocol):
         self.state = HEAD
         return True
 
-    def _await_head(self) -> None:
+    def _from_heads(self, data: bytes) -> bool:
+        """Begin at once if ``data`` is a whole head seen before (``heads``); else False."""
+        hit = self.heads.get(data)
+        if hit is None:
+            return False
+        self.buf = None  # no head bytes to keep; a head deadline set is stale from now
+        self._begin(b"", *hit)
+        return True
+
+    def _await_head(self) -> bytearray:
         """An empty head buffer, and the deadline for the head to arrive."""
         buf = self.buf = bytearray()
         self.hub.deadlines.add_fixed(self, buf, self.hub.config.timeout_header)
+        return buf
 
     def _adopt(self, st: dict[str, Any]) -> None:
         """Go on where the previous process left this connection (handoff.py's STATE)."""
@@ -201,12 +204,8 @@ class Conn(asyncio.Protocol):
         if state == HEAD:
             buf = self.buf
             assert buf is not None
-            if not buf and data.__class__ is bytes:
-                hit = self.heads.get(data)
-                if hit is not None:  # the whole head, seen before
-                    self.buf = None  # no head bytes to keep; its deadline is stale from now
-                    self._begin(b"", *hit)
-                    return
+            if not buf and data.__class__ is bytes and self._from_heads(data):
+                return
             buf += data
             self._on_head_bytes()
         elif state <= LAST_STREAM:
