@@ -24,6 +24,13 @@ clients share the cores: the wall time is the server's CPU plus what the schedul
 the clients costs it, and the server's CPU per broadcast compares the two servers' own work.
 ``--pin`` puts the server's processes on CPU 0 and the clients on the others after the ramp,
 which takes the placement out.
+
+``--before DIR`` adds a third server to every round: comet-service from another checkout (a
+``git worktree`` of an earlier commit), so a change is compared with the code before it and with
+Nchan in one sitting. The summary then also gives that code's ratio to Nchan and ours to it.
+
+    git worktree add /tmp/before REV
+    .venv/bin/python benchmarks/nchan_compare.py --conns 18000 --workers 1 --before /tmp/before
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -154,8 +162,15 @@ def _pin(pids: list[int], cpus: set[int]) -> None:
 
 
 def one_run(
-    kind: str, tmp: Path, conns: int, workers: int, procs: int, pin: bool = False
+    kind: str,
+    tmp: Path,
+    conns: int,
+    workers: int,
+    procs: int,
+    pin: bool = False,
+    code: Path | None = None,
 ) -> dict[str, float]:
+    """One server of ``kind`` ("nchan", "comet", or "before": comet-service from ``code``)."""
     port = free_port()
     nofile = 20_000
     server: Nchan | Service
@@ -163,7 +178,10 @@ def one_run(
         server = Nchan(tmp, port, workers, nofile)
         path, welcome = "/sub", ""  # Nchan greets no one: its response head is the sign
     else:
-        server = Service(tmp, "--workers", str(workers), "--ping-interval", "60", port=port)
+        code = code if kind == "before" else None
+        server = Service(
+            tmp, "--workers", str(workers), "--ping-interval", "60", port=port, code=code
+        )
         server.wait_up(workers, 120)
         path, welcome = "/", "Welcome!"
     clients = None
@@ -218,9 +236,18 @@ def main() -> None:
         action="store_true",
         help="after the ramp, the server's processes on CPU 0 and the clients on the others",
     )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="a third server in every round: comet-service from the checkout DIR (the code "
+        "before a change)",
+    )
     args = ap.parse_args()
     if args.conns < 1 or args.runs < 1 or args.workers < 0 or args.clients < 0:
         ap.error("--conns and --runs must be 1 or more, --workers and --clients 0 or more")
+    if args.before is not None and not (args.before / "service" / "__main__.py").is_file():
+        ap.error(f"--before {args.before}: no service package there (service/__main__.py)")
     ensure_nchan()
     from loadgen.bench.report import cpu_model
     from service.config import Config
@@ -229,15 +256,15 @@ def main() -> None:
     procs = args.clients or max(1, -(-args.conns // 17_000))
     if args.pin and (os.cpu_count() or 1) < 2:
         sys.exit("--pin needs two CPUs or more")
-    results: dict[str, list[float]] = {"comet": [], "nchan": []}
-    cpu: dict[str, dict[str, list[float]]] = {
-        k: {"server": [], "clients": []} for k in ("comet", "nchan")
-    }
+    kinds = ["nchan", "comet"] + (["before"] if args.before is not None else [])
+    results: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, dict[str, list[float]]] = {k: {"server": [], "clients": []} for k in kinds}
     for i in range(args.runs):
-        for kind in ("nchan", "comet") if i % 2 == 0 else ("comet", "nchan"):
+        # Each round in another order: none of the servers always runs first or last.
+        for kind in kinds[i % len(kinds) :] + kinds[: i % len(kinds)]:
             tmp = Path(tempfile.mkdtemp(prefix=f"nchan-compare-{kind}-"))
             try:
-                r = one_run(kind, tmp, args.conns, workers, procs, args.pin)
+                r = one_run(kind, tmp, args.conns, workers, procs, args.pin, args.before)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             results[kind].append(r["last_delivery_s"])
@@ -250,6 +277,13 @@ def main() -> None:
             )
     med = {k: statistics.median(v) for k, v in results.items()}
     cpu_med = {k: {w: statistics.median(v) for w, v in d.items()} for k, d in cpu.items()}
+    before: dict[str, Any] = {}
+    if args.before is not None:
+        before = {
+            "before": str(args.before),
+            "ratio_before_to_nchan": round(med["before"] / med["nchan"], 2),
+            "ratio_comet_to_before": round(med["comet"] / med["before"], 2),
+        }
     print(
         json.dumps(
             {
@@ -267,6 +301,7 @@ def main() -> None:
                 "server_cpu_ratio_comet_to_nchan": round(
                     cpu_med["comet"]["server"] / cpu_med["nchan"]["server"], 2
                 ),
+                **before,
             }
         )
     )

@@ -54,6 +54,12 @@ def test_nchan_compare_refuses_a_count_it_cannot_run(bad):
     assert "--conns and --runs must be 1 or more" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_nchan_compare_refuses_a_before_without_the_service(tmp_path):
+    r = benchmark("nchan_compare.py", "--before", str(tmp_path))
+    assert r.returncode == 2
+    assert f"--before {tmp_path}: no service package there" in r.stderr, r.stderr
+
+
 def _options_without_help(usage: str) -> list[str]:
     """The options in argparse's ``--help`` output that have no text after them."""
     lines = usage.split("\n")
