@@ -105,6 +105,21 @@ def test_wakeup_price_measures_and_refuses_a_zero_interval():
     assert "every --interval must be above 0" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_wakeup_price_measures_processes_side_by_side_on_one_grid():
+    r = benchmark(
+        *("wakeup_price.py", "--seconds", "0.5", "--interval", "0.05", "--processes", "3"),
+        "--grid",
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(" every")[0].strip() for line in lines] == ["time.sleep", "uvloop timer"]
+    for line in lines:  # the median of three, and their range
+        low, high = line.split("(")[1].split(")")[0].split("-")
+        assert 0 < float(low) <= float(line.split(":")[1].split("µs")[0]) <= float(high), line
+    r = benchmark("wakeup_price.py", "--processes", "0")
+    assert r.returncode == 2 and "--processes must be 1 or more" in r.stderr
+
+
 @pytest.mark.parametrize("mode", [[], ["--raw", "--defer-accept", "1"]], ids=["uvloop", "raw"])
 def test_the_floor_greets_broadcasts_to_and_forgets_its_connections(mode):
     """bare_server.py, with uvloop transports or bare sockets in one epoll (--raw): each client
