@@ -498,8 +498,8 @@ def main() -> None:
         "worker (raw; plain HTTP only)",
     )
     args = ap.parse_args()
-    if args.workers < 1:
-        ap.error("--workers must be at least 1")
+    if args.workers < 1 or args.n < 1 or args.clients < 1 or args.runs < 1:
+        ap.error("--n, --clients, --runs and --workers must be at least 1")
     if args.plane == "raw" and args.tls:
         ap.error("--plane raw holds plain HTTP only (no --tls)")
     if args.ping and args.settle < 2 * args.ping:

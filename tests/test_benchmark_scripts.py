@@ -186,3 +186,30 @@ def test_worker_bench_runs_the_worker_on_bare_sockets():
     assert "comet MEDIAN of 1 (n=300)" in r.stdout, r.stdout
     r = benchmark("worker_bench.py", "--plane", "raw", "--tls")
     assert r.returncode == 2 and "--plane raw holds plain HTTP only" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bad", [("--n", "0"), ("--clients", "0"), ("--runs", "0")])
+def test_worker_bench_refuses_a_count_it_cannot_run(bad):
+    r = benchmark("worker_bench.py", *bad)
+    assert r.returncode == 2, r.stdout[-1000:] + r.stderr[-1000:]
+    assert "--n, --clients, --runs and --workers must be at least 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_idle_cost_reads_each_process_of_a_service_holding_nothing():
+    """idle_cost.py: the supervisor and every worker of a service with no connections ran on a
+    CPU over the window (each samples its loop's lag and answers for stats), the total is their
+    sum; a bad window is refused."""
+    r = benchmark(
+        "idle_cost.py", *("--workers", "2", "--seconds", "1.5", "--settle", "0.5"), timeout=120
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = dict(line.split(":", 1) for line in r.stdout.splitlines())
+    sup = float(lines["supervisor"].split("ms")[0])
+    workers = float(lines["workers"].split("ms")[0])
+    total = float(lines["total"].split("ms")[0])
+    assert sup > 0 and workers > 0, r.stdout
+    assert abs(total - sup - workers) < 0.02, r.stdout
+    assert "2 workers, no connections" in lines["cpu"], r.stdout
+    r = benchmark("idle_cost.py", "--seconds", "0")
+    assert r.returncode == 2 and "--seconds above 0" in r.stderr and "Traceback" not in r.stderr
