@@ -40,7 +40,11 @@ def _fds() -> int:
 
 
 def test_what_the_kernel_does_not_take_is_kept_and_sent_in_order() -> None:
-    with running_worker(plane="raw", limit_write_buffer=4 << 20, limit_message_bytes=200_000) as w:
+    # No ping within the test (the harness pings every 0.2 s): one written after the last
+    # message would leave the stream ending with it, and the loop below waiting for its end.
+    with running_worker(
+        plane="raw", limit_write_buffer=4 << 20, limit_message_bytes=200_000, ping_interval=60
+    ) as w:
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect(("127.0.0.1", w.port))
@@ -59,13 +63,13 @@ def test_what_the_kernel_does_not_take_is_kept_and_sent_in_order() -> None:
             s.settimeout(10)
             got = bytearray()
             want = b"".join(sent)
-            deadline = time.monotonic() + 15  # pings keep coming: recv alone never times out
+            deadline = time.monotonic() + 15
             while not got.endswith(want[-100:]) or len(got) < len(want):
                 assert time.monotonic() < deadline, (len(got), len(want))
                 chunk = s.recv(1 << 20)
                 assert chunk, "closed before everything arrived"
                 got += chunk
-            # Pings (every 0.2 s) may fall between messages, never inside one.
+            # A ping (none is due before 3 s) may fall between messages, never inside one.
             assert got.replace(b"ping\n", b"") == want
             wait_for(lambda: _unsent(w) == 0, 5)
             assert w.stats()["slow_dropped_total"] == 0
@@ -74,7 +78,11 @@ def test_what_the_kernel_does_not_take_is_kept_and_sent_in_order() -> None:
 def test_a_first_answer_the_kernel_does_not_take_at_once_is_sent_once_watched() -> None:
     # A connection is watched only after its first step (head read, welcome and resumed
     # history written): what that step could not send must still go out, in order.
-    with running_worker(plane="raw", limit_write_buffer=8 << 20, limit_message_bytes=200_000) as w:
+    # No ping within the test (the harness pings every 0.2 s): one written meanwhile would be
+    # queued after the history, and the stream would no longer end with the last body.
+    with running_worker(
+        plane="raw", limit_write_buffer=8 << 20, limit_message_bytes=200_000, ping_interval=60
+    ) as w:
         first = 0
         bodies = []
         for i in range(60):  # ~6 MB of history on a channel nobody listens to yet (the kernel
@@ -94,12 +102,15 @@ def test_a_first_answer_the_kernel_does_not_take_at_once_is_sent_once_watched() 
             wait_for(lambda: _unsent(w) > 0)  # kept, and the connection watched for room
             s.settimeout(10)
             got = bytearray()
+            last = b"data: " + bodies[-1] + b"\n\n"
             deadline = time.monotonic() + 15
-            while not got.endswith(b"data: " + bodies[-1] + b"\n\n"):
+            while True:  # until the last body has come, whatever follows it
                 assert time.monotonic() < deadline, len(got)
                 chunk = s.recv(1 << 20)
                 assert chunk, "closed before everything arrived"
                 got += chunk
+                if last in got[-(len(last) + len(chunk)) :]:
+                    break
             datas = [ln[6:] for ln in got.split(b"\n") if ln.startswith(b"data: ")]
             assert datas == [b"Welcome!", *bodies]
             wait_for(lambda: _unsent(w) == 0, 5)
