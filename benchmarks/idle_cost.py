@@ -9,12 +9,14 @@ This is the fixed part of every "holding" figure (``worker_bench.py``'s
 wake-up: ``wakeup_price.py``), its stats answer once a second, and the supervisor's frame (the
 workers' stats and /proc readings) once a second. The floor (``bare_server.py``) has none of it, so
 at 100,000 connections on 6 workers this part alone sets much of the service's ratio to the floor.
-Prints one line per process kind and the total, in ms of CPU a second.
+Prints one line per process kind and the total, in ms of CPU a second, and how long the
+supervisor took to build a frame (``frame_ms``, from its CSV log).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import statistics
 import sys
@@ -28,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's shared helpers
 
 from tests.support.service import Service, ran_ns  # noqa: E402
+
+
+def frame_times(log_dir: Path, seconds: float) -> list[float]:
+    """``frame_ms`` of the frames of the last ``seconds`` (the supervisor's CSV log)."""
+    rows: list[dict[str, str]] = []
+    for path in sorted(log_dir.glob("*.csv")):
+        with open(path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    return [float(r["frame_ms"]) for r in rows[-int(seconds) :] if r.get("frame_ms")]
 
 
 def main() -> None:
@@ -56,12 +67,14 @@ def main() -> None:
             time.sleep(args.seconds)
             after = {pid: ran_ns([pid]) for pid in before}
             span = time.monotonic() - t0
+            frame_ms = frame_times(svc.log_dir, args.seconds)
         finally:
             svc.stop()
     ms = {pid: (after[pid] - before[pid]) / 1e6 / span for pid in before}
     per_worker = [ms[pid] for pid in workers]
     print(f"cpu: {cpu_model()}, {os.cpu_count()} CPUs; {args.workers} workers, no connections")
-    print(f"supervisor: {ms[sup]:6.2f} ms of CPU a second")
+    frame = f"{statistics.median(frame_ms):.2f} ms (median)" if frame_ms else "not logged"
+    print(f"supervisor: {ms[sup]:6.2f} ms of CPU a second; building a frame took {frame}")
     print(
         f"workers:    {sum(per_worker):6.2f} ms of CPU a second in all, "
         f"{statistics.median(per_worker):.2f} each (median; "
