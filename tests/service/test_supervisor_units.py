@@ -326,3 +326,61 @@ def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_every_slot_fr
         assert not sup._reloading
 
     asyncio.run(go())
+
+
+def test_a_frame_reads_each_worker_s_cpu_rss_and_limit_and_lets_go_of_one_that_ended() -> None:
+    """The frame's per-worker figures come from each process's /proc/PID/stat, kept open and
+    read again every frame: a process spinning shows most of a CPU, a sleeping one little; the
+    RSS is the kernel's (psutil's); the descriptor limit is the process's own. A process that
+    ended is read as nothing and its /proc descriptor is closed."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from service.supervisor.frames import FrameBuilder, WorkerView
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    rest = subprocess.Popen(
+        [sys.executable, "-c", "import resource, time; time.sleep(60)"],
+        preexec_fn=lambda: __import__("resource").setrlimit(
+            __import__("resource").RLIMIT_NOFILE, (1234, 1234)
+        ),
+    )
+    try:
+        frames = FrameBuilder(target_connections=10, node_id="n")
+
+        def views() -> list[WorkerView]:
+            return [
+                WorkerView(index=i, pid=p.pid, state="up", stats=None)
+                for i, p in enumerate((spin, rest))
+            ]
+
+        own_fds = len(os.listdir("/proc/self/fd"))
+        time.sleep(0.3)  # both past their start-up (imports are CPU too)
+        frames.build(views(), None)  # the first reading of each: no share yet
+        time.sleep(1.0)
+        frame = frames.build(views(), None)
+        busy, idle = frame["workers"]
+        assert busy["cpu_percent"] > 30, frame["workers"]
+        assert idle["cpu_percent"] < 10, frame["workers"]
+        for row in (busy, idle):
+            real = psutil.Process(row["pid"]).memory_info().rss
+            assert abs(row["rss_bytes"] - real) < max(real // 10, 1 << 20), (row, real)
+        own = psutil.Process().rlimit(psutil.RLIMIT_NOFILE)[0]
+        spin_limit = psutil.Process(spin.pid).rlimit(psutil.RLIMIT_NOFILE)[0]
+        assert frame["system"]["fds"]["limit"] == own + spin_limit + 1234, frame["system"]
+        assert len(os.listdir("/proc/self/fd")) == own_fds + 2  # one /proc/PID/stat each
+
+        spin.kill()
+        spin.wait()
+        frame = frames.build(views(), None)  # still in its slot's view, gone from /proc
+        assert frame["workers"][0]["rss_bytes"] == 0, frame["workers"]
+        assert frame["workers"][0]["cpu_percent"] == 0, frame["workers"]
+        assert frame["system"]["fds"]["limit"] == own + 1234, frame["system"]
+        assert len(os.listdir("/proc/self/fd")) == own_fds + 1  # its descriptor closed
+    finally:
+        for p in (spin, rest):
+            p.kill()
+            p.wait()
