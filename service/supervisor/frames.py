@@ -1,7 +1,7 @@
 """The 1 Hz FRAME of docs/architecture.md: worker numbers plus process and host numbers.
 
 Everything here reads /proc or psutil and is cheap enough to run once a second with dozens of
-workers (each worker's /proc/PID/stat is kept open and read with one ``pread``: :class:`ProcStat`);
+workers (each worker's CPU and RSS from one read of its /proc/PID/stat: :class:`ProcStat`);
 ``frame_ms`` in the frame says how long it actually took.
 """
 
@@ -64,34 +64,38 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class ProcStat:
-    """One worker's CPU share and RSS, from its ``/proc/PID/stat`` opened once and read again
-    with one ``pread`` a frame. Through psutil each worker cost two files opened, read and
-    closed and a ``prlimit`` call every frame, ~40 µs more: with 54 workers a frame took 3.6 ms
-    instead of 1.5, and the idle supervisor 8.1-8.3 ms of CPU a second instead of 4.9-5.4
-    (docs/benchmarks.md, "What a frame reads"). Its RLIMIT_NOFILE is read once: the supervisor
-    sets it at spawn. A descriptor of /proc/PID/stat belongs to that process, never to a later
-    one given the same pid: once it is gone, reads fail (``OSError``)."""
+    """One worker's CPU share and RSS, both from one read of its ``/proc/PID/stat`` a frame
+    (opened, read and closed: the supervisor holds no descriptor per worker). Through psutil
+    each worker cost two files read and a ``prlimit`` call every frame, ~40 µs more: with 54
+    workers a frame took 3.8-5.4 ms instead of 1.8-2.6 (docs/benchmarks.md, "What a frame
+    reads"). Its RLIMIT_NOFILE is read once: the supervisor sets it at spawn. The process's
+    start time, read with the rest, tells a later process given the same pid from it
+    (``ProcessLookupError``)."""
 
-    __slots__ = ("pid", "nofile", "_fd", "_cpu_s", "_at")
+    __slots__ = ("pid", "nofile", "_path", "_start", "_cpu_s", "_at")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.nofile = int(psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)[0])
-            self._cpu_s, _ = self._read()
-        except (OSError, psutil.Error):
-            os.close(self._fd)
-            raise
+        self._path = f"/proc/{pid}/stat"
+        self._start = b""
+        self._cpu_s, _ = self._read()
+        self.nofile = int(psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)[0])
         self._at = time.monotonic()
 
     def _read(self) -> tuple[float, int]:
         """(CPU seconds so far, RSS in bytes)."""
-        data = os.pread(self._fd, 4096, 0)
-        if not data:
-            raise ProcessLookupError(self.pid)
+        fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
         # After the command name, which may hold spaces and parentheses: field 3 (state) on.
         fields = data[data.rindex(b")") + 2 :].split()
+        start = fields[19]
+        if not self._start:
+            self._start = start
+        elif start != self._start:
+            raise ProcessLookupError(self.pid)  # the pid is another process's now
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[21]) * _PAGE
 
     def sample(self) -> tuple[float, int]:
@@ -102,9 +106,6 @@ class ProcStat:
         pct = 100.0 * (cpu_s - self._cpu_s) / dt if dt > 0 else 0.0
         self._cpu_s, self._at = cpu_s, now
         return max(0.0, pct), rss
-
-    def close(self) -> None:
-        os.close(self._fd)
 
 
 def read_sockstat(path: str = "/proc/net/sockstat") -> dict[str, dict[str, int]]:
@@ -202,15 +203,13 @@ class FrameBuilder:
         if proc is None:
             try:
                 proc = ProcStat(pid)
-            except (OSError, psutil.Error):
+            except (OSError, ValueError, IndexError, psutil.Error):
                 return None
             self._procs[pid] = proc
         return proc
 
     def _forget(self, pid: int) -> None:
-        proc = self._procs.pop(pid, None)
-        if proc is not None:
-            proc.close()
+        self._procs.pop(pid, None)
 
     def _limits(self, now: float) -> dict[str, Any]:
         # Sysctls change rarely; rereading six files every 10 s is plenty.
