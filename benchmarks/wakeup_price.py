@@ -55,15 +55,15 @@ def timers(interval: float, seconds: float, grid: bool = False) -> tuple[int, in
         def tick() -> None:
             nonlocal count
             count += 1
+            again()
+
+        def again() -> None:
             if grid:  # the next grid point: round(), as a timer may fire a little early
                 loop.call_at((round(loop.time() / interval) + 1) * interval, tick)
             else:
                 loop.call_later(interval, tick)
 
-        if grid:
-            loop.call_at((int(loop.time() / interval) + 1) * interval, tick)
-        else:
-            loop.call_later(interval, tick)
+        again()
         c0 = on_cpu_ns()
         await asyncio.sleep(seconds)
         return on_cpu_ns() - c0, count

@@ -77,13 +77,12 @@ class ProcStat:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._path = f"/proc/{pid}/stat"
-        self._start = b""
-        self._cpu_s, _ = self._read()
+        self._cpu_s, _, self._start = self._read()
         self.nofile = int(psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)[0])
         self._at = time.monotonic()
 
-    def _read(self) -> tuple[float, int]:
-        """(CPU seconds so far, RSS in bytes)."""
+    def _read(self) -> tuple[float, int, bytes]:
+        """(CPU seconds so far, RSS in bytes, start time in clock ticks since boot)."""
         fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.read(fd, 4096)
@@ -91,16 +90,13 @@ class ProcStat:
             os.close(fd)
         # After the command name, which may hold spaces and parentheses: field 3 (state) on.
         fields = data[data.rindex(b")") + 2 :].split()
-        start = fields[19]
-        if not self._start:
-            self._start = start
-        elif start != self._start:
-            raise ProcessLookupError(self.pid)  # the pid is another process's now
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[21]) * _PAGE
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK, int(fields[21]) * _PAGE, fields[19]
 
     def sample(self) -> tuple[float, int]:
         """(% of one CPU since the previous sample, as psutil's ``cpu_percent``; RSS in bytes)."""
-        cpu_s, rss = self._read()
+        cpu_s, rss, start = self._read()
+        if start != self._start:
+            raise ProcessLookupError(self.pid)  # the pid is another process's now
         now = time.monotonic()
         dt = now - self._at
         pct = 100.0 * (cpu_s - self._cpu_s) / dt if dt > 0 else 0.0
@@ -208,9 +204,6 @@ class FrameBuilder:
             self._procs[pid] = proc
         return proc
 
-    def _forget(self, pid: int) -> None:
-        self._procs.pop(pid, None)
-
     def _limits(self, now: float) -> dict[str, Any]:
         # Sysctls change rarely; rereading six files every 10 s is plenty.
         if now - self._limits_at > 10.0 or not self._last_limits:
@@ -225,7 +218,7 @@ class FrameBuilder:
         live_pids = {w.pid for w in workers if w.pid is not None}
         for pid in list(self._procs):
             if pid not in live_pids:
-                self._forget(pid)
+                del self._procs[pid]
 
         totals: dict[str, Any] = {"conns": 0, **self._retired}
         rss_total = 0
@@ -248,7 +241,7 @@ class FrameBuilder:
                 try:
                     cpu, rss = proc.sample()
                 except (OSError, ValueError, IndexError):  # gone (its slot respawns it)
-                    self._forget(proc.pid)
+                    del self._procs[proc.pid]
                 else:
                     fds_open += count_fds(proc.pid)
                     fds_limit += proc.nofile
