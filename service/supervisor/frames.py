@@ -63,6 +63,11 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+# What reading a /proc/PID/stat raises when its process ended (no such file, ESRCH) or the read
+# came back short of the fields (ValueError, IndexError while parsing): the worker is gone.
+_UNREADABLE = (OSError, ValueError, IndexError)
+
+
 class ProcStat:
     """One worker's CPU share and RSS, both from one read of its ``/proc/PID/stat`` a frame
     (opened, read and closed: the supervisor holds no descriptor per worker). Through psutil
@@ -199,7 +204,7 @@ class FrameBuilder:
         if proc is None:
             try:
                 proc = ProcStat(pid)
-            except (OSError, ValueError, IndexError, psutil.Error):
+            except (*_UNREADABLE, psutil.Error):
                 return None
             self._procs[pid] = proc
         return proc
@@ -240,7 +245,7 @@ class FrameBuilder:
             if proc is not None:
                 try:
                     cpu, rss = proc.sample()
-                except (OSError, ValueError, IndexError):  # gone (its slot respawns it)
+                except _UNREADABLE:  # gone (its slot respawns it)
                     del self._procs[proc.pid]
                 else:
                     fds_open += count_fds(proc.pid)

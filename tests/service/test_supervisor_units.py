@@ -329,8 +329,8 @@ def test_a_reload_that_fails_or_is_cancelled_while_starting_leaves_every_slot_fr
 
 
 def test_a_frame_reads_each_worker_s_cpu_rss_and_limit_and_lets_go_of_one_that_ended() -> None:
-    """The frame's per-worker figures come from each process's /proc/PID/stat, kept open and
-    read every frame: a process spinning shows most of a CPU, a sleeping one little; the RSS is
+    """The frame's per-worker figures come from one read of each process's /proc/PID/stat
+    every frame: a process spinning shows most of a CPU, a sleeping one little; the RSS is
     the kernel's (psutil's); the descriptor limit is the process's own. No descriptor is kept
     for a worker (the reload tests count the supervisor's), and one that ended reads as
     nothing."""
