@@ -42,6 +42,7 @@ WELCOME = (
 
 MESSAGE = b"6\r\nBCAST\n\r\n"
 PING = b"5\r\nping\n\r\n"
+IP_FREEBIND = 15  # linux/in.h; the socket module does not export it
 HELD: set[asyncio.BaseTransport] = set()
 RAW: dict[int, _socket.socket] = {}  # --raw: the held sockets by descriptor
 
@@ -168,6 +169,12 @@ async def main() -> None:
     ap.add_argument("--ping", type=float, default=0.0, help="seconds between pings (0: none)")
     ap.add_argument("--reuseport", action="store_true", help="share the port (SO_REUSEPORT)")
     ap.add_argument(
+        "--freebind",
+        action="store_true",
+        help="listen on --host before the address exists (IP_FREEBIND): comet-bench --netns "
+        "adds the bridge's address only when its run starts",
+    )
+    ap.add_argument(
         "--raw",
         action="store_true",
         help="hold bare sockets in one epoll instead of uvloop transports (the lower floor)",
@@ -190,6 +197,8 @@ async def main() -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if args.reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if args.freebind:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
     if args.defer_accept:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, args.defer_accept)
     sock.bind((args.host, args.port))

@@ -10,6 +10,9 @@
 # Not part of the test suite at this size: it takes the whole machine for ~10 minutes with --hold 60
 # (tests/test_floor_million.py runs it small: FLOOR_PROCS, FLOOR_PORT, FLOOR_PING seconds between
 # pings (default 20, the million's), FLOOR_TUNE=0 leaves the host's tuning alone).
+# With --netns N among the flags the clients are in N network namespaces, as the service's
+# `--netns N` run: the bare servers listen on the bridge's address (10.77.0.1, bound before the
+# bench adds it) instead of loopback. Not with --service-netns (the floor runs on the host).
 #   benchmarks/floor_million.sh [OUT_DIR] [extra comet-bench flags...]
 set -eu
 cd "$(dirname "$0")/.."
@@ -17,6 +20,13 @@ OUT=${1:-floor-million-out}
 [ $# -gt 0 ] && shift
 PROCS=${FLOOR_PROCS:-54}
 PORT=${FLOOR_PORT:-8888}
+HOST=127.0.0.1
+BIND=""
+for arg in "$@"; do
+    case $arg in
+    --netns | --netns=*) HOST=10.77.0.1 BIND=--freebind ;;
+    esac
+done
 if ss -ltnH "sport = :$PORT" | grep -q .; then
     echo "floor_million: port $PORT is in use (a service still running?)" >&2
     exit 2
@@ -36,8 +46,8 @@ trap 'exit 130' INT TERM
 mkdir -p "$OUT"
 i=0
 while [ "$i" -lt "$PROCS" ]; do
-    .venv/bin/python benchmarks/bare_server.py --port "$PORT" --reuseport --ping "${FLOOR_PING:-20}" \
-        --message-file "$MSG" >>"$OUT/floor-servers.log" 2>&1 &
+    .venv/bin/python benchmarks/bare_server.py --host "$HOST" ${BIND:+"$BIND"} --port "$PORT" \
+        --reuseport --ping "${FLOOR_PING:-20}" --message-file "$MSG" >>"$OUT/floor-servers.log" 2>&1 &
     PIDS="$PIDS $!"
     i=$((i + 1))
 done
@@ -52,6 +62,6 @@ until [ "$(ss -ltnH "sport = :$PORT" | wc -l)" -ge "$PROCS" ]; do
 done
 . benchmarks/million-flags.sh
 # shellcheck disable=SC2086 # MILLION_FLAGS is a list of flags
-.venv/bin/comet-bench --target "http://127.0.0.1:$PORT/" \
+.venv/bin/comet-bench --target "http://$HOST:$PORT/" \
     --publish-cmd "printf '%s' \"\$COMET_BENCH_DATA\" > $MSG && kill -USR1 $PIDS" \
     $MILLION_FLAGS --out "$OUT" --no-progress "$@"

@@ -19,7 +19,22 @@ from tests.support.service import ROOT, reaped
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
+@pytest.mark.parametrize(
+    "netns",
+    [
+        pytest.param(0, id="loopback"),
+        pytest.param(
+            2,
+            id="netns",
+            marks=pytest.mark.skipif(
+                os.geteuid() != 0, reason="network namespaces need root (CI runs as root)"
+            ),
+        ),
+    ],
+)
+def test_the_floor_takes_the_million_runs_broadcasts(tmp_path, netns: int) -> None:
+    """With --netns the clients are in namespaces of their own and the bare servers listen on
+    the bridge's address, bound before the bench adds it."""
     port = free_port()
     out = tmp_path / "floor"
     env = {
@@ -31,6 +46,8 @@ def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
         "--hold", "2", "--broadcasts", "2", "--broadcast-gap", "0.5",
         "--broadcast-timeout", "20", "--ramp-timeout", "60",
     )  # fmt: skip
+    if netns:
+        size += ("--netns", str(netns))
     res = subprocess.run(
         [str(ROOT / "benchmarks" / "floor_million.sh"), str(out), *size],
         capture_output=True,
@@ -41,7 +58,10 @@ def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
-    assert report["held"] == 1500 and report["target"] == f"http://127.0.0.1:{port}/", report
+    host = "10.77.0.1" if netns else "127.0.0.1"
+    assert report["held"] == 1500 and report["target"] == f"http://{host}:{port}/", report
+    if netns:
+        assert report["netns"]["namespaces"] == netns and report["client_procs"] == 2, report
     assert len(report["broadcasts"]) == 2
     for b in report["broadcasts"]:
         # Timed by the clients: the bare servers sent the bench's own line, not their BCAST.
@@ -51,6 +71,8 @@ def test_the_floor_takes_the_million_runs_broadcasts(tmp_path) -> None:
     hc = report["hold_cpu"]
     assert hc["service_pct_of_core"] > 0 and hc["load_generator_pct_of_core"] > 0, hc
     wait_for(lambda: not listening_pids(port), 10, "the script's bare servers to be gone")
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "cbench" not in names, names
 
 
 @pytest.mark.slow

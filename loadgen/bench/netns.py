@@ -38,7 +38,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from loadgen.bench.options import BenchError
+from loadgen.bench.options import BRIDGE_ADDRESS, BenchError
 from loadgen.engine.sources import Namespace
 
 PREFIX = "cbench"
@@ -55,7 +55,6 @@ SERVICE_SYSCTLS = (
     "net.ipv4.tcp_syncookies",
 )
 SUBNET = ipaddress.IPv4Network("10.77.0.0/16")
-HOST_ADDRESS = "10.77.0.1"
 # Connections planned per source address. The namespace's port range is 10240-65535 (55,296
 # ports, below), but the kernel's search for a free port on connect (__inet_hash_connect) slows
 # as the range fills: at a million with one address per namespace (~39,000 used where two engines
@@ -101,7 +100,7 @@ class NetnsLab:
         self.namespaces = plan(count, conns)
         self.ehash = ehash_entries(conns, count)
         # --service-netns: the service's own namespace, its table sized for every connection.
-        self.service = Namespace(SERVICE_NS, (HOST_ADDRESS,)) if service else None
+        self.service = Namespace(SERVICE_NS, (BRIDGE_ADDRESS,)) if service else None
         self.service_ehash = ehash_entries(conns, 1) if service else 0
         self._old_ehash: str | None = None
 
@@ -130,7 +129,7 @@ class NetnsLab:
                 self._copy_sysctls()
             self._set_ehash(self.ehash)
             _ip(*at, "link", "add", BRIDGE, "type", "bridge")
-            _ip(*at, "addr", "add", f"{HOST_ADDRESS}/{SUBNET.prefixlen}", "dev", BRIDGE)
+            _ip(*at, "addr", "add", f"{BRIDGE_ADDRESS}/{SUBNET.prefixlen}", "dev", BRIDGE)
             _ip(*at, "link", "set", BRIDGE, "up")
             for i, ns in enumerate(self.namespaces):
                 host_end = f"{PREFIX}{i}h"
@@ -199,7 +198,7 @@ class NetnsLab:
         return {
             "namespaces": len(self.namespaces),
             "addresses_per_namespace": len(self.namespaces[0].addresses),
-            "service_address": HOST_ADDRESS,
+            "service_address": BRIDGE_ADDRESS,
             "child_ehash_entries": self.ehash,
             **(
                 {"service_namespace": SERVICE_NS, "service_ehash_entries": self.service_ehash}

@@ -11,6 +11,11 @@ from urllib.parse import urlsplit
 
 from service.config import Parser
 
+# With --netns, the address in the host's namespace (or the service's, with --service-netns)
+# that the clients' namespaces reach over the bridge: where the service listens
+# (loadgen.bench.netns), and where a --target of the host's own must listen.
+BRIDGE_ADDRESS = "10.77.0.1"
+
 
 class BenchError(Exception):
     """The run cannot go on; the message says why (and what to do)."""
@@ -95,10 +100,17 @@ class Options:
             return "--tls-cert and --tls-key go together"
         if self.tls_cert and self.target:
             return "--tls-cert starts the service with TLS; with --target use https://"
-        if self.netns and (self.target or self.source_ips != "auto"):
-            return (
-                "--netns gives each namespace its own addresses: not with --target or --source-ips"
-            )
+        if self.netns and self.source_ips != "auto":
+            return "--netns gives each namespace its own addresses: not with --source-ips"
+        if self.netns and self.target:
+            # A server of the host's own (the floor's bare servers) is reached from the
+            # namespaces on the bridge's address, the one the service would listen on.
+            host = urlsplit(self.target).hostname
+            if self.service_netns or host != BRIDGE_ADDRESS:
+                return (
+                    f"--netns with --target: the target must listen on the host at the bridge's "
+                    f"address, http://{BRIDGE_ADDRESS}:PORT/ (not with --service-netns)"
+                )
         if self.netns < 0:
             return "--netns must be 0 (off) or a number of namespaces"
         if self.service_netns and not self.netns:
@@ -176,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--target",
-        help="http(s)://host:port/path of another streaming server (no service is started)",
+        help="http(s)://host:port/path of another streaming server (no service is started); "
+        f"with --netns it listens on this host at the bridge's address, http://{BRIDGE_ADDRESS}:PORT/",
     )
     p.add_argument(
         "--tls-cert",
@@ -228,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="put the client engines in N network namespaces of their own (veths on a bridge, "
-        "the service on 10.77.0.1; each namespace its own TCP hash table; an engine process in "
-        "each at least): clients on 'other machines' as in the classic test; needs root and "
-        "iproute2; 0 = loopback",
+        f"the service on {BRIDGE_ADDRESS}; each namespace its own TCP hash table; an engine "
+        "process in each at least): clients on 'other machines' as in the classic test; needs "
+        "root and iproute2; 0 = loopback",
     )
     p.add_argument(
         "--service-netns",

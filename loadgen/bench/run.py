@@ -21,8 +21,8 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from loadgen.bench.netns import HOST_ADDRESS, NetnsLab
-from loadgen.bench.options import BenchError, Options
+from loadgen.bench.netns import NetnsLab
+from loadgen.bench.options import BRIDGE_ADDRESS, BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
 from loadgen.bench.record import (
     STALL_S,
@@ -111,10 +111,10 @@ class BenchRun:
         namespaces: list[Namespace] = []
         if opts.netns:
             # Clients on "other machines": each engine in a namespace of its own, the service
-            # on the bridge's address (loadgen.bench.netns).
+            # (or a --target on the host) on the bridge's address (loadgen.bench.netns).
             self.lab = NetnsLab(opts.netns, opts.conns, service=opts.service_netns)
             namespaces = self.lab.create()
-            where = dataclasses.replace(where, host=HOST_ADDRESS)
+            where = dataclasses.replace(where, host=BRIDGE_ADDRESS)
             sources = [a for ns in namespaces for a in ns.addresses]
             report["netns"] = self.lab.describe()
         else:
@@ -147,7 +147,8 @@ class BenchRun:
         print_preflight(self.console, checks)
         port = where.port
         if opts.target:
-            local = where.host in ("127.0.0.1", "localhost", "::1")
+            # On this host: loopback, or the bridge's address with --netns (Options.problem).
+            local = where.host in ("127.0.0.1", "localhost", "::1") or bool(opts.netns)
             svc = self.svc = Service(None, port, None, None, listening_pids(port) if local else [])
         else:
             svc = self.svc = await start_service(

@@ -30,6 +30,22 @@ def test_a_target_url_is_split_once() -> None:
         (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca: cannot read /nonexistent/ca.pem"),
         (["--netns", "2", "--source-ips", "127.0.0.2"], "--netns gives each namespace its own"),
         (["--netns", "-1"], "--netns must be 0 (off) or a number of namespaces"),
+        (
+            ["--netns", "2", "--target", "http://127.0.0.1:9/", "--broadcasts", "0"],
+            "--netns with --target: the target must listen on the host at the bridge's address",
+        ),
+        (
+            [
+                "--netns",
+                "2",
+                "--service-netns",
+                "--target",
+                "http://10.77.0.1:9/",
+                "--broadcasts",
+                "0",
+            ],
+            "(not with --service-netns)",
+        ),  # fmt: skip
         (["--service-netns"], "--service-netns goes with --netns N"),
     ],
 )
@@ -41,6 +57,12 @@ def test_a_bad_option_exits_2_naming_it(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "see comet-bench --help" in err and err.count("\n") == 1
+
+
+def test_a_target_on_the_bridge_goes_with_netns() -> None:
+    """The floor's bare servers on the host, the clients in namespaces (floor_million.sh)."""
+    opts = Options.parse(["--netns", "2", "--target", "http://10.77.0.1:9/", "--broadcasts", "0"])
+    assert opts.where() == Target("10.77.0.1", 9, "/", False)
 
 
 def test_tls_files_become_absolute(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
