@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from loadgen.bench.service import listening_pids
-from tests.support.net import free_port, wait_for
+from tests.support.net import bench_namespaces, free_port, wait_for
 from tests.support.service import ROOT, reaped
 
 
@@ -71,8 +71,7 @@ def test_the_floor_takes_the_million_runs_broadcasts(tmp_path, netns: int) -> No
     hc = report["hold_cpu"]
     assert hc["service_pct_of_core"] > 0 and hc["load_generator_pct_of_core"] > 0, hc
     wait_for(lambda: not listening_pids(port), 10, "the script's bare servers to be gone")
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "cbench" not in names, names
+    assert bench_namespaces() == []
 
 
 @pytest.mark.slow

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--target",
         help="http(s)://host:port/path of another streaming server (no service is started); "
-        f"with --netns it listens on this host at the bridge's address, http://{BRIDGE_ADDRESS}:PORT/",
+        "with --netns it listens on this host at the bridge's address, "
+        f"http://{BRIDGE_ADDRESS}:PORT/",
     )
     p.add_argument(
         "--tls-cert",

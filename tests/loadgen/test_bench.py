@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.loadgen.conftest import ROOT, bench, running_fixture_server, wait_for
+from tests.support.net import bench_namespaces
 from tests.support.service import benchmark, reaped
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -291,11 +292,6 @@ def _bench_in_background(argv: list[str]) -> subprocess.Popen[str]:
     )
 
 
-def _namespaces() -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return sorted(line.split()[0] for line in out.splitlines() if line.startswith("cbench"))
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 def test_bench_with_clients_in_network_namespaces(tmp_path):
     """--netns 3: the engines run in three namespaces of their own, each with its own TCP hash
@@ -321,7 +317,7 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
 
         peers = {line.split()[-1].rsplit(":", 1)[0] for line in wait_for(held, 90, "3,000 held")}
         assert peers == {"10.77.1.1", "10.77.2.1", "10.77.3.1"}  # one address per namespace
-        assert _namespaces() == ["cbench0", "cbench1", "cbench2"]
+        assert bench_namespaces() == ["cbench0", "cbench1", "cbench2"]
         own = subprocess.run(
             ["ip", "netns", "exec", "cbench1", "cat", "/proc/sys/net/ipv4/tcp_ehash_entries"],
             capture_output=True,
@@ -342,7 +338,7 @@ def test_bench_with_clients_in_network_namespaces(tmp_path):
     assert [b["delivered"] for b in report["broadcasts"]] == [3000, 3000]
     assert "3 network namespaces" in text
     # Nothing of it left: namespaces, bridge, the host's sysctl as it was.
-    assert _namespaces() == []
+    assert bench_namespaces() == []
     assert not os.path.exists("/sys/class/net/cbench-br")
     assert EHASH_SYSCTL.read_text() == ehash_before
 
@@ -382,7 +378,7 @@ def test_bench_with_the_service_in_a_namespace_of_its_own(tmp_path):
         host_side = subprocess.run(established, capture_output=True, text=True).stdout
         assert host_side.strip() == ""
         assert not os.path.exists("/sys/class/net/cbench-br")
-        assert _namespaces() == ["cbench-svc", "cbench0", "cbench1"]
+        assert bench_namespaces() == ["cbench-svc", "cbench0", "cbench1"]
         # The service's processes are in it.
         svc_ns = os.stat("/run/netns/cbench-svc").st_ino
         listeners = [
@@ -407,7 +403,7 @@ def test_bench_with_the_service_in_a_namespace_of_its_own(tmp_path):
     assert report["netns"]["service_ehash_entries"] == 2048
     assert [b["delivered"] for b in report["broadcasts"]] == [2000, 2000]
     assert "network namespace cbench-svc" in text
-    assert _namespaces() == []
+    assert bench_namespaces() == []
     assert EHASH_SYSCTL.read_text() == ehash_before
 
 

@@ -45,7 +45,7 @@ def test_a_target_url_is_split_once() -> None:
                 "0",
             ],
             "(not with --service-netns)",
-        ),  # fmt: skip
+        ),
         (["--service-netns"], "--service-netns goes with --netns N"),
     ],
 )

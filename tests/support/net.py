@@ -6,6 +6,7 @@ import contextlib
 import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -117,3 +118,9 @@ def arrival_ns(s: socket.socket, until: bytes) -> int:
                 at = sec * 1_000_000_000 + nsec
     assert at, "no receive timestamp"
     return at
+
+
+def bench_namespaces() -> list[str]:
+    """The network namespaces comet-bench's --netns made (``cbench*``) that exist now."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return sorted(line.split()[0] for line in out.splitlines() if line.startswith("cbench"))
