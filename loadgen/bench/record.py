@@ -27,6 +27,23 @@ class Record:
         if isinstance(lag, (int, float)):
             self.worst_lag_ms = max(self.worst_lag_ms or 0.0, float(lag))
 
+    def backlog(self, phase: str) -> dict[str, Any]:
+        """What the box had not caught up with over the timeline rows of ``phase``: the
+        kernel's TCP memory (``tcp_mem_pages``, every socket of the host in every namespace:
+        data written and not yet acknowledged, or received and not yet read) at the first
+        row, its highest and at the last row, and the longest time between two rows (a row
+        waits for every engine's counts, so an engine that is behind stretches it)."""
+        rows = [r for r in self.timeline if r.get("phase") == phase]
+        pages = [r["tcp_mem_pages"] for r in rows if isinstance(r.get("tcp_mem_pages"), int)]
+        times = [float(r["elapsed_s"]) for r in rows]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+        return {
+            "tcp_mem_pages_start": pages[0] if pages else None,
+            "tcp_mem_pages_max": max(pages) if pages else None,
+            "tcp_mem_pages_end": pages[-1] if pages else None,
+            "longest_row_gap_s": round(max(gaps), 1) if gaps else None,
+        }
+
     def lag_in(self, since: float, until: float) -> dict[str, float | None]:
         """Loop lag over [since, until], two ways.
 
@@ -237,16 +254,22 @@ def softirq_pct(t0: Any, t1: Any, seconds: float) -> float:
 
 
 def ramp_diagnosis(
-    ended: str, tcp0: dict[str, int], tcp1: dict[str, int], busy_pct: float | None
+    ended: str,
+    tcp0: dict[str, int],
+    tcp1: dict[str, int],
+    busy_pct: float | None,
+    tcp_mem_pages_max: int | None = None,
 ) -> dict[str, Any]:
     """How a ramp ended and what the kernel counted meanwhile: ``ended`` is ``reached``,
     ``stalled`` (no new connection for the stall window) or ``time limit``; ``busy_pct`` is the
-    host's CPU over the last stall window of the ramp, % of one core."""
+    host's CPU over the last stall window of the ramp, % of one core; ``tcp_mem_pages_max`` the
+    most TCP memory the ramp's rows saw queued (:meth:`Record.backlog`)."""
     return {
         "ended": ended,
         **{k: tcp1.get(k, 0) - tcp0.get(k, 0) for k in RAMP_COUNTERS},
         "host_busy_pct_of_core_at_end": busy_pct,
         "cores": os.cpu_count(),
+        "tcp_mem_pages_max": tcp_mem_pages_max,
     }
 
 
@@ -277,3 +300,26 @@ def ramp_advice(d: dict[str, Any]) -> str:
     else:
         hint = "see the server's log and bench.csv for where it slowed"
     return "; ".join(parts) + ". " + hint[0].upper() + hint[1:] + "."
+
+
+# A hold that queues more TCP memory than a page for this share of its connections has fallen
+# behind its pings (a steady hold of a million on two cores queues 5,000-25,000 pages; the runs
+# that fell behind, 340,000-860,000: docs/benchmarks.md, "Fifty-four shares against one").
+BEHIND_SHARE = 0.1
+
+
+def hold_behind(r: dict[str, Any]) -> str | None:
+    """One line when the hold fell behind (see BEHIND_SHARE), else None: its CPU figures then
+    measure the box catching up, not a million held idle."""
+    hb = r.get("hold_backlog") or {}
+    most, held = hb.get("tcp_mem_pages_max"), r.get("held")
+    if not isinstance(most, int) or not held or most < BEHIND_SHARE * held:
+        return None
+    return (
+        f"The hold fell behind: up to {most:,} pages of TCP memory queued for {held:,} "
+        f"connections (at its start {hb.get('tcp_mem_pages_start') or 0:,}, at its end "
+        f"{hb.get('tcp_mem_pages_end') or 0:,}; the clients' counts waited up to "
+        f"{hb.get('longest_row_gap_s') or 0} s): data written and not yet acknowledged or "
+        "read. The box was catching up, not holding idle, and the hold's CPU figures measure "
+        "that; a quiet hold queues a page for a few connections in a hundred."
+    )

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from loadgen.bench.record import Record, ramp_advice
+from loadgen.bench.record import Record, hold_behind, ramp_advice
 from loadgen.bench.service import Service
 
 
@@ -187,6 +187,7 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
             "ramp: SYN/SYN-ACK retransmissions, listen-queue overflows",
             f"{fmt(rd.get('TCPSynRetrans'))}, {fmt(rd.get('ListenOverflows'))}",
         ),
+        ("ramp: most TCP memory queued", fmt(rd.get("tcp_mem_pages_max"), " pages")),
         (
             "errors req / resp, ended",
             f"{fmt(errs.get('errors_req'))} / "
@@ -231,6 +232,17 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
                     ),
                 )
             )
+    hb = r.get("hold_backlog") or {}
+    if hb:
+        rows.append(
+            (
+                "while holding: TCP memory queued at the start / most / end; the longest wait "
+                "for the clients' counts",
+                f"{fmt(hb.get('tcp_mem_pages_start'))} / {fmt(hb.get('tcp_mem_pages_max'))} / "
+                f"{fmt(hb.get('tcp_mem_pages_end'), ' pages')}; "
+                f"{fmt(hb.get('longest_row_gap_s'), ' s')}",
+            )
+        )
     if "ramp_down_s" in r:
         rows.append(("ramp-down (all clients close)", fmt(r.get("ramp_down_s"), " s")))
     for b in r.get("broadcasts", []):
@@ -250,6 +262,9 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
     console.print(t)
     if rd and not r.get("ramp_complete"):
         console.print(ramp_advice(rd))
+    behind = hold_behind(r)
+    if behind:
+        console.print(behind)
     console.print(f"preflight: {r.get('preflight_verdict')}")
     for k, v in (r.get("files") or {}).items():
         console.print(f"  {k}: {v}")

@@ -49,6 +49,7 @@ from loadgen.engine.config import EngineConfig
 from loadgen.engine.pool import ProcessPool
 from loadgen.engine.sources import Namespace, auto_procs, parse_source_ips
 from loadgen.engine.stats import Stats
+from service.supervisor.frames import read_sockstat
 
 
 class Interrupted(Exception):
@@ -276,7 +277,11 @@ class BenchRun:
             t_first, cpu_first = cpu_seen[0]
             busy = host_busy_pct(cpu_first, psutil.cpu_times(), time.monotonic() - t_first)
         self.report["ramp_diagnosis"] = ramp_diagnosis(
-            ended, tcp0, tcp_counters(self.netstat_path()), busy
+            ended,
+            tcp0,
+            tcp_counters(self.netstat_path()),
+            busy,
+            self.record.backlog("ramp")["tcp_mem_pages_max"],
         )
 
     def netstat_path(self) -> str:
@@ -314,6 +319,7 @@ class BenchRun:
             tree_pids([*svc.pids, *self.client_pids()]),
             tree_cpu(server_pids) - server_cpu0 if server_pids else None,
         )
+        report["hold_backlog"] = self.record.backlog("hold")
         held = max(1, st.clients)
         rss = tree_rss(svc.pids)
         slab = meminfo_kb("Slab")
@@ -421,6 +427,8 @@ class BenchRun:
             "lag_p99_ms": ((totals.get("lag_ms") or {}).get("p99", "")),
             "lag_max_ms": ((totals.get("lag_ms") or {}).get("max", "")),
             "mem_available_mb": meminfo_kb("MemAvailable") // 1024,
+            # One counter for the whole host (the namespaces share it), in pages.
+            "tcp_mem_pages": read_sockstat().get("TCP", {}).get("mem", ""),
         }
         self.record.timeline.append(row)
         return row

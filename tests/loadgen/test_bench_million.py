@@ -105,6 +105,15 @@ def test_bench_reports_lag_per_broadcast_hold_cpu_and_ramp_down(tmp_path) -> Non
     assert others[spinner.pid]["pct_of_core"] >= 20, hc["other_processes"]
     assert report["service_pid"] not in others  # the service's tree is its own figure
     assert "other processes" in r.stdout
+    # What the box had queued through the hold (the counter is the whole host's, so only its
+    # presence is asserted here; the warning's threshold is test_record's).
+    hb = report["hold_backlog"]
+    assert all(isinstance(hb[k], int) and hb[k] >= 0 for k in hb if k.startswith("tcp_mem")), hb
+    assert hb["longest_row_gap_s"] > 0, hb
+    assert isinstance(report["ramp_diagnosis"]["tcp_mem_pages_max"], int)
+    assert "TCP memory queued" in r.stdout
+    header = (out / "bench.csv").read_text().splitlines()[0].split(",")
+    assert header[-1] == "tcp_mem_pages"
     assert report["ramp_down_s"] >= 0 and report["ramp_down_server_conns_left"] == 0
     assert "ramp-down" in r.stdout and "lag p99" in r.stdout
     assert not psutil.pid_exists(report["service_pid"])

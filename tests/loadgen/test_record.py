@@ -1,4 +1,5 @@
-"""The bench's loop-lag figures over a window, from the frames the service sends."""
+"""The bench's loop-lag figures over a window, from the frames the service sends; what the
+kernel counted through a ramp; and a hold that fell behind its pings."""
 
 from __future__ import annotations
 
@@ -103,8 +104,9 @@ def test_tcp_counters_read_the_tcpext_lines_and_the_advice_names_what_they_point
     assert set(tcp_counters()) == set(c0)  # this machine's own file has them all
     assert tcp_counters(str(tmp_path / "absent")) == dict.fromkeys(c0, 0)
     c1 = {**c0, "TCPSynRetrans": 80_120}
-    d = ramp_diagnosis("stalled", c0, c1, 196.0)
+    d = ramp_diagnosis("stalled", c0, c1, 196.0, 354_479)
     assert d["ended"] == "stalled" and d["TCPSynRetrans"] == 80_000 and d["ListenOverflows"] == 0
+    assert d["tcp_mem_pages_max"] == 354_479
     cores = d["cores"]
     full = ramp_advice({**d, "host_busy_pct_of_core_at_end": 95.0 * cores})
     assert full.startswith("The ramp stopped short: no new connection for 30 s")
@@ -113,3 +115,43 @@ def test_tcp_counters_read_the_tcpext_lines_and_the_advice_names_what_they_point
     assert "accept queues overflowed" in queues and "--netns" not in queues
     calm = ramp_advice({**ramp_diagnosis("time limit", c0, c0, 10.0)})
     assert "out of time" in calm and "server's log" in calm
+
+
+def _row(phase: str, t: float, pages: int | str) -> dict[str, Any]:
+    return {"phase": phase, "elapsed_s": t, "tcp_mem_pages": pages}
+
+
+def test_a_hold_that_fell_behind_is_named_with_what_was_queued_and_a_quiet_one_is_not() -> None:
+    from loadgen.bench.record import hold_behind
+
+    # Run S1 of docs/benchmarks.md, in outline: the hold starts caught up, the engines stop
+    # reading a few seconds in (the queued memory climbs and one row waits 62 s for their
+    # counts), then catch up.
+    r = Record()
+    r.timeline += [_row("ramp", 600.0, 354_479), _row("ramp", 639.7, 3_759)]
+    r.timeline += [_row("hold", t, p) for t, p in ((639.9, 3_759), (647.1, 19_119))]
+    r.timeline += [_row("hold", 709.2, 687_535), _row("hold", 746.0, 561_839)]
+    r.timeline.append(_row("broadcast", 800.0, 900_000))  # not the hold's
+    hb = r.backlog("hold")
+    assert hb == {
+        "tcp_mem_pages_start": 3_759,
+        "tcp_mem_pages_max": 687_535,
+        "tcp_mem_pages_end": 561_839,
+        "longest_row_gap_s": 62.1,
+    }
+    assert r.backlog("ramp")["tcp_mem_pages_max"] == 354_479
+    line = hold_behind({"held": 1_000_000, "hold_backlog": hb})
+    assert line is not None and line.startswith("The hold fell behind: up to 687,535 pages")
+    assert "1,000,000 connections" in line and "62.1 s" in line
+
+    # A quiet hold: a page queued for 2 % of the connections at most; rows a second apart.
+    quiet = Record()
+    quiet.timeline += [_row("hold", 1.0 + i, 5_000 + 7_500 * (i % 3)) for i in range(60)]
+    qb = quiet.backlog("hold")
+    assert qb["tcp_mem_pages_max"] == 20_000 and qb["longest_row_gap_s"] == 1.0
+    assert hold_behind({"held": 1_000_000, "hold_backlog": qb}) is None
+    # A row without the counter (an empty cell) is left out; no hold at all says nothing.
+    quiet.timeline.append(_row("hold", 61.0, ""))
+    assert quiet.backlog("hold")["tcp_mem_pages_end"] == 5_000 + 7_500 * (59 % 3)
+    assert Record().backlog("hold") == dict.fromkeys(hb, None)
+    assert hold_behind({"held": 0, "hold_backlog": hb}) is None
