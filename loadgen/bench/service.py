@@ -57,16 +57,23 @@ def free_port() -> int:
 
 
 async def control(path: str, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
-    """One request on the service's control socket (JSON lines)."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_unix_connection(path, limit=16 << 20)
+    """One request on the service's control socket (JSON lines). No answer within ``timeout``
+    is a BenchError that names the request (an asyncio timeout says nothing: the run ended on
+    "comet-bench: TimeoutError" when a million's broadcast outlasted --broadcast-timeout)."""
     try:
-        writer.write(json.dumps(request).encode() + b"\n")
-        await writer.drain()
         async with asyncio.timeout(timeout):
-            line = await reader.readline()
-    finally:
-        writer.close()
+            reader, writer = await asyncio.open_unix_connection(path, limit=16 << 20)
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            async with asyncio.timeout(timeout):
+                line = await reader.readline()
+        finally:
+            writer.close()
+    except TimeoutError:
+        raise BenchError(
+            f"control socket {path}: no answer to {request.get('op')!r} within {timeout:g} s"
+        ) from None
     if not line:
         raise BenchError(f"control socket {path}: closed without an answer")
     answer: dict[str, Any] = json.loads(line)
@@ -130,12 +137,33 @@ def listening_strangers(port: int, roots: list[int]) -> list[int]:
     out = []
     for pid in listening_pids(port):
         try:
-            line = {pid, *(a.pid for a in psutil.Process(pid).parents())}
+            line = ancestry(pid)
         except psutil.Error:
             continue  # gone, so no longer listening
         if not line.intersection(roots):
             out.append(pid)
     return out
+
+
+def ancestry(pid: int) -> set[int]:
+    """``pid`` and its ancestors up to init. A parent that exits while this walks is read past:
+    the forkserver exits right after forking the workers, and a worker whose parent was read
+    as the forkserver just before it was reaped then counted as nobody's (psutil's
+    ``parents()`` stops there): a stranger, and the run failed ("shared with processes").
+    Its children are re-parented to the supervisor by then, so the parent is read again."""
+    line = {pid}
+    proc = psutil.Process(pid)
+    for _ in range(256):  # a chain that long is not a process tree's
+        ppid = proc.ppid()
+        if ppid <= 1 or ppid in line:
+            break
+        try:
+            parent = psutil.Process(ppid)
+        except psutil.NoSuchProcess:
+            continue  # exited meanwhile: proc has a new parent now
+        line.add(ppid)
+        proc = parent
+    return line
 
 
 @dataclass

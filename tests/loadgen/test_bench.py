@@ -449,3 +449,45 @@ def test_a_listener_the_service_forks_late_is_ours_and_another_process_is_a_stra
         if stranger is not None:
             stranger.kill()
             stranger.communicate(timeout=10)
+
+
+def test_a_worker_whose_forkserver_is_reaped_mid_walk_is_still_the_services(monkeypatch):
+    """The race a million's run met once (2026-12-07): a worker's parent read as the
+    forkserver, which exited and was reaped before it could be looked up. The walk reads the
+    worker's parent again (now the supervisor, its subreaper) instead of ending there, where
+    psutil's ``parents()`` made the worker nobody's: a stranger, and the run failed."""
+    from loadgen.bench import service
+
+    supervisor, forkserver, worker = 4_000_001, 4_000_002, 4_000_003
+
+    class Proc:
+        ppids = {worker: [forkserver, supervisor], supervisor: [1]}
+
+        def __init__(self, pid: int) -> None:
+            if pid == forkserver:  # reaped between the worker's ppid and this lookup
+                raise psutil.NoSuchProcess(pid)
+            self.pid = pid
+
+        def ppid(self) -> int:
+            seq = self.ppids[self.pid]
+            return seq.pop(0) if len(seq) > 1 else seq[0]
+
+    monkeypatch.setattr(service.psutil, "Process", Proc)
+    assert service.ancestry(worker) == {worker, supervisor}
+
+
+def test_a_control_request_without_an_answer_names_itself(tmp_path):
+    """A service that takes the request and never answers (a million's broadcast past
+    --broadcast-timeout): the error names the request and the wait, not a bare TimeoutError."""
+    import asyncio
+    import socket
+
+    from loadgen.bench.options import BenchError
+    from loadgen.bench.service import control
+
+    path = str(tmp_path / "c.sock")
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(path)
+        server.listen()  # connects complete in its backlog; nothing reads or answers
+        with pytest.raises(BenchError, match=r"no answer to 'broadcast' within 0\.3 s$"):
+            asyncio.run(control(path, {"op": "broadcast", "data": "x"}, timeout=0.3))
