@@ -218,8 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-nice",
         type=int,
         default=0,
-        help="nice value of the client engine processes (e.g. 10: the service gets the CPU "
-        "first when both share a box)",
+        help="nice value of the client engine processes (e.g. 10). Under the kernel's autogroup "
+        "scheduling (kernel.sched_autogroup_enabled=1, Debian's default) a nice value weighs "
+        "only within its session: the engines against the bench itself, not against the "
+        "service, whose workers are sessions of their own and get a share of a busy CPU each "
+        "(docs/benchmarks.md, 'Fifty-four shares against one')",
     )
     p.add_argument(
         "--client-sched",

@@ -142,7 +142,9 @@ class Spawner:
                 pass_fds=[control_fd],
                 env={**os.environ, **env},
                 # Own session: a terminal's Ctrl-C reaches only the supervisor, which then
-                # drains the workers in order instead of racing them.
+                # drains the workers in order instead of racing them. (And a share of a busy CPU
+                # per worker under autogroup scheduling: docs/architecture.md, "Worker
+                # processes".)
                 start_new_session=True,
                 # Beside a live screen the workers log to its file, not over it.
                 stderr=self.stderr(),

@@ -96,6 +96,24 @@ def anon_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def test_each_worker_is_a_session_and_so_an_autogroup_of_its_own(tmp_path):
+    """A terminal's Ctrl-C reaches only the supervisor: each worker leads a session of its own.
+    The kernel's autogroup scheduling weighs a session as one program, so outside a cgroup of
+    its own the service gets a share of a busy CPU per worker. Deliberate: at the one-box
+    million the load generator's single share is what batches its reads; with the workers in
+    the supervisor's session the broadcasts took four to six times as long (docs/benchmarks.md,
+    "Fifty-four shares against one")."""
+    with Service(tmp_path, "--workers", "2") as svc:
+        sup = svc.proc.pid
+        pids = svc.wait_up(2)["pids"]
+        assert [os.getsid(pid) for pid in pids] == pids
+        groups = [Path(f"/proc/{pid}/autogroup") for pid in (sup, *pids)]
+        if all(g.exists() for g in groups):  # a kernel built with autogroup scheduling
+            assert len({g.read_text().split()[0] for g in groups}) == 3, [
+                g.read_text() for g in groups
+            ]
+
+
 @pytest.mark.timeout(120)
 def test_the_service_forks_its_workers_and_reaps_every_one_it_replaces(tmp_path):
     with Service(tmp_path, "--workers", "3") as svc:
