@@ -12,7 +12,8 @@
 # pings (default 20, the million's), FLOOR_TUNE=0 leaves the host's tuning alone).
 # With --netns N among the flags the clients are in N network namespaces, as the service's
 # `--netns N` run: the bare servers listen on the bridge's address (10.77.0.1, comet-bench's
-# loadgen.bench.options.BRIDGE_ADDRESS, bound before the bench adds it) instead of loopback. Not with --service-netns (the floor runs on the host).
+# loadgen.bench.options.BRIDGE_ADDRESS, bound before the bench adds it) instead of loopback.
+# Not with --service-netns (the floor runs on the host).
 #   benchmarks/floor_million.sh [OUT_DIR] [extra comet-bench flags...]
 set -eu
 cd "$(dirname "$0")/.."

@@ -303,7 +303,7 @@ def ramp_advice(d: dict[str, Any]) -> str:
 
 
 # A hold that queues more TCP memory than a page for this share of its connections has fallen
-# behind its pings (a steady hold of a million on two cores queues 5,000-25,000 pages; the runs
+# behind its pings (a steady hold of a million on two cores queues 5,000-36,000 pages; the runs
 # that fell behind, 340,000-860,000: docs/benchmarks.md, "Fifty-four shares against one").
 BEHIND_SHARE = 0.1
 
