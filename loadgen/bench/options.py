@@ -15,6 +15,9 @@ from service.config import Parser
 # that the clients' namespaces reach over the bridge: where the service listens
 # (loadgen.bench.netns), and where a --target of the host's own must listen.
 BRIDGE_ADDRESS = "10.77.0.1"
+# --client-coalesce-ms: a delivery is timed up to this much late; beyond it the timing says
+# more about the clients than about the service.
+MAX_COALESCE_MS = 100.0
 
 
 class BenchError(Exception):
@@ -56,6 +59,7 @@ class Options:
     progress: bool = True
     client_nice: int = 0
     client_sched: str = "other"
+    client_coalesce_ms: float = 0.0
     ramp_down: bool = False
     netns: int = 0
     service_netns: bool = False
@@ -111,6 +115,8 @@ class Options:
                     f"--netns with --target: the target must listen on the host at the bridge's "
                     f"address, http://{BRIDGE_ADDRESS}:PORT/ (not with --service-netns)"
                 )
+        if not 0 <= self.client_coalesce_ms <= MAX_COALESCE_MS:
+            return f"--client-coalesce-ms must be from 0 (off) to {MAX_COALESCE_MS:g}"
         if self.netns < 0:
             return "--netns must be 0 (off) or a number of namespaces"
         if self.service_netns and not self.netns:
@@ -233,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the server finish its time slice when its write wakes a client, as clients on other "
         "machines would (faster broadcasts at 100,000; at a million no faster, and the "
         "workers' loop lag higher)",
+    )
+    p.add_argument(
+        "--client-coalesce-ms",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="let each client engine process gather data for up to MS milliseconds between "
+        "two polls of its loop while data flows (0 = off, at most 100): on a box the clients "
+        "share with the service, one wake-up for many reads instead of one for a few. A "
+        "delivery is timed up to MS late (docs/benchmarks.md, 'Clients that wake less')",
     )
     p.add_argument(
         "--ramp-down",

@@ -196,7 +196,12 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
         (
             "client / server processes",
             f"{fmt(r.get('client_procs'))} / {fmt(r.get('server_workers'))}"
-            + (f" (clients SCHED_{r['client_sched'].upper()})" if r.get("client_sched") else ""),
+            + (f" (clients SCHED_{r['client_sched'].upper()})" if r.get("client_sched") else "")
+            + (
+                f", clients coalesce {r['client_coalesce_ms']:g} ms"
+                if r.get("client_coalesce_ms")
+                else ""
+            ),
         ),
         ("server RSS (total)", fmt(r.get("server_rss_mb"), " MB")),
         ("server RSS per connection", fmt(r.get("server_rss_per_conn_bytes"), " B")),

@@ -174,8 +174,10 @@ class BenchRun:
             opts.concurrency,
             tls=where.tls,
             tls_ca=opts.tls_ca or "",
+            coalesce=opts.client_coalesce_ms / 1000.0,
         )
         report["tls"] = where.tls
+        report["client_coalesce_ms"] = opts.client_coalesce_ms
         pool = self.pool = ProcessPool(
             self.config,
             sources,

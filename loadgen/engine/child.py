@@ -41,6 +41,7 @@ class ChildOps:
                 head_timeout=float(msg["head_timeout"]),
                 tls=bool(msg.get("tls", False)),
                 tls_ca=str(msg.get("tls_ca", "")),
+                coalesce=float(msg.get("coalesce", 0.0)),
             )
         )
         return {}

@@ -19,6 +19,10 @@ class EngineConfig:
     # system's CAs) and the host name.
     tls: bool = False
     tls_ca: str = ""
+    # Seconds the engine lets data gather between two polls of its loop while data flows (0:
+    # none). On a box shared with the server every wake-up of a client costs a context switch;
+    # a delivery is timed up to this much later.
+    coalesce: float = 0.0
 
     def target(self) -> tuple[str, int, str, bool]:
         return (self.host, self.port, self.path, self.tls)

@@ -61,7 +61,10 @@ class StreamConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Called for every received segment; everything is consumed at once."""
-        self.engine.bytes_total += len(data)
+        engine = self.engine
+        engine.bytes_total += len(data)
+        if engine.nap_ready:
+            engine.arm_nap()
         if self.state == _BODY:
             self._body(data)
         elif self.state == _HEAD:

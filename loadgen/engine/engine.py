@@ -73,6 +73,9 @@ class Engine:
         self._tick: asyncio.TimerHandle | None = None
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Coalescing (config.coalesce): True while data arriving should arm a nap.
+        self.nap_ready = config.coalesce > 0
+        self._nap_from = 0.0
 
     def reset_latency(self) -> None:
         """Start a new run of the latency counters: a sample older than this is invalid."""
@@ -116,7 +119,9 @@ class Engine:
 
     def set_config(self, new: EngineConfig) -> None:
         retarget = new.target() != self.config.target()
+        napping = self.config.coalesce > 0 and not self.nap_ready
         self.config = new
+        self.nap_ready = new.coalesce > 0 and not napping
         if retarget:
             self._set_request()
             self.drop_all()
@@ -139,6 +144,7 @@ class Engine:
             self._tick.cancel()
         c = self.config
         self.config = EngineConfig(0, c.host, c.port, c.path, tls=c.tls, tls_ca=c.tls_ca)
+        self.nap_ready = False
         self.drop_all()
         await asyncio.sleep(0)
 
@@ -251,6 +257,28 @@ class Engine:
         per_round = max(1, min(c.concurrency, c.n))
         delay = min(2.0, 0.05 * 2 ** min(6, self.fail_streak // per_round))
         self.retry_at = time.monotonic() + delay
+
+    # Coalescing
+
+    def arm_nap(self) -> None:
+        """Data came in: before the loop polls again, let more gather (``config.coalesce``).
+
+        Each poll that finds a few ready sockets is a wake-up, and on a box the clients share
+        with the server a wake-up costs more than the reads it serves (docs/benchmarks.md, "A
+        wake-up's price"). The nap runs as the loop's next callback, after this round's reads:
+        the loop then polls once for everything that arrived meanwhile, so a busy engine wakes
+        at most once per ``coalesce`` seconds and an idle one not at all.
+        """
+        self.nap_ready = False
+        self._nap_from = time.monotonic()
+        assert self._loop is not None
+        self._loop.call_soon(self._nap)
+
+    def _nap(self) -> None:
+        left = self._nap_from + self.config.coalesce - time.monotonic()
+        if left > 0:
+            time.sleep(left)  # blocking on purpose: the loop must not poll before
+        self.nap_ready = self.config.coalesce > 0 and not self._closed
 
     # Callbacks from connections
 

@@ -47,6 +47,8 @@ def test_a_target_url_is_split_once() -> None:
             "(not with --service-netns)",
         ),
         (["--service-netns"], "--service-netns goes with --netns N"),
+        (["--client-coalesce-ms", "150"], "--client-coalesce-ms must be from 0 (off) to 100"),
+        (["--client-coalesce-ms", "-1"], "--client-coalesce-ms must be from 0 (off) to 100"),
     ],
 )
 def test_a_bad_option_exits_2_naming_it(

@@ -200,3 +200,79 @@ def test_a_slow_engine_process_keeps_its_connections(fixture_server):
             await pool.close()
 
     asyncio.run(go())
+
+
+def _reads_and_lines(port: int, coalesce: float, conns: int, seconds: float) -> tuple[int, int]:
+    """An engine in this process holds ``conns`` streams of the fixture server (another
+    process, pinging every 4 ms) for ``seconds``: how many reads it made, and lines it got."""
+    import asyncio
+
+    import uvloop
+
+    reads = 0
+    plain = StreamConn.data_received
+
+    def counted(self: StreamConn, data: bytes) -> None:
+        nonlocal reads
+        reads += 1
+        plain(self, data)
+
+    async def go() -> tuple[int, int]:
+        nonlocal reads
+        engine = Engine(EngineConfig(n=conns, port=port, coalesce=coalesce))
+        engine.start()
+        try:
+            for _ in range(200):
+                if len(engine.conns) == conns:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(engine.conns) == conns
+            await asyncio.sleep(0.2)
+            reads, lines = 0, engine.msgs_total
+            await asyncio.sleep(seconds)
+            return reads, engine.msgs_total - lines
+        finally:
+            await engine.close()
+
+    StreamConn.data_received = counted  # type: ignore[method-assign]
+    try:
+        return uvloop.run(go())
+    finally:
+        StreamConn.data_received = plain  # type: ignore[method-assign]
+
+
+def test_a_coalescing_engine_reads_everything_in_fewer_wake_ups() -> None:
+    """--client-coalesce-ms: while data flows, the loop polls at most once per ``coalesce``, so
+    each connection's pings arrive as one read per nap, none lost; without it, a read each."""
+    from tests.loadgen.conftest import running_fixture_server
+
+    conns, seconds = 5, 1.0
+    with running_fixture_server("--ping", "0.004") as port:
+        plain_reads, plain_lines = _reads_and_lines(port, 0.0, conns, seconds)
+        napping_reads, napping_lines = _reads_and_lines(port, 0.1, conns, seconds)
+    # ~250 pings a connection-second either way (a loaded host's timers fire late, not never)
+    assert plain_lines > conns * seconds * 100 and napping_lines > conns * seconds * 100
+    # 10 naps a second, a read per connection each (a couple more at the edges of the window)
+    assert napping_reads <= conns * (seconds / 0.1 + 3), napping_reads
+    assert plain_reads > 2 * conns * (seconds / 0.1 + 3), plain_reads
+
+
+def test_coalescing_turned_off_between_naps_naps_no_more() -> None:
+    import asyncio
+
+    async def go() -> None:
+        engine = Engine(EngineConfig(n=0, coalesce=0.01))
+        engine.start()
+        assert engine.nap_ready
+        engine.arm_nap()
+        assert not engine.nap_ready
+        engine.set_config(EngineConfig(n=0, coalesce=0.0))
+        assert not engine.nap_ready  # the nap already due decides, and it is off now
+        await asyncio.sleep(0.05)
+        assert not engine.nap_ready
+        engine.set_config(EngineConfig(n=0, coalesce=0.01))
+        assert engine.nap_ready
+        await engine.close()
+        assert not engine.nap_ready
+
+    asyncio.run(go())
