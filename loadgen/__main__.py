@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         help="hold n connections, controlled over HTTP (port 8889)",
         description="Hold n streaming connections to host:port/path and serve the control API: "
-        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls= (ip= is "
-        "an alias of host=), GET /restart. The API listens on 127.0.0.1 unless --bind says "
-        "otherwise, and a non-loopback --bind needs a token (--token-file or "
+        "GET / (stats JSON), GET /set?n=&host=&port=&path=&concurrency=&head_timeout=&tls="
+        "&coalesce= (ip= is an alias of host=), GET /restart. The API listens on 127.0.0.1 "
+        "unless --bind says otherwise, and a non-loopback --bind needs a token (--token-file or "
         f"{TOKEN_ENV}), then required on every request as 'Authorization: Bearer <token>' or "
         "?token=. Targets must be on the allow-list (--allow-target; default loopback only); "
         "requests from web pages of other origins are refused.",
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds a connection may wait for the response head before it counts as an error",
+    )
+    agent.add_argument(
+        "--coalesce",
+        type=float,
+        default=0.0,
+        help="seconds each engine process lets data gather between two polls of its loop while "
+        "data flows, 0..0.1 (0 = off): one wake-up for many reads, for an agent on the service's "
+        "own box; a delivery is timed up to this much late",
     )
     agent.add_argument(
         "--tls",
@@ -156,10 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     st_set = fsub.add_parser(
         "set",
         help="set one parameter on every agent: 'set n 25000' or 'set n=25000' "
-        "(n, host, port, path, concurrency, head_timeout)",
+        "(n, host, port, path, concurrency, head_timeout, coalesce)",
     )
     st_set.add_argument(
-        "key", metavar="KEY[=VALUE]", help="n, host, port, path, concurrency, head_timeout, tls"
+        "key",
+        metavar="KEY[=VALUE]",
+        help="n, host, port, path, concurrency, head_timeout, coalesce",
     )
     st_set.add_argument("value", nargs="?", help="the value (or give KEY=VALUE)")
     fsub.add_parser("restart", help="every agent drops its connections and reconnects")
@@ -177,6 +187,7 @@ def agent_options(args: argparse.Namespace) -> AgentOptions:
             ("path", args.path),
             ("concurrency", str(args.concurrency)),
             ("head_timeout", str(args.head_timeout)),
+            ("coalesce", str(args.coalesce)),
             ("tls", "1" if args.tls else "0"),
         ],
     )

@@ -32,7 +32,7 @@ MAX_N = 10_000_000
 MAX_HEAD = 16384
 MAX_HEADERS = 100
 TIMEOUT_HEAD = 10.0
-PARAMS = ("n", "host", "ip", "port", "path", "concurrency", "head_timeout", "tls")
+PARAMS = ("n", "host", "ip", "port", "path", "concurrency", "head_timeout", "tls", "coalesce")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -63,6 +63,16 @@ def _int(name: str, raw: str, lo: int, hi: int) -> int:
     return value
 
 
+def _seconds(name: str, raw: str, lo: float, hi: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadParam(name, f"expected seconds, got {raw!r}") from None
+    if not lo <= value <= hi:  # also refuses nan
+        raise BadParam(name, f"must be {lo:g}..{hi:g} seconds, got {raw}")
+    return value
+
+
 def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineConfig:
     """A copy of ``config`` with the query parameters applied; BadParam names the first bad one."""
     changes: dict[str, Any] = {}
@@ -86,13 +96,9 @@ def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineC
         elif name == "concurrency":
             changes["concurrency"] = _int(name, raw, 1, 100_000)
         elif name == "head_timeout":
-            try:
-                seconds = float(raw)
-            except ValueError:
-                raise BadParam(name, f"expected seconds, got {raw!r}") from None
-            if not 0.1 <= seconds <= 600:
-                raise BadParam(name, f"must be 0.1..600 seconds, got {raw}")
-            changes["head_timeout"] = seconds
+            changes["head_timeout"] = _seconds(name, raw, 0.1, 600)
+        elif name == "coalesce":
+            changes["coalesce"] = _seconds(name, raw, 0, 0.1)
         elif name == "tls":
             if raw not in ("0", "1"):
                 raise BadParam(name, f"expected 0 or 1, got {raw!r}")

@@ -163,7 +163,7 @@ def agents_from_inventory(path: str, group: str, default_port: int = DEFAULT_POR
 # ---- talking to agents ------------------------------------------------------------------------
 
 
-SET_KEYS = ("n", "host", "port", "path", "concurrency", "head_timeout")
+SET_KEYS = ("n", "host", "port", "path", "concurrency", "head_timeout", "coalesce")
 # Seconds to wait for an agent's answer. A /set that raises n at scale starts engine processes
 # and asks each of them; on a loaded one-box million that took over 5 s (the old limit).
 DEFAULT_TIMEOUT = 60.0

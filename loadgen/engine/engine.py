@@ -14,6 +14,11 @@ connections (at most ``concurrency`` in progress at once) while there are fewer 
 aborts the surplus when there are more. Consecutive failures back off exponentially (up to 2 s) so a
 restarting server is retried politely, and the engine climbs back to ``n`` once it is up again.
 
+With ``coalesce`` > 0 the first read of a loop turn arms a nap: a blocking sleep, run as the
+loop's next callback, until ``coalesce`` seconds after that read. The loop then polls once for
+everything that arrived meanwhile, so a busy engine wakes at most once per ``coalesce`` and an
+idle one never (:meth:`Engine.arm_nap`).
+
 Source addresses: each connect binds to the next address of ``source_ips`` with
 ``IP_BIND_ADDRESS_NO_PORT`` set, so the kernel picks the source port at connect time per
 (source, destination) pair and each source address gives ~28k connections per destination.

@@ -78,6 +78,21 @@ def test_timed_broadcasts_give_latency_and_last_delivery(service, agents):
     assert s["deliveries"] == {"1": 200, "2": 200, "3": 200}
     for seq, ts in zip((1, 2, 3), sent, strict=True):
         assert ts <= s["last_delivery"][str(seq)] < ts + 10
+    # Coalescing engines (an agent on the service's own box) still read every delivery.
+    status, config = a.get("/set?coalesce=0.05")
+    assert status == 200 and config["coalesce"] == 0.05 and config["n"] == 200, config
+    ts = time.time()
+    control(
+        service.control_path,
+        {
+            "op": "broadcast",
+            "channel": None,
+            "event": None,
+            "data": json.dumps({"ts": ts, "seq": 4}),
+        },
+    )
+    s = wait_for(lambda: (st := a.stats())["deliveries"].get("4") == 200 and st, 15, "seq 4")
+    assert s["config"]["coalesce"] == 0.05 and ts <= s["last_delivery"]["4"] < ts + 10
 
 
 def test_control_api_and_bad_input(fixture_server, agents):
@@ -106,9 +121,12 @@ def test_control_api_and_bad_input(fixture_server, agents):
         "head_timeout": 10.0,
         "tls": False,
         "tls_ca": "",
+        "coalesce": 0.0,
     }
     for query, name in (
         ("tls=yes", "tls"),
+        ("coalesce=0.5", "coalesce"),
+        ("coalesce=soon", "coalesce"),
         ("n=abc", "n"),
         ("n=-1", "n"),
         ("port=0", "port"),
