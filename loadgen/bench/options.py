@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let each client engine process gather data for up to MS milliseconds between "
         "two polls of its loop while data flows (0 = off, at most 100): on a box the clients "
         "share with the service, one wake-up for many reads instead of one for a few. A "
-        "delivery is timed up to MS late (docs/benchmarks.md, 'Clients that wake less')",
+        "delivery is timed up to MS late; an engine making connections does not nap "
+        "(docs/benchmarks.md, 'Clients that wake less')",
     )
     p.add_argument(
         "--ramp-down",

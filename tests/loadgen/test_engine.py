@@ -276,3 +276,31 @@ def test_coalescing_turned_off_between_naps_naps_no_more() -> None:
         assert not engine.nap_ready
 
     asyncio.run(go())
+
+
+def test_a_coalescing_engine_does_not_nap_while_it_connects() -> None:
+    """Each connection takes a few loop turns; napping through them would pace a ramp by the
+    naps (the one-box million's ramp took 598.5 s with 100-ms naps instead of ~400)."""
+    import asyncio
+
+    import uvloop
+
+    from tests.loadgen.conftest import running_fixture_server
+
+    async def ramp(port: int) -> float:
+        engine = Engine(EngineConfig(n=200, port=port, concurrency=5, coalesce=0.1))
+        start = time.monotonic()
+        engine.start()
+        try:
+            while len(engine.conns) < 200:
+                assert time.monotonic() - start < 30, len(engine.conns)
+                await asyncio.sleep(0.01)
+            return time.monotonic() - start
+        finally:
+            await engine.close()
+
+    # The connections made first receive pings every 4 ms all through the ramp.
+    with running_fixture_server("--ping", "0.004") as port:
+        took = uvloop.run(ramp(port))
+    # 40 rounds of 5 connects; napping 100 ms at each of their ~3 loop turns: ~12 s
+    assert took < 4.0, took
