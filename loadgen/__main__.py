@@ -11,7 +11,7 @@ from rich.console import Console
 
 from loadgen import fleet
 from loadgen.agent import AgentOptions, apply_params, main_agent
-from loadgen.engine.config import EngineConfig
+from loadgen.engine.config import MAX_COALESCE, EngineConfig
 from loadgen.engine.sources import parse_source_ips
 from loadgen.guard import LOOPBACK_RULES, TOKEN_ENV, Guard, TargetRule, is_loopback_bind, load_token
 from service.config import Parser
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="seconds each engine process lets data gather between two polls of its loop while "
-        "data flows, 0..0.1 (0 = off): one wake-up for many reads, for an agent on the service's "
-        "own box; a delivery is timed up to this much late",
+        f"data flows, 0..{MAX_COALESCE:g} (0 = off): one wake-up for many reads, for an agent "
+        "on the service's own box; a delivery is timed up to this much late",
     )
     agent.add_argument(
         "--tls",

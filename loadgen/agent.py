@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from loadgen.engine.child import install_uvloop
-from loadgen.engine.config import EngineConfig
+from loadgen.engine.config import MAX_COALESCE, EngineConfig
 from loadgen.engine.pool import Pool, ProcessPool, make_pool
 from loadgen.guard import Guard, Refusal, resolve
 
@@ -98,7 +98,7 @@ def apply_params(config: EngineConfig, params: list[tuple[str, str]]) -> EngineC
         elif name == "head_timeout":
             changes["head_timeout"] = _seconds(name, raw, 0.1, 600)
         elif name == "coalesce":
-            changes["coalesce"] = _seconds(name, raw, 0, 0.1)
+            changes["coalesce"] = _seconds(name, raw, 0, MAX_COALESCE)
         elif name == "tls":
             if raw not in ("0", "1"):
                 raise BadParam(name, f"expected 0 or 1, got {raw!r}")

@@ -9,15 +9,15 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from loadgen.engine.config import MAX_COALESCE
 from service.config import Parser
 
 # With --netns, the address in the host's namespace (or the service's, with --service-netns)
 # that the clients' namespaces reach over the bridge: where the service listens
 # (loadgen.bench.netns), and where a --target of the host's own must listen.
 BRIDGE_ADDRESS = "10.77.0.1"
-# --client-coalesce-ms: a delivery is timed up to this much late; beyond it the timing says
-# more about the clients than about the service.
-MAX_COALESCE_MS = 100.0
+# --client-coalesce-ms's bound: the engines' (loadgen.engine.config.MAX_COALESCE), in ms.
+MAX_COALESCE_MS = MAX_COALESCE * 1000
 
 
 class BenchError(Exception):
@@ -246,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         metavar="MS",
         help="let each client engine process gather data for up to MS milliseconds between "
-        "two polls of its loop while data flows (0 = off, at most 100): on a box the clients "
-        "share with the service, one wake-up for many reads instead of one for a few. A "
-        "delivery is timed up to MS late; an engine making connections does not nap "
+        f"two polls of its loop while data flows (0 = off, at most {MAX_COALESCE_MS:g}): on a "
+        "box the clients share with the service, one wake-up for many reads instead of one for "
+        "a few. A delivery is timed up to MS late; an engine making connections does not nap "
         "(docs/benchmarks.md, 'Clients that wake less')",
     )
     p.add_argument(

@@ -5,6 +5,11 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
+# The longest ``EngineConfig.coalesce`` the bench and the agent take, in seconds: a delivery is
+# timed up to this much late, and beyond it the timing says more about the clients than about
+# the service.
+MAX_COALESCE = 0.1
+
 
 @dataclass
 class EngineConfig:
