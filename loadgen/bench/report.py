@@ -201,6 +201,11 @@ def print_report(console: Console, r: dict[str, Any]) -> None:
                 f", clients coalesce {r['client_coalesce_ms']:g} ms"
                 if r.get("client_coalesce_ms")
                 else ""
+            )
+            + (
+                f", clients' autogroup nice {r['client_autogroup_nice']}"
+                if r.get("client_autogroup_nice") is not None
+                else ""
             ),
         ),
         ("server RSS (total)", fmt(r.get("server_rss_mb"), " MB")),

@@ -21,6 +21,7 @@ import psutil
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loadgen.bench import autogroup
 from loadgen.bench.netns import NetnsLab
 from loadgen.bench.options import BRIDGE_ADDRESS, BenchError, Options
 from loadgen.bench.preflight import meminfo_kb, preflight, print_preflight, verdict
@@ -76,6 +77,8 @@ class BenchRun:
         self.config = EngineConfig()
         self.watcher: asyncio.Task[None] | None = None
         self.lab: NetnsLab | None = None
+        # --client-autogroup-nice: the session's nice value before it, set back by close().
+        self.autogroup_nice0: int | None = None
         self.run_dir = tempfile.mkdtemp(prefix="comet-bench-")
         # Baselines taken before the first client connects.
         self.t0 = time.time()
@@ -203,6 +206,11 @@ class BenchRun:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setscheduler(child.proc.pid, policy, os.sched_param(0))
         report["client_sched"] = opts.client_sched
+        if opts.client_autogroup_nice is not None:
+            # The session's, so the engines have it whenever they were started (bench.autogroup).
+            self.autogroup_nice0 = autogroup.read_nice()
+            autogroup.set_nice(opts.client_autogroup_nice)
+        report["client_autogroup_nice"] = opts.client_autogroup_nice
         await pool.apply(self.config)
         self.client_rss0 = tree_rss(self.client_pids())
         report["client_procs"] = pool.procs
@@ -457,6 +465,9 @@ class BenchRun:
             await asyncio.get_running_loop().run_in_executor(None, self.svc.stop)
         if self.lab is not None:
             self.lab.close()
+        if self.autogroup_nice0 is not None:
+            with contextlib.suppress(OSError):
+                autogroup.set_nice(self.autogroup_nice0)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def finish(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the timed ramp-down, niced clients and the memory guard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -181,3 +182,72 @@ def test_client_engines_run_with_the_scheduling_policy_asked(tmp_path, flag, pol
     assert len(seen) == 2 and set(seen.values()) == {policy}, seen
     report = json.loads((out / "bench.json").read_text())
     assert report["client_sched"] == (flag[0] if flag else "other")
+
+
+def autogroups(pids: list[int]) -> set[str]:
+    """The distinct ``/proc/PID/autogroup`` lines ("/autogroup-N nice K") of live ``pids``."""
+    out: set[str] = set()
+    for pid in pids:
+        try:
+            out.add(Path(f"/proc/{pid}/autogroup").read_text().strip())
+        except OSError:
+            pass
+    return out
+
+
+def test_client_autogroup_nice_weighs_the_engines_session_not_the_service_and_is_set_back(
+    tmp_path,
+) -> None:
+    """``--client-autogroup-nice 3``: the engines' session (one autogroup, the bench's) has nice
+    3 while they hold, the service's workers (sessions of their own) keep 0, and the session
+    has its old value again once the bench has ended (the shell that started it reads it)."""
+    out = tmp_path / "out"
+    bench_argv = [
+        sys.executable, "-m", "loadgen.bench", "--conns", "400", "--rate", "2000",
+        "--procs", "2", "--workers", "2", "--hold", "4", "--broadcasts", "1",
+        "--client-autogroup-nice", "3", "--client-coalesce-ms", "10",
+        "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    # The shell is the session's leader (start_new_session): it outlives the bench in it.
+    proc = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            '"$@" > /dev/null; echo "rc=$?"; cat /proc/self/autogroup',
+            "sh",
+            *bench_argv,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    engines: set[str] = set()
+    workers: set[str] = set()
+    with reaped(proc):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                tree = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                break
+            cmds = {}
+            for p in tree:
+                with contextlib.suppress(psutil.Error):
+                    cmds[p.pid] = " ".join(p.cmdline())
+            eng = [pid for pid, c in cmds.items() if "loadgen.engine.child" in c]
+            wrk = [pid for pid, c in cmds.items() if "comet-service: worker" in c]
+            if len(eng) == 2 and len(wrk) == 2:
+                # The bench sets it once the engines are up: until then they read nice 0.
+                engines, workers = autogroups(eng), autogroups(wrk)
+                if all(e.endswith(" nice 3") for e in engines):
+                    break
+            time.sleep(0.1)
+        stdout, err = proc.communicate(timeout=120)
+    assert "rc=0" in stdout, err[-3000:]
+    assert len(engines) == 1 and next(iter(engines)).endswith(" nice 3"), engines
+    assert len(workers) == 2 and all(w.endswith(" nice 0") for w in workers), workers
+    assert not engines & workers
+    assert stdout.strip().splitlines()[-1].endswith(" nice 0"), stdout  # set back
+    report = json.loads((out / "bench.json").read_text())
+    assert report["client_autogroup_nice"] == 3 and report["held"] == 400

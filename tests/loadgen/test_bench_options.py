@@ -49,6 +49,9 @@ def test_a_target_url_is_split_once() -> None:
         (["--service-netns"], "--service-netns goes with --netns N"),
         (["--client-coalesce-ms", "150"], "--client-coalesce-ms must be from 0 (off) to 100"),
         (["--client-coalesce-ms", "-1"], "--client-coalesce-ms must be from 0 (off) to 100"),
+        (["--client-autogroup-nice", "20"], "--client-autogroup-nice must be from -20 to 19"),
+        (["--client-autogroup-nice=-21"], "--client-autogroup-nice must be from -20 to 19"),
+        (["--client-autogroup-nice", "x"], "--client-autogroup-nice: invalid int value: 'x'"),
     ],
 )
 def test_a_bad_option_exits_2_naming_it(
@@ -59,6 +62,27 @@ def test_a_bad_option_exits_2_naming_it(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "see comet-bench --help" in err and err.count("\n") == 1
+
+
+def test_an_autogroup_nice_where_it_would_change_nothing_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A kernel without autogroups, or with them turned off: the option would weigh nothing,
+    so the bench says so (and which option does weigh) instead of running as if it had."""
+    from loadgen.bench import autogroup
+
+    monkeypatch.setattr(autogroup, "SELF", tmp_path / "missing")
+    assert Options(client_autogroup_nice=-5).problem() == (
+        f"--client-autogroup-nice: this kernel has no autogroup scheduling "
+        f"({tmp_path / 'missing'} is missing)"
+    )
+    (tmp_path / "autogroup").write_text("/autogroup-7 nice 0\n")
+    (tmp_path / "enabled").write_text("0\n")
+    monkeypatch.setattr(autogroup, "SELF", tmp_path / "autogroup")
+    monkeypatch.setattr(autogroup, "ENABLED", tmp_path / "enabled")
+    assert "kernel.sched_autogroup_enabled=0" in (Options(client_autogroup_nice=-5).problem() or "")
+    assert Options(client_autogroup_nice=None).problem() is None  # unset: not looked at
+    (tmp_path / "enabled").write_text("1\n")
+    assert Options(client_autogroup_nice=-5).problem() is None
+    assert autogroup.read_nice(tmp_path / "autogroup") == 0
 
 
 def test_a_target_on_the_bridge_goes_with_netns() -> None:
