@@ -45,6 +45,6 @@ def set_nice(nice: int, path: Path = SELF) -> None:
         path.write_text(f"{nice}\n")
     except PermissionError:
         raise PermissionError(
-            f"--client-autogroup-nice {nice}: not permitted (a value below the session's "
-            "needs root or CAP_SYS_NICE)"
+            f"--client-autogroup-nice {nice}: not permitted (a negative value needs root, "
+            "CAP_SYS_NICE or a RLIMIT_NICE that allows it)"
         ) from None

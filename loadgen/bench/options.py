@@ -268,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         "client engine process (-20..19; unset: left alone): under autogroup scheduling the "
         "whole load generator gets one share of a busy CPU against one per service worker, and "
         "-5 makes it about three. It weighs the whole session (the bench, its engines, and "
-        "the shell that started it) and is set back when the bench ends; a value below the "
-        "session's needs root. Use it with --client-coalesce-ms, or the engines spend the share "
+        "the shell that started it) and is set back when the bench ends; a negative value needs "
+        "root. Use it with --client-coalesce-ms, or the engines spend the share "
         "waking per message. At a million on an AMD EPYC Zen 4, -5 showed no gain the box's "
         "drift did not swamp (docs/benchmarks.md, 'A few shares for the clients')",
     )

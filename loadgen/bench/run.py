@@ -111,6 +111,12 @@ class BenchRun:
         """Preflight, the service (or the target's listeners), the engine processes, baselines."""
         opts, report = self.opts, self.report
         self.out.mkdir(parents=True, exist_ok=True)
+        if opts.client_autogroup_nice is not None:
+            # The session's: every engine started later is in it (bench.autogroup). First, so
+            # a value this process may not set stops the run before anything is started.
+            self.autogroup_nice0 = autogroup.read_nice()
+            autogroup.set_nice(opts.client_autogroup_nice)
+        report["client_autogroup_nice"] = opts.client_autogroup_nice
         where = opts.where()
         namespaces: list[Namespace] = []
         if opts.netns:
@@ -206,11 +212,6 @@ class BenchRun:
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setscheduler(child.proc.pid, policy, os.sched_param(0))
         report["client_sched"] = opts.client_sched
-        if opts.client_autogroup_nice is not None:
-            # The session's, so the engines have it whenever they were started (bench.autogroup).
-            self.autogroup_nice0 = autogroup.read_nice()
-            autogroup.set_nice(opts.client_autogroup_nice)
-        report["client_autogroup_nice"] = opts.client_autogroup_nice
         await pool.apply(self.config)
         self.client_rss0 = tree_rss(self.client_pids())
         report["client_procs"] = pool.procs
